@@ -1,0 +1,86 @@
+"""
+The experts of the mixture: shared experts used by every label, task experts owned by one label.
+
+DR-MoE (and HSQ before it, Yin et al., ICLR 2024, §3.3) decode one feature h[b, l] per label and pass it
+through a set of small feed-forward networks ("experts"). Two kinds exist:
+
+    shared expert s = 1..S   E_s(x)    = W2_s · GELU(W1_s · x + b1_s) + b2_s      used by every label
+    task expert   t = 1..T   E_{l,t}(x) = W2_{l,t} · GELU(W1_{l,t} · x + b1_{l,t}) + b2_{l,t}
+                                                                                  owned by label l only
+
+Shared experts let labels pool what they have in common ("round things", "red things"); task experts
+give each label capacity of its own. The gate (gating.py) decides, per image and per label, how much of
+each to use. This file only computes every expert's output; combining them is the gate's and model.py's job.
+
+Why stacked weights and einsum: the naive implementation is a ModuleList of S + L*T small MLPs and a
+Python loop over labels and experts. With L = 80 labels that is hundreds of tiny matmuls per step.
+Storing each group's weights as one tensor, (S, D, H) for shared and (L, T, D, H) for task experts,
+lets one einsum apply them all at once (the trick lucidrains' mixture-of-experts uses). tests/test_experts.py
+checks the einsum against that naive loop.
+
+Shape legend (whole codebase): B batch, L labels, D feature dim, S shared experts,
+T task experts per label, H expert hidden dim, E = S + T experts seen by each label.
+
+    input  h:       (B, L, D)     one feature per image and label (from the label-query decoder)
+    output experts: (B, L, E, D)  expert e's output for label l; e < S are shared, e >= S are label l's own
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Experts(nn.Module):
+    """S shared and L*T task-specific two-layer experts D -> H -> D (GELU, dropout), applied in one pass."""
+
+    def __init__(self, num_labels: int, dim: int, hidden: int, shared: int, task: int, dropout: float = 0.0):
+        super().__init__()
+        if shared < 0 or task < 0 or shared + task == 0:
+            raise ValueError(f"need at least one expert, got shared={shared}, task={task}")
+        self.num_labels, self.dim, self.hidden = num_labels, dim, hidden
+        self.shared, self.task = shared, task
+        L, D, H, S, T = num_labels, dim, hidden, shared, task
+        # Stacked weights: one leading axis per expert (and per label for task experts).
+        self.shared_w1 = nn.Parameter(torch.empty(S, D, H))
+        self.shared_b1 = nn.Parameter(torch.empty(S, H))
+        self.shared_w2 = nn.Parameter(torch.empty(S, H, D))
+        self.shared_b2 = nn.Parameter(torch.empty(S, D))
+        self.task_w1 = nn.Parameter(torch.empty(L, T, D, H))
+        self.task_b1 = nn.Parameter(torch.empty(L, T, H))
+        self.task_w2 = nn.Parameter(torch.empty(L, T, H, D))
+        self.task_b2 = nn.Parameter(torch.empty(L, T, D))
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    @property
+    def num_experts(self) -> int:
+        """E: how many experts each label sees (its S shared plus its own T)."""
+        return self.shared + self.task
+
+    def reset_parameters(self):
+        # Same distribution as nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias,
+        # so a stacked expert starts exactly like the nn.Linear pair it replaces.
+        for w1, b1, w2, b2 in [(self.shared_w1, self.shared_b1, self.shared_w2, self.shared_b2),
+                               (self.task_w1, self.task_b1, self.task_w2, self.task_b2)]:
+            for p, fan_in in [(w1, self.dim), (b1, self.dim), (w2, self.hidden), (b2, self.hidden)]:
+                nn.init.uniform_(p, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, L, D) -> every expert's output (B, L, E, D), shared experts first."""
+        outs = []
+        if self.shared:
+            # Every shared expert sees every label's feature: one einsum broadcasts over labels.
+            z = torch.einsum("bld,sdh->blsh", h, self.shared_w1) + self.shared_b1      # (B, L, S, H)
+            z = self.dropout(F.gelu(z))
+            outs.append(torch.einsum("blsh,shd->blsd", z, self.shared_w2) + self.shared_b2)  # (B, L, S, D)
+        if self.task:
+            # Label l's feature meets only label l's experts: l is a shared index, not a summed one.
+            z = torch.einsum("bld,ltdh->blth", h, self.task_w1) + self.task_b1         # (B, L, T, H)
+            z = self.dropout(F.gelu(z))
+            outs.append(torch.einsum("blth,lthd->bltd", z, self.task_w2) + self.task_b2)    # (B, L, T, D)
+        return torch.cat(outs, dim=2)                                                   # (B, L, E, D)
+
+    def extra_repr(self) -> str:
+        return (f"labels={self.num_labels}, dim={self.dim}, hidden={self.hidden}, "
+                f"shared={self.shared}, task_per_label={self.task}")

@@ -1,0 +1,100 @@
+"""
+The gate: for every image b and label l, a weight w[b, l, e] on each of that label's E = S + T experts.
+
+    w[b, l, :] = softmax( (W_l · u[b, l] + c_l) / tau )          rows are >= 0 and sum to 1
+
+The four kinds differ only in what the gate reads, u[b, l] (the `--gate` flag), which is exactly where
+the papers differ:
+
+    static   u = nothing: w[b, l] = softmax(c_l), one learned row per label shared by all images
+             (the input-independent baseline DR-MoE's reviewers asked for)
+    label    u = h[b, l]          the label's own decoded feature (HSQ, Yin et al. ICLR 2024, §3.3 eq. 1-2:
+                                  g_k(x) = softmax(W_g^k x), one gating network per task k)
+    image    u = g[b]             a global image feature (pooled backbone map), the same for every label
+    dynamic  u = [h[b, l]; g[b]]  both: the label's feature *and* the whole image's context (DR-MoE's gate)
+
+Every label owns its gating network W_l (L, I, E), as in HSQ where each task has its own gate; the
+weights of all labels are applied in one einsum.
+
+Options, all off by default:
+- temperature tau (> 1 flattens the weights, < 1 sharpens them);
+- top-k routing: keep the k largest logits per row, softmax over those k, zero elsewhere. The
+  softmax comes *after* the top-k choice (softmax-then-top-k would leave rows that do not sum to 1).
+  With k = 1 the kept softmax is the constant 1, whose gradient is zero, so the gate would never learn;
+  there we use the straight-through estimator (Bengio et al., 2013): the forward value is the one-hot
+  row, the backward pass uses the dense softmax's gradient;
+- a load-balancing auxiliary loss (Switch Transformer, Fedus et al. 2022, eq. 4), returned for train.py
+  to add with coefficient `--aux-loss-coef`:  aux = E · Σ_e f_e · P_e, averaged over labels, where
+  P_e = mean over the batch of the dense softmax and f_e = fraction of rows routed to e (top-k), or
+  f_e = P_e for dense routing. It equals 1 for perfectly balanced routing and E when all mass goes to
+  one expert, so the coefficient means the same thing for any E.
+
+The softmax runs in float32 even under autocast: fp16/bf16 logits lose the small differences that
+decide routing, and a 1-ulp error in a row sum compounds over L * E weights.
+
+Shapes (legend in experts.py): h (B, L, D), g (B, D) -> weights (B, L, E) float32, aux_loss scalar.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GATE_KINDS = ("static", "label", "image", "dynamic")
+
+
+class Gate(nn.Module):
+    def __init__(self, kind: str, num_labels: int, dim: int, num_experts: int,
+                 top_k: int = 0, temperature: float = 1.0):
+        super().__init__()
+        if kind not in GATE_KINDS:
+            raise ValueError(f"unknown gate kind {kind!r}; choose one of {GATE_KINDS}")
+        if not 0 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [0, {num_experts}] (0 = dense routing)")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.kind, self.num_experts, self.top_k, self.temperature = kind, num_experts, top_k, temperature
+        in_dim = {"static": 0, "label": dim, "image": dim, "dynamic": 2 * dim}[kind]
+        L, I, E = num_labels, in_dim, num_experts
+        # Zero init: every gate starts uniform (w = 1/E), so no expert wins by the luck of initialisation.
+        self.weight = nn.Parameter(torch.zeros(L, I, E)) if I else None
+        self.bias = nn.Parameter(torch.zeros(L, E))
+
+    def gate_input(self, h: torch.Tensor, g: torch.Tensor):
+        """What this kind of gate reads: (B, L, I), or None for the static gate."""
+        if self.kind == "label":
+            return h                                                       # (B, L, D)
+        if self.kind == "image":
+            return g.unsqueeze(1).expand(-1, h.shape[1], -1)               # (B, D) -> (B, L, D)
+        if self.kind == "dynamic":
+            return torch.cat([h, g.unsqueeze(1).expand_as(h)], dim=-1)     # (B, L, 2D)
+        return None
+
+    def forward(self, h: torch.Tensor, g: torch.Tensor):
+        """h (B, L, D) label features, g (B, D) image feature -> (weights (B, L, E) fp32, aux_loss scalar)."""
+        B, L, _ = h.shape
+        u = self.gate_input(h, g)
+        if u is None:
+            logits = self.bias.expand(B, L, -1)                            # (B, L, E), same for every image
+        else:
+            # Label l's own gating matrix W_l applied to its input: l indexes, i is summed.
+            logits = torch.einsum("bli,lie->ble", u, self.weight) + self.bias  # (B, L, E)
+        # Softmax in fp32 whatever autocast chose for the einsum above.
+        logits = logits.float() / self.temperature
+        dense = F.softmax(logits, dim=-1)                                  # (B, L, E)
+        if self.top_k and self.top_k < self.num_experts:
+            kept = logits.topk(self.top_k, dim=-1).indices                 # (B, L, k)
+            mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, kept, True)
+            weights = F.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)   # softmax over the k kept
+            if self.top_k == 1:
+                # Straight-through: forward = one-hot (weights), backward = d dense / d logits.
+                weights = weights + dense - dense.detach()
+            routed = mask.float() / self.top_k                             # f: each row spreads 1 over k experts
+        else:
+            weights, routed = dense, dense
+        # Switch-style balance loss, aux = E * sum_e f_e * P_e, per label then averaged (see docstring).
+        P = dense.mean(dim=0)                                              # (L, E) mean routing probability
+        f = routed.mean(dim=0).detach() if routed is not dense else P      # (L, E) fraction routed
+        aux_loss = self.num_experts * (f * P).sum(dim=-1).mean()
+        return weights, aux_loss
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, experts={self.num_experts}, top_k={self.top_k}, temperature={self.temperature}"

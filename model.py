@@ -1,0 +1,211 @@
+"""
+DR-MoE: a backbone, label queries, a mixture of shared and task experts routed by an input-conditioned gate.
+
+    image (B, 3, H_img, W_img)
+      -> torchvision backbone, cut after `feature_layer`           feature map (B, C, h, w)
+      -> 1x1 conv to D, plus a 2-D sine positional encoding         memory      (B, N, D), N = h*w tokens
+      -> label-query transformer decoder (one learnable query per label; Query2Label, Liu et al. 2021)
+                                                                     h           (B, L, D)
+      -> MoE layer  z[b,l] = h[b,l] + sum_e w[b,l,e] * E_e(h[b,l])   (experts.py, gating.py)
+                                                                     z           (B, L, D)
+      -> per-label linear classifier  logit[b,l] = <W_l, z[b,l]> + c_l   (Q2L's GroupWiseLinear)
+                                                                     logits      (B, L)
+
+The gate reads [h[b,l]; g[b]] where g[b] is the global average of the projected feature map (B, D):
+that global context is what makes the routing "dynamic" (input-conditioned per image), where HSQ's gate
+reads only h[b,l]. `--gate static|label|image|dynamic` swaps exactly that piece (see gating.py).
+
+Choices the papers leave open, made here (each is a config field):
+- the decoder is post-norm with self-attention, as DETR and Q2L's paper describe; `decoder_self_attn`
+  turns self-attention off (Q2L's official code removes it);
+- positions are added to the keys only, not the values (DETR, Carion et al. 2020, and Q2L's code);
+- `feature_layer` cuts the backbone early: at 64 px ResNet's layer4 map is 2x2 = 4 tokens, too few for
+  label queries to attend to; layer3 gives 4x4 = 16 (the synthetic preset uses it). At 448 px, layer4
+  (14x14 = 196 tokens) is the papers' setting.
+
+Forward returns (logits (B, L), info) where info = {"gate_weights": (B, L, E) fp32, "aux_loss": scalar},
+so train.py adds the load-balancing loss and evaluate.py analyses the routing.
+"""
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from experts import Experts
+from gating import Gate
+
+
+def config_field(default, help: str):
+    """A dataclass field that carries its --help text, so train.py's argparse flags and the config are one list."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    num_labels: int = config_field(20, "L, the number of labels (set from the dataset by train.py)")
+    backbone: str = config_field("resnet18", "torchvision model name: the ResNet family, or any model with .features")
+    weights: str = config_field("none", "backbone init: none | DEFAULT (torchvision's ImageNet weights) | PATH")
+    feature_layer: str = config_field("layer4", "ResNets: cut the backbone after this stage (layer1..layer4)")
+    dim: int = config_field(256, "D, width of the label decoder and the experts")
+    heads: int = config_field(4, "attention heads in the label decoder")
+    layers: int = config_field(1, "label decoder layers")
+    ff_dim: int = config_field(1024, "feed-forward width inside each decoder layer")
+    dropout: float = config_field(0.1, "dropout in the decoder and the experts")
+    decoder_self_attn: bool = config_field(True, "self-attention between label queries (Q2L's code drops it)")
+    gate: str = config_field("dynamic", "what the gate reads: static | label (HSQ) | image | dynamic (DR-MoE)")
+    shared_experts: int = config_field(2, "S, experts shared by all labels")
+    task_experts: int = config_field(1, "T, experts owned by each label")
+    expert_hidden: int = config_field(256, "H, hidden width of each expert")
+    top_k: int = config_field(0, "0 = dense routing; k > 0 keeps each row's k largest gate logits")
+    gate_temperature: float = config_field(1.0, "tau in softmax(gate logits / tau)")
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights were asked for but cannot be had (offline, wrong path). Scripts print it, no traceback."""
+
+
+def load_backbone_weights(net: nn.Module, name: str, weights: str):
+    """Fill `net` with ImageNet weights (weights="DEFAULT", torchvision's download + cache) or a local file."""
+    if weights.upper() == "DEFAULT":
+        w = torchvision.models.get_model_weights(name).DEFAULT
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        try:
+            state = w.get_state_dict(progress=True, check_hash=True)   # downloads once into `cache`
+        except Exception as e:   # URLError, socket timeouts, hash mismatch: all mean "no usable file"
+            raise WeightsUnavailable(
+                f"could not get the pretrained weights {w} ({type(e).__name__}: {e}).\n"
+                f"  Offline? Download {w.url}\n  and place it as {cache}/{os.path.basename(w.url)},\n"
+                f"  or pass --weights PATH (a state_dict file) or --weights none (train from scratch).") from None
+    else:
+        if not os.path.isfile(weights):
+            raise WeightsUnavailable(f"--weights {weights!r}: no such file (expected none, DEFAULT or a path)")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)   # accept both a bare state_dict and {"state_dict": ...}
+    missing, _ = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]   # the ImageNet head is dropped anyway
+    if missing:
+        raise WeightsUnavailable(f"weights {weights!r} do not fit {name}: missing {missing[:5]}...")
+
+
+def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer4"):
+    """A torchvision model by name, cut before its pooling/classifier -> (module, C output channels)."""
+    net = torchvision.models.get_model(name, weights=None)
+    if weights.lower() != "none":
+        load_backbone_weights(net, name, weights)
+    if hasattr(net, "layer4"):
+        # ResNet, ResNeXt, Wide-ResNet: keep the stem and the stages up to feature_layer; drop avgpool and fc.
+        stages = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        if feature_layer not in stages[4:]:
+            raise ValueError(f"feature_layer must be one of layer1..layer4, got {feature_layer!r}")
+        body = nn.Sequential(OrderedDict((s, getattr(net, s)) for s in stages[:stages.index(feature_layer) + 1]))
+    elif hasattr(net, "features"):
+        body = net.features   # VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet: all convolutional stages
+    else:
+        raise ValueError(f"backbone {name!r}: expected a ResNet-style (.layer4) or .features model")
+    # Read C off a dummy forward (eval mode, so BatchNorm statistics are not touched).
+    body.eval()
+    with torch.no_grad():
+        channels = body(torch.zeros(1, 3, 64, 64)).shape[1]
+    body.train()
+    return body, channels
+
+
+def sine_positional_encoding(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """DETR's 2-D sine encoding, normalised to [0, 2pi] so it does not depend on the map size -> (h*w, D).
+
+    pos[y, x, 2i] = sin(y' / 10000^(2i/(D/2))), pos[y, x, 2i+1] = cos(...), first D/2 dims for y, last for x,
+    with y' = 2pi * y / h (and x' alike); computed in the caller's dtype so nothing fp32 enters autocast.
+    """
+    assert dim % 4 == 0, "sine positional encoding needs D divisible by 4"
+    half = dim // 2
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 1) / h * 2 * torch.pi   # (h,)
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 1) / w * 2 * torch.pi   # (w,)
+    freq = 10000 ** (2 * (torch.arange(half // 2, device=device, dtype=torch.float32)) / half)  # (D/4,)
+    def enc(t):   # (n,) -> (n, D/2): interleaved sin/cos per frequency
+        a = t[:, None] / freq                                          # (n, D/4)
+        return torch.stack([a.sin(), a.cos()], dim=-1).flatten(1)      # (n, D/4, 2) -> (n, D/2)
+    pos = torch.cat([enc(ys)[:, None, :].expand(h, w, half),          # (h, w, D/2) rows
+                     enc(xs)[None, :, :].expand(h, w, half)], dim=-1)  # (h, w, D/2) columns -> (h, w, D)
+    return pos.reshape(h * w, dim).to(dtype or torch.float32)          # (N, D)
+
+
+class LabelDecoderLayer(nn.Module):
+    """One post-norm decoder layer: [self-attention between queries] -> cross-attention to tokens -> FFN."""
+
+    def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float, self_attn: bool):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) if self_attn else None
+        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff_dim, dim))
+        self.norm0, self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, q: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """q (B, L, D) label queries, memory (B, N, D) image tokens, pos (N, D) -> (B, L, D)."""
+        if self.self_attn is not None:
+            q = self.norm0(q + self.drop(self.self_attn(q, q, q, need_weights=False)[0]))
+        # Positions go into the keys only: where a token is decides who attends, not what it says (DETR).
+        q = self.norm1(q + self.drop(self.cross_attn(q, memory + pos, memory, need_weights=False)[0]))
+        return self.norm2(q + self.drop(self.ff(q)))
+
+
+class DRMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, verbose: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        L, D = cfg.num_labels, cfg.dim
+        self.backbone, channels = build_backbone(cfg.backbone, cfg.weights, cfg.feature_layer)
+        self.proj = nn.Conv2d(channels, D, kernel_size=1)                  # C -> D per location
+        self.queries = nn.Parameter(torch.randn(L, D) * 0.02)              # one learnable query per label
+        self.decoder = nn.ModuleList(LabelDecoderLayer(D, cfg.heads, cfg.ff_dim, cfg.dropout, cfg.decoder_self_attn)
+                                     for _ in range(cfg.layers))
+        self.experts = Experts(L, D, cfg.expert_hidden, cfg.shared_experts, cfg.task_experts, cfg.dropout)
+        self.gate = Gate(cfg.gate, L, D, self.experts.num_experts, cfg.top_k, cfg.gate_temperature)
+        # Per-label classifier: label l has its own weight vector W_l (D,) and bias c_l, not one shared Linear.
+        self.cls_weight = nn.Parameter(torch.empty(L, D).uniform_(-D ** -0.5, D ** -0.5))
+        self.cls_bias = nn.Parameter(torch.zeros(L))
+        if verbose:
+            n_all = sum(p.numel() for p in self.parameters())
+            n_bb = sum(p.numel() for p in self.backbone.parameters())
+            print(f"DR-MoE: {n_all / 1e6:.2f}M parameters ({n_bb / 1e6:.2f}M backbone {cfg.backbone}, "
+                  f"{(n_all - n_bb) / 1e6:.2f}M head; gate={cfg.gate}, S={cfg.shared_experts}, T={cfg.task_experts})")
+
+    def forward(self, x: torch.Tensor):
+        """x (B, 3, H_img, W_img) normalised images -> (logits (B, L), info dict)."""
+        f = self.proj(self.backbone(x))                                   # (B, D, h, w)
+        B, D, h, w = f.shape
+        g = f.mean(dim=(2, 3))                                            # (B, D) global image feature for the gate
+        memory = f.flatten(2).transpose(1, 2)                             # (B, D, h*w) -> (B, N, D)
+        pos = sine_positional_encoding(h, w, D, f.device, memory.dtype)   # (N, D)
+        hq = self.queries.unsqueeze(0).expand(B, -1, -1)                  # (L, D) -> (B, L, D)
+        for layer in self.decoder:
+            hq = layer(hq, memory, pos)                                   # (B, L, D)
+        weights, aux_loss = self.gate(hq, g)                              # (B, L, E) fp32, scalar
+        expert_out = self.experts(hq)                                     # (B, L, E, D)
+        # z[b,l] = h[b,l] + sum_e w[b,l,e] * E_e(h[b,l])   (the MoE layer, residual as in the paper)
+        z = hq + torch.einsum("ble,bled->bld", weights.to(expert_out.dtype), expert_out)   # (B, L, D)
+        logits = (z * self.cls_weight).sum(-1) + self.cls_bias            # (B, L)
+        return logits, {"gate_weights": weights, "aux_loss": aux_loss}
+
+
+def build_model(cfg: ModelConfig, verbose: bool = True) -> nn.Module:
+    """The one place that turns a config (e.g. the one saved in a checkpoint) into a model."""
+    return DRMoE(cfg, verbose=verbose)
+
+
+def flops_per_image(model: nn.Module, image_size: int, device="cpu") -> float:
+    """FLOPs of one forward pass on one image (torch.utils.flop_counter; a multiply-add counts as 2).
+
+    Runs with autograd on: under no_grad the counter's module hooks trip over views of parameters.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return float(counter.get_total_flops())

@@ -1,0 +1,316 @@
+"""
+Train DR-MoE (or a variant of its gate) for multi-label classification, top to bottom in one file.
+
+    python train.py                                   # embedded synthetic benchmark, CPU-sized, a few minutes
+    python train.py --gate label                      # HSQ's gate (reads only the label's feature)
+    python train.py --shared-experts 2 --task-experts 2 --gate static
+    python train.py --dataset voc --data-root ~/data  # ResNet-101 at 448 px, the papers' setting (GPU)
+    python train.py --resume                          # continue the run in --out-dir where it stopped
+
+The loop: AdamW + one-cycle learning rate, binary cross-entropy over the L labels (entries marked -1 are
+ignored) plus the gate's load-balancing loss times --aux-loss-coef, gradient clipping, an exponential
+moving average (EMA) of the weights evaluated beside the raw weights, mixed precision through one code
+path (bf16 where the GPU has it, else fp16 with a GradScaler; fp32 on CPU). After every epoch: validation
+mAP, one log line, a JSONL record, `last.pt` and (if better) `best.pt`, written atomically. At the end the
+best checkpoint is evaluated on the test split and written to `<out-dir>/metrics.json`.
+
+Config: every flag below is a field of ModelConfig (model.py) or TrainConfig (here). Resolution order:
+what you pass > the dataset's preset (PRESETS) > the dataclass default. The resolved config is printed at
+start and saved in every checkpoint, so evaluate.py can rebuild the model from the checkpoint alone.
+Shapes (legend in experts.py): images (B, 3, S_img, S_img), targets (B, L) in {1, 0, -1}, logits (B, L).
+"""
+import argparse
+import copy
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import build_dataset
+from evaluate import multilabel_metrics, predict
+from model import ModelConfig, WeightsUnavailable, build_model, config_field, flops_per_image
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = config_field("synthetic", "synthetic (embedded, no download) | voc | coco")
+    data_root: str = config_field(None, "folder holding the dataset (not needed for synthetic)")
+    image_size: int = config_field(None, "input side in pixels (preset: 64 synthetic, 448 voc/coco)")
+    limit: int = config_field(None, "use only the first N images of every split (smoke tests)")
+    epochs: int = config_field(None, "training epochs")
+    batch_size: int = config_field(None, "images per step")
+    lr: float = config_field(None, "peak learning rate of the one-cycle schedule")
+    weight_decay: float = config_field(1e-2, "AdamW weight decay (matrices only, not biases/norms/queries)")
+    warmup_pct: float = config_field(0.2, "fraction of the steps spent warming up (one-cycle pct_start)")
+    grad_clip: float = config_field(1.0, "clip the global gradient norm to this (0 = off)")
+    ema_decay: float = config_field(None, "EMA decay per step (0 = no EMA)")
+    aux_loss_coef: float = config_field(0.0, "weight of the gate's load-balancing loss (0 = off)")
+    seed: int = config_field(0, "seed for weights, data order, dropout and augmentation")
+    device: str = config_field("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    amp: bool = config_field(True, "mixed precision where the device supports it (bf16, else fp16); fp32 on CPU")
+    channels_last: bool = config_field(True, "channels_last memory format for the backbone (faster convs)")
+    num_workers: int = config_field(None, "DataLoader worker processes")
+    out_dir: str = config_field(None, "where checkpoints, log.jsonl and metrics.json go (default runs/DATASET)")
+    resume: str = config_field(None, "continue from a checkpoint: a path, or 'auto' for OUT_DIR/last.pt")
+
+
+# Dataset presets: the few settings that differ between the CPU benchmark and the papers' GPU setting.
+# synthetic: ResNet-18 from scratch at 64 px, cut after layer3 so the decoder sees 4x4 = 16 tokens;
+#            budget measured to finish in about 4 minutes on a 2-core CPU (README).
+# voc/coco:  ImageNet ResNet-101 at 448 px as ML-GCN, Q2L, HSQ and DR-MoE all report.
+PRESETS = {
+    "synthetic": dict(backbone="resnet18", weights="none", feature_layer="layer3", image_size=64,
+                      epochs=8, batch_size=64, lr=2e-3, ema_decay=0.99, num_workers=0),
+    "voc": dict(backbone="resnet101", weights="DEFAULT", feature_layer="layer4", image_size=448,
+                epochs=40, batch_size=32, lr=1e-4, ema_decay=0.9997, num_workers=8),
+    "coco": dict(backbone="resnet101", weights="DEFAULT", feature_layer="layer4", image_size=448,
+                 epochs=40, batch_size=32, lr=1e-4, ema_decay=0.9997, num_workers=8),
+}
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, skip=()):
+    """One --flag per dataclass field, help text from the field; default None means 'not given'."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help = f.metadata["help"] + (f" [default: {f.default}]" if f.default is not None else " [default: preset]")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        else:
+            parser.add_argument(flag, type=f.type, default=None, help=help, metavar=f.name.upper())
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_args(parser, TrainConfig, skip=("resume",))
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                        help=TrainConfig.__dataclass_fields__["resume"].metadata["help"] + " [bare flag: auto]")
+    add_config_args(parser, ModelConfig, skip=("num_labels",))
+    args = vars(parser.parse_args(argv))
+    dataset = args["dataset"] or TrainConfig.dataset
+    if dataset not in PRESETS:
+        parser.error(f"unknown --dataset {dataset!r}; choose one of {sorted(PRESETS)}")
+    preset = PRESETS[dataset]
+
+    def resolve(cls):
+        return cls(**{f.name: args[f.name] if args.get(f.name) is not None else preset.get(f.name, f.default)
+                      for f in fields(cls) if f.name in args or f.name in preset})
+    tcfg, mcfg = resolve(TrainConfig), resolve(ModelConfig)
+    tcfg.out_dir = tcfg.out_dir or os.path.join("runs", tcfg.dataset)
+    return tcfg, mcfg, {k for k, v in args.items() if v is not None}
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def amp_dtype_for(device: torch.device, enabled: bool):
+    """bf16 where the GPU supports it (no loss scaling needed), else fp16; None (= fp32) on CPU and MPS."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)   # also seeds every CUDA device
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy averaged over the entries whose target is 0 or 1; -1 (ignore) contributes nothing."""
+    valid = (targets >= 0).float()                                               # (B, L)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), targets.clamp(min=0), reduction="none")
+    return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers (BatchNorm statistics) are copied."""
+    ema_p, model_p = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def save_checkpoint(path: str, state: dict):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    tcfg, mcfg, given = parse_args(argv)
+    ckpt = None
+    if tcfg.resume:
+        path = os.path.join(tcfg.out_dir, "last.pt") if tcfg.resume == "auto" else tcfg.resume
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # A resumed run is the run that was started: its configs come from the checkpoint. Only where it
+        # runs (device, workers) and where it writes may change.
+        keep = {k: getattr(tcfg, k) for k in ("device", "num_workers", "out_dir", "resume")}
+        tcfg = TrainConfig(**{**ckpt["train_config"], **keep})
+        mcfg = ModelConfig(**ckpt["model_config"])
+        print(f"resuming from {path}: epoch {ckpt['epoch'] + 1} of {tcfg.epochs} done, best val mAP {ckpt['best_map']:.2f}")
+        ignored = given - set(keep) - {"dataset"}
+        if ignored:
+            print(f"  note: ignoring {sorted(ignored)} on resume (the checkpoint's config wins)")
+    print("train config:", json.dumps(asdict(tcfg)))
+    os.makedirs(tcfg.out_dir, exist_ok=True)
+    if ckpt is None and os.path.exists(os.path.join(tcfg.out_dir, "last.pt")):
+        print(f"note: {tcfg.out_dir} holds an earlier run; starting fresh (pass --resume to continue it instead)")
+    seed_everything(tcfg.seed)
+    device = pick_device(tcfg.device)
+    amp_dtype = amp_dtype_for(device, tcfg.amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # fixed input size: let cuDNN pick the fastest kernels once
+    print(f"device: {device}, precision: {amp_dtype or torch.float32}")
+
+    # ---- data: built (and, for synthetic, generated) once, before any model work
+    ds = {split: build_dataset(tcfg.dataset, split, tcfg.data_root, tcfg.image_size, limit=tcfg.limit)
+          for split in ("train", "val", "test")}
+    mcfg.num_labels = len(ds["train"].classes)
+    print("model config:", json.dumps(asdict(mcfg)))
+    # The shuffling generator is re-seeded with (seed, epoch) each epoch, so a resumed run sees the same
+    # data order as an uninterrupted one; it also seeds the workers' augmentation RNGs.
+    order = torch.Generator()
+    loader_kw = dict(batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
+                     persistent_workers=tcfg.num_workers > 0)
+    train_loader = torch.utils.data.DataLoader(ds["train"], shuffle=True, drop_last=True, generator=order, **loader_kw)
+    eval_loaders = {s: torch.utils.data.DataLoader(ds[s], shuffle=False, **loader_kw) for s in ("val", "test")}
+
+    # ---- model, EMA, optimizer, schedule, loss scaler
+    model = build_model(mcfg).to(device)
+    fmt = torch.channels_last if tcfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    gflops = flops_per_image(model, tcfg.image_size, device) / 1e9
+    print(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px")
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.ema_decay else None
+    # Weight decay on matrices and conv kernels only: decaying biases, norm gains, label queries and
+    # the static gate's logits toward 0 only fights what they must learn (as nanoGPT's configure_optimizers).
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr)
+    total_steps = tcfg.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tcfg.lr, total_steps=total_steps,
+                                                    pct_start=tcfg.warmup_pct)
+    # Enabled only for fp16: with bf16 or fp32 it passes everything through, so one code path serves all.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    start_epoch, best_map, step = 0, -1.0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        start_epoch, best_map, step = ckpt["epoch"] + 1, ckpt["best_map"], ckpt["step"]
+
+    def checkpoint(epoch, val_maps, which):
+        return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "eval_weights": which, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_map": best_map,
+                "val_map": val_maps, "model_config": asdict(mcfg), "train_config": asdict(tcfg),
+                "classes": list(ds["train"].classes),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+
+    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
+    run_start = time.time()
+    for epoch in range(start_epoch, tcfg.epochs):
+        # ---- one epoch of training
+        model.train()
+        order.manual_seed(tcfg.seed * 1000 + epoch)
+        sums = torch.zeros(2, device=device)   # running (classification loss, aux loss), read once at the end
+        t0, n_seen, wait = time.time(), 0, 0.0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True)
+        t_ready = time.time()
+        for i, (x, y) in enumerate(bar):
+            wait += time.time() - t_ready   # time spent waiting for data, to tell a slow loader from a slow model
+            x = x.to(device, non_blocking=True, memory_format=fmt)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits, info = model(x)
+                loss_cls = masked_bce(logits, y)
+                loss = loss_cls + tcfg.aux_loss_coef * info["aux_loss"]
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if tcfg.grad_clip > 0:
+                scaler.unscale_(optimizer)   # clip the true gradients, not the fp16-scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            if ema is not None:
+                # Warm-up of the decay (as timm's ModelEmaV2 and Q2L): early weights are noise, forget them fast.
+                ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
+            sums += torch.stack([loss_cls.detach(), info["aux_loss"].detach().float()])
+            n_seen += x.shape[0]
+            if i % 10 == 0:   # .item() syncs with the GPU: only at log points
+                bar.set_postfix(loss=f"{loss_cls.item():.4f}", img_s=f"{n_seen / (time.time() - t0):.0f}")
+            t_ready = time.time()
+        train_time = time.time() - t0
+        loss_avg, aux_avg = (sums / len(train_loader)).tolist()
+
+        # ---- validation: raw and EMA weights; the better one is what "best" means
+        val_maps = {"raw": multilabel_metrics(*predict(model, eval_loaders["val"], device, amp_dtype)[:2])["mAP"]}
+        if ema is not None:
+            val_maps["ema"] = multilabel_metrics(*predict(ema, eval_loaders["val"], device, amp_dtype)[:2])["mAP"]
+        which = max(val_maps, key=val_maps.get)
+        improved = val_maps[which] > best_map
+        best_map = max(best_map, val_maps[which])
+        lr_now = scheduler.get_last_lr()[0]
+        print(f"epoch {epoch + 1:3d}/{tcfg.epochs} | loss {loss_avg:.4f} | aux {aux_avg:.4f} | lr {lr_now:.2e} | "
+              f"{n_seen / train_time:.0f} img/s (data wait {100 * wait / train_time:.0f}%) | val mAP "
+              + " ".join(f"{k} {v:.2f}" for k, v in val_maps.items()) + (" *" if improved else ""))
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps({"epoch": epoch + 1, "step": step, "train_loss": loss_avg, "aux_loss": aux_avg,
+                                 "lr": lr_now, "img_per_s": n_seen / train_time, "data_wait_s": wait,
+                                 "train_s": train_time, "val_mAP": val_maps, "time": time.time()}) + "\n")
+        state = checkpoint(epoch, val_maps, which)
+        if improved:
+            save_checkpoint(os.path.join(tcfg.out_dir, "best.pt"), state)
+        save_checkpoint(os.path.join(tcfg.out_dir, "last.pt"), state)
+
+    # ---- test: the best checkpoint's chosen weights, on the test split
+    best = torch.load(os.path.join(tcfg.out_dir, "best.pt"), map_location="cpu", weights_only=False)
+    model.load_state_dict(best["ema"] if best["eval_weights"] == "ema" else best["model"])
+    metrics = multilabel_metrics(*predict(model, eval_loaders["test"], device, amp_dtype)[:2])
+    metrics.update({"split": "test", "checkpoint": "best.pt", "epoch": best["epoch"] + 1,
+                    "weights": best["eval_weights"], "val_mAP": best["best_map"], "gflops": gflops,
+                    "train_minutes_this_session": (time.time() - run_start) / 60})
+    with open(os.path.join(tcfg.out_dir, "metrics.json"), "w") as fh:
+        json.dump(metrics, fh, indent=2)
+    print(f"test ({best['eval_weights']} weights of epoch {best['epoch'] + 1}): "
+          + " | ".join(f"{k} {metrics[k]:.2f}" for k in ("mAP", "CF1", "OF1")))
+    print(f"wrote {os.path.join(tcfg.out_dir, 'metrics.json')}")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (WeightsUnavailable, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")   # a setup problem the user can fix: the message, not a traceback
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted: last.pt holds the last finished epoch; rerun with --resume to continue")
