@@ -375,5 +375,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NotImplementedError) as e:
         sys.exit(f"error: {e}")

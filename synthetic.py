@@ -4,12 +4,12 @@ files, no download. It tests the paper's claim: a gate conditioned on the input
 helps most when labels are *heterogeneous*, i.e. recognising them needs
 different evidence. Its L = 20 labels come in four groups (LABEL_GROUPS):
   shape, any of 9 colours, solid:    circle, triangle, star, cross ("+"),
-                                     ring (disc with a hole), arrow, heart, crescent
+                                     ring (disc with a hole), arrow, hourglass, crescent
   colour AND shape, solid square:    red_square, green_square, blue_square,
                                      yellow_square, purple_square
   texture, on an irregular polygon   striped, checkered, dotted, zigzag (chevrons),
     or elongated ellipse, 2 colours: rainbow (a smooth hue sweep)
-  small, 5-7 px at 64 px, dark rim:  tiny_diamond, tiny_x
+  small, 7-9 px at 64 px, dark rim:  tiny_diamond, tiny_x
 Unlabelled distractors differ from some label in ONE property, so that
 property must be looked at: squares in orange/cyan/pink/white (colour), plain
 one-colour blobs (texture), pentagons (shape), tiny dots (small shape); night
@@ -20,9 +20,9 @@ waves), desert (tan, diagonal ripples), city (grey, blocks), night (dark blue,
 stars). The scene draws 1-3 labels from its column of SCENE_TABLE (below), so
 labels co-occur the way objects do in photos. With probability SCENE_CONFUSION
 the background is painted in a random scene's style: the context is a hint,
-not an answer. Rare labels (~3 % of images): heart, crescent, rainbow.
+not an answer. Rare labels (~3 % of images): hourglass, crescent, rainbow.
 Pairs that never co-occur (no scene in common, NEVER_TOGETHER):
-  triangle+rainbow, heart+crescent, heart+zigzag, heart+rainbow,
+  triangle+rainbow, hourglass+crescent, hourglass+zigzag, hourglass+rainbow,
   crescent+green_square, crescent+tiny_x, red_square+green_square,
   yellow_square+rainbow, checkered+zigzag.
 Per image: 1-3 labelled objects + 0-2 distractors (4 at most), 22-38 % of the
@@ -53,8 +53,8 @@ SPLIT_SIZES = {"train": 5000, "val": 1000, "test": 2000}  # synthetic images per
 # -----------------------------------------------------------------------------
 # difficulty knobs: sizes are fractions of the image side, colours are 0..255
 
-OBJECT_SIZE = (0.28, 0.45)   # side of a normal object's bounding square
-TINY_SIZE = (0.10, 0.13)     # tiny objects: 6-8 px at 64 px, rim not included
+OBJECT_SIZE = (0.30, 0.46)   # side of a normal object's bounding square
+TINY_SIZE = (0.11, 0.14)     # tiny objects: 7-9 px at 64 px, rim not included
 TINY_RIM = 1 / 64            # dark rim around tiny objects (1 px at 64 px)
 COLOR_JITTER = 22            # uniform +- per channel around the nominal colour
 PIXEL_NOISE_STD = 5.0        # gaussian sensor noise over the whole image
@@ -62,7 +62,7 @@ BG_PATTERN_STRENGTH = 16     # contrast of the scene's background pattern
 TEXTURE_SCALE = 1.2          # textured objects are this much larger than solid ones
 TEXTURE_CONTRAST = 60        # min brightness difference of a texture's two colours
 SCENE_CONFUSION = 0.3        # P(background painted in a random scene's style)
-DISTRACTOR_RATE = 0.45       # each of 2 distractor slots is used with this P
+DISTRACTOR_RATE = 0.3        # each of 2 distractor slots is used with this P
 NUM_LABELLED_P = (0.35, 0.40, 0.25)  # P(1, 2, 3 labelled objects)
 MAX_OVERLAP = 0.2            # max bbox intersection / smaller bbox area
 RENDER_SCALE = 2             # draw at 2x, box-downsample: cheap anti-aliasing
@@ -70,7 +70,7 @@ RENDER_SCALE = 2             # draw at 2x, box-downsample: cheap anti-aliasing
 # -----------------------------------------------------------------------------
 # labels, colours, scenes
 
-SHAPES = ("circle", "triangle", "star", "cross", "ring", "arrow", "heart", "crescent")
+SHAPES = ("circle", "triangle", "star", "cross", "ring", "arrow", "hourglass", "crescent")
 SQUARE_COLOURS = ("red", "green", "blue", "yellow", "purple")
 TEXTURES = ("striped", "checkered", "dotted", "zigzag", "rainbow")
 TINY = ("tiny_diamond", "tiny_x")
@@ -103,7 +103,7 @@ SCENE_TABLE = {
     "cross":         (0, 1, 1, 3, 1),
     "ring":          (0, 3, 0, 1, 2),
     "arrow":         (0, 1, 2, 3, 0),
-    "heart":         (1.2, 0, 0, 1.2, 0),
+    "hourglass":     (1.2, 0, 0, 1.2, 0),
     "crescent":      (0, 0, 0.8, 0, 0.8),
     "red_square":    (0, 0, 2, 3, 1),
     "green_square":  (3, 1, 0, 0, 0),
@@ -141,15 +141,12 @@ def _rotate(p, deg):
     return p @ np.array([[c, s], [-s, c]])
 
 
-_t = np.linspace(0, 2 * np.pi, 36, endpoint=False)  # the classic parametric heart
-_heart = np.stack([16 * np.sin(_t) ** 3, -2.5 - 13 * np.cos(_t) + 5 * np.cos(2 * _t)
-                   + 2 * np.cos(3 * _t) + np.cos(4 * _t)], 1) / 17
 POLYGONS = {
     "triangle": _regular(3),
     "star": _regular(10) * np.where(np.arange(10) % 2 == 0, 1.0, 0.45)[:, None],
     "cross": _plus(0.3),
     "arrow": np.array([(-1, -.25), (.15, -.25), (.15, -.7), (1, 0), (.15, .7), (.15, .25), (-1, .25)]),
-    "heart": _heart,
+    "hourglass": np.array([(-.8, -1), (.8, -1), (.12, 0), (.8, 1), (-.8, 1), (-.12, 0)]),  # two tips meeting
     "square": np.full((4, 2), 0.78) * [(-1, -1), (1, -1), (1, 1), (-1, 1)],  # fits when turned 15 deg
     "pentagon": _regular(5),
     "tiny_diamond": _regular(4),
@@ -157,8 +154,8 @@ POLYGONS = {
 }
 # Rotation jitter in +- degrees. Small where a big turn would change what the
 # shape is: a square turned 45 deg is a diamond, a "+" becomes an "x".
-ROTATION = {"triangle": 180, "star": 180, "arrow": 180, "pentagon": 180, "blob": 180, "crescent": 180,
-            "cross": 15, "square": 15, "heart": 20, "tiny_diamond": 10, "tiny_x": 10}
+ROTATION = {"triangle": 180, "star": 180, "arrow": 45, "pentagon": 180, "blob": 180, "crescent": 180,
+            "cross": 15, "square": 15, "hourglass": 20, "tiny_diamond": 10, "tiny_x": 10}
 
 # -----------------------------------------------------------------------------
 # one image: plan the objects, place them, draw them, derive the target
@@ -340,6 +337,7 @@ def _background(rng, style, S2):
     if style == "night":  # 1-px stars (at 64 px): decoys for the tiny labels
         d, k = ImageDraw.Draw(img), max(1, S2 // 64)
         for x, y in rng.uniform(0, S2 - k, (int(rng.integers(4, 12)), 2)):
+            x, y = int(x), int(y)   # integer corners: with floats, x + 1 - 1 can round below x
             d.rectangle((x, y, x + k - 1, y + k - 1), fill=(200, 200, 210))
     return img
 

@@ -88,7 +88,7 @@ def test_label_statistics(train_small):
     t = ds.targets
     freq = t.mean(0)
     assert (freq > 0).all(), [c for c, f in zip(ds.classes, freq) if f == 0]
-    for name in ("heart", "crescent", "rainbow"):
+    for name in ("hourglass", "crescent", "rainbow"):
         assert 0.01 <= freq[ds.classes.index(name)] <= 0.06, (name, float(freq[ds.classes.index(name)]))
     assert len(synthetic.NEVER_TOGETHER) >= 5
     for a, b in synthetic.NEVER_TOGETHER:
