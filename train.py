@@ -92,6 +92,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip=()):
 
 
 def parse_args(argv=None):
+    """argv -> (TrainConfig, ModelConfig, names of the flags the user actually passed)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_args(parser, TrainConfig, skip=("resume",))
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
@@ -103,6 +104,8 @@ def parse_args(argv=None):
         parser.error(f"unknown --dataset {dataset!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[dataset]
 
+    # Every flag defaults to None, so "not given" can be told from "given the default value":
+    # only then can a preset (e.g. 448 px for voc) sit between the dataclass default and the user.
     def resolve(cls):
         return cls(**{f.name: args[f.name] if args.get(f.name) is not None else preset.get(f.name, f.default)
                       for f in fields(cls) if f.name in args or f.name in preset})
@@ -112,6 +115,7 @@ def parse_args(argv=None):
 
 
 def pick_device(name: str) -> torch.device:
+    """'auto' picks the fastest device present: CUDA, then Apple's MPS, then the CPU."""
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -129,6 +133,7 @@ def amp_dtype_for(device: torch.device, enabled: bool):
 
 
 def seed_everything(seed: int):
+    """Seed every generator the run draws from (weight init, dropout, flips). The data order has its own."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)   # also seeds every CUDA device
@@ -136,6 +141,8 @@ def seed_everything(seed: int):
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy averaged over the entries whose target is 0 or 1; -1 (ignore) contributes nothing."""
+    # Dividing by the number of valid entries (not B*L) keeps the loss scale the same whether a batch
+    # holds many ignored labels (VOC's "difficult") or none.
     valid = (targets >= 0).float()                                               # (B, L)
     loss = F.binary_cross_entropy_with_logits(logits.float(), targets.clamp(min=0), reduction="none")
     return (loss * valid).sum() / valid.sum().clamp(min=1)
@@ -144,6 +151,7 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
     """ema <- decay * ema + (1 - decay) * model for parameters; buffers (BatchNorm statistics) are copied."""
+    # One fused call over all tensors instead of a Python loop: the EMA runs every step, so it must be cheap.
     ema_p, model_p = list(ema.parameters()), list(model.parameters())
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
@@ -174,7 +182,7 @@ def main(argv=None):
         ignored = given - set(keep) - {"dataset"}
         if ignored:
             print(f"  note: ignoring {sorted(ignored)} on resume (the checkpoint's config wins)")
-    print("train config:", json.dumps(asdict(tcfg)))
+    print("train config:", json.dumps(asdict(tcfg)))   # printed and saved: a log says what produced it
     os.makedirs(tcfg.out_dir, exist_ok=True)
     if ckpt is None and os.path.exists(os.path.join(tcfg.out_dir, "last.pt")):
         print(f"note: {tcfg.out_dir} holds an earlier run; starting fresh (pass --resume to continue it instead)")
@@ -188,7 +196,7 @@ def main(argv=None):
     # ---- data: built (and, for synthetic, generated) once, before any model work
     ds = {split: build_dataset(tcfg.dataset, split, tcfg.data_root, tcfg.image_size, limit=tcfg.limit)
           for split in ("train", "val", "test")}
-    mcfg.num_labels = len(ds["train"].classes)
+    mcfg.num_labels = len(ds["train"].classes)   # L comes from the data, so one config serves any dataset
     print("model config:", json.dumps(asdict(mcfg)))
     # The shuffling generator is re-seeded with (seed, epoch) each epoch, so a resumed run sees the same
     # data order as an uninterrupted one; it also seeds the workers' augmentation RNGs.
@@ -200,10 +208,14 @@ def main(argv=None):
 
     # ---- model, EMA, optimizer, schedule, loss scaler
     model = build_model(mcfg).to(device)
+    # channels_last (NHWC) is the layout oneDNN and cuDNN convolutions run fastest on; the transformer
+    # part does not care. Inputs are converted to the same layout in the loop.
     fmt = torch.channels_last if tcfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     gflops = flops_per_image(model, tcfg.image_size, device) / 1e9
     print(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px")
+    # The EMA is a second copy of the model whose weights trail the trained ones; it is evaluated beside
+    # them every epoch (Q2L reports its EMA numbers) and the better of the two is what "best" means.
     ema = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.ema_decay else None
     # Weight decay on matrices and conv kernels only: decaying biases, norm gains, label queries and
     # the static gate's logits toward 0 only fights what they must learn (as nanoGPT's configure_optimizers).
@@ -211,12 +223,16 @@ def main(argv=None):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr)
+    # One-cycle (Smith & Topin 2019; Q2L trains with it): warm up to lr over warmup_pct of the steps,
+    # then anneal to ~0. The schedule is per step, so it needs the total number of steps up front.
     total_steps = tcfg.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tcfg.lr, total_steps=total_steps,
                                                     pct_start=tcfg.warmup_pct)
     # Enabled only for fp16: with bf16 or fp32 it passes everything through, so one code path serves all.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, best_map, step = 0, -1.0, 0
+    # Resuming restores everything that shapes the rest of the run, RNG states included, so that the
+    # resumed run is the uninterrupted one (tests/test_train.py checks it bit for bit).
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         if ema is not None:
@@ -229,6 +245,8 @@ def main(argv=None):
         random.setstate(ckpt["rng"]["python"])
         start_epoch, best_map, step = ckpt["epoch"] + 1, ckpt["best_map"], ckpt["step"]
 
+    # Everything needed to resume, evaluate or rebuild: the raw module's weights (never a compiled or
+    # DDP wrapper's, whose keys differ), both configs, and which weights ("raw" or "ema") were judged best.
     def checkpoint(epoch, val_maps, which):
         return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                 "eval_weights": which, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -251,6 +269,7 @@ def main(argv=None):
             wait += time.time() - t_ready   # time spent waiting for data, to tell a slow loader from a slow model
             x = x.to(device, non_blocking=True, memory_format=fmt)
             y = y.to(device, non_blocking=True)
+            # Mixed precision for the forward pass only; the gate's softmax and the loss run in fp32 inside.
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits, info = model(x)
                 loss_cls = masked_bce(logits, y)
@@ -267,6 +286,7 @@ def main(argv=None):
             if ema is not None:
                 # Warm-up of the decay (as timm's ModelEmaV2 and Q2L): early weights are noise, forget them fast.
                 ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
+            # Accumulate on the device; reading a value (.item()) every step would stall a GPU on each step.
             sums += torch.stack([loss_cls.detach(), info["aux_loss"].detach().float()])
             n_seen += x.shape[0]
             if i % 10 == 0:   # .item() syncs with the GPU: only at log points
@@ -290,6 +310,7 @@ def main(argv=None):
             fh.write(json.dumps({"epoch": epoch + 1, "step": step, "train_loss": loss_avg, "aux_loss": aux_avg,
                                  "lr": lr_now, "img_per_s": n_seen / train_time, "data_wait_s": wait,
                                  "train_s": train_time, "val_mAP": val_maps, "time": time.time()}) + "\n")
+        # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested).
         state = checkpoint(epoch, val_maps, which)
         if improved:
             save_checkpoint(os.path.join(tcfg.out_dir, "best.pt"), state)
