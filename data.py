@@ -26,6 +26,7 @@ from synthetic import CLASSES, LABEL_GROUPS, SCENES, SPLIT_SIZES, SPLITS, labels
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DATASETS = ("synthetic", "voc", "coco")
+NUM_LABELS = {"synthetic": 20, "voc": 20, "coco": 80}   # L of each, known without reading any data
 
 # -----------------------------------------------------------------------------
 # datasets

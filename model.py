@@ -45,22 +45,29 @@ def config_field(default, help: str):
 
 @dataclass
 class ModelConfig:
+    model: str = config_field("drmoe", "drmoe | hsq | q2l | mlgcn | linear (the baselines: baselines.py)")
     num_labels: int = config_field(20, "L, the number of labels (set from the dataset by train.py)")
     backbone: str = config_field("resnet18", "torchvision model name: the ResNet family, or any model with .features")
     weights: str = config_field("none", "backbone init: none | DEFAULT (torchvision's ImageNet weights) | PATH")
     feature_layer: str = config_field("layer4", "ResNets: cut the backbone after this stage (layer1..layer4)")
     dim: int = config_field(256, "D, width of the label decoder and the experts")
-    heads: int = config_field(4, "attention heads in the label decoder")
+    heads: int = config_field(4, "attention heads in the encoder and the label decoder")
+    enc_layers: int = config_field(0, "transformer encoder layers over the image tokens (Q2L: 1)")
     layers: int = config_field(1, "label decoder layers")
-    ff_dim: int = config_field(1024, "feed-forward width inside each decoder layer")
-    dropout: float = config_field(0.1, "dropout in the decoder and the experts")
+    ff_dim: int = config_field(1024, "feed-forward width inside each encoder/decoder layer")
+    dropout: float = config_field(0.1, "dropout in the encoder, decoder and experts")
     decoder_self_attn: bool = config_field(True, "self-attention between label queries (Q2L's code drops it)")
+    moe_layers: int = config_field(1, "stacked MoE layers after the decoder (0 = none, i.e. Query2Label)")
     gate: str = config_field("dynamic", "what the gate reads: static | label (HSQ) | image | dynamic (DR-MoE)")
     shared_experts: int = config_field(2, "S, experts shared by all labels")
     task_experts: int = config_field(1, "T, experts owned by each label")
     expert_hidden: int = config_field(256, "H, hidden width of each expert")
     top_k: int = config_field(0, "0 = dense routing; k > 0 keeps each row's k largest gate logits")
     gate_temperature: float = config_field(1.0, "tau in softmax(gate logits / tau)")
+    word_vectors: str = config_field(None, "ML-GCN: .npz of label word vectors (names, vectors); none = learned")
+    gcn_hidden: int = config_field(1024, "ML-GCN: hidden width of its two-layer GCN (300 -> hidden -> C)")
+    gcn_threshold: float = config_field(0.4, "ML-GCN: t, binarise P(j|i) at this value (paper eq. 7)")
+    gcn_reweight: float = config_field(0.2, "ML-GCN: p, weight of the neighbours vs the node itself (eq. 8)")
 
 
 class WeightsUnavailable(RuntimeError):
@@ -132,6 +139,23 @@ def sine_positional_encoding(h: int, w: int, dim: int, device=None, dtype=None) 
     return pos.reshape(h * w, dim).to(dtype or torch.float32)          # (N, D)
 
 
+class EncoderLayer(nn.Module):
+    """One post-norm transformer encoder layer over the image tokens (DETR's, as Q2L uses it)."""
+
+    def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff_dim, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D) tokens, pos (N, D) -> (B, N, D). Positions enter queries and keys, not values (DETR)."""
+        qk = x + pos
+        x = self.norm1(x + self.drop(self.attn(qk, qk, x, need_weights=False)[0]))
+        return self.norm2(x + self.drop(self.ff(x)))
+
+
 class LabelDecoderLayer(nn.Module):
     """One post-norm decoder layer: [self-attention between queries] -> cross-attention to tokens -> FFN."""
 
@@ -140,7 +164,8 @@ class LabelDecoderLayer(nn.Module):
         self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) if self_attn else None
         self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff_dim, dim))
-        self.norm0, self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm0 = nn.LayerNorm(dim) if self_attn else None
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, q: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -152,26 +177,51 @@ class LabelDecoderLayer(nn.Module):
         return self.norm2(q + self.drop(self.ff(q)))
 
 
+class MoELayer(nn.Module):
+    """z[b,l] = h[b,l] + sum_e w[b,l,e] * E_e(h[b,l]): S shared + T own experts, weighted by the gate."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        L, D = cfg.num_labels, cfg.dim
+        self.experts = Experts(L, D, cfg.expert_hidden, cfg.shared_experts, cfg.task_experts, cfg.dropout)
+        self.gate = Gate(cfg.gate, L, D, self.experts.num_experts, cfg.top_k, cfg.gate_temperature)
+
+    def forward(self, h: torch.Tensor, g: torch.Tensor):
+        """h (B, L, D) label features, g (B, D) image feature -> (z (B, L, D), weights (B, L, E) fp32, aux)."""
+        weights, aux_loss = self.gate(h, g)                               # (B, L, E) fp32, scalar
+        expert_out = self.experts(h)                                      # (B, L, E, D)
+        # The residual keeps the decoder's feature reachable whatever the gate does (an untrained gate
+        # mixes experts that are noise); the paper's MoE output is added to it, not substituted for it.
+        z = h + torch.einsum("ble,bled->bld", weights.to(expert_out.dtype), expert_out)   # (B, L, D)
+        return z, weights, aux_loss
+
+
 class DRMoE(nn.Module):
+    """The label-query family: DR-MoE, HSQ (gate="label") and Query2Label (moe_layers=0) are this class.
+
+    They share every piece but the MoE layers and what the gate reads, so a comparison between them
+    measures exactly the ideas the papers differ in (baselines.py spells out each one's settings).
+    """
+
     def __init__(self, cfg: ModelConfig, verbose: bool = True):
         super().__init__()
         self.cfg = cfg
         L, D = cfg.num_labels, cfg.dim
         self.backbone, channels = build_backbone(cfg.backbone, cfg.weights, cfg.feature_layer)
-        self.proj = nn.Conv2d(channels, D, kernel_size=1)                  # C -> D per location
+        # C -> D per location. When C already equals D (Q2L's ResNet-101 at D = 2048) there is nothing to
+        # project, and Q2L's official code (without --keep_input_proj) uses no layer here either.
+        self.proj = nn.Conv2d(channels, D, kernel_size=1) if channels != D else nn.Identity()
+        self.encoder = nn.ModuleList(EncoderLayer(D, cfg.heads, cfg.ff_dim, cfg.dropout)
+                                     for _ in range(cfg.enc_layers))
         self.queries = nn.Parameter(torch.randn(L, D) * 0.02)              # one learnable query per label
         self.decoder = nn.ModuleList(LabelDecoderLayer(D, cfg.heads, cfg.ff_dim, cfg.dropout, cfg.decoder_self_attn)
                                      for _ in range(cfg.layers))
-        self.experts = Experts(L, D, cfg.expert_hidden, cfg.shared_experts, cfg.task_experts, cfg.dropout)
-        self.gate = Gate(cfg.gate, L, D, self.experts.num_experts, cfg.top_k, cfg.gate_temperature)
+        self.moe = nn.ModuleList(MoELayer(cfg) for _ in range(cfg.moe_layers))
         # Per-label classifier: label l has its own weight vector W_l (D,) and bias c_l, not one shared Linear.
         self.cls_weight = nn.Parameter(torch.empty(L, D).uniform_(-D ** -0.5, D ** -0.5))
         self.cls_bias = nn.Parameter(torch.zeros(L))
         if verbose:
-            n_all = sum(p.numel() for p in self.parameters())
-            n_bb = sum(p.numel() for p in self.backbone.parameters())
-            print(f"DR-MoE: {n_all / 1e6:.2f}M parameters ({n_bb / 1e6:.2f}M backbone {cfg.backbone}, "
-                  f"{(n_all - n_bb) / 1e6:.2f}M head; gate={cfg.gate}, S={cfg.shared_experts}, T={cfg.task_experts})")
+            print(describe(self, cfg))
 
     def forward(self, x: torch.Tensor):
         """x (B, 3, H_img, W_img) normalised images -> (logits (B, L), info dict)."""
@@ -180,20 +230,45 @@ class DRMoE(nn.Module):
         g = f.mean(dim=(2, 3))                                            # (B, D) global image feature for the gate
         memory = f.flatten(2).transpose(1, 2)                             # (B, D, h*w) -> (B, N, D)
         pos = sine_positional_encoding(h, w, D, f.device, memory.dtype)   # (N, D)
+        for layer in self.encoder:
+            memory = layer(memory, pos)                                   # (B, N, D)
         hq = self.queries.unsqueeze(0).expand(B, -1, -1)                  # (L, D) -> (B, L, D)
         for layer in self.decoder:
             hq = layer(hq, memory, pos)                                   # (B, L, D)
-        weights, aux_loss = self.gate(hq, g)                              # (B, L, E) fp32, scalar
-        expert_out = self.experts(hq)                                     # (B, L, E, D)
-        # z[b,l] = h[b,l] + sum_e w[b,l,e] * E_e(h[b,l])   (the MoE layer, residual as in the paper)
-        z = hq + torch.einsum("ble,bled->bld", weights.to(expert_out.dtype), expert_out)   # (B, L, D)
-        logits = (z * self.cls_weight).sum(-1) + self.cls_bias            # (B, L)
+        weights, aux_loss = None, f.new_zeros((), dtype=torch.float32)
+        for layer in self.moe:
+            hq, weights, aux = layer(hq, g)                               # (B, L, D), (B, L, E)
+            aux_loss = aux_loss + aux / len(self.moe)                     # mean over layers: same scale for any depth
+        logits = (hq * self.cls_weight).sum(-1) + self.cls_bias           # (B, L)
+        # With several MoE layers the last layer's weights are reported (the one feeding the classifier).
         return logits, {"gate_weights": weights, "aux_loss": aux_loss}
 
 
-def build_model(cfg: ModelConfig, verbose: bool = True) -> nn.Module:
-    """The one place that turns a config (e.g. the one saved in a checkpoint) into a model."""
-    return DRMoE(cfg, verbose=verbose)
+def describe(model: nn.Module, cfg: ModelConfig) -> str:
+    """One line: the model's name, its parameter count split into backbone and head, and its key settings."""
+    n_all = sum(p.numel() for p in model.parameters())
+    n_bb = sum(p.numel() for p in model.backbone.parameters())
+    extra = (f"gate={cfg.gate}, S={cfg.shared_experts}, T={cfg.task_experts}, moe_layers={cfg.moe_layers}"
+             if cfg.model in ("drmoe", "hsq") else
+             f"D={cfg.dim}, enc={cfg.enc_layers}, dec={cfg.layers}" if cfg.model == "q2l" else
+             f"gcn 300->{cfg.gcn_hidden}->C" if cfg.model == "mlgcn" else "GAP + linear")
+    return (f"{cfg.model}: {n_all / 1e6:.2f}M parameters ({n_bb / 1e6:.2f}M backbone {cfg.backbone}, "
+            f"{(n_all - n_bb) / 1e6:.2f}M head; {extra})")
+
+
+def build_model(cfg: ModelConfig, verbose: bool = True, classes=None) -> nn.Module:
+    """The one place that turns a config (e.g. the one saved in a checkpoint) into a model.
+
+    `classes` (label names) is only read by ML-GCN, to look up its word vectors by name.
+    """
+    if cfg.model in ("drmoe", "hsq", "q2l"):
+        return DRMoE(cfg, verbose=verbose)
+    from baselines import LinearHead, MLGCN   # imported here: baselines.py itself imports this file
+    if cfg.model == "linear":
+        return LinearHead(cfg, verbose=verbose)
+    if cfg.model == "mlgcn":
+        return MLGCN(cfg, classes=classes, verbose=verbose)
+    raise ValueError(f"unknown model {cfg.model!r}; choose drmoe | hsq | q2l | mlgcn | linear")
 
 
 def flops_per_image(model: nn.Module, image_size: int, device="cpu") -> float:

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import build_dataset
+from data import NUM_LABELS, build_dataset
 from evaluate import multilabel_metrics, predict
+from baselines import MODEL_PRESETS, PAPER_SCALE, asymmetric_loss
 from model import ModelConfig, WeightsUnavailable, build_model, config_field, flops_per_image
 
 
@@ -53,6 +54,10 @@ class TrainConfig:
     grad_clip: float = config_field(1.0, "clip the global gradient norm to this (0 = off)")
     ema_decay: float = config_field(None, "EMA decay per step (0 = no EMA)")
     aux_loss_coef: float = config_field(0.0, "weight of the gate's load-balancing loss (0 = off)")
+    loss: str = config_field("bce", "bce | asl (asymmetric loss, baselines.py; q2l's default)")
+    asl_gamma_neg: float = config_field(4.0, "ASL gamma-: focusing on negatives (Q2L's README: 2)")
+    asl_gamma_pos: float = config_field(0.0, "ASL gamma+: focusing on positives")
+    asl_clip: float = config_field(0.05, "ASL probability margin m for negatives (Q2L's README: 0)")
     seed: int = config_field(0, "seed for weights, data order, dropout and augmentation")
     device: str = config_field("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     amp: bool = config_field(True, "mixed precision where the device supports it (bf16, else fp16); fp32 on CPU")
@@ -98,11 +103,18 @@ def parse_args(argv=None):
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                         help=TrainConfig.__dataclass_fields__["resume"].metadata["help"] + " [bare flag: auto]")
     add_config_args(parser, ModelConfig, skip=("num_labels",))
+    parser.add_argument("--describe", action="store_true",
+                        help="build the model for the dataset's labels, print parameters and GFLOPs, exit (no data read)")
     args = vars(parser.parse_args(argv))
-    dataset = args["dataset"] or TrainConfig.dataset
+    dataset, model = args["dataset"] or TrainConfig.dataset, args["model"] or ModelConfig.model
     if dataset not in PRESETS:
         parser.error(f"unknown --dataset {dataset!r}; choose one of {sorted(PRESETS)}")
-    preset = PRESETS[dataset]
+    if model not in MODEL_PRESETS:
+        parser.error(f"unknown --model {model!r}; choose one of {list(MODEL_PRESETS)}")
+    # Layers, later ones win: the dataset's preset, the model's settings (baselines.py), and at the
+    # papers' scale (voc/coco) the model's official widths.
+    preset = {**PRESETS[dataset], **MODEL_PRESETS[model],
+              **(PAPER_SCALE.get(model, {}) if dataset != "synthetic" else {})}
 
     # Every flag defaults to None, so "not given" can be told from "given the default value":
     # only then can a preset (e.g. 448 px for voc) sit between the dataclass default and the user.
@@ -111,7 +123,8 @@ def parse_args(argv=None):
                       for f in fields(cls) if f.name in args or f.name in preset})
     tcfg, mcfg = resolve(TrainConfig), resolve(ModelConfig)
     tcfg.out_dir = tcfg.out_dir or os.path.join("runs", tcfg.dataset)
-    return tcfg, mcfg, {k for k, v in args.items() if v is not None}
+    given = {k for k, v in args.items() if v is not None and v is not False}
+    return tcfg, mcfg, given
 
 
 def pick_device(name: str) -> torch.device:
@@ -165,8 +178,25 @@ def save_checkpoint(path: str, state: dict):
     os.replace(tmp, path)
 
 
+def describe_only(tcfg: TrainConfig, mcfg: ModelConfig):
+    """--describe: the model as it would train on this dataset, its size and cost; reads no data."""
+    mcfg.num_labels = NUM_LABELS[tcfg.dataset]
+    if mcfg.weights.lower() != "none":
+        print(f"(--describe builds with random weights: same size as --weights {mcfg.weights}, no download)")
+        mcfg.weights = "none"
+    print("model config:", json.dumps(asdict(mcfg)))
+    model = build_model(mcfg)   # prints the parameter count
+    gflops = flops_per_image(model, tcfg.image_size) / 1e9
+    print(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px ({NUM_LABELS[tcfg.dataset]} labels)")
+    return model, gflops
+
+
 def main(argv=None):
     tcfg, mcfg, given = parse_args(argv)
+    if "describe" in given:
+        return describe_only(tcfg, mcfg)
+    if tcfg.loss not in ("bce", "asl"):
+        raise ValueError(f"--loss must be bce or asl, got {tcfg.loss!r}")
     ckpt = None
     if tcfg.resume:
         path = os.path.join(tcfg.out_dir, "last.pt") if tcfg.resume == "auto" else tcfg.resume
@@ -207,7 +237,9 @@ def main(argv=None):
     eval_loaders = {s: torch.utils.data.DataLoader(ds[s], shuffle=False, **loader_kw) for s in ("val", "test")}
 
     # ---- model, EMA, optimizer, schedule, loss scaler
-    model = build_model(mcfg).to(device)
+    model = build_model(mcfg, classes=ds["train"].classes).to(device)
+    if mcfg.model == "mlgcn":
+        model.set_label_graph(ds["train"].targets)   # ML-GCN's graph: co-occurrence in the training labels
     # channels_last (NHWC) is the layout oneDNN and cuDNN convolutions run fastest on; the transformer
     # part does not care. Inputs are converted to the same layout in the loop.
     fmt = torch.channels_last if tcfg.channels_last else torch.contiguous_format
@@ -272,7 +304,8 @@ def main(argv=None):
             # Mixed precision for the forward pass only; the gate's softmax and the loss run in fp32 inside.
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits, info = model(x)
-                loss_cls = masked_bce(logits, y)
+                loss_cls = (asymmetric_loss(logits, y, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip)
+                            if tcfg.loss == "asl" else masked_bce(logits, y))
                 loss = loss_cls + tcfg.aux_loss_coef * info["aux_loss"]
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -322,6 +355,7 @@ def main(argv=None):
     metrics = multilabel_metrics(*predict(model, eval_loaders["test"], device, amp_dtype)[:2])
     metrics.update({"split": "test", "checkpoint": "best.pt", "epoch": best["epoch"] + 1,
                     "weights": best["eval_weights"], "val_mAP": best["best_map"], "gflops": gflops,
+                    "parameters": sum(p.numel() for p in model.parameters()), "model": mcfg.model,
                     "train_minutes_this_session": (time.time() - run_start) / 60})
     with open(os.path.join(tcfg.out_dir, "metrics.json"), "w") as fh:
         json.dump(metrics, fh, indent=2)

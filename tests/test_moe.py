@@ -148,6 +148,6 @@ def test_model_moe_combination_by_hand():
     logits, info = model(x)
     h, w = captured["h"], info["gate_weights"]
     assert logits.shape == (2, L) and w.shape == (2, L, 4)
-    z = h + torch.einsum("ble,bled->bld", w, model.experts(h))
+    z = h + torch.einsum("ble,bled->bld", w, model.moe[0].experts(h))
     ref = torch.stack([z[:, l] @ model.cls_weight[l] + model.cls_bias[l] for l in range(L)], dim=1)
     assert torch.allclose(logits, ref, atol=1e-5)
