@@ -13,12 +13,14 @@ has `classes` (L names), `targets` (N, L), `ids` (N strings), `image_size`.
     python -m pytest -q tests/test_data.py
 """
 import argparse
+import json
 import os
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from synthetic import CLASSES, LABEL_GROUPS, SCENES, SPLIT_SIZES, SPLITS, labels_from_objects, render_synthetic
@@ -81,30 +83,238 @@ class SyntheticMultiLabel(Dataset):
         return normalize(x), self.targets[i]
 
 
-def build_dataset(name, split, root=None, image_size=None, augment=None, seed=0, limit=None):
-    """The one entry point. augment defaults to True for "train" only; seed
-    picks the synthetic benchmark (0 = the reported one), not the training
-    seed; limit keeps only the first `limit` images (smoke tests)."""
+# -----------------------------------------------------------------------------
+# real photographs: PASCAL VOC 2007 and MS-COCO 2014 in their standard layouts
+
+
+class DatasetError(RuntimeError):
+    """The data is missing, incomplete or unreadable. Scripts print the message (never a traceback):
+    it says where we looked, what we expected and how to get it."""
+
+
+def load_rgb(path, size_hint=None):
+    """Any image file -> PIL RGB image; grayscale, CMYK, palette and alpha all become plain RGB."""
+    try:
+        with Image.open(path) as im:
+            if size_hint and im.format == "JPEG":
+                # JPEG can decode at 1/2, 1/4 or 1/8 scale for free; draft() keeps the result >= size_hint,
+                # so a 96-px CPU run does not pay for decoding 500x375 photos at full size.
+                im.draft("RGB", (size_hint, size_hint))
+            if im.mode in ("P", "PA", "LA") or "transparency" in im.info:
+                im = im.convert("RGBA")   # via RGBA: a palette's transparency survives the conversion
+            return im.convert("RGB")      # decodes everything: a truncated file fails here, not later
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+        raise DatasetError(f"cannot read image file {str(path)!r}: {type(e).__name__}: {e}") from None
+
+
+class Cutout:
+    """ASL's CutoutPIL (Ridnik et al. 2021), used by Q2L: one rectangle of `factor` x each side, centred at a
+    random point (clipped at the border), filled with one random colour. On uint8 tensors (3, H, W)."""
+
+    def __init__(self, factor=0.5):
+        self.factor = factor
+
+    def __call__(self, x):
+        _, H, W = x.shape
+        h, w = int(self.factor * H + 0.5), int(self.factor * W + 0.5)
+        cy, cx = torch.randint(H, ()).item(), torch.randint(W, ()).item()   # torch RNG: seeded per worker
+        y1, y2, x1, x2 = max(cy - h // 2, 0), min(cy + h // 2, H), max(cx - w // 2, 0), min(cx + w // 2, W)
+        x = x.clone()
+        x[:, y1:y2, x1:x2] = torch.randint(256, (3, 1, 1), dtype=torch.uint8)
+        return x
+
+
+def build_transform(image_size, train, randaugment=True, cutout=0.0):
+    """The papers' preprocessing (Q2L's order). Train: resize, flip, [Cutout], [RandAugment]. Eval: resize.
+    Both end in ImageNet normalisation. The resize squashes to a square without cropping, as ML-GCN's
+    test transform and Q2L do: a label's only evidence may sit at the border."""
+    t = [v2.Resize((image_size, image_size), antialias=True)]
+    if train:
+        t.append(v2.RandomHorizontalFlip())
+    t.append(v2.PILToTensor())                                  # uint8 (3, S, S)
+    if train and cutout > 0:
+        t.append(Cutout(cutout))
+    if train and randaugment:
+        t.append(v2.RandAugment())                              # 2 random ops of magnitude 9 (the defaults)
+    t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(t)
+
+
+class ImageList(Dataset):
+    """Image files with known targets; an image is read (and augmented) only when asked for."""
+
+    def __init__(self, paths, targets, ids, classes, image_size, transform):
+        self.paths, self.ids, self.classes, self.image_size = list(paths), list(ids), list(classes), image_size
+        self.targets = torch.as_tensor(targets, dtype=torch.float32)   # (N, L) in {1, 0, -1}
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(load_rgb(self.paths[i], self.image_size)), self.targets[i]
+
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor")   # the standard order of the devkit and of every paper's tables
+VOC_SPLITS = ("trainval", "train", "val", "test")
+# The two archives of VOC 2007 (same URLs and md5 sums as torchvision.datasets.VOCDetection).
+VOC_ARCHIVES = {"trainval": ("https://thor.robots.ox.ac.uk/pascal/VOC/voc2007/VOCtrainval_06-Nov-2007.tar",
+                             "c52e279531787c972589f7e41ab4ae64"),
+                "test": ("https://thor.robots.ox.ac.uk/pascal/VOC/voc2007/VOCtest_06-Nov-2007.tar",
+                         "b6e924de25625d8de591ea690078ad9f")}
+VOC_HELP = ("get it with: python train.py --dataset voc --data-root DIR --download (or fetch "
+            "VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar and untar both in DIR; see README)")
+COCO_SPLITS = ("train", "val")
+COCO_HELP = "see README 'MS-COCO 2014' for the download commands and the layout"
+
+
+def find_voc_root(root):
+    """--data-root may be the folder holding VOCdevkit, VOCdevkit itself, or VOC2007 itself."""
+    if not root:
+        raise DatasetError(f"--dataset voc needs --data-root; {VOC_HELP}")
+    tried = [os.path.join(root, "VOCdevkit", "VOC2007"), os.path.join(root, "VOC2007"), root]
+    for d in tried:
+        if os.path.isdir(os.path.join(d, "JPEGImages")) and os.path.isdir(os.path.join(d, "ImageSets", "Main")):
+            return d
+    raise DatasetError("no PASCAL VOC 2007 found. Looked for JPEGImages/ and ImageSets/Main/ in:\n  "
+                       + "\n  ".join(tried) + f"\n{VOC_HELP}")
+
+
+def read_voc(root, split):
+    """VOC 2007 classification labels -> (paths, targets (N, 20) with 1 present, 0 absent, -1 difficult, ids).
+
+    The official per-class files ImageSets/Main/<class>_<split>.txt hold one line per image: "000005 -1"
+    (absent), "000005  1" (present) or "000005  0" (only difficult instances: ignored by the metrics)."""
+    d = find_voc_root(root)
+    main = os.path.join(d, "ImageSets", "Main")
+    listing = os.path.join(main, f"{split}.txt")
+    if not os.path.isfile(listing):
+        raise DatasetError(f"VOC 2007 split {split!r} is missing: no {listing}\n"
+                           f"(the test split comes in its own archive, VOCtest_06-Nov-2007.tar); {VOC_HELP}")
+    ids = open(listing).read().split()
+    row = {i: k for k, i in enumerate(ids)}
+    # A class file the 20 classes do not explain means a different or modified dataset: stop, do not guess.
+    unknown = sorted(f[:-len(f"_{split}.txt")] for f in os.listdir(main)
+                     if f.endswith(f"_{split}.txt") and f[:-len(f"_{split}.txt")] not in VOC_CLASSES)
+    if unknown:
+        raise DatasetError(f"{main}: unknown class name(s) {unknown}; VOC 2007 has exactly {list(VOC_CLASSES)}")
+    targets = np.zeros((len(ids), len(VOC_CLASSES)), dtype=np.float32)
+    to_target = {"1": 1.0, "-1": 0.0, "0": -1.0}
+    for j, c in enumerate(VOC_CLASSES):
+        path = os.path.join(main, f"{c}_{split}.txt")
+        if not os.path.isfile(path):
+            raise DatasetError(f"VOC 2007 is incomplete: no {path}; {VOC_HELP}")
+        seen = 0
+        for n, line in enumerate(open(path), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or parts[0] not in row or parts[1] not in to_target:
+                raise DatasetError(f"{path}, line {n}: expected '<image id in {split}.txt> <1|0|-1>', got {line.strip()!r}")
+            targets[row[parts[0]], j] = to_target[parts[1]]
+            seen += 1
+        if seen != len(ids):
+            raise DatasetError(f"{path} lists {seen} images but {listing} has {len(ids)}")
+    paths = check_images(os.path.join(d, "JPEGImages"), [f"{i}.jpg" for i in ids], listing, VOC_HELP)
+    return paths, targets, ids
+
+
+def check_images(folder, names, listed_in, how):
+    """All listed files must exist: a half-extracted archive fails here, at start-up, not in a worker."""
+    present = set(os.listdir(folder))
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise DatasetError(f"{len(missing)} of {len(names)} images listed in {listed_in} are missing from "
+                           f"{folder} (e.g. {missing[:3]}); the download or extraction is incomplete; {how}")
+    return [os.path.join(folder, n) for n in names]
+
+
+def download_voc(root):
+    """Fetch and untar both VOC 2007 archives into root (md5 checked by torchvision); skip what is there."""
+    from torchvision.datasets.utils import download_and_extract_archive
+    for split, (url, md5) in VOC_ARCHIVES.items():
+        if os.path.isfile(os.path.join(root, "VOCdevkit", "VOC2007", "ImageSets", "Main", f"{split}.txt")):
+            print(f"VOC 2007 {split}: already in {root}")
+            continue
+        try:
+            download_and_extract_archive(url, download_root=root, md5=md5)
+        except Exception as e:   # URLError offline, md5 mismatch, server down
+            raise DatasetError(f"downloading {url} failed ({type(e).__name__}: {e}).\n"
+                               f"Offline? Fetch the archive elsewhere and untar it in {root}.") from None
+
+
+def read_coco(root, split, empty="keep"):
+    """COCO 2014 instances json -> (paths, targets (N, 80), ids, class names ordered by category id).
+
+    A category is a label if any instance of it is annotated, crowd instances included. Images with no
+    annotation at all are all-negative rows (empty="keep": 82,783 train / 40,504 val images, as Q2L) or
+    left out (empty="drop", as ML-GCN's lists)."""
+    if split not in COCO_SPLITS:
+        raise DatasetError(f"unknown COCO split {split!r}; expected one of {COCO_SPLITS} (2014)")
+    if not root:
+        raise DatasetError(f"--dataset coco needs --data-root; {COCO_HELP}")
+    ann = os.path.join(root, "annotations", f"instances_{split}2014.json")
+    folder = os.path.join(root, f"{split}2014")
+    if not (os.path.isfile(ann) and os.path.isdir(folder)):
+        raise DatasetError(f"no MS-COCO 2014 {split} split in {root}: expected {ann} and {folder}/; {COCO_HELP}")
+    print(f"reading {ann} (the train json takes ~20 s and a few GB of memory)")
+    try:
+        with open(ann) as fh:
+            js = json.load(fh)
+        images, anns, cats = js["images"], js["annotations"], js["categories"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{ann} is not valid JSON ({e}); a truncated download? {COCO_HELP}") from None
+    except (KeyError, TypeError) as e:
+        raise DatasetError(f"{ann} is not a COCO instances file: no {e} list") from None
+    cats = sorted(cats, key=lambda c: c["id"])             # ids run 1..90 with gaps; their order is the label order
+    col = {c["id"]: j for j, c in enumerate(cats)}
+    images = sorted(images, key=lambda im: im["id"])
+    row = {im["id"]: k for k, im in enumerate(images)}
+    targets = np.zeros((len(images), len(cats)), dtype=np.float32)
+    for a in anns:
+        if a["category_id"] not in col or a["image_id"] not in row:
+            raise DatasetError(f"{ann}: annotation {a.get('id')} refers to an unknown "
+                               + (f"category id {a['category_id']}" if a["category_id"] not in col
+                                  else f"image id {a['image_id']}"))
+        targets[row[a["image_id"]], col[a["category_id"]]] = 1.0
+    keep = np.arange(len(images)) if empty == "keep" else np.flatnonzero(targets.sum(1) > 0)
+    names = [images[k]["file_name"] for k in keep]
+    paths = check_images(folder, names, ann, COCO_HELP)
+    return paths, targets[keep], [str(images[k]["id"]) for k in keep], [c["name"] for c in cats]
+
+
+def build_dataset(name, split, root=None, image_size=None, augment=None, seed=0, limit=None,
+                  randaugment=True, cutout=0.0, empty="keep"):
+    """The one entry point. Splits: synthetic train/val/test; voc trainval/train/val/test; coco train/val.
+    augment defaults to True for training splits; seed picks the synthetic benchmark (0 = the reported
+    one), not the training seed; limit keeps only the first `limit` images (smoke tests). randaugment,
+    cutout and empty (COCO's unannotated images: keep | drop) apply to the photo datasets."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    if name != "synthetic":
-        raise NotImplementedError(f"dataset {name!r} comes in a later version; only 'synthetic' exists now")
-    size = SPLIT_SIZES[split] if limit is None else min(limit, SPLIT_SIZES[split])
-    return SyntheticMultiLabel(split, image_size or 64, augment, seed, size=size)
+    splits = {"synthetic": SPLITS, "voc": VOC_SPLITS, "coco": COCO_SPLITS}[name]
+    if split not in splits:
+        raise DatasetError(f"unknown {name} split {split!r}; expected one of {', '.join(splits)}")
+    if augment is None:
+        augment = split in ("train", "trainval")
+    if name == "synthetic":
+        size = SPLIT_SIZES[split] if limit is None else min(limit, SPLIT_SIZES[split])
+        return SyntheticMultiLabel(split, image_size or 64, augment, seed, size=size)
+    image_size = image_size or 448
+    if name == "voc":
+        paths, targets, ids = read_voc(root, split)
+        classes = VOC_CLASSES
+    else:
+        paths, targets, ids, classes = read_coco(root, split, empty)
+    n = len(paths) if limit is None else min(limit, len(paths))
+    return ImageList(paths[:n], targets[:n], ids[:n], classes, image_size,
+                     build_transform(image_size, augment, randaugment, cutout))
 
 
 def load_image(path, image_size):
-    """Any image file -> float32 (3, S, S), prepared like the dataset images."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")  # decodes everything: a truncated file fails here, not later
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        raise RuntimeError(f"cannot read image file {str(path)!r}: {e}") from e
-    # squash to a square (no crop: a label's evidence may sit at the border)
-    im = im.resize((image_size, image_size), Image.BILINEAR)
-    return normalize(torch.from_numpy(np.array(im)).permute(2, 0, 1))
+    """Any image file -> float32 (3, S, S), prepared as evaluation prepares dataset images."""
+    return build_transform(image_size, train=False)(load_rgb(path, image_size))
 
 # -----------------------------------------------------------------------------
 # command line: look at the data before training on it
@@ -131,43 +341,61 @@ def preview(ds, path, rows=4, cols=8, zoom=3):
 
 
 def print_stats(ds):
-    """Label frequencies, labels per image, co-occurrence: only needs ds.targets."""
-    pos = (ds.targets == 1).float()  # (N, L); -1 (ignore) counts as absent here
+    """Label frequencies, labels per image, co-occurrence (ML-GCN's graph is built from it): needs ds.targets."""
+    pos = (ds.targets == 1).float()  # (N, L); -1 (difficult / ignore) counts as absent here
     N, L = pos.shape
-    counts, card = pos.sum(0), pos.sum(1)
+    counts, card, ignored = pos.sum(0), pos.sum(1), (ds.targets == -1).sum(0)
     print(f"{N} images, {L} labels")
+    print(f"  {'':2s} {'label':16s} {'images':>6s}  {'share':>5s}" + (f"  {'ignored (difficult)':>19s}" if ignored.any() else ""))
     for j, c in enumerate(ds.classes):
-        print(f"  {j:2d} {c:16s} {int(counts[j]):6d}  {100 * counts[j] / N:5.1f}%")
+        print(f"  {j:2d} {c:16s} {int(counts[j]):6d}  {100 * counts[j] / N:5.1f}%"
+              + (f"  {int(ignored[j]):19d}" if ignored.any() else ""))
     hist = torch.bincount(card.long()).tolist()
-    print(f"labels per image: mean {card.mean():.2f}; histogram " + ", ".join(f"{k}: {h}" for k, h in enumerate(hist)))
+    print(f"labels per image (cardinality): mean {card.mean():.2f}; histogram " + ", ".join(f"{k}: {h}" for k, h in enumerate(hist)))
     co = (pos.T @ pos).long()  # (L, L); diagonal = label counts
-    print("co-occurrence counts (rows and columns = label index above):")
-    print("    " + "".join(f"{j:5d}" for j in range(L)))
+    print("co-occurrence counts (rows and columns = label index above; diagonal = images with the label):")
+    print("    " + "".join(f"{j:6d}" for j in range(L)))
     for i in range(L):
-        print(f"  {i:2d}" + "".join(f"{int(v):5d}" for v in co[i]))
+        print(f"  {i:2d}" + "".join(f"{int(v):6d}" for v in co[i]))
     never = [f"{ds.classes[i]}+{ds.classes[j]}" for i in range(L) for j in range(i + 1, L) if co[i, j] == 0]
-    print(f"{len(never)} pairs never together: " + ", ".join(never))
+    print(f"{len(never)} pairs never together" + (": " + ", ".join(never) if len(never) <= 40 else ""))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Inspect a dataset: a preview grid and/or label statistics.")
     ap.add_argument("--dataset", default="synthetic", help=f"one of {', '.join(DATASETS)}")
     ap.add_argument("--data-root", default=None, help="dataset folder (synthetic needs none)")
-    ap.add_argument("--split", default="train", choices=SPLITS, help="which split")
-    ap.add_argument("--image-size", type=int, default=None, help="image side in pixels (synthetic: 64)")
+    ap.add_argument("--split", default=None, help="which split [default: all standard splits for --stats, "
+                    "the training split for --preview]")
+    ap.add_argument("--image-size", type=int, default=None, help="image side in pixels (synthetic 64, photos 448)")
     ap.add_argument("--seed", type=int, default=0, help="synthetic benchmark id (0 = the reported one)")
     ap.add_argument("--preview", nargs="?", const="assets/synthetic_preview.png", metavar="PATH",
                     help="write a PNG grid of examples (default PATH: assets/synthetic_preview.png)")
-    ap.add_argument("--stats", action="store_true", help="print label statistics of the split")
+    ap.add_argument("--stats", action="store_true", help="print split sizes and label statistics")
+    ap.add_argument("--download", action="store_true", help="voc: fetch VOC 2007 into --data-root first")
     args = ap.parse_args()
-    if not (args.preview or args.stats):
-        ap.error("nothing to do: pass --preview [PATH] and/or --stats")
-    if args.dataset == "synthetic" and not args.stats:  # a preview needs 32 images, not the split
-        ds = SyntheticMultiLabel(args.split, args.image_size or 64, False, args.seed, size=32)
-    else:
-        ds = build_dataset(args.dataset, args.split, args.data_root, args.image_size, False, args.seed)
-    if args.preview:
-        preview(ds, args.preview)
-        print(f"wrote {args.preview}")
-    if args.stats:
-        print_stats(ds)
+    if not (args.preview or args.stats or args.download):
+        ap.error("nothing to do: pass --preview [PATH], --stats and/or --download")
+    standard = {"synthetic": ("train", "val", "test"), "voc": ("trainval", "test"), "coco": ("train", "val")}
+    try:
+        if args.download:
+            if args.dataset != "voc":
+                ap.error("--download fetches VOC 2007 only; for COCO see the README")
+            download_voc(args.data_root or ".")
+        if args.preview:
+            split = args.split or standard[args.dataset][0]
+            if args.dataset == "synthetic":  # a preview needs 32 images, not the split
+                ds = SyntheticMultiLabel(split, args.image_size or 64, False, args.seed, size=32)
+            else:
+                ds = build_dataset(args.dataset, split, args.data_root, args.image_size or 128, False, limit=32)
+            preview(ds, args.preview)
+            print(f"wrote {args.preview}")
+        if args.stats:
+            splits = [args.split] if args.split else standard[args.dataset]
+            sets = {s: build_dataset(args.dataset, s, args.data_root, args.image_size, False, args.seed) for s in splits}
+            print("split sizes: " + ", ".join(f"{s} {len(d)}" for s, d in sets.items()))
+            for s, d in sets.items():
+                print(f"\n== {args.dataset} {s} ==")
+                print_stats(d)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import NUM_LABELS, build_dataset
+from data import NUM_LABELS, DatasetError, build_dataset, download_voc
 from evaluate import multilabel_metrics, predict
 from baselines import MODEL_PRESETS, PAPER_SCALE, asymmetric_loss
 from model import ModelConfig, WeightsUnavailable, build_model, config_field, flops_per_image
@@ -44,6 +44,14 @@ from model import ModelConfig, WeightsUnavailable, build_model, config_field, fl
 class TrainConfig:
     dataset: str = config_field("synthetic", "synthetic (embedded, no download) | voc | coco")
     data_root: str = config_field(None, "folder holding the dataset (not needed for synthetic)")
+    download: bool = config_field(False, "voc: download VOC 2007 into --data-root first (coco: see README)")
+    train_split: str = config_field(None, "split to train on (preset: voc trainval, coco train)")
+    val_split: str = config_field(None, "split that picks the best epoch (preset: voc test, coco val, as the papers)")
+    test_split: str = config_field(None, "split the best checkpoint is finally evaluated on (preset: voc test, coco val)")
+    difficult: str = config_field("positive", "VOC labels marked difficult, in training: positive (as ML-GCN) | ignore")
+    empty_images: str = config_field("keep", "COCO images without annotation: keep as all-negative (Q2L) | drop (ML-GCN)")
+    randaugment: bool = config_field(True, "photos: RandAugment in training (synthetic: flips only)")
+    cutout: float = config_field(None, "photos: Cutout of this fraction of each side in training, 0 = off (ASL/Q2L: 0.5)")
     image_size: int = config_field(None, "input side in pixels (preset: 64 synthetic, 448 voc/coco)")
     limit: int = config_field(None, "use only the first N images of every split (smoke tests)")
     epochs: int = config_field(None, "training epochs")
@@ -73,13 +81,18 @@ class TrainConfig:
 #            CPU (README). lr 1e-3: 2e-3 trained the decoder worse, 5e-4 was slower (single runs on this benchmark).
 # voc/coco:  ImageNet ResNet-101 at 448 px as ML-GCN, Q2L, HSQ and DR-MoE all report; epochs, batch
 #            and lr follow Q2L's recipe and are provisional until the VOC/COCO loaders land and are run.
+WORKERS = min(8, os.cpu_count() or 1)   # decoding 448-px JPEGs needs processes; more than the cores only thrash
+PHOTOS = dict(backbone="resnet101", weights="DEFAULT", feature_layer="layer4", image_size=448, epochs=40,
+              batch_size=32, lr=1e-4, ema_decay=0.9997, cutout=0.5, num_workers=WORKERS)
 PRESETS = {
     "synthetic": dict(backbone="resnet18", weights="none", feature_layer="layer3", image_size=64,
-                      epochs=8, batch_size=64, lr=1e-3, ema_decay=0.99, num_workers=0),
-    "voc": dict(backbone="resnet101", weights="DEFAULT", feature_layer="layer4", image_size=448,
-                epochs=40, batch_size=32, lr=1e-4, ema_decay=0.9997, num_workers=8),
-    "coco": dict(backbone="resnet101", weights="DEFAULT", feature_layer="layer4", image_size=448,
-                 epochs=40, batch_size=32, lr=1e-4, ema_decay=0.9997, num_workers=8),
+                      epochs=8, batch_size=64, lr=1e-3, ema_decay=0.99, num_workers=0,
+                      train_split="train", val_split="val", test_split="test", cutout=0.0),
+    # VOC and COCO have no separate validation set; like every paper in this line, the best epoch is
+    # chosen on the evaluation split itself (train.py says so in metrics.json). For an honest model
+    # selection on VOC pass --train-split train --val-split val --test-split test.
+    "voc": dict(PHOTOS, train_split="trainval", val_split="test", test_split="test"),
+    "coco": dict(PHOTOS, train_split="train", val_split="val", test_split="val"),
 }
 
 
@@ -224,8 +237,29 @@ def main(argv=None):
     print(f"device: {device}, precision: {amp_dtype or torch.float32}")
 
     # ---- data: built (and, for synthetic, generated) once, before any model work
-    ds = {split: build_dataset(tcfg.dataset, split, tcfg.data_root, tcfg.image_size, limit=tcfg.limit)
-          for split in ("train", "val", "test")}
+    if tcfg.download:
+        if tcfg.dataset != "voc":
+            raise DatasetError("--download fetches VOC 2007 only; for COCO see the README's commands")
+        download_voc(tcfg.data_root or "data")
+        tcfg.data_root = tcfg.data_root or "data"
+    if tcfg.difficult not in ("positive", "ignore") or tcfg.empty_images not in ("keep", "drop"):
+        raise ValueError("--difficult must be positive|ignore and --empty-images keep|drop")
+    # Every split is read and checked here, before any model work: a missing or incomplete dataset stops
+    # the run at start-up with one message, never deep inside a DataLoader worker.
+    roles = {"train": tcfg.train_split, "val": tcfg.val_split, "test": tcfg.test_split}
+    if roles["train"] in (roles["val"], roles["test"]):
+        raise ValueError(f"--train-split {roles['train']} is also evaluated on; pick another split")
+    split_ds = {s: build_dataset(tcfg.dataset, s, tcfg.data_root, tcfg.image_size, augment=(s == roles["train"]),
+                                 limit=tcfg.limit, randaugment=tcfg.randaugment, cutout=tcfg.cutout,
+                                 empty=tcfg.empty_images)
+                for s in dict.fromkeys(roles.values())}   # each split read once (val and test may be one)
+    ds = {role: split_ds[s] for role, s in roles.items()}
+    print("splits: " + ", ".join(f"{role} = {s} ({len(ds[role])} images)" for role, s in roles.items()))
+    # VOC marks "difficult" objects 0 in its files, -1 in `targets` (ignored by every metric). Training
+    # counts them as present by default, as ML-GCN does; --difficult ignore drops them from the loss.
+    graph_targets = ds["train"].targets.clone()   # ML-GCN's graph counts clear positives only (baselines.py)
+    if tcfg.difficult == "positive":
+        ds["train"].targets[ds["train"].targets == -1] = 1.0
     mcfg.num_labels = len(ds["train"].classes)   # L comes from the data, so one config serves any dataset
     print("model config:", json.dumps(asdict(mcfg)))
     # The shuffling generator is re-seeded with (seed, epoch) each epoch, so a resumed run sees the same
@@ -239,7 +273,7 @@ def main(argv=None):
     # ---- model, EMA, optimizer, schedule, loss scaler
     model = build_model(mcfg, classes=ds["train"].classes).to(device)
     if mcfg.model == "mlgcn":
-        model.set_label_graph(ds["train"].targets)   # ML-GCN's graph: co-occurrence in the training labels
+        model.set_label_graph(graph_targets)   # ML-GCN's graph: co-occurrence in the training labels
     # channels_last (NHWC) is the layout oneDNN and cuDNN convolutions run fastest on; the transformer
     # part does not care. Inputs are converted to the same layout in the loop.
     fmt = torch.channels_last if tcfg.channels_last else torch.contiguous_format
@@ -342,6 +376,7 @@ def main(argv=None):
         with open(log_path, "a") as fh:
             fh.write(json.dumps({"epoch": epoch + 1, "step": step, "train_loss": loss_avg, "aux_loss": aux_avg,
                                  "lr": lr_now, "img_per_s": n_seen / train_time, "data_wait_s": wait,
+                                 "compute_s": train_time - wait,
                                  "train_s": train_time, "val_mAP": val_maps, "time": time.time()}) + "\n")
         # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested).
         state = checkpoint(epoch, val_maps, which)
@@ -368,7 +403,10 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (WeightsUnavailable, FileNotFoundError, NotImplementedError) as e:
-        sys.exit(f"error: {e}")   # a setup problem the user can fix: the message, not a traceback
+    except (WeightsUnavailable, DatasetError, FileNotFoundError) as e:
+        # A setup problem the user can fix: the message, not a traceback. An error raised inside a
+        # DataLoader worker (a corrupt image) arrives wrapped with the worker's traceback: keep its last line.
+        msg = str(e).strip()
+        sys.exit("error: " + (msg.splitlines()[-1] if "Original Traceback" in msg else msg))
     except KeyboardInterrupt:
         sys.exit("\ninterrupted: last.pt holds the last finished epoch; rerun with --resume to continue")

@@ -112,12 +112,12 @@ def test_build_dataset_defaults_and_limit():
 def test_errors():
     with pytest.raises(ValueError, match="synthetic"):
         data.build_dataset("imagenet", "train")
-    with pytest.raises(ValueError, match="train"):
+    with pytest.raises(data.DatasetError, match="train"):
         data.build_dataset("synthetic", "training")
     with pytest.raises(ValueError):
         data.SyntheticMultiLabel("dev", size=1)
-    with pytest.raises(NotImplementedError):
-        data.build_dataset("voc", "train")
+    with pytest.raises(data.DatasetError, match="--data-root"):
+        data.build_dataset("voc", "trainval")
 
 
 def test_load_image(tmp_path):
