@@ -1,16 +1,24 @@
 """
 Data: the datasets DR-MoE trains and is evaluated on, behind one entry point,
-build_dataset(name, split, root, image_size, augment, seed, limit).
-This version holds the embedded synthetic benchmark (its generator is
-synthetic.py); VOC / COCO loaders will plug into build_dataset.
+build_dataset(name, split, root, image_size, augment, seed, limit, ...).
 
-Every dataset returns ds[i] = (image float32 (3, S, S) normalised with ImageNet
-mean/std, target float32 (L,)) with 1 = present, 0 = absent, -1 = ignore, and
-has `classes` (L names), `targets` (N, L), `ids` (N strings), `image_size`.
+- synthetic: the embedded benchmark (generator in synthetic.py), rendered in memory, no download.
+- voc: PASCAL VOC 2007 from the devkit layout VOCdevkit/VOC2007/{JPEGImages, ImageSets/Main}; labels
+  from the official classification files <class>_<split>.txt (1 present, -1 absent, 0 difficult).
+- coco: MS-COCO 2014 from train2014/, val2014/, annotations/instances_{train,val}2014.json, read with
+  the standard library's json (no pycocotools); the 80 classes in category-id order.
 
-    python data.py --preview            # grid -> assets/synthetic_preview.png
-    python data.py --stats --split val  # frequencies, cardinality, co-occurrence
-    python -m pytest -q tests/test_data.py
+Every dataset returns ds[i] = (image float32 (3, S, S) normalised with ImageNet mean/std, target
+float32 (L,)) with 1 = present, 0 = absent, -1 = ignore (VOC's difficult; every metric skips it), and
+has `classes` (L names), `targets` (N, L), `ids` (N strings), `image_size`. Photos are read lazily (in
+DataLoader workers) through the papers' transforms: build_transform below. Any setup problem raises
+DatasetError with a message that says where it looked and how to get the data.
+
+    python data.py --preview                                 # grid -> assets/synthetic_preview.png
+    python data.py --stats --split val                       # frequencies, cardinality, co-occurrence
+    python data.py --dataset voc --data-root R --stats       # split sizes and label statistics of VOC
+    python data.py --dataset voc --data-root R --download    # fetch VOC 2007 (both archives, md5 checked)
+    python -m pytest -q tests/test_data.py tests/test_real_data.py
 """
 import argparse
 import json

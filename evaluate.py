@@ -312,7 +312,7 @@ def main(argv=None):
     from train import amp_dtype_for, pick_device
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on a split, or predict the labels of images.")
     p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by train.py")
-    p.add_argument("--split", default="test", help="split to evaluate [default: test]")
+    p.add_argument("--split", default=None, help="split to evaluate [default: the run's test split]")
     p.add_argument("--data-root", default=None, help="override the dataset folder saved in the checkpoint")
     p.add_argument("--image", nargs="+", default=None, metavar="FILE", help="predict these images instead")
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a label is predicted")
@@ -323,9 +323,10 @@ def main(argv=None):
     model, ckpt, fmt = load_checkpoint_model(args.checkpoint, device)
     tcfg, classes = ckpt["train_config"], ckpt["classes"]
     amp_dtype = amp_dtype_for(device, tcfg["amp"])
-    print(f"{args.checkpoint}: epoch {ckpt['epoch'] + 1}, {ckpt.get('eval_weights', 'raw')} weights, "
-          f"gate={ckpt['model_config']['gate']}, S={ckpt['model_config']['shared_experts']}, "
-          f"T={ckpt['model_config']['task_experts']}")
+    mc = ckpt["model_config"]
+    print(f"{args.checkpoint}: {mc.get('model', 'drmoe')}, epoch {ckpt['epoch'] + 1}, "
+          f"{ckpt.get('eval_weights', 'raw')} weights"
+          + (f", gate={mc['gate']}, S={mc['shared_experts']}, T={mc['task_experts']}" if mc.get("moe_layers", 1) else ""))
 
     if args.image:
         for path in args.image:
@@ -338,7 +339,9 @@ def main(argv=None):
         return None
 
     root = args.data_root or tcfg["data_root"]
-    ds = build_dataset(tcfg["dataset"], args.split, root, tcfg["image_size"], augment=False, limit=tcfg["limit"])
+    args.split = args.split or tcfg.get("test_split") or "test"
+    ds = build_dataset(tcfg["dataset"], args.split, root, tcfg["image_size"], augment=False, limit=tcfg["limit"],
+                       empty=tcfg.get("empty_images", "keep"))
     # Same batch size and memory format as training: identical numerics, so identical metrics.
     loader = torch.utils.data.DataLoader(ds, batch_size=tcfg["batch_size"], num_workers=tcfg["num_workers"])
     scores, targets, gates = predict(model, loader, device, amp_dtype, fmt)
@@ -373,7 +376,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from data import DatasetError
     try:
         main()
-    except (FileNotFoundError, NotImplementedError) as e:
-        sys.exit(f"error: {e}")
+    except (FileNotFoundError, DatasetError) as e:   # setup problems: the message, not a traceback
+        msg = str(e).strip()
+        sys.exit("error: " + (msg.splitlines()[-1] if "Original Traceback" in msg else msg))

@@ -4,19 +4,22 @@ Train DR-MoE (or a variant of its gate) for multi-label classification, top to b
     python train.py                                   # embedded synthetic benchmark, CPU-sized, a few minutes
     python train.py --gate label                      # HSQ's gate (reads only the label's feature)
     python train.py --shared-experts 2 --task-experts 2 --gate static
-    python train.py --dataset voc --data-root ~/data  # ResNet-101 at 448 px, the papers' setting (GPU;
-                                                      # the VOC/COCO loaders are the next step, see README)
+    python train.py --dataset voc --data-root ~/data  # ImageNet ResNet-101 at 448 px, the papers' setting (GPU)
+    python train.py --dataset voc --data-root ~/data --download   # fetch VOC 2007 first
+    python train.py --model q2l                       # a baseline: linear | mlgcn | q2l | hsq (baselines.py)
+    python train.py --model hsq --dataset coco --describe   # parameters and GFLOPs only, no data read
     python train.py --resume                          # continue the run in --out-dir where it stopped
 
-The loop: AdamW + one-cycle learning rate, binary cross-entropy over the L labels (entries marked -1 are
-ignored) plus the gate's load-balancing loss times --aux-loss-coef, gradient clipping, an exponential
+The loop: AdamW + one-cycle learning rate, binary cross-entropy over the L labels (or the asymmetric loss,
+--loss asl; entries marked -1 are ignored) plus the gate's load-balancing loss times --aux-loss-coef, gradient clipping, an exponential
 moving average (EMA) of the weights evaluated beside the raw weights, mixed precision through one code
 path (bf16 where the GPU has it, else fp16 with a GradScaler; fp32 on CPU). After every epoch: validation
 mAP, one log line, a JSONL record, `last.pt` and (if better) `best.pt`, written atomically. At the end the
 best checkpoint is evaluated on the test split and written to `<out-dir>/metrics.json`.
 
 Config: every flag below is a field of ModelConfig (model.py) or TrainConfig (here). Resolution order:
-what you pass > the dataset's preset (PRESETS) > the dataclass default. The resolved config is printed at
+what you pass > the model's settings (baselines.MODEL_PRESETS) > the dataset's preset (PRESETS) >
+the dataclass default. The resolved config is printed at
 start and saved in every checkpoint, so evaluate.py can rebuild the model from the checkpoint alone.
 Shapes (legend in experts.py): images (B, 3, S_img, S_img), targets (B, L) in {1, 0, -1}, logits (B, L).
 """
@@ -79,8 +82,11 @@ class TrainConfig:
 # synthetic: ResNet-18 from scratch at 64 px, cut after layer3 so the decoder sees 4x4 = 16 tokens.
 #            The budget (8 epochs of 5,000 images) was measured to finish in about 4 minutes on a 2-core
 #            CPU (README). lr 1e-3: 2e-3 trained the decoder worse, 5e-4 was slower (single runs on this benchmark).
-# voc/coco:  ImageNet ResNet-101 at 448 px as ML-GCN, Q2L, HSQ and DR-MoE all report; epochs, batch
-#            and lr follow Q2L's recipe and are provisional until the VOC/COCO loaders land and are run.
+# voc/coco:  ImageNet ResNet-101 at 448 px as ML-GCN, Q2L, HSQ and DR-MoE all report. Q2L's recipe:
+#            AdamW lr 1e-4, weight decay 1e-2, one-cycle with 20 % warm-up, EMA 0.9997, Cutout 0.5 and
+#            RandAugment. Q2L runs 80 epochs with early stopping, and its best EMA epoch comes well before
+#            the end; 40 halves the cost. Batch 32 at 448 px fits one 24 GB GPU under AMP (Q2L: 128 over
+#            8 GPUs). Not yet run on real photos here (no GPU): treat these as the starting point.
 WORKERS = min(8, os.cpu_count() or 1)   # decoding 448-px JPEGs needs processes; more than the cores only thrash
 PHOTOS = dict(backbone="resnet101", weights="DEFAULT", feature_layer="layer4", image_size=448, epochs=40,
               batch_size=32, lr=1e-4, ema_decay=0.9997, cutout=0.5, num_workers=WORKERS)

@@ -16,6 +16,7 @@ Run: python -m pytest -q tests/test_real_data.py
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -202,3 +203,31 @@ def test_script_errors_without_traceback(tmp_path):
     for root, expect in ((tmp_path / "voc", "000004.jpg"), (tmp_path / "missing", "no PASCAL VOC 2007 found")):
         out = subprocess.run(cmd + ["--data-root", str(root)], cwd=ROOT_DIR, capture_output=True, text=True)
         assert out.returncode != 0 and expect in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("model", ["mlgcn", "q2l"])
+def test_baselines_train_on_voc(tmp_path, model):
+    make_voc(tmp_path / "voc")
+    metrics = train.main(VOC_RUN + ["--model", model, "--gcn-hidden", "16", "--data-root", str(tmp_path / "voc"),
+                                    "--out-dir", str(tmp_path / "run")])
+    assert metrics["model"] == model and 0 <= metrics["mAP"] <= 100
+
+
+def test_download_offline_and_stats_cli(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    def offline(*a, **k):
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    with pytest.raises(data.DatasetError, match="(?s)VOCtrainval_06-Nov-2007.tar failed.*Offline"):
+        data.download_voc(str(tmp_path / "dl"))
+    truth = make_voc(tmp_path / "voc")
+    out = subprocess.run([sys.executable, "data.py", "--dataset", "voc", "--data-root", str(tmp_path / "voc"),
+                          "--stats"], cwd=ROOT_DIR, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "split sizes: trainval 6, test 4" in out.stdout
+    ids, t = truth["test"]
+    j = int((t == 1).sum(0).argmax())                     # the most frequent label of the test split
+    # its line in the test split's table: index, name, number of images where it is present
+    section = out.stdout.split("== voc test ==")[1]
+    assert re.search(rf"^\s*{j}\s+{data.VOC_CLASSES[j]}\s+{int((t[:, j] == 1).sum())}\s", section, re.M), section
