@@ -54,6 +54,8 @@ def train_one(name: str, seed: int, out: str, extra: list) -> bool:
     if os.path.exists(os.path.join(d, "metrics.json")):
         return True
     os.makedirs(d, exist_ok=True)
+    # A separate process per run: a crash or an out-of-memory in one run cannot take the others down, and
+    # each run starts from a clean interpreter exactly as a user's `python train.py ...` would.
     cmd = [sys.executable, "train.py", *RUNS[name], *extra, "--seed", str(seed), "--out-dir", d]
     if os.path.exists(os.path.join(d, "last.pt")):
         cmd.append("--resume")   # an earlier compare.py was interrupted inside this run
@@ -76,6 +78,7 @@ def collect(out: str, names, seeds) -> dict:
                 continue
             m = json.load(open(os.path.join(d, "metrics.json")))
             log = [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
+            # Throughput of the training epochs only (evaluation excluded), averaged over epochs.
             m["img_per_s"] = float(np.mean([r["img_per_s"] for r in log]))
             runs.append({"seed": seed, **m})
         if runs:
@@ -89,6 +92,8 @@ def report(rows: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         maps = np.array([r["mAP"] for r in runs])
+        # Sample std (ddof=1): the seeds are a sample of possible runs, and with 3 of them the population
+        # formula would understate the spread by a factor sqrt(2/3).
         std = maps.std(ddof=1) if len(maps) > 1 else float("nan")
         mean = lambda k: np.mean([r[k] for r in runs])
         lines.append(f"| {name} | {maps.mean():.2f} ± {std:.2f} | {mean('CF1'):.2f} | {mean('OF1'):.2f} | "
@@ -103,6 +108,8 @@ def report(rows: dict) -> str:
             if name == REFERENCE or len(common) < 2:
                 continue
             other = {r["seed"]: r["mAP"] for r in runs}
+            # Pairing removes what the seed does to both runs alike (data order, flips, the shared init of
+            # the backbone), which an unpaired test would count as noise.
             diff = np.array([ref[s] - other[s] for s in common])
             t, p = stats.ttest_rel([ref[s] for s in common], [other[s] for s in common])
             verdict = "yes" if p < 0.05 else "no"

@@ -140,7 +140,7 @@ def build_transform(image_size, train, randaugment=True, cutout=0.0):
     if train:
         t.append(v2.RandomHorizontalFlip())
     t.append(v2.PILToTensor())                                  # uint8 (3, S, S)
-    if train and cutout > 0:
+    if train and cutout > 0:   # before RandAugment, as Q2L: the patch is then recoloured like the rest
         t.append(Cutout(cutout))
     if train and randaugment:
         t.append(v2.RandAugment())                              # 2 random ops of magnitude 9 (the defaults)
@@ -149,7 +149,10 @@ def build_transform(image_size, train, randaugment=True, cutout=0.0):
 
 
 class ImageList(Dataset):
-    """Image files with known targets; an image is read (and augmented) only when asked for."""
+    """Image files with known targets; an image is read (and augmented) only when asked for.
+
+    Unlike the synthetic set, photos are not held in memory: COCO's 82,783 training images at 448 px
+    would be 50 GB of uint8. Decoding happens in the DataLoader's worker processes, in parallel."""
 
     def __init__(self, paths, targets, ids, classes, image_size, transform):
         self.paths, self.ids, self.classes, self.image_size = list(paths), list(ids), list(classes), image_size
@@ -201,6 +204,8 @@ def read_voc(root, split):
     if not os.path.isfile(listing):
         raise DatasetError(f"VOC 2007 split {split!r} is missing: no {listing}\n"
                            f"(the test split comes in its own archive, VOCtest_06-Nov-2007.tar); {VOC_HELP}")
+    # The split listing fixes the row order (the devkit's order), so row k of `targets` is the k-th id of
+    # <split>.txt whatever order the per-class files use.
     ids = open(listing).read().split()
     row = {i: k for k, i in enumerate(ids)}
     # A class file the 20 classes do not explain means a different or modified dataset: stop, do not guess.
@@ -209,6 +214,8 @@ def read_voc(root, split):
     if unknown:
         raise DatasetError(f"{main}: unknown class name(s) {unknown}; VOC 2007 has exactly {list(VOC_CLASSES)}")
     targets = np.zeros((len(ids), len(VOC_CLASSES)), dtype=np.float32)
+    # The devkit's 0 means "only difficult instances": neither a clear positive nor a negative, so it
+    # becomes -1, the value every metric (and --difficult ignore) skips.
     to_target = {"1": 1.0, "-1": 0.0, "0": -1.0}
     for j, c in enumerate(VOC_CLASSES):
         path = os.path.join(main, f"{c}_{split}.txt")
@@ -223,6 +230,8 @@ def read_voc(root, split):
                 raise DatasetError(f"{path}, line {n}: expected '<image id in {split}.txt> <1|0|-1>', got {line.strip()!r}")
             targets[row[parts[0]], j] = to_target[parts[1]]
             seen += 1
+        # Every image must appear in every class file; fewer lines means a damaged or mixed-up file, and
+        # its missing rows would silently read as "absent".
         if seen != len(ids):
             raise DatasetError(f"{path} lists {seen} images but {listing} has {len(ids)}")
     paths = check_images(os.path.join(d, "JPEGImages"), [f"{i}.jpg" for i in ids], listing, VOC_HELP)
@@ -278,10 +287,12 @@ def read_coco(root, split, empty="keep"):
         raise DatasetError(f"{ann} is not a COCO instances file: no {e} list") from None
     cats = sorted(cats, key=lambda c: c["id"])             # ids run 1..90 with gaps; their order is the label order
     col = {c["id"]: j for j, c in enumerate(cats)}
+    # The json lists images in no promised order; sorting by id gives the same rows on every machine.
     images = sorted(images, key=lambda im: im["id"])
     row = {im["id"]: k for k, im in enumerate(images)}
+    # Absent unless some instance says otherwise; several instances of a class in one image are one label.
     targets = np.zeros((len(images), len(cats)), dtype=np.float32)
-    for a in anns:
+    for a in anns:   # iscrowd is not looked at: a crowd of people is people
         if a["category_id"] not in col or a["image_id"] not in row:
             raise DatasetError(f"{ann}: annotation {a.get('id')} refers to an unknown "
                                + (f"category id {a['category_id']}" if a["category_id"] not in col

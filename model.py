@@ -4,9 +4,10 @@ DR-MoE: a backbone, label queries, a mixture of shared and task experts routed b
     image (B, 3, H_img, W_img)
       -> torchvision backbone, cut after `feature_layer`           feature map (B, C, h, w)
       -> 1x1 conv to D, plus a 2-D sine positional encoding         memory      (B, N, D), N = h*w tokens
+      -> [transformer encoder over the tokens: Q2L only, enc_layers]
       -> label-query transformer decoder (one learnable query per label; Query2Label, Liu et al. 2021)
                                                                      h           (B, L, D)
-      -> MoE layer  z[b,l] = h[b,l] + sum_e w[b,l,e] * E_e(h[b,l])   (experts.py, gating.py)
+      -> MoE layer  z[b,l] = h[b,l] + sum_e w[b,l,e] * E_e(h[b,l])   (experts.py, gating.py; moe_layers of them)
                                                                      z           (B, L, D)
       -> per-label linear classifier  logit[b,l] = <W_l, z[b,l]> + c_l   (Q2L's GroupWiseLinear)
                                                                      logits      (B, L)
@@ -14,11 +15,16 @@ DR-MoE: a backbone, label queries, a mixture of shared and task experts routed b
 The gate reads [h[b,l]; g[b]] where g[b] is the global average of the projected feature map (B, D):
 that global context is what makes the routing "dynamic" (input-conditioned per image), where HSQ's gate
 reads only h[b,l]. `--gate static|label|image|dynamic` swaps exactly that piece (see gating.py).
+The same class is Query2Label (moe_layers=0, an encoder layer, two decoder layers) and HSQ (gate="label");
+baselines.py holds their settings and the two baselines that are not label-query models (linear, ML-GCN).
 
 Choices the papers leave open, made here (each is a config field):
 - the decoder is post-norm with self-attention, as DETR and Q2L's paper describe; `decoder_self_attn`
   turns self-attention off (Q2L's official code removes it);
 - positions are added to the keys only, not the values (DETR, Carion et al. 2020, and Q2L's code);
+  the label query is the decoder's starting state, as the Q2L paper describes it (Q2L's code starts
+  from zeros and adds the query to every layer's attention query instead, so there the query does not
+  flow through the residual path);
 - `feature_layer` cuts the backbone early: at 64 px ResNet's layer4 map is 2x2 = 4 tokens, too few for
   label queries to attend to; layer3 gives 4x4 = 16 (the synthetic preset uses it). At 448 px, layer4
   (14x14 = 196 tokens) is the papers' setting.

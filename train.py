@@ -40,6 +40,7 @@ from tqdm import tqdm
 from data import NUM_LABELS, DatasetError, build_dataset, download_voc
 from evaluate import multilabel_metrics, predict
 from baselines import MODEL_PRESETS, PAPER_SCALE, asymmetric_loss
+from gating import GATE_KINDS
 from model import ModelConfig, WeightsUnavailable, build_model, config_field, flops_per_image
 
 
@@ -95,7 +96,7 @@ PRESETS = {
                       epochs=8, batch_size=64, lr=1e-3, ema_decay=0.99, num_workers=0,
                       train_split="train", val_split="val", test_split="test", cutout=0.0),
     # VOC and COCO have no separate validation set; like every paper in this line, the best epoch is
-    # chosen on the evaluation split itself (train.py says so in metrics.json). For an honest model
+    # chosen on the evaluation split itself (metrics.json says so: "best_epoch_chosen_on"). For an honest model
     # selection on VOC pass --train-split train --val-split val --test-split test.
     "voc": dict(PHOTOS, train_split="trainval", val_split="test", test_split="test"),
     "coco": dict(PHOTOS, train_split="train", val_split="val", test_split="val"),
@@ -122,7 +123,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                         help=TrainConfig.__dataclass_fields__["resume"].metadata["help"] + " [bare flag: auto]")
     add_config_args(parser, ModelConfig, skip=("num_labels",))
-    parser.add_argument("--describe", action="store_true",
+    parser.add_argument("--describe", action="store_true", default=None,
                         help="build the model for the dataset's labels, print parameters and GFLOPs, exit (no data read)")
     args = vars(parser.parse_args(argv))
     dataset, model = args["dataset"] or TrainConfig.dataset, args["model"] or ModelConfig.model
@@ -142,7 +143,14 @@ def parse_args(argv=None):
                       for f in fields(cls) if f.name in args or f.name in preset})
     tcfg, mcfg = resolve(TrainConfig), resolve(ModelConfig)
     tcfg.out_dir = tcfg.out_dir or os.path.join("runs", tcfg.dataset)
-    given = {k for k, v in args.items() if v is not None and v is not False}
+    # Fields with a closed set of values: a typo is a usage error (one line), not a traceback later.
+    for cfg, name, options in ((tcfg, "loss", ("bce", "asl")), (tcfg, "difficult", ("positive", "ignore")),
+                               (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS)):
+        if getattr(cfg, name) not in options:
+            parser.error(f"--{name.replace('_', '-')} must be one of {options}, got {getattr(cfg, name)!r}")
+    if tcfg.train_split in (tcfg.val_split, tcfg.test_split):
+        parser.error(f"--train-split {tcfg.train_split} is also evaluated on; pick another split")
+    given = {k for k, v in args.items() if v is not None}
     return tcfg, mcfg, given
 
 
@@ -214,8 +222,6 @@ def main(argv=None):
     tcfg, mcfg, given = parse_args(argv)
     if "describe" in given:
         return describe_only(tcfg, mcfg)
-    if tcfg.loss not in ("bce", "asl"):
-        raise ValueError(f"--loss must be bce or asl, got {tcfg.loss!r}")
     ckpt = None
     if tcfg.resume:
         path = os.path.join(tcfg.out_dir, "last.pt") if tcfg.resume == "auto" else tcfg.resume
@@ -248,13 +254,9 @@ def main(argv=None):
             raise DatasetError("--download fetches VOC 2007 only; for COCO see the README's commands")
         download_voc(tcfg.data_root or "data")
         tcfg.data_root = tcfg.data_root or "data"
-    if tcfg.difficult not in ("positive", "ignore") or tcfg.empty_images not in ("keep", "drop"):
-        raise ValueError("--difficult must be positive|ignore and --empty-images keep|drop")
     # Every split is read and checked here, before any model work: a missing or incomplete dataset stops
     # the run at start-up with one message, never deep inside a DataLoader worker.
     roles = {"train": tcfg.train_split, "val": tcfg.val_split, "test": tcfg.test_split}
-    if roles["train"] in (roles["val"], roles["test"]):
-        raise ValueError(f"--train-split {roles['train']} is also evaluated on; pick another split")
     split_ds = {s: build_dataset(tcfg.dataset, s, tcfg.data_root, tcfg.image_size, augment=(s == roles["train"]),
                                  limit=tcfg.limit, randaugment=tcfg.randaugment, cutout=tcfg.cutout,
                                  empty=tcfg.empty_images)
@@ -394,9 +396,10 @@ def main(argv=None):
     best = torch.load(os.path.join(tcfg.out_dir, "best.pt"), map_location="cpu", weights_only=False)
     model.load_state_dict(best["ema"] if best["eval_weights"] == "ema" else best["model"])
     metrics = multilabel_metrics(*predict(model, eval_loaders["test"], device, amp_dtype)[:2])
-    metrics.update({"split": "test", "checkpoint": "best.pt", "epoch": best["epoch"] + 1,
+    metrics.update({"checkpoint": "best.pt", "epoch": best["epoch"] + 1,
                     "weights": best["eval_weights"], "val_mAP": best["best_map"], "gflops": gflops,
                     "parameters": sum(p.numel() for p in model.parameters()), "model": mcfg.model,
+                    "best_epoch_chosen_on": tcfg.val_split, "split": tcfg.test_split,
                     "train_minutes_this_session": (time.time() - run_start) / 60})
     with open(os.path.join(tcfg.out_dir, "metrics.json"), "w") as fh:
         json.dump(metrics, fh, indent=2)
