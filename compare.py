@@ -78,8 +78,10 @@ def collect(out: str, names, seeds) -> dict:
                 continue
             m = json.load(open(os.path.join(d, "metrics.json")))
             log = [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
-            # Throughput of the training epochs only (evaluation excluded), averaged over epochs.
-            m["img_per_s"] = float(np.mean([r["img_per_s"] for r in log]))
+            # Throughput of the training epochs only (evaluation excluded). The median over epochs, and
+            # below over seeds, so that a run that shared the machine with other work for a while does
+            # not drag the figure down.
+            m["img_per_s"] = float(np.median([r["img_per_s"] for r in log]))
             runs.append({"seed": seed, **m})
         if runs:
             rows[name] = runs
@@ -88,7 +90,7 @@ def collect(out: str, names, seeds) -> dict:
 
 def report(rows: dict) -> str:
     """The markdown table and the paired tests against REFERENCE."""
-    lines = ["| model | test mAP (mean ± std) | CF1 | OF1 | params (M) | GFLOPs/img | train img/s | seeds |",
+    lines = ["| model | test mAP (mean ± std) | CF1 | OF1 | params (M) | GFLOPs/img | train img/s (median) | seeds |",
              "|---|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         maps = np.array([r["mAP"] for r in runs])
@@ -97,7 +99,7 @@ def report(rows: dict) -> str:
         std = maps.std(ddof=1) if len(maps) > 1 else float("nan")
         mean = lambda k: np.mean([r[k] for r in runs])
         lines.append(f"| {name} | {maps.mean():.2f} ± {std:.2f} | {mean('CF1'):.2f} | {mean('OF1'):.2f} | "
-                     f"{runs[0]['parameters'] / 1e6:.2f} | {runs[0]['gflops']:.3f} | {mean('img_per_s'):.0f} | "
+                     f"{runs[0]['parameters'] / 1e6:.2f} | {runs[0]['gflops']:.3f} | {np.median([r['img_per_s'] for r in runs]):.0f} | "
                      f"{len(runs)} |")
     if REFERENCE in rows:
         lines += ["", f"Paired t-test over seeds, {REFERENCE} minus each (positive = {REFERENCE} better):", "",
