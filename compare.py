@@ -138,11 +138,12 @@ def main(argv=None):
         for i, (name, seed) in enumerate(jobs):
             print(f"[{i + 1}/{len(jobs)}]", end="", flush=True)
             train_one(name, seed, args.out, shlex.split(args.extra))
-    table = report(collect(args.out, args.only, args.seeds))
+    rows = collect(args.out, args.only, args.seeds)   # read every run's files once
+    table = report(rows)
     with open(os.path.join(args.out, "results.md"), "w") as fh:
         fh.write(table)
     with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(collect(args.out, args.only, args.seeds), fh, indent=2)
+        json.dump(rows, fh, indent=2)
     print(table)
     print(f"wrote {args.out}/results.md and results.json")
 

@@ -3,7 +3,7 @@ DR-MoE: a backbone, label queries, a mixture of shared and task experts routed b
 
     image (B, 3, H_img, W_img)
       -> torchvision backbone, cut after `feature_layer`           feature map (B, C, h, w)
-      -> 1x1 conv to D, plus a 2-D sine positional encoding         memory      (B, N, D), N = h*w tokens
+      -> 1x1 conv to D (identity if C = D), plus 2-D sine positions  memory      (B, N, D), N = h*w tokens
       -> [transformer encoder over the tokens: Q2L only, enc_layers]
       -> label-query transformer decoder (one learnable query per label; Query2Label, Liu et al. 2021)
                                                                      h           (B, L, D)

@@ -1,5 +1,5 @@
 """
-Train DR-MoE (or a variant of its gate) for multi-label classification, top to bottom in one file.
+Train DR-MoE (or a variant of its gate, or a baseline) for multi-label classification, top to bottom in one file.
 
     python train.py                                   # embedded synthetic benchmark, CPU-sized, a few minutes
     python train.py --gate label                      # HSQ's gate (reads only the label's feature)
