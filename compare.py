@@ -1,9 +1,17 @@
 """
-One command for the comparison: every model (and DR-MoE with every gate kind) trained with the same
-settings and several seeds, then one markdown table and a paired test of DR-MoE against each of them.
+One command for each comparison: configurations trained with the same settings and several seeds, then
+one markdown table and paired tests of DR-MoE against the others. Three sets of configurations (--set):
 
-    python compare.py                        # the README's table: 8 configurations x 3 seeds, synthetic
-                                             # preset (about 85 minutes on a 2-core CPU)
+    models    every model, and DR-MoE with every gate kind (the README's "comparison")
+    ablation  gate kind x S shared experts in {0, 1, 2, 4} x T own experts in {1, 2}: which part of the
+              mixture matters, and whether the input-conditioned gate wins at any size
+    balance   expert collapse and its remedy: dense and top-1 routing, each without and with the
+              load-balancing loss (gating.py); the table adds the largest expert slot's share of the mass
+
+    python compare.py                        # --set models: 8 configurations x 3 seeds, synthetic preset
+                                             # (about 85 minutes on a 2-core CPU)
+    python compare.py --set ablation         # 29 configurations x 3 seeds (about 5 hours on 2 cores)
+    python compare.py --set balance          # 4 configurations x 3 seeds
     python compare.py --only drmoe hsq --seeds 0 1 --extra="--epochs 2 --limit 512"   # a quick look
     python compare.py --report               # only rebuild the table from the runs already on disk
 
@@ -16,11 +24,12 @@ another configuration, the seeds are paired (seed k of both runs sees the same d
 synthetic images), so the test is scipy's paired t-test on the per-seed differences. With 3 seeds it has
 2 degrees of freedom: only large, consistent differences reach p < 0.05, and "not significant" means
 "not shown", not "equal".
-Writes <out>/results.md (the table and the tests, as pasted into the README) and <out>/results.json.
+Writes <out>/results_<set>.md (the table and the tests, as pasted into the README) and results_<set>.json.
 """
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -29,9 +38,11 @@ import time
 import numpy as np
 from scipy import stats
 
+from gating import GATE_KINDS
+
 # name -> train.py flags. Everything else (backbone, epochs, lr, image size, ...) is the dataset preset,
 # the same for all: the rows differ only in their model (and its paper's loss, see baselines.py).
-RUNS = {
+MODELS = {
     "linear": ["--model", "linear"],
     "mlgcn": ["--model", "mlgcn"],
     "q2l": ["--model", "q2l"],
@@ -41,14 +52,33 @@ RUNS = {
     "drmoe gate=label": ["--model", "drmoe", "--gate", "label"],
     "drmoe gate=image": ["--model", "drmoe", "--gate", "image"],
 }
-REFERENCE = "drmoe"
+SHARED, OWN = (0, 1, 2, 4), (1, 2)
+
+
+def ablation_name(gate: str, s: int, t: int) -> str:
+    return f"{gate} S={s} T={t}"
+
+
+# With S + T = 1 the gate has one expert to weigh: softmax over one logit is the constant 1 and its
+# gradient is 0, so all four kinds are the same model, trained identically. One run stands for all four.
+ABLATION = {ablation_name(g, s, t): ["--gate", g, "--shared-experts", str(s), "--task-experts", str(t)]
+            for s in SHARED for t in OWN for g in GATE_KINDS if s + t > 1 or g == "dynamic"}
+# The collapse study. Dense routing rarely starves an expert; top-1 routing (each label's feature goes
+# to one expert) is where collapse is known to bite. Switch Transformer's coefficient, 0.01.
+DEFAULT = ablation_name("dynamic", 2, 1)   # DR-MoE's defaults: the ablation cell and the balance reference
+BALANCE = {DEFAULT: ABLATION[DEFAULT],
+           f"{DEFAULT} aux=0.01": ABLATION[DEFAULT] + ["--aux-loss-coef", "0.01"],
+           f"{DEFAULT} top1": ABLATION[DEFAULT] + ["--top-k", "1"],
+           f"{DEFAULT} top1 aux=0.01": ABLATION[DEFAULT] + ["--top-k", "1", "--aux-loss-coef", "0.01"]}
+SETS = {"models": (MODELS, "drmoe"), "ablation": (ABLATION, DEFAULT), "balance": (BALANCE, DEFAULT)}
 
 
 def run_dir(out: str, name: str, seed: int) -> str:
-    return os.path.join(out, name.replace(" gate=", "-gate-"), f"seed{seed}")
+    """runs/compare/<name as a folder name>/seed<k>: "dynamic S=2 T=1" -> dynamic-S-2-T-1."""
+    return os.path.join(out, re.sub(r"[^A-Za-z0-9.]+", "-", name), f"seed{seed}")
 
 
-def train_one(name: str, seed: int, out: str, extra: list) -> bool:
+def train_one(name: str, flags: list, seed: int, out: str, extra: list) -> bool:
     """Run (or finish) one train.py run in its own process; its output goes to stdout.log there."""
     d = run_dir(out, name, seed)
     if os.path.exists(os.path.join(d, "metrics.json")):
@@ -56,7 +86,7 @@ def train_one(name: str, seed: int, out: str, extra: list) -> bool:
     os.makedirs(d, exist_ok=True)
     # A separate process per run: a crash or an out-of-memory in one run cannot take the others down, and
     # each run starts from a clean interpreter exactly as a user's `python train.py ...` would.
-    cmd = [sys.executable, "train.py", *RUNS[name], *extra, "--seed", str(seed), "--out-dir", d]
+    cmd = [sys.executable, "train.py", *flags, *extra, "--seed", str(seed), "--out-dir", d]
     if os.path.exists(os.path.join(d, "last.pt")):
         cmd.append("--resume")   # an earlier compare.py was interrupted inside this run
     t0 = time.time()
@@ -82,70 +112,113 @@ def collect(out: str, names, seeds) -> dict:
             # below over seeds, so that a run that shared the machine with other work for a while does
             # not drag the figure down.
             m["img_per_s"] = float(np.median([r["img_per_s"] for r in log]))
+            if "gate" in log[-1]:   # the last epoch's routing: the largest expert slot's share of the mass
+                m["max_expert_mass"] = max(log[-1]["gate"]["expert_mass"].values())
             runs.append({"seed": seed, **m})
         if runs:
             rows[name] = runs
     return rows
 
 
-def report(rows: dict) -> str:
-    """The markdown table and the paired tests against REFERENCE."""
-    lines = ["| model | test mAP (mean ± std) | CF1 | OF1 | params (M) | GFLOPs/img | train img/s (median) | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
+def paired(ref: list, other: list):
+    """Seed-paired difference ref - other in test mAP -> (seeds, differences, t, p), or None below 2 pairs."""
+    a, b = {r["seed"]: r["mAP"] for r in ref}, {r["seed"]: r["mAP"] for r in other}
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return None
+    # Pairing removes what the seed does to both runs alike (data order, flips, the shared init of
+    # the backbone), which an unpaired test would count as noise.
+    t, p = stats.ttest_rel([a[s] for s in common], [b[s] for s in common])
+    return common, np.array([a[s] - b[s] for s in common]), t, p
+
+
+def mean_std(runs: list) -> str:
+    maps = np.array([r["mAP"] for r in runs])
+    # Sample std (ddof=1): the seeds are a sample of possible runs, and with 3 of them the population
+    # formula would understate the spread by a factor sqrt(2/3).
+    return f"{maps.mean():.2f} ± {maps.std(ddof=1) if len(maps) > 1 else float('nan'):.2f}"
+
+
+def report(rows: dict, reference: str) -> str:
+    """The markdown table (one row per configuration) and the paired tests against `reference`."""
+    gated = any("max_expert_mass" in r for runs in rows.values() for r in runs)
+    lines = ["| model | test mAP (mean ± std) | CF1 | OF1 | params (M) | GFLOPs/img | train img/s (median) | "
+             + ("largest expert share | " if gated else "") + "seeds |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if gated else "")]
     for name, runs in rows.items():
-        maps = np.array([r["mAP"] for r in runs])
-        # Sample std (ddof=1): the seeds are a sample of possible runs, and with 3 of them the population
-        # formula would understate the spread by a factor sqrt(2/3).
-        std = maps.std(ddof=1) if len(maps) > 1 else float("nan")
         mean = lambda k: np.mean([r[k] for r in runs])
-        lines.append(f"| {name} | {maps.mean():.2f} ± {std:.2f} | {mean('CF1'):.2f} | {mean('OF1'):.2f} | "
+        share = f"{mean('max_expert_mass'):.2f} | " if "max_expert_mass" in runs[0] else "- | "
+        lines.append(f"| {name} | {mean_std(runs)} | {mean('CF1'):.2f} | {mean('OF1'):.2f} | "
                      f"{runs[0]['parameters'] / 1e6:.2f} | {runs[0]['gflops']:.3f} | {np.median([r['img_per_s'] for r in runs]):.0f} | "
-                     f"{len(runs)} |")
-    if REFERENCE in rows:
-        lines += ["", f"Paired t-test over seeds, {REFERENCE} minus each (positive = {REFERENCE} better):", "",
+                     + (share if gated else "") + f"{len(runs)} |")
+    if reference in rows:
+        lines += ["", f"Paired t-test over seeds, {reference} minus each (positive = {reference} better):", "",
                   "| vs | mean difference | per seed | t | p | more than noise (p < 0.05)? |", "|---|---|---|---|---|---|"]
-        ref = {r["seed"]: r["mAP"] for r in rows[REFERENCE]}
         for name, runs in rows.items():
-            common = [r["seed"] for r in runs if r["seed"] in ref]
-            if name == REFERENCE or len(common) < 2:
+            test = paired(rows[reference], runs) if name != reference else None
+            if test is None:
                 continue
-            other = {r["seed"]: r["mAP"] for r in runs}
-            # Pairing removes what the seed does to both runs alike (data order, flips, the shared init of
-            # the backbone), which an unpaired test would count as noise.
-            diff = np.array([ref[s] - other[s] for s in common])
-            t, p = stats.ttest_rel([ref[s] for s in common], [other[s] for s in common])
-            verdict = "yes" if p < 0.05 else "no"
+            _, diff, t, p = test
             lines.append(f"| {name} | {diff.mean():+.2f} | {', '.join(f'{d:+.2f}' for d in diff)} | {t:.2f} | "
-                         f"{p:.3f} | {verdict} |")
+                         f"{p:.3f} | {'yes' if p < 0.05 else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def report_grid(rows: dict) -> str:
+    """The ablation as a grid: one row per (S, T), one column per gate kind, and the paired tests of the
+    input-conditioned gate against HSQ's label gate and the static gate within each row."""
+    lines = ["| S | T | E | params (M) | " + " | ".join(GATE_KINDS) + " | dynamic - static (p) | dynamic - label (p) |",
+             "|---|---|---|---|" + "---|" * len(GATE_KINDS) + "---|---|"]
+    for s in SHARED:
+        for t in OWN:
+            cells = {g: rows.get(ablation_name(g, s, t)) for g in GATE_KINDS}
+            if s + t == 1:   # one run for all kinds (see ABLATION)
+                cells = dict.fromkeys(GATE_KINDS, cells["dynamic"])
+            dyn = cells["dynamic"]
+            if dyn is None:
+                continue
+            tests = []
+            for other in ("static", "label"):
+                test = paired(dyn, cells[other]) if cells[other] and s + t > 1 else None
+                tests.append(f"{test[1].mean():+.2f} ({test[3]:.2f})" if test else "-")
+            lines.append(f"| {s} | {t} | {s + t} | {dyn[0]['parameters'] / 1e6:.2f} | "
+                         + " | ".join(mean_std(c) if c else "-" for c in cells.values()) + " | " + " | ".join(tests) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", nargs="+", default=list(RUNS), metavar="NAME",
-                   help=f"configurations to run, from: {', '.join(repr(n) for n in RUNS)}")
+    p.add_argument("--set", default="models", choices=list(SETS), help="which configurations [models]")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="run only these configurations of the set (names as in its table)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per configuration [0 1 2]")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. --extra='--epochs 2'")
     p.add_argument("--out", default="runs/compare", help="where the runs and results go [runs/compare]")
     p.add_argument("--report", action="store_true", help="do not train; rebuild the table from finished runs")
     args = p.parse_args(argv)
-    unknown = [n for n in args.only if n not in RUNS]
+    runs, reference = SETS[args.set]
+    names = args.only or list(runs)
+    unknown = [n for n in names if n not in runs]
     if unknown:
-        p.error(f"unknown configuration(s) {unknown}; choose from {list(RUNS)}")
+        p.error(f"unknown configuration(s) {unknown} in --set {args.set}; choose from {list(runs)}")
     if not args.report:
-        jobs = [(n, s) for s in args.seeds for n in args.only]   # seed-major: an early stop leaves whole seeds
+        jobs = [(n, s) for s in args.seeds for n in names]   # seed-major: an early stop leaves whole seeds
         print(f"{len(jobs)} runs into {args.out}/ (finished ones are skipped)", flush=True)
         for i, (name, seed) in enumerate(jobs):
             print(f"[{i + 1}/{len(jobs)}]", end="", flush=True)
-            train_one(name, seed, args.out, shlex.split(args.extra))
-    rows = collect(args.out, args.only, args.seeds)   # read every run's files once
-    table = report(rows)
-    with open(os.path.join(args.out, "results.md"), "w") as fh:
+            train_one(name, runs[name], seed, args.out, shlex.split(args.extra))
+    rows = collect(args.out, names, args.seeds)   # read every run's files once
+    table = report(rows, reference)
+    if args.set == "ablation":
+        table = report_grid(rows) + "\n" + table
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"results_{args.set}")
+    with open(base + ".md", "w") as fh:
         fh.write(table)
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
+    with open(base + ".json", "w") as fh:
         json.dump(rows, fh, indent=2)
     print(table)
-    print(f"wrote {args.out}/results.md and results.json")
+    print(f"wrote {base}.md and {base}.json")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,13 @@ Options, all off by default:
 The softmax runs in float32 even under autocast: fp16/bf16 logits lose the small differences that
 decide routing, and a 1-ulp error in a row sum compounds over L * E weights.
 
+Expert collapse. A gate can learn to send (almost) all mass to one expert slot, e.g. every label to its
+own task expert, so the shared experts stop receiving gradient and the mixture is a mixture in name only
+(Shazeer et al. 2017 call this the self-reinforcing imbalance of gated experts). `expert_load` below turns
+an epoch of gate weights into the mass per expert slot; train.py logs it every epoch and warns when one
+slot holds more than --collapse-threshold of it. The remedy is the load-balancing loss above
+(--aux-loss-coef; the README measures its effect).
+
 Shapes (legend in experts.py): h (B, L, D), g (B, D) -> weights (B, L, E) float32, aux_loss scalar.
 """
 import torch
@@ -98,3 +105,29 @@ class Gate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, experts={self.num_experts}, top_k={self.top_k}, temperature={self.temperature}"
+
+
+def expert_names(shared: int, task: int):
+    """Names of the E gate slots, in the gate's order: the S shared experts, then the label's T own ones."""
+    return [f"shared{s}" for s in range(shared)] + [f"own{t}" for t in range(task)]
+
+
+def expert_load(mass: torch.Tensor, names, threshold: float):
+    """mass (L, E): each label's mean gate weight on each expert over an epoch -> (summary dict, warning or None).
+
+    slot_mass[e] = mean over labels of mass[l, e]: how much of all routing goes to slot e (sums to 1).
+    A label is "concentrated" when one expert holds more than `threshold` of its mass; one such label is
+    specialisation (a colour label may rightly live in its own expert), but when one *slot* holds more
+    than `threshold` of everything, the other experts are starved: that is the collapse warned about.
+    """
+    mass = mass.float()
+    slot_mass = mass.mean(0)                                               # (L, E) -> (E,)
+    concentrated = int((mass.max(dim=1).values > threshold).sum())         # labels with one dominant expert
+    summary = {"expert_mass": dict(zip(names, slot_mass.tolist())), "labels_concentrated": concentrated}
+    top = int(slot_mass.argmax())
+    # With E = 1 there is nothing to route, hence nothing to collapse.
+    if len(names) > 1 and slot_mass[top] > threshold:
+        return summary, (f"expert collapse: {names[top]} takes {100 * slot_mass[top]:.0f}% of the gate mass "
+                         f"(> {100 * threshold:.0f}%); the other experts get almost no gradient. "
+                         f"Remedy: the load-balancing loss, e.g. --aux-loss-coef 0.01 (gating.py)")
+    return summary, None

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from data import NUM_LABELS, DatasetError, build_dataset, download_voc
 from evaluate import multilabel_metrics, predict
 from baselines import MODEL_PRESETS, PAPER_SCALE, asymmetric_loss
-from gating import GATE_KINDS
+from gating import GATE_KINDS, expert_load, expert_names
 from model import ModelConfig, WeightsUnavailable, build_model, config_field, flops_per_image
 
 
@@ -66,6 +66,7 @@ class TrainConfig:
     grad_clip: float = config_field(1.0, "clip the global gradient norm to this (0 = off)")
     ema_decay: float = config_field(None, "EMA decay per step (0 = no EMA)")
     aux_loss_coef: float = config_field(0.0, "weight of the gate's load-balancing loss (0 = off)")
+    collapse_threshold: float = config_field(0.8, "warn when one expert slot takes more than this share of the gate mass")
     loss: str = config_field("bce", "bce | asl (asymmetric loss, baselines.py; q2l's default)")
     asl_gamma_neg: float = config_field(4.0, "ASL gamma-: focusing on negatives (Q2L's README: 2)")
     asl_gamma_pos: float = config_field(0.0, "ASL gamma+: focusing on positives")
@@ -336,6 +337,7 @@ def main(argv=None):
         model.train()
         order.manual_seed(tcfg.seed * 1000 + epoch)
         sums = torch.zeros(2, device=device)   # running (classification loss, aux loss), read once at the end
+        gate_mass = 0.0   # running sum over steps of each label's mean gate weight per expert, (L, E)
         t0, n_seen, wait = time.time(), 0, 0.0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True)
         t_ready = time.time()
@@ -363,12 +365,18 @@ def main(argv=None):
                 ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
             # Accumulate on the device; reading a value (.item()) every step would stall a GPU on each step.
             sums += torch.stack([loss_cls.detach(), info["aux_loss"].detach().float()])
+            if info["gate_weights"] is not None:   # the collapse watch: where the gate sent this batch
+                gate_mass = gate_mass + info["gate_weights"].detach().mean(0)   # (B, L, E) -> (L, E)
             n_seen += x.shape[0]
             if i % 10 == 0:   # .item() syncs with the GPU: only at log points
                 bar.set_postfix(loss=f"{loss_cls.item():.4f}", img_s=f"{n_seen / (time.time() - t0):.0f}")
             t_ready = time.time()
         train_time = time.time() - t0
         loss_avg, aux_avg = (sums / len(train_loader)).tolist()
+        load, warning = None, None
+        if torch.is_tensor(gate_mass):
+            load, warning = expert_load(gate_mass / len(train_loader),
+                                        expert_names(mcfg.shared_experts, mcfg.task_experts), tcfg.collapse_threshold)
 
         # ---- validation: raw and EMA weights; the better one is what "best" means
         val_maps = {"raw": multilabel_metrics(*predict(model, eval_loaders["val"], device, amp_dtype)[:2])["mAP"]}
@@ -380,12 +388,16 @@ def main(argv=None):
         lr_now = scheduler.get_last_lr()[0]
         print(f"epoch {epoch + 1:3d}/{tcfg.epochs} | loss {loss_avg:.4f} | aux {aux_avg:.4f} | lr {lr_now:.2e} | "
               f"{n_seen / train_time:.0f} img/s (data wait {100 * wait / train_time:.0f}%) | val mAP "
-              + " ".join(f"{k} {v:.2f}" for k, v in val_maps.items()) + (" *" if improved else ""))
+              + " ".join(f"{k} {v:.2f}" for k, v in val_maps.items()) + (" *" if improved else "")
+              + (" | gate " + " ".join(f"{v:.2f}" for v in load["expert_mass"].values()) if load else ""))
+        if warning:
+            print("  warning: " + warning)
         with open(log_path, "a") as fh:
             fh.write(json.dumps({"epoch": epoch + 1, "step": step, "train_loss": loss_avg, "aux_loss": aux_avg,
                                  "lr": lr_now, "img_per_s": n_seen / train_time, "data_wait_s": wait,
                                  "compute_s": train_time - wait,
-                                 "train_s": train_time, "val_mAP": val_maps, "time": time.time()}) + "\n")
+                                 "train_s": train_time, "val_mAP": val_maps, "time": time.time(),
+                                 **({"gate": load} if load else {})}) + "\n")
         # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested).
         state = checkpoint(epoch, val_maps, which)
         if improved:
