@@ -61,6 +61,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from distributed import gather_rows
+
 # Number of labels an image may predict in the "top-k" protocol. 3 is the
 # value used since CNN-RNN (COCO images carry ~2.9 labels on average).
 TOPK = 3
@@ -251,6 +253,8 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
 
     -> scores (N, L) probabilities, targets (N, L) in {1, 0, -1}, gate weights (N, L, E) or None.
     Leaves the model in eval mode; train.py switches it back at the start of every epoch.
+    Under torchrun the loader has a DistributedSampler: each rank scores its shard, and the shards are
+    gathered back into the whole split, in order and each image once (distributed.gather_rows).
     """
     model.eval()
     scores, targets, gates = [], [], []
@@ -262,8 +266,12 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
         targets.append(y)
         if info.get("gate_weights") is not None:
             gates.append(info["gate_weights"].float().cpu())
-    gates = torch.cat(gates).numpy() if gates else None
-    return torch.cat(scores).numpy(), torch.cat(targets).numpy(), gates
+    scores, targets, gates = torch.cat(scores), torch.cat(targets), torch.cat(gates) if gates else None
+    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        index, n = torch.tensor(list(loader.sampler)), len(loader.dataset)   # this rank's dataset rows (n_r,)
+        scores, targets = gather_rows(scores, index, n), gather_rows(targets, index, n)
+        gates = gather_rows(gates, index, n) if gates is not None else None
+    return scores.numpy(), targets.numpy(), gates.numpy() if gates is not None else None
 
 
 def gate_statistics(gates: np.ndarray, targets: np.ndarray, num_shared: int, classes) -> dict:
@@ -294,7 +302,7 @@ def gate_statistics(gates: np.ndarray, targets: np.ndarray, num_shared: int, cla
 
 def load_checkpoint_model(path: str, device):
     """Rebuild the model from a checkpoint alone: its saved ModelConfig, then the weights it was judged by."""
-    from model import ModelConfig, build_model
+    from model import ModelConfig, build_model, set_memory_format
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -304,7 +312,7 @@ def load_checkpoint_model(path: str, device):
     which = ckpt.get("eval_weights", "raw")
     model.load_state_dict(ckpt["ema"] if which == "ema" else ckpt["model"])
     fmt = torch.channels_last if ckpt["train_config"].get("channels_last", True) else torch.contiguous_format
-    return model.to(device, memory_format=fmt).eval(), ckpt, fmt
+    return set_memory_format(model.to(device), fmt).eval(), ckpt, fmt
 
 
 def main(argv=None):

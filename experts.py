@@ -15,8 +15,8 @@ each to use. This file only computes every expert's output; combining them is th
 Why stacked weights and einsum: the naive implementation is a ModuleList of S + L*T small MLPs and a
 Python loop over labels and experts. With L = 80 labels that is hundreds of tiny matmuls per step.
 Storing each group's weights as one tensor, (S, D, H) for shared and (L, T, D, H) for task experts,
-lets one einsum apply them all at once (the trick lucidrains' mixture-of-experts uses). tests/test_experts.py
-checks the einsum against that naive loop.
+lets one einsum apply them all at once (the trick lucidrains' mixture-of-experts uses). `forward_loop` is
+that naive loop, kept as the reference: tests/test_moe.py checks the einsum against it, bench.py times both.
 
 Shape legend (whole codebase): B batch, L labels, D feature dim, S shared experts,
 T task experts per label, H expert hidden dim, E = S + T experts seen by each label.
@@ -80,6 +80,23 @@ class Experts(nn.Module):
             z = self.dropout(F.gelu(z))
             outs.append(torch.einsum("blth,lthd->bltd", z, self.task_w2) + self.task_b2)    # (B, L, T, D)
         return torch.cat(outs, dim=2)                                                   # (B, L, E, D)
+
+    def forward_loop(self, h: torch.Tensor) -> torch.Tensor:
+        """The definition, one label and one expert at a time: what forward() computes in four einsums.
+
+        This is the naive implementation the docstring above describes (S + T small MLPs per label, a
+        Python loop); tests/test_moe.py checks forward() against it and bench.py times both.
+        h (B, L, D) -> (B, L, E, D).
+        """
+        per_label = []
+        for l in range(self.num_labels):
+            x = h[:, l]                                                                 # (B, D)
+            mine = ([(self.shared_w1[s], self.shared_b1[s], self.shared_w2[s], self.shared_b2[s]) for s in range(self.shared)]
+                    + [(self.task_w1[l, t], self.task_b1[l, t], self.task_w2[l, t], self.task_b2[l, t]) for t in range(self.task)])
+            # E_e(x) = W2 GELU(W1 x + b1) + b2; the stored W1 is (D, H), F.linear wants (out, in) = (H, D).
+            per_label.append(torch.stack([F.linear(self.dropout(F.gelu(F.linear(x, w1.T, b1))), w2.T, b2)
+                                          for w1, b1, w2, b2 in mine], dim=1))          # (B, E, D)
+        return torch.stack(per_label, dim=1)                                            # (B, L, E, D)
 
     def extra_repr(self) -> str:
         return (f"labels={self.num_labels}, dim={self.dim}, hidden={self.hidden}, "

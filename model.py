@@ -277,6 +277,19 @@ def build_model(cfg: ModelConfig, verbose: bool = True, classes=None) -> nn.Modu
     raise ValueError(f"unknown model {cfg.model!r}; choose drmoe | hsq | q2l | mlgcn | linear")
 
 
+def set_memory_format(model: nn.Module, fmt=torch.channels_last) -> nn.Module:
+    """Put the convolutions' weights in `fmt` (channels_last = NHWC: what cuDNN and oneDNN convs run fastest on).
+
+    Only the convolutions: model.to(memory_format=...) would also re-stride every other 4-D parameter,
+    such as the task experts' (L, T, D, H) weights, which are not images; DDP then warns that their
+    gradients' strides differ from the parameters' and copies them every step.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(memory_format=fmt)
+    return model
+
+
 def flops_per_image(model: nn.Module, image_size: int, device="cpu") -> float:
     """FLOPs of one forward pass on one image (torch.utils.flop_counter; a multiply-add counts as 2).
 

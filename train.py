@@ -35,13 +35,15 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import distributed
 from data import NUM_LABELS, DatasetError, build_dataset, download_voc
 from evaluate import multilabel_metrics, predict
 from baselines import MODEL_PRESETS, PAPER_SCALE, asymmetric_loss
 from gating import GATE_KINDS, expert_load, expert_names
-from model import ModelConfig, WeightsUnavailable, build_model, config_field, flops_per_image
+from model import ModelConfig, WeightsUnavailable, build_model, config_field, flops_per_image, set_memory_format
 
 
 @dataclass
@@ -59,7 +61,7 @@ class TrainConfig:
     image_size: int = config_field(None, "input side in pixels (preset: 64 synthetic, 448 voc/coco)")
     limit: int = config_field(None, "use only the first N images of every split (smoke tests)")
     epochs: int = config_field(None, "training epochs")
-    batch_size: int = config_field(None, "images per step")
+    batch_size: int = config_field(None, "images per step, over all processes under torchrun (each takes 1/W)")
     lr: float = config_field(None, "peak learning rate of the one-cycle schedule")
     weight_decay: float = config_field(1e-2, "AdamW weight decay (matrices only, not biases/norms/queries)")
     warmup_pct: float = config_field(0.2, "fraction of the steps spent warming up (one-cycle pct_start)")
@@ -75,6 +77,8 @@ class TrainConfig:
     device: str = config_field("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     amp: bool = config_field(True, "mixed precision where the device supports it (bf16, else fp16); fp32 on CPU")
     channels_last: bool = config_field(True, "channels_last memory format for the backbone (faster convs)")
+    compile: bool = config_field(False, "torch.compile the model (CUDA on Linux only; see bench.py for its effect)")
+    sync_bn: bool = config_field(False, "torchrun: SyncBatchNorm, batch statistics over all GPUs (small per-GPU batches)")
     num_workers: int = config_field(None, "DataLoader worker processes")
     out_dir: str = config_field(None, "where checkpoints, log.jsonl and metrics.json go (default runs/DATASET)")
     resume: str = config_field(None, "continue from a checkpoint: a path, or 'auto' for OUT_DIR/last.pt")
@@ -199,6 +203,55 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
         b_ema.copy_(b)
 
 
+def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and conv kernels only: decaying biases, norm gains, label queries
+    and the static gate's logits toward 0 only fights what they must learn (as nanoGPT's configure_optimizers)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr,
+                             fused=device.type == "cuda")   # fused: one kernel for all tensors on CUDA
+
+
+def train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg: TrainConfig, amp_dtype, step: int):
+    """One optimisation step on one batch -> (classification loss, info), both still on the device.
+
+    step_model is what runs forward (maybe compiled, maybe DDP-wrapped); model is the raw module whose
+    parameters are clipped and averaged into the EMA. bench.py times exactly this function.
+    """
+    # Mixed precision for the forward pass only; the gate's softmax and the loss run in fp32 inside.
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits, info = step_model(x)
+        loss_cls = (asymmetric_loss(logits, y, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip)
+                    if tcfg.loss == "asl" else masked_bce(logits, y))
+        loss = loss_cls + tcfg.aux_loss_coef * info["aux_loss"]
+    optimizer.zero_grad(set_to_none=True)   # None, not zeros: no memset, and the first accumulation is a copy
+    scaler.scale(loss).backward()   # under DDP, backward also averages the gradients over the ranks
+    if tcfg.grad_clip > 0:
+        scaler.unscale_(optimizer)   # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    if ema is not None:
+        # Warm-up of the decay (as timm's ModelEmaV2 and Q2L): early weights are noise, forget them fast.
+        ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
+    return loss_cls, info
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random stream the run draws from, so a resumed run continues them instead of restarting them."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def save_checkpoint(path: str, state: dict):
     """Write to a temporary file, then rename: a crash mid-write never leaves a half-written checkpoint."""
     tmp = path + ".tmp"
@@ -223,37 +276,59 @@ def main(argv=None):
     tcfg, mcfg, given = parse_args(argv)
     if "describe" in given:
         return describe_only(tcfg, mcfg)
+    # Under torchrun: one process per GPU (or CPU slot); only rank 0 talks (distributed.py). Plain python: rank 0 of 1.
+    rank, world, ddp_device = distributed.setup(tcfg.device)
+    main_proc = rank == 0
+    say = print if main_proc else (lambda *a, **k: None)
+    if not main_proc:
+        os.environ["TQDM_DISABLE"] = "1"   # one set of progress bars, rank 0's
     ckpt = None
     if tcfg.resume:
         path = os.path.join(tcfg.out_dir, "last.pt") if tcfg.resume == "auto" else tcfg.resume
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        # Every rank reads the file: on several nodes OUT_DIR must be on a shared filesystem.
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         # A resumed run is the run that was started: its configs come from the checkpoint. Only where it
         # runs (device, workers) and where it writes may change.
         keep = {k: getattr(tcfg, k) for k in ("device", "num_workers", "out_dir", "resume")}
         tcfg = TrainConfig(**{**ckpt["train_config"], **keep})
         mcfg = ModelConfig(**ckpt["model_config"])
-        print(f"resuming from {path}: epoch {ckpt['epoch'] + 1} of {tcfg.epochs} done, best val mAP {ckpt['best_map']:.2f}")
+        say(f"resuming from {path}: epoch {ckpt['epoch'] + 1} of {tcfg.epochs} done, best val mAP {ckpt['best_map']:.2f}")
         ignored = given - set(keep) - {"dataset"}
         if ignored:
-            print(f"  note: ignoring {sorted(ignored)} on resume (the checkpoint's config wins)")
-    print("train config:", json.dumps(asdict(tcfg)))   # printed and saved: a log says what produced it
+            say(f"  note: ignoring {sorted(ignored)} on resume (the checkpoint's config wins)")
+    say("train config:", json.dumps(asdict(tcfg)))   # printed and saved: a log says what produced it
+    if tcfg.batch_size % world:
+        raise ValueError(f"--batch-size {tcfg.batch_size} (the global batch) must divide evenly over {world} processes")
     os.makedirs(tcfg.out_dir, exist_ok=True)
     if ckpt is None and os.path.exists(os.path.join(tcfg.out_dir, "last.pt")):
-        print(f"note: {tcfg.out_dir} holds an earlier run; starting fresh (pass --resume to continue it instead)")
-    seed_everything(tcfg.seed)
-    device = pick_device(tcfg.device)
+        say(f"note: {tcfg.out_dir} holds an earlier run; starting fresh (pass --resume to continue it instead)")
+    # Per-rank seeds: dropout and flips differ between ranks (else every rank would augment alike). The
+    # weights still start equal everywhere, because DDP copies rank 0's to all ranks when it wraps the model.
+    seed_everything(tcfg.seed + rank)
+    device = ddp_device or pick_device(tcfg.device)
     amp_dtype = amp_dtype_for(device, tcfg.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed input size: let cuDNN pick the fastest kernels once
-    print(f"device: {device}, precision: {amp_dtype or torch.float32}")
+        # TF32 for what runs in fp32 (the gate's softmax, the loss, --no-amp runs): about 3x the fp32 matmul
+        # throughput on Ampere and later, with a 10-bit mantissa that fp32 training tolerates (PyTorch's docs).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_compile = tcfg.compile and device.type == "cuda" and sys.platform != "win32"
+    if tcfg.compile and not use_compile:
+        # torch.compile needs Triton for its GPU kernels (CUDA, Linux). On the CPU, Inductor compiles C++
+        # for minutes before the first step, which short CPU runs never win back (bench.py --compile on
+        # measures it); on MPS its support is partial. The flag is ignored there rather than half-working.
+        say(f"note: --compile is used on CUDA under Linux only; ignored on {device.type} ({sys.platform})")
+    say(f"device: {device}" + (f" x {world} processes" if world > 1 else "") + f", precision: {amp_dtype or torch.float32}")
 
     # ---- data: built (and, for synthetic, generated) once, before any model work
     if tcfg.download:
         if tcfg.dataset != "voc":
             raise DatasetError("--download fetches VOC 2007 only; for COCO see the README's commands")
-        download_voc(tcfg.data_root or "data")
+        if main_proc:
+            download_voc(tcfg.data_root or "data")
+        distributed.barrier()   # the other ranks read the files rank 0 fetched
         tcfg.data_root = tcfg.data_root or "data"
     # Every split is read and checked here, before any model work: a missing or incomplete dataset stops
     # the run at start-up with one message, never deep inside a DataLoader worker.
@@ -263,41 +338,50 @@ def main(argv=None):
                                  empty=tcfg.empty_images)
                 for s in dict.fromkeys(roles.values())}   # each split read once (val and test may be one)
     ds = {role: split_ds[s] for role, s in roles.items()}
-    print("splits: " + ", ".join(f"{role} = {s} ({len(ds[role])} images)" for role, s in roles.items()))
+    say("splits: " + ", ".join(f"{role} = {s} ({len(ds[role])} images)" for role, s in roles.items()))
     # VOC marks "difficult" objects 0 in its files, -1 in `targets` (ignored by every metric). Training
     # counts them as present by default, as ML-GCN does; --difficult ignore drops them from the loss.
     graph_targets = ds["train"].targets.clone()   # ML-GCN's graph counts clear positives only (baselines.py)
     if tcfg.difficult == "positive":
         ds["train"].targets[ds["train"].targets == -1] = 1.0
     mcfg.num_labels = len(ds["train"].classes)   # L comes from the data, so one config serves any dataset
-    print("model config:", json.dumps(asdict(mcfg)))
+    say("model config:", json.dumps(asdict(mcfg)))
     # The shuffling generator is re-seeded with (seed, epoch) each epoch, so a resumed run sees the same
-    # data order as an uninterrupted one; it also seeds the workers' augmentation RNGs.
+    # data order as an uninterrupted one; it also seeds the workers' augmentation RNGs. Under torchrun the
+    # DistributedSampler shuffles instead (same seed on every rank, so the shards partition the epoch).
     order = torch.Generator()
-    loader_kw = dict(batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
-                     persistent_workers=tcfg.num_workers > 0)
-    train_loader = torch.utils.data.DataLoader(ds["train"], shuffle=True, drop_last=True, generator=order, **loader_kw)
-    eval_loaders = {s: torch.utils.data.DataLoader(ds[s], shuffle=False, **loader_kw) for s in ("val", "test")}
+    loader_kw = dict(batch_size=tcfg.batch_size // world, num_workers=tcfg.num_workers,
+                     pin_memory=device.type == "cuda", persistent_workers=tcfg.num_workers > 0)
+    sampler = lambda d, shuffle: (torch.utils.data.DistributedSampler(d, shuffle=shuffle, seed=tcfg.seed, drop_last=shuffle)
+                                  if world > 1 else None)
+    train_sampler = sampler(ds["train"], True)
+    train_loader = torch.utils.data.DataLoader(ds["train"], shuffle=train_sampler is None, sampler=train_sampler,
+                                               drop_last=True, generator=order, **loader_kw)
+    eval_loaders = {s: torch.utils.data.DataLoader(ds[s], shuffle=False, sampler=sampler(ds[s], False), **loader_kw)
+                    for s in ("val", "test")}
 
     # ---- model, EMA, optimizer, schedule, loss scaler
-    model = build_model(mcfg, classes=ds["train"].classes).to(device)
+    model = build_model(mcfg, verbose=main_proc, classes=ds["train"].classes).to(device)
     if mcfg.model == "mlgcn":
         model.set_label_graph(graph_targets)   # ML-GCN's graph: co-occurrence in the training labels
+    if tcfg.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # same state_dict keys as BatchNorm
     # channels_last (NHWC) is the layout oneDNN and cuDNN convolutions run fastest on; the transformer
     # part does not care. Inputs are converted to the same layout in the loop.
     fmt = torch.channels_last if tcfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    set_memory_format(model, fmt)
     gflops = flops_per_image(model, tcfg.image_size, device) / 1e9
-    print(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px")
+    say(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px")
+    # `model` stays the raw module: it is what is saved, evaluated and averaged into the EMA. The step runs
+    # through `step_model`, which may be compiled and wrapped in DDP (their state_dict keys differ).
+    step_model = torch.compile(model) if use_compile else model
+    if world > 1:
+        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
     # The EMA is a second copy of the model whose weights trail the trained ones; it is evaluated beside
     # them every epoch (Q2L reports its EMA numbers) and the better of the two is what "best" means.
+    # Copied after the DDP wrap, so it starts from rank 0's weights on every rank.
     ema = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.ema_decay else None
-    # Weight decay on matrices and conv kernels only: decaying biases, norm gains, label queries and
-    # the static gate's logits toward 0 only fights what they must learn (as nanoGPT's configure_optimizers).
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr)
+    optimizer = build_optimizer(model, tcfg, device)
     # One-cycle (Smith & Topin 2019; Q2L trains with it): warm up to lr over warmup_pct of the steps,
     # then anneal to ~0. The schedule is per step, so it needs the total number of steps up front.
     total_steps = tcfg.epochs * len(train_loader)
@@ -315,27 +399,31 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
+        states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]   # one per rank
+        if len(states) == world:
+            set_rng_state(states[rank], device)
+        else:
+            say(f"  note: the checkpoint was written by {len(states)} processes, this run has {world}: "
+                "random streams restart (the run continues, but not bit for bit)")
         start_epoch, best_map, step = ckpt["epoch"] + 1, ckpt["best_map"], ckpt["step"]
 
     # Everything needed to resume, evaluate or rebuild: the raw module's weights (never a compiled or
     # DDP wrapper's, whose keys differ), both configs, and which weights ("raw" or "ema") were judged best.
-    def checkpoint(epoch, val_maps, which):
+    def checkpoint(epoch, val_maps, which, rng):
         return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                 "eval_weights": which, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_map": best_map,
                 "val_map": val_maps, "model_config": asdict(mcfg), "train_config": asdict(tcfg),
-                "classes": list(ds["train"].classes),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+                "classes": list(ds["train"].classes), "world_size": world, "rng": rng}
 
     log_path = os.path.join(tcfg.out_dir, "log.jsonl")
     run_start = time.time()
     for epoch in range(start_epoch, tcfg.epochs):
         # ---- one epoch of training
-        model.train()
-        order.manual_seed(tcfg.seed * 1000 + epoch)
+        step_model.train()
+        order.manual_seed((tcfg.seed * 1000 + epoch) * world + rank)
+        if train_sampler is not None:
+            train_sampler.set_epoch(epoch)   # a new shuffle (the same on every rank) each epoch
         sums = torch.zeros(2, device=device)   # running (classification loss, aux loss), read once at the end
         gate_mass = 0.0   # running sum over steps of each label's mean gate weight per expert, (L, E)
         t0, n_seen, wait = time.time(), 0, 0.0
@@ -345,79 +433,76 @@ def main(argv=None):
             wait += time.time() - t_ready   # time spent waiting for data, to tell a slow loader from a slow model
             x = x.to(device, non_blocking=True, memory_format=fmt)
             y = y.to(device, non_blocking=True)
-            # Mixed precision for the forward pass only; the gate's softmax and the loss run in fp32 inside.
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits, info = model(x)
-                loss_cls = (asymmetric_loss(logits, y, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip)
-                            if tcfg.loss == "asl" else masked_bce(logits, y))
-                loss = loss_cls + tcfg.aux_loss_coef * info["aux_loss"]
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tcfg.grad_clip > 0:
-                scaler.unscale_(optimizer)   # clip the true gradients, not the fp16-scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
             step += 1
-            if ema is not None:
-                # Warm-up of the decay (as timm's ModelEmaV2 and Q2L): early weights are noise, forget them fast.
-                ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
+            loss_cls, info = train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg, amp_dtype, step)
+            scheduler.step()
             # Accumulate on the device; reading a value (.item()) every step would stall a GPU on each step.
             sums += torch.stack([loss_cls.detach(), info["aux_loss"].detach().float()])
             if info["gate_weights"] is not None:   # the collapse watch: where the gate sent this batch
                 gate_mass = gate_mass + info["gate_weights"].detach().mean(0)   # (B, L, E) -> (L, E)
-            n_seen += x.shape[0]
-            if i % 10 == 0:   # .item() syncs with the GPU: only at log points
+            n_seen += x.shape[0] * world
+            if i % 10 == 0 and main_proc:   # .item() syncs with the GPU: only at log points
                 bar.set_postfix(loss=f"{loss_cls.item():.4f}", img_s=f"{n_seen / (time.time() - t0):.0f}")
             t_ready = time.time()
         train_time = time.time() - t0
-        loss_avg, aux_avg = (sums / len(train_loader)).tolist()
+        # Means over every step of every rank (the sums are reduced once per epoch, not per step).
+        loss_avg, aux_avg = (distributed.all_sum(sums) / (len(train_loader) * world)).tolist()
         load, warning = None, None
         if torch.is_tensor(gate_mass):
-            load, warning = expert_load(gate_mass / len(train_loader),
+            load, warning = expert_load(distributed.all_sum(gate_mass) / (len(train_loader) * world),
                                         expert_names(mcfg.shared_experts, mcfg.task_experts), tcfg.collapse_threshold)
 
         # ---- validation: raw and EMA weights; the better one is what "best" means
-        val_maps = {"raw": multilabel_metrics(*predict(model, eval_loaders["val"], device, amp_dtype)[:2])["mAP"]}
+        distributed.sync_buffers(model)   # one set of BatchNorm statistics (rank 0's) on every rank
+        val_maps = {"raw": multilabel_metrics(*predict(model, eval_loaders["val"], device, amp_dtype, fmt)[:2])["mAP"]}
         if ema is not None:
-            val_maps["ema"] = multilabel_metrics(*predict(ema, eval_loaders["val"], device, amp_dtype)[:2])["mAP"]
+            distributed.sync_buffers(ema)
+            val_maps["ema"] = multilabel_metrics(*predict(ema, eval_loaders["val"], device, amp_dtype, fmt)[:2])["mAP"]
         which = max(val_maps, key=val_maps.get)
         improved = val_maps[which] > best_map
         best_map = max(best_map, val_maps[which])
         lr_now = scheduler.get_last_lr()[0]
-        print(f"epoch {epoch + 1:3d}/{tcfg.epochs} | loss {loss_avg:.4f} | aux {aux_avg:.4f} | lr {lr_now:.2e} | "
-              f"{n_seen / train_time:.0f} img/s (data wait {100 * wait / train_time:.0f}%) | val mAP "
-              + " ".join(f"{k} {v:.2f}" for k, v in val_maps.items()) + (" *" if improved else "")
-              + (" | gate " + " ".join(f"{v:.2f}" for v in load["expert_mass"].values()) if load else ""))
+        say(f"epoch {epoch + 1:3d}/{tcfg.epochs} | loss {loss_avg:.4f} | aux {aux_avg:.4f} | lr {lr_now:.2e} | "
+            f"{n_seen / train_time:.0f} img/s (data wait {100 * wait / train_time:.0f}%) | val mAP "
+            + " ".join(f"{k} {v:.2f}" for k, v in val_maps.items()) + (" *" if improved else "")
+            + (" | gate " + " ".join(f"{v:.2f}" for v in load["expert_mass"].values()) if load else ""))
         if warning:
-            print("  warning: " + warning)
-        with open(log_path, "a") as fh:
-            fh.write(json.dumps({"epoch": epoch + 1, "step": step, "train_loss": loss_avg, "aux_loss": aux_avg,
-                                 "lr": lr_now, "img_per_s": n_seen / train_time, "data_wait_s": wait,
-                                 "compute_s": train_time - wait,
-                                 "train_s": train_time, "val_mAP": val_maps, "time": time.time(),
-                                 **({"gate": load} if load else {})}) + "\n")
-        # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested).
-        state = checkpoint(epoch, val_maps, which)
-        if improved:
-            save_checkpoint(os.path.join(tcfg.out_dir, "best.pt"), state)
-        save_checkpoint(os.path.join(tcfg.out_dir, "last.pt"), state)
+            say("  warning: " + warning)
+        # Every rank's random streams go into the checkpoint (a collective step, so all ranks take it).
+        rng = [rng_state(device)]
+        if world > 1:
+            rng = [None] * world
+            torch.distributed.all_gather_object(rng, rng_state(device))
+        if main_proc:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"epoch": epoch + 1, "step": step, "train_loss": loss_avg, "aux_loss": aux_avg,
+                                     "lr": lr_now, "img_per_s": n_seen / train_time, "data_wait_s": wait,
+                                     "compute_s": train_time - wait, "world_size": world,
+                                     "train_s": train_time, "val_mAP": val_maps, "time": time.time(),
+                                     **({"gate": load} if load else {})}) + "\n")
+            # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested).
+            state = checkpoint(epoch, val_maps, which, rng)
+            if improved:
+                save_checkpoint(os.path.join(tcfg.out_dir, "best.pt"), state)
+            save_checkpoint(os.path.join(tcfg.out_dir, "last.pt"), state)
+        distributed.barrier()   # best.pt is on disk before any rank may read it
 
     # ---- test: the best checkpoint's chosen weights, on the test split
     best = torch.load(os.path.join(tcfg.out_dir, "best.pt"), map_location="cpu", weights_only=False)
     model.load_state_dict(best["ema"] if best["eval_weights"] == "ema" else best["model"])
-    metrics = multilabel_metrics(*predict(model, eval_loaders["test"], device, amp_dtype)[:2])
+    metrics = multilabel_metrics(*predict(model, eval_loaders["test"], device, amp_dtype, fmt)[:2])
     metrics.update({"checkpoint": "best.pt", "epoch": best["epoch"] + 1,
                     "weights": best["eval_weights"], "val_mAP": best["best_map"], "gflops": gflops,
                     "parameters": sum(p.numel() for p in model.parameters()), "model": mcfg.model,
-                    "best_epoch_chosen_on": tcfg.val_split, "split": tcfg.test_split,
+                    "best_epoch_chosen_on": tcfg.val_split, "split": tcfg.test_split, "world_size": world,
                     "train_minutes_this_session": (time.time() - run_start) / 60})
-    with open(os.path.join(tcfg.out_dir, "metrics.json"), "w") as fh:
-        json.dump(metrics, fh, indent=2)
-    print(f"test ({best['eval_weights']} weights of epoch {best['epoch'] + 1}): "
-          + " | ".join(f"{k} {metrics[k]:.2f}" for k in ("mAP", "CF1", "OF1")))
-    print(f"wrote {os.path.join(tcfg.out_dir, 'metrics.json')}")
+    if main_proc:
+        with open(os.path.join(tcfg.out_dir, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh, indent=2)
+    say(f"test ({best['eval_weights']} weights of epoch {best['epoch'] + 1}): "
+        + " | ".join(f"{k} {metrics[k]:.2f}" for k in ("mAP", "CF1", "OF1")))
+    say(f"wrote {os.path.join(tcfg.out_dir, 'metrics.json')}")
+    distributed.cleanup()
     return metrics
 
 

@@ -1,7 +1,7 @@
 """
 The mixture's equations, each against a reference that would catch a different implementation.
 
-- experts.py: the stacked einsum equals a naive loop over labels and experts written here;
+- experts.py: the stacked einsum equals the naive loop over labels and experts (Experts.forward_loop);
 - gating.py: rows are >= 0 and sum to 1, in float32 under autocast; the static gate ignores its input, the
   image gate reads only g, the label gate only h; top-k is softmax *after* top-k; every gate and expert
   parameter gets a gradient, k = 1 included; the balance loss is 1 when uniform and E when collapsed;
@@ -20,20 +20,6 @@ from model import DRMoE, ModelConfig, sine_positional_encoding
 B, L, D, H = 3, 5, 8, 16
 
 
-def naive_experts(ex: Experts, h: torch.Tensor) -> torch.Tensor:
-    """One expert at a time, one label at a time, with F.linear: the definition, not the trick."""
-    out = torch.zeros(h.shape[0], ex.num_labels, ex.num_experts, ex.dim)
-    for l in range(ex.num_labels):
-        x = h[:, l]                                                       # (B, D)
-        for s in range(ex.shared):
-            z = F.gelu(F.linear(x, ex.shared_w1[s].T, ex.shared_b1[s]))
-            out[:, l, s] = F.linear(z, ex.shared_w2[s].T, ex.shared_b2[s])
-        for t in range(ex.task):
-            z = F.gelu(F.linear(x, ex.task_w1[l, t].T, ex.task_b1[l, t]))
-            out[:, l, ex.shared + t] = F.linear(z, ex.task_w2[l, t].T, ex.task_b2[l, t])
-    return out
-
-
 @pytest.mark.parametrize("S,T", [(2, 1), (0, 2), (3, 0), (1, 3)])
 def test_experts_equal_naive_loop(S, T):
     torch.manual_seed(0)
@@ -41,7 +27,7 @@ def test_experts_equal_naive_loop(S, T):
     for p in ex.parameters():                # distinct random values everywhere (biases included)
         torch.nn.init.normal_(p)
     h = torch.randn(B, L, D)
-    assert torch.allclose(ex(h), naive_experts(ex, h), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(ex(h), ex.forward_loop(h), atol=1e-5, rtol=1e-5)
 
 
 def test_experts_reject_empty_mixture():

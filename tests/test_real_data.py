@@ -118,9 +118,9 @@ def test_transforms_and_cutout():
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     ev = data.build_transform(32, train=False)(img)                 # eval: resize + normalise only
     assert torch.allclose(ev, data.normalize(torch.zeros(3, 32, 32, dtype=torch.uint8)), atol=1e-6)
-    z = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    z = Image.new("RGB", (32, 32), (0, 0, 0))
     for _ in range(20):
-        changed = (data.Cutout(0.5)(z) != z).any(0)
+        changed = torch.from_numpy(np.asarray(data.Cutout(0.5)(z)) != 0).any(-1)   # (H, W)
         rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
         if changed.any():   # a filled rectangle, at most half of each side (smaller where clipped)
             h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1

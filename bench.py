@@ -1,0 +1,276 @@
+"""
+Speed: what one training step of each model costs, the expert layer batched vs a per-label loop, and the
+data loader alone. Measures; asserts nothing. The README's speed figures come from this script.
+
+    python bench.py --device cpu                                  # the CPU demo configuration, every model
+    python bench.py --dataset coco --device cuda                  # ResNet-101, 448 px, L = 80, batch 32:
+                                                                  #   fp32/AMP x channels_last x compile
+    python bench.py --dataset coco --device cpu --batch-size 2 --steps 3 --only step   # the same models on a CPU
+    python bench.py --only experts                                # batched vs loop at L = 20 and 80
+    python bench.py --only loader --workers 1 2 4 8               # JPEG decoding + augmentation at 448 px
+    python bench.py --json bench.json                             # also write every record as JSON
+
+What each part times:
+- step: train.train_step, i.e. forward, loss, backward, gradient clipping, AdamW step and EMA update:
+  everything train.py does per batch except fetching it, on random images already on the device. The
+  model is built exactly as train.py builds it for --dataset (its preset, the model's settings, and at
+  voc/coco size Q2L's official width), with random weights. Warm-up steps first (cuDNN autotuning,
+  torch.compile's compilation, the allocator growing), then the median over --steps steps, each timed
+  between torch.cuda.synchronize() calls so that the GPU's queue has really drained. The models are
+  timed in rounds, one step of each per round, so that a drift in the machine's speed hits all alike
+  (all of --models are held in memory at once; on a small GPU, time fewer at a time). "vs linear" divides
+  by the linear head's step time at the same settings: the cost of a head over the bare backbone.
+- experts: Experts.forward (stacked weights, four einsums) against Experts.forward_loop (one label and
+  one expert at a time), forward + backward, B = 32, D = H = 256, S = 2, T = 1.
+- loader: a DataLoader with N worker processes over JPEGs through the training transform (resize to 448,
+  flip, Cutout, RandAugment, normalise): images per second once the first batch has arrived (worker
+  start-up excluded). Without --data-root it writes 500 x 375 JPEGs (VOC's typical size) to a temporary
+  folder; with --dataset voc|coco --data-root R it reads the real training split.
+
+JSON records: {"kind": "step", "model", "backbone", "image_size", "labels", "batch_size", "device", "amp",
+"channels_last", "compile", "step_ms", "img_per_s", ...}, {"kind": "experts", "labels", "batched_ms",
+"loop_ms"} and {"kind": "loader", "image_size", "workers", "img_per_s"}.
+"""
+import argparse
+import copy
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import train
+from baselines import MODELS
+from data import NUM_LABELS, ImageList, build_dataset, build_transform
+from experts import Experts
+from model import build_model, set_memory_format
+from synthetic import render_synthetic
+
+ON_OFF = {"on": True, "off": False}
+
+
+def sync(device: torch.device):
+    """Wait until the device has finished its queue: without it a GPU timer measures only the launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fns: dict, device, steps: int) -> dict:
+    """{name: fn} -> {name: median wall time of fn() in milliseconds over `steps` calls}.
+
+    Round-robin: each round times every fn once. This machine's speed drifts (other work, clocks), and
+    timing one fn after another would charge that drift to whichever ran last; interleaved, all share it.
+    """
+    times = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def configs(model: str, args):
+    """(TrainConfig, ModelConfig) exactly as `train.py --dataset D --model M [flags]` would resolve them."""
+    flags = ["--dataset", args.dataset, "--model", model, "--weights", "none", *shlex.split(args.extra)]
+    for name in ("backbone", "image_size", "batch_size"):
+        if getattr(args, name) is not None:
+            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    tcfg, mcfg, _ = train.parse_args(flags)
+    mcfg.num_labels = args.labels or NUM_LABELS[args.dataset]
+    return tcfg, mcfg
+
+
+def make_step(model_name, args, device, amp: bool, channels_last: bool, compile_: bool):
+    """Build one model as train.py would and warm it up -> (a function doing one train.train_step, its record)."""
+    tcfg, mcfg = configs(model_name, args)
+    if device.type == "cuda":   # this model's own footprint: weights, gradients, AdamW, EMA, activations
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    torch.manual_seed(0)
+    model = build_model(mcfg, verbose=False).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    set_memory_format(model, fmt)
+    step_model = torch.compile(model) if compile_ else model
+    ema = copy.deepcopy(model).requires_grad_(False) if tcfg.ema_decay else None
+    optimizer = train.build_optimizer(model, tcfg, device)
+    amp_dtype = train.amp_dtype_for(device, amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    B, S, L = tcfg.batch_size, tcfg.image_size, mcfg.num_labels
+    x = torch.randn(B, 3, S, S, device=device).contiguous(memory_format=fmt)      # (B, 3, S, S)
+    y = (torch.rand(B, L, device=device) < 0.15).float()                           # (B, L), ~3 labels of 20
+    model.train()
+    step = lambda: train.train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg, amp_dtype, 100)
+    for _ in range(args.warmup + (3 if compile_ else 0)):   # compile happens in the first call
+        step()
+    sync(device)
+    rec = {"kind": "step", "model": model_name, "backbone": mcfg.backbone, "image_size": S, "labels": L,
+           "batch_size": B, "device": str(device), "amp": amp_dtype is not None,
+           "precision": str(amp_dtype or torch.float32).replace("torch.", ""), "channels_last": channels_last,
+           "compile": compile_, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    if device.type == "cuda":
+        rec["peak_mem_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 30
+    if args.profile:   # where the time goes: the ops that cost most over 3 more steps
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+            for _ in range(3):
+                step()
+            sync(device)
+        print(f"{model_name}: the costliest ops over 3 steps")
+        print(prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                                        row_limit=15))
+    return step, rec
+
+
+def bench_steps(args, device, amp: bool, channels_last: bool, compile_: bool) -> list:
+    """Every model of --models at one setting, timed in rounds -> "step" records."""
+    built = {m: make_step(m, args, device, amp, channels_last, compile_) for m in args.models}
+    ms = median_ms({m: fn for m, (fn, _) in built.items()}, device, args.steps)
+    return [{**rec, "step_ms": ms[m], "img_per_s": 1e3 * rec["batch_size"] / ms[m]} for m, (_, rec) in built.items()]
+
+
+def bench_experts(device, labels: int, args) -> dict:
+    """Experts.forward vs Experts.forward_loop, forward + backward -> an "experts" record."""
+    torch.manual_seed(0)
+    ex = Experts(labels, 256, 256, shared=2, task=1).to(device)
+    h = torch.randn(32, labels, 256, device=device, requires_grad=True)           # (B, L, D)
+    g = torch.randn(32, labels, ex.num_experts, 256, device=device)               # (B, L, E, D)
+    fns = {"batched": lambda: (ex(h) * g).sum().backward(), "loop": lambda: (ex.forward_loop(h) * g).sum().backward()}
+    for fn in fns.values():   # warm-up
+        fn()
+    ms = median_ms(fns, device, args.steps)
+    return {"kind": "experts", "labels": labels, "batched_ms": ms["batched"], "loop_ms": ms["loop"],
+            "speedup": ms["loop"] / ms["batched"], "device": str(device)}
+
+
+def loader_dataset(args, folder: str, image_size: int):
+    """The training split of a real dataset, or --loader-images generated 500 x 375 JPEGs, as train.py reads them."""
+    if args.data_root:
+        return build_dataset(args.dataset, "trainval" if args.dataset == "voc" else "train", args.data_root,
+                             image_size, augment=True, cutout=0.5, limit=args.loader_images)
+    paths = []
+    for i in range(args.loader_images):
+        # A synthetic scene rendered at 500 px and cropped to 500 x 375: edges, textures and sensor noise,
+        # so the JPEG costs what a photo costs to decode (a flat or pure-noise image would not).
+        img = render_synthetic(0, "train", i, 500)[0][:375]
+        paths.append(os.path.join(folder, f"{i:06d}.jpg"))
+        Image.fromarray(img).save(paths[-1], quality=90)
+    targets = np.zeros((len(paths), 20), dtype=np.float32)
+    return ImageList(paths, targets, [str(i) for i in range(len(paths))], [str(c) for c in range(20)], image_size,
+                     build_transform(image_size, train=True, randaugment=True, cutout=0.5))
+
+
+def bench_loader(ds, workers: int, batch_size: int) -> dict:
+    """Images per second of a DataLoader as train.py builds it, over its second pass through `ds`.
+
+    The first pass starts the (persistent) worker processes and is not timed; timing only after a first
+    batch would flatter several workers, whose other batches were prepared meanwhile.
+    """
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         drop_last=True, persistent_workers=workers > 0)
+    for _ in loader:                                    # pass 1: worker start-up, page cache
+        pass
+    t0, n = time.perf_counter(), 0
+    for x, _ in loader:                                 # pass 2: timed
+        n += x.shape[0]
+    return {"kind": "loader", "image_size": ds.image_size, "workers": workers,
+            "img_per_s": n / (time.perf_counter() - t0)}
+
+
+def table(rows, cols):
+    """Markdown table of dict rows; cols = [(header, key, format)]."""
+    lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(format(r[k], f) if k in r else "-" for _, k, f in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="synthetic", choices=list(NUM_LABELS),
+                   help="whose preset (backbone, size, batch, labels) to measure [synthetic = the CPU demo]")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to time")
+    p.add_argument("--backbone", default=None, help="override the preset's backbone")
+    p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
+    p.add_argument("--labels", type=int, default=None, help="override the dataset's label count L")
+    p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    p.add_argument("--extra", default="", help="more train.py flags, e.g. --extra='--feature-layer layer4'")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) | cuda | mps | cpu")
+    p.add_argument("--amp", nargs="+", default=None, choices=list(ON_OFF),
+                   help="mixed precision off/on [CUDA: off on; elsewhere fp32 only, as train.py]")
+    p.add_argument("--channels-last", nargs="+", default=["on", "off"], choices=list(ON_OFF), help="[on off]")
+    p.add_argument("--compile", nargs="+", default=None, choices=list(ON_OFF),
+                   help="torch.compile off/on [CUDA: off on; CPU: off, as train.py ignores it there]")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
+    p.add_argument("--only", nargs="+", default=["step", "experts", "loader"], choices=["step", "experts", "loader"])
+    p.add_argument("--expert-labels", nargs="+", type=int, default=[20, 80], help="L values for the experts part")
+    p.add_argument("--workers", nargs="+", type=int, default=sorted({1, train.WORKERS}),
+                   help="DataLoader worker counts for the loader part [1 and train.py's default]")
+    p.add_argument("--loader-size", type=int, default=448, help="image size for the loader part")
+    p.add_argument("--loader-images", type=int, default=256, help="images the loader part reads")
+    p.add_argument("--data-root", default=None, help="loader part: read this --dataset's real training split")
+    p.add_argument("--profile", action="store_true", help="step part: also print torch.profiler's costliest ops")
+    p.add_argument("--json", default=None, help="also write all records to this JSON file")
+    args = p.parse_args(argv)
+    device = train.pick_device(args.device)
+    cuda = device.type == "cuda"
+    amps = [ON_OFF[a] for a in (args.amp or (["off", "on"] if cuda else ["off"]))]
+    compiles = [ON_OFF[c] for c in (args.compile or (["off", "on"] if cuda else ["off"]))]
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if cuda else f", {torch.get_num_threads()} threads")
+          + f", torch {torch.__version__}")
+    records = []
+
+    if "step" in args.only:
+        settings = [(a, c, k) for a in amps for c in (ON_OFF[v] for v in args.channels_last) for k in compiles]
+        if not cuda and any(a for a, _, _ in settings):
+            print("note: AMP is CUDA-only in train.py (fp32 elsewhere); measuring fp32")
+            settings = sorted({(False, c, k) for _, c, k in settings}, reverse=True)
+        steps = []
+        for amp, cl, comp in settings:
+            for rec in bench_steps(args, device, amp, cl, comp):
+                print(f"  {rec['model']:<7} {rec['precision']:<8} channels_last={cl!s:<5} compile={comp!s:<5} "
+                      f"{rec['step_ms']:8.1f} ms/step {rec['img_per_s']:8.1f} img/s", flush=True)
+                steps.append(rec)
+        base = {(r["precision"], r["channels_last"], r["compile"]): r["step_ms"] for r in steps if r["model"] == "linear"}
+        for r in steps:
+            r["vs_linear"] = r["step_ms"] / base.get((r["precision"], r["channels_last"], r["compile"]), float("nan"))
+        r0 = steps[0]
+        print(f"\nstep: {r0['backbone']}, {r0['image_size']} px, L = {r0['labels']}, batch {r0['batch_size']}, {device}\n")
+        print(table(steps, [("model", "model", ""), ("precision", "precision", ""), ("channels_last", "channels_last", ""),
+                            ("compile", "compile", ""), ("step ms", "step_ms", ".1f"), ("img/s", "img_per_s", ".1f"),
+                            ("vs linear", "vs_linear", ".2f"), ("params (M)", "params_m", ".2f"),
+                            ("peak GB", "peak_mem_gb", ".1f")]))
+        records += steps
+
+    if "experts" in args.only:
+        ex = [bench_experts(device, L, args) for L in args.expert_labels]
+        print("\nexperts: forward + backward, B = 32, D = H = 256, S = 2, T = 1\n")
+        print(table(ex, [("L", "labels", "d"), ("batched ms", "batched_ms", ".2f"), ("loop ms", "loop_ms", ".2f"),
+                         ("speed-up", "speedup", ".1f")]))
+        records += ex
+
+    if "loader" in args.only:
+        with tempfile.TemporaryDirectory() as folder:
+            ds = loader_dataset(args, folder, args.loader_size)
+            ld = [bench_loader(ds, w, 32) for w in args.workers]
+        print(f"\nloader: {len(ds)} images at {args.loader_size} px, training transform, batch 32\n")
+        print(table(ld, [("workers", "workers", "d"), ("img/s", "img_per_s", ".1f")]))
+        records += ld
+
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(records, fh, indent=2)
+        print(f"\nwrote {args.json}")
+    return records
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
