@@ -282,19 +282,27 @@ def gate_statistics(gates: np.ndarray, targets: np.ndarray, num_shared: int, cla
     single-label images (one positive) and multi-label images (two or more), and the routing variability:
     the std across images of each expert's weight, averaged over the label's E experts. A static gate
     has variability 0 by construction; an input-conditioned gate that learned nothing is close to 0 too.
+    The "_present" variants look only at images that contain the label: how a label routes when it is
+    there, alone (single) or with others (multi); "overall" then averages over (image, present label) pairs.
     """
     shared = gates[..., :num_shared].sum(-1)                       # (N, L) mass on shared experts
-    n_pos = (targets == 1).sum(1)                                  # (N,) labels present per image
+    present = targets == 1                                         # (N, L)
+    n_pos = present.sum(1)                                         # (N,) labels present per image
     single, multi = n_pos == 1, n_pos >= 2
     variability = gates.std(axis=0).mean(-1)                       # (N, L, E) -> (L, E) -> (L,)
     mean_or_nan = lambda a: float(a.mean()) if a.size else float("nan")
     per_label = {name: {"shared_mass": mean_or_nan(shared[:, l]),
                         "shared_mass_single": mean_or_nan(shared[single, l]),
                         "shared_mass_multi": mean_or_nan(shared[multi, l]),
+                        "shared_mass_present_single": mean_or_nan(shared[single & present[:, l], l]),
+                        "shared_mass_present_multi": mean_or_nan(shared[multi & present[:, l], l]),
                         "variability": float(variability[l])}
                  for l, name in enumerate(classes)}
     overall = {"shared_mass": mean_or_nan(shared), "shared_mass_single": mean_or_nan(shared[single]),
-               "shared_mass_multi": mean_or_nan(shared[multi]), "variability": float(variability.mean()),
+               "shared_mass_multi": mean_or_nan(shared[multi]),
+               "shared_mass_present_single": mean_or_nan(shared[present & single[:, None]]),
+               "shared_mass_present_multi": mean_or_nan(shared[present & multi[:, None]]),
+               "variability": float(variability.mean()),
                "num_single_label_images": int(single.sum()), "num_multi_label_images": int(multi.sum()),
                "mean_weight_per_expert": gates.mean(axis=(0, 1)).tolist()}
     return {"overall": overall, "per_label": per_label}
@@ -315,9 +323,27 @@ def load_checkpoint_model(path: str, device):
     return set_memory_format(model.to(device), fmt).eval(), ckpt, fmt
 
 
+def score_split(path: str, split, data_root, device):
+    """A checkpoint's model over a dataset split -> (scores, targets, gates, ckpt, dataset, split name).
+
+    The dataset is rebuilt from the run's own config (its image size, limit, ...), with the same batch
+    size and memory format as training: identical numerics, hence identical metrics.
+    """
+    from data import build_dataset
+    from train import amp_dtype_for
+    model, ckpt, fmt = load_checkpoint_model(path, device)
+    tcfg = ckpt["train_config"]
+    split = split or tcfg.get("test_split") or "test"
+    ds = build_dataset(tcfg["dataset"], split, data_root or tcfg["data_root"], tcfg["image_size"], augment=False,
+                       limit=tcfg["limit"], empty=tcfg.get("empty_images", "keep"))
+    loader = torch.utils.data.DataLoader(ds, batch_size=tcfg["batch_size"], num_workers=tcfg["num_workers"])
+    scores, targets, gates = predict(model, loader, device, amp_dtype_for(device, tcfg["amp"]), fmt)
+    return scores, targets, gates, ckpt, ds, split
+
+
 def main(argv=None):
-    from data import build_dataset, load_image
-    from train import amp_dtype_for, pick_device
+    from data import load_image
+    from train import pick_device
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on a split, or predict the labels of images.")
     p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by train.py")
     p.add_argument("--split", default=None, help="split to evaluate [default: the run's test split]")
@@ -326,33 +352,31 @@ def main(argv=None):
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a label is predicted")
     p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
     p.add_argument("--json", default=None, help="where to write the metrics [default: next to the checkpoint]")
+    p.add_argument("--analysis", default=None, metavar="DIR",
+                   help="also draw the gate pictures and training curves into DIR, with analysis.json (analysis.py)")
+    p.add_argument("--compare-to", default=None, metavar="CHECKPOINT",
+                   help="with --analysis: per-label AP gain over this other run vs label heterogeneity")
     args = p.parse_args(argv)
+    if args.compare_to and not args.analysis:
+        p.error("--compare-to needs --analysis DIR (where heterogeneity.png goes)")
     device = pick_device(args.device)
-    model, ckpt, fmt = load_checkpoint_model(args.checkpoint, device)
-    tcfg, classes = ckpt["train_config"], ckpt["classes"]
-    amp_dtype = amp_dtype_for(device, tcfg["amp"])
-    mc = ckpt["model_config"]
-    print(f"{args.checkpoint}: {mc.get('model', 'drmoe')}, epoch {ckpt['epoch'] + 1}, "
-          f"{ckpt.get('eval_weights', 'raw')} weights"
-          + (f", gate={mc['gate']}, S={mc['shared_experts']}, T={mc['task_experts']}" if mc.get("moe_layers", 1) else ""))
 
     if args.image:
+        model, ckpt, fmt = load_checkpoint_model(args.checkpoint, device)
         for path in args.image:
-            x = load_image(path, tcfg["image_size"]).unsqueeze(0).to(device, memory_format=fmt)
+            x = load_image(path, ckpt["train_config"]["image_size"]).unsqueeze(0).to(device, memory_format=fmt)
             with torch.no_grad():
                 probs = torch.sigmoid(model(x)[0].float())[0].cpu()                # (L,)
             order = probs.argsort(descending=True).tolist()
             hits = [l for l in order if probs[l] >= args.threshold] or order[:1]   # always say something
-            print(f"{path}: " + ", ".join(f"{classes[l]} {probs[l]:.3f}" for l in hits))
+            print(f"{path}: " + ", ".join(f"{ckpt['classes'][l]} {probs[l]:.3f}" for l in hits))
         return None
 
-    root = args.data_root or tcfg["data_root"]
-    args.split = args.split or tcfg.get("test_split") or "test"
-    ds = build_dataset(tcfg["dataset"], args.split, root, tcfg["image_size"], augment=False, limit=tcfg["limit"],
-                       empty=tcfg.get("empty_images", "keep"))
-    # Same batch size and memory format as training: identical numerics, so identical metrics.
-    loader = torch.utils.data.DataLoader(ds, batch_size=tcfg["batch_size"], num_workers=tcfg["num_workers"])
-    scores, targets, gates = predict(model, loader, device, amp_dtype, fmt)
+    scores, targets, gates, ckpt, ds, args.split = score_split(args.checkpoint, args.split, args.data_root, device)
+    classes, mc = ckpt["classes"], ckpt["model_config"]
+    print(f"{args.checkpoint}: {mc.get('model', 'drmoe')}, epoch {ckpt['epoch'] + 1}, "
+          f"{ckpt.get('eval_weights', 'raw')} weights"
+          + (f", gate={mc['gate']}, S={mc['shared_experts']}, T={mc['task_experts']}" if mc.get("moe_layers", 1) else ""))
     metrics = multilabel_metrics(scores, targets, args.threshold)
     ap = average_precision(scores, targets)
     print(f"{args.split}: {len(ds)} images, {len(classes)} labels")
@@ -360,15 +384,21 @@ def main(argv=None):
     result = {"checkpoint": args.checkpoint, "split": args.split, **metrics,
               "per_label_AP": {c: float(a) * 100 for c, a in zip(classes, ap)}}
     if gates is not None:
-        stats = gate_statistics(gates, targets, ckpt["model_config"]["shared_experts"], classes)
+        stats = gate_statistics(gates, targets, mc["shared_experts"], classes)
         result["gate"] = stats
     # One table: each label's AP next to how its gate routes.
-    print(f"\n{'label':<16}{'AP':>7}{'pos':>6}" + (f"{'shared':>8}{'single':>8}{'multi':>8}{'vary':>8}" if gates is not None else ""))
+    if gates is not None:
+        print("\nmass on shared experts: over all images, single- and multi-label ones; then over the images "
+              "that contain the label (alone | with others); vary = std of the weights across images")
+    print(f"\n{'label':<16}{'AP':>7}{'pos':>6}" + (f"{'shared':>8}{'single':>8}{'multi':>8}{'alone':>8}{'w/ oth':>8}"
+                                                 f"{'vary':>8}" if gates is not None else ""))
     for l, c in enumerate(classes):
         row = f"{c:<16}{100 * ap[l]:7.2f}{int((targets[:, l] == 1).sum()):6d}"
         if gates is not None:
             s = stats["per_label"][c]
-            row += f"{s['shared_mass']:8.3f}{s['shared_mass_single']:8.3f}{s['shared_mass_multi']:8.3f}{s['variability']:8.3f}"
+            row += "".join(f"{s[k]:8.3f}" for k in ("shared_mass", "shared_mass_single", "shared_mass_multi",
+                                                     "shared_mass_present_single", "shared_mass_present_multi",
+                                                     "variability"))
         print(row)
     if gates is not None:
         o = stats["overall"]
@@ -376,11 +406,41 @@ def main(argv=None):
               f"{o['num_single_label_images']} single-label images, {o['shared_mass_multi']:.3f} on "
               f"{o['num_multi_label_images']} multi-label images; variability across images {o['variability']:.4f}")
         print("      mean weight per expert (shared first): " + ", ".join(f"{w:.3f}" for w in o["mean_weight_per_expert"]))
+    if args.analysis:
+        result["analysis"] = run_analysis(args, scores, targets, gates, ckpt, ds, ap, result.get("gate"), device)
     out = args.json or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval_{args.split}.json")
     with open(out, "w") as fh:
         json.dump(result, fh, indent=2)
     print(f"wrote {out}")
     return result
+
+
+def run_analysis(args, scores, targets, gates, ckpt, ds, ap, stats, device) -> dict:
+    """--analysis (and --compare-to): the pictures and analysis.json of analysis.py."""
+    import analysis
+    from gating import expert_names
+    mc, tc, classes = ckpt["model_config"], ckpt["train_config"], ckpt["classes"]
+    name = lambda c: (f"{c['model_config'].get('model', 'drmoe')} gate={c['model_config']['gate']} "
+                      f"S={c['model_config']['shared_experts']} T={c['model_config']['task_experts']}"
+                      if c["model_config"].get("moe_layers", 1) else c["model_config"].get("model", "drmoe"))
+    other = None
+    if args.compare_to:
+        from data import DatasetError
+        o_scores, o_targets, _, o_ckpt, o_ds, _ = score_split(args.compare_to, args.split, args.data_root, device)
+        # The gain is per label and per image set: both runs must have seen the same labels and images.
+        if o_ckpt["classes"] != classes or list(o_ds.ids) != list(ds.ids):
+            raise DatasetError(f"--compare-to {args.compare_to}: another label set or other images; cannot compare per label")
+        other = {"name": name(o_ckpt), "ap": average_precision(o_scores, o_targets)}
+    log = analysis.read_log(os.path.join(os.path.dirname(args.checkpoint) or ".", "log.jsonl"))
+    res = analysis.write_analysis(args.analysis, classes, targets, gates, stats, ap,
+                                  expert_names(mc["shared_experts"], mc["task_experts"]) if gates is not None else [],
+                                  mc["shared_experts"], log, tc.get("collapse_threshold", 0.8), name(ckpt), other)
+    if other is not None:
+        h = res["heterogeneity"]
+        print(f"heterogeneity: AP gain over {other['name']} vs label heterogeneity: Spearman rho {h['spearman_rho']:.3f} "
+              f"(p = {h['p_value']:.3f}, {h['num_labels']} labels), mean gain {h['mean_gain']:+.2f} AP")
+    print(f"analysis: wrote {', '.join(res['written'])} into {args.analysis}")
+    return res
 
 
 if __name__ == "__main__":

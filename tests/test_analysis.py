@@ -1,0 +1,126 @@
+"""
+Seeing inside the gate (analysis.py, evaluate.py --analysis / --compare-to) and the collapse watch.
+
+- the heterogeneity score on a hand-made label matrix equals the entropy computed by hand;
+- gate statistics restricted to the images that contain a label, on a hand-made example;
+- expert_load: slot masses, concentrated labels, and the collapse warning only above the threshold;
+- evaluate.py --analysis on a tiny trained checkpoint writes PNG files that open and JSON whose numbers
+  equal the gate statistics evaluate.py prints and returns (and the curves equal log.jsonl);
+- --compare-to between two real checkpoints: each label's gain is the difference of the two runs' own
+  per-label APs, and the Spearman correlation equals scipy's on those numbers.
+
+Run: python -m pytest -q tests/test_analysis.py
+"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats as sps
+
+import analysis
+import evaluate
+import train
+from gating import expert_load
+
+TINY = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",
+        "--expert-hidden", "32", "--limit", "64", "--batch-size", "16", "--ema-decay", "0.9", "--epochs", "2"]
+
+
+def test_context_heterogeneity_by_hand():
+    # a with b; a with c; a alone; b with c; plus one ignored (-1) entry that must not count as present
+    t = np.array([[1, 1, 0], [1, 0, 1], [1, 0, 0], [0, 1, 1], [-1, 0, 0]])
+    het = analysis.context_heterogeneity(t)
+    # a: companions b 1, c 1, alone 1 -> uniform over 3 outcomes -> log 3 / log 3 = 1
+    # b: a 1, c 1 -> log 2 / log 3; c likewise
+    assert het == pytest.approx([1.0, math.log(2) / math.log(3), math.log(2) / math.log(3)])
+    # a label always seen with the same companion has entropy 0; a never-present label has none (NaN)
+    het = analysis.context_heterogeneity(np.array([[1, 1, 0], [1, 1, 0]]))
+    assert het[0] == pytest.approx(0.0) and het[1] == pytest.approx(0.0) and np.isnan(het[2])
+
+
+def test_gate_statistics_on_present_labels_by_hand():
+    # 3 images x 2 labels x 2 experts (S = 1 shared first): a alone; a and b; nothing.
+    gates = np.array([[[0.9, 0.1], [0.3, 0.7]],
+                      [[0.6, 0.4], [0.5, 0.5]],
+                      [[0.2, 0.8], [0.1, 0.9]]])
+    targets = np.array([[1, 0], [1, 1], [0, 0]])
+    s = evaluate.gate_statistics(gates, targets, num_shared=1, classes=["a", "b"])
+    a, b, o = s["per_label"]["a"], s["per_label"]["b"], s["overall"]
+    assert a["shared_mass"] == pytest.approx((0.9 + 0.6 + 0.2) / 3)
+    assert (a["shared_mass_present_single"], a["shared_mass_present_multi"]) == pytest.approx((0.9, 0.6))
+    assert b["shared_mass_single"] == pytest.approx(0.3)          # image 0 is single-label, though not b's
+    assert math.isnan(b["shared_mass_present_single"])            # b is never alone
+    assert b["shared_mass_present_multi"] == pytest.approx(0.5)
+    assert o["shared_mass_single"] == pytest.approx((0.9 + 0.3) / 2)
+    assert o["shared_mass_present_single"] == pytest.approx(0.9)
+    assert o["shared_mass_present_multi"] == pytest.approx((0.6 + 0.5) / 2)
+
+
+def test_expert_load_warns_only_on_collapse():
+    names = ["shared0", "own0"]
+    mass = torch.tensor([[0.5, 0.5], [0.1, 0.9], [0.2, 0.8]])     # (L, E) per-label mean gate weights
+    summary, warning = expert_load(mass, names, threshold=0.8)
+    assert summary["expert_mass"] == pytest.approx({"shared0": 0.8 / 3, "own0": 2.2 / 3})
+    assert summary["labels_concentrated"] == 1                     # only 0.9 > 0.8 (0.8 is not above it)
+    assert warning is None                                         # 0.73 of all mass: not yet collapse
+    summary, warning = expert_load(torch.tensor([[0.05, 0.95], [0.1, 0.9]]), names, threshold=0.8)
+    assert "own0" in warning and "--aux-loss-coef" in warning
+    assert expert_load(torch.ones(3, 1), ["own0"], 0.8)[1] is None  # one expert: nothing to collapse
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for gate in ("dynamic", "static"):
+        train.main(TINY + ["--gate", gate, "--out-dir", str(root / gate)])
+    return root
+
+
+def test_analysis_pictures_and_numbers(two_runs, capsys):
+    out = two_runs / "analysis"
+    result = evaluate.main(["--checkpoint", str(two_runs / "dynamic" / "best.pt"), "--analysis", str(out)])
+    printed = capsys.readouterr().out
+    for name in ("gate_heatmap.png", "gate_shared_vs_task.png", "curves.png"):
+        with Image.open(out / name) as im:
+            im.verify()                                            # a complete, valid PNG
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.width > 300 and im.height > 300
+    saved = json.load(open(out / "analysis.json"))
+    # The JSON's gate numbers are the ones evaluate.py returned and printed.
+    assert json.dumps(saved["gate_statistics"], sort_keys=True) == json.dumps(result["gate"], sort_keys=True)
+    o = result["gate"]["overall"]
+    assert f"mass on shared experts {o['shared_mass']:.3f} overall" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("circle "))
+    assert f"{result['gate']['per_label']['circle']['variability']:.3f}" in row
+    # The heatmap's cells average to the overall mean weight per expert; each label's row sums to 1.
+    cells = np.array([list(saved["mean_gate_weight"][c].values()) for c in saved["classes"]])   # (L, E)
+    assert np.allclose(cells.sum(1), 1, atol=1e-5)
+    assert np.allclose(cells.mean(0), o["mean_weight_per_expert"], atol=1e-6)
+    # The curves are the run's log, epoch by epoch.
+    log = [json.loads(line) for line in open(two_runs / "dynamic" / "log.jsonl")]
+    assert saved["curves"]["train_loss"] == [r["train_loss"] for r in log]
+    assert saved["curves"]["expert_mass"]["shared0"] == [r["gate"]["expert_mass"]["shared0"] for r in log]
+
+
+def test_heterogeneity_between_two_checkpoints(two_runs):
+    out = two_runs / "compare"
+    a = evaluate.main(["--checkpoint", str(two_runs / "dynamic" / "best.pt"), "--analysis", str(out),
+                       "--compare-to", str(two_runs / "static" / "best.pt")])
+    b = evaluate.main(["--checkpoint", str(two_runs / "static" / "best.pt")])
+    with Image.open(out / "heterogeneity.png") as im:
+        im.verify()
+    het = json.load(open(out / "analysis.json"))["heterogeneity"]
+    gains, scores = [], []
+    for c, v in het["per_label"].items():
+        ap_a, ap_b = a["per_label_AP"][c], b["per_label_AP"][c]
+        if np.isfinite(ap_a):
+            assert v["gain"] == pytest.approx(ap_a - ap_b) and v["AP_other"] == pytest.approx(ap_b)
+            gains.append(v["gain"])
+            scores.append(v["heterogeneity"])
+    rho, p = sps.spearmanr(scores, gains)
+    assert het["spearman_rho"] == pytest.approx(rho) and het["p_value"] == pytest.approx(p)
+    assert "static" in het["other"]
