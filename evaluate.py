@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distributed import gather_rows
+from distributed import gather_rows, is_main
 
 # Number of labels an image may predict in the "top-k" protocol. 3 is the
 # value used since CNN-RNN (COCO images carry ~2.9 labels on average).
@@ -258,7 +258,7 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
     """
     model.eval()
     scores, targets, gates = [], [], []
-    for x, y in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True):
+    for x, y in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not is_main()):
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits, info = model(x)

@@ -30,6 +30,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -280,8 +281,6 @@ def main(argv=None):
     rank, world, ddp_device = distributed.setup(tcfg.device)
     main_proc = rank == 0
     say = print if main_proc else (lambda *a, **k: None)
-    if not main_proc:
-        os.environ["TQDM_DISABLE"] = "1"   # one set of progress bars, rank 0's
     ckpt = None
     if tcfg.resume:
         path = os.path.join(tcfg.out_dir, "last.pt") if tcfg.resume == "auto" else tcfg.resume
@@ -377,6 +376,10 @@ def main(argv=None):
     step_model = torch.compile(model) if use_compile else model
     if world > 1:
         step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+        # With T = 1 the task experts' (L, 1, D, H) weights get gradients whose stride on the size-1 axis
+        # differs from the parameter's; autograd ignores size-1 strides, DDP's bucket check does not and
+        # warns every run. The memory layout is the same, so the warning says nothing here.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     # The EMA is a second copy of the model whose weights trail the trained ones; it is evaluated beside
     # them every epoch (Q2L reports its EMA numbers) and the better of the two is what "best" means.
     # Copied after the DDP wrap, so it starts from rank 0's weights on every rank.
@@ -427,7 +430,8 @@ def main(argv=None):
         sums = torch.zeros(2, device=device)   # running (classification loss, aux loss), read once at the end
         gate_mass = 0.0   # running sum over steps of each label's mean gate weight per expert, (L, E)
         t0, n_seen, wait = time.time(), 0, 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not main_proc)   # one progress bar, rank 0's
         t_ready = time.time()
         for i, (x, y) in enumerate(bar):
             wait += time.time() - t_ready   # time spent waiting for data, to tell a slow loader from a slow model
