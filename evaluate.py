@@ -43,8 +43,9 @@ Inputs may be numpy arrays, torch tensors (any device/dtype) or nested lists;
 everything is computed in float64 on the CPU.
 
 Below the metrics: `predict` (a model over a DataLoader -> scores, targets,
-gate weights; train.py uses it too), `gate_statistics` (how the gate splits
-each label's mass between shared and task experts), and the command line:
+gate weights; train.py uses it too) and the command line, which also prints
+analysis.gate_statistics (how the gate splits each label's mass between
+shared and task experts) and, with --analysis, draws analysis.py's pictures:
 
     python evaluate.py --checkpoint runs/synthetic/best.pt          # test split
     python evaluate.py --checkpoint runs/synthetic/best.pt --image cat.jpg
@@ -61,6 +62,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from analysis import gate_statistics
+from config import amp_dtype_for, pick_device
 from distributed import gather_rows, is_main
 
 # Number of labels an image may predict in the "top-k" protocol. 3 is the
@@ -274,40 +277,6 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
     return scores.numpy(), targets.numpy(), gates.numpy() if gates is not None else None
 
 
-def gate_statistics(gates: np.ndarray, targets: np.ndarray, num_shared: int, classes) -> dict:
-    """How the gate splits each label's mass between shared and task experts, and how much that varies.
-
-    gates (N, L, E) with the S shared experts first; targets (N, L). For every label, over all test images
-    (the gate runs for every label on every image): the mean mass on shared experts, separately for
-    single-label images (one positive) and multi-label images (two or more), and the routing variability:
-    the std across images of each expert's weight, averaged over the label's E experts. A static gate
-    has variability 0 by construction; an input-conditioned gate that learned nothing is close to 0 too.
-    The "_present" variants look only at images that contain the label: how a label routes when it is
-    there, alone (single) or with others (multi); "overall" then averages over (image, present label) pairs.
-    """
-    shared = gates[..., :num_shared].sum(-1)                       # (N, L) mass on shared experts
-    present = targets == 1                                         # (N, L)
-    n_pos = present.sum(1)                                         # (N,) labels present per image
-    single, multi = n_pos == 1, n_pos >= 2
-    variability = gates.std(axis=0).mean(-1)                       # (N, L, E) -> (L, E) -> (L,)
-    mean_or_nan = lambda a: float(a.mean()) if a.size else float("nan")
-    per_label = {name: {"shared_mass": mean_or_nan(shared[:, l]),
-                        "shared_mass_single": mean_or_nan(shared[single, l]),
-                        "shared_mass_multi": mean_or_nan(shared[multi, l]),
-                        "shared_mass_present_single": mean_or_nan(shared[single & present[:, l], l]),
-                        "shared_mass_present_multi": mean_or_nan(shared[multi & present[:, l], l]),
-                        "variability": float(variability[l])}
-                 for l, name in enumerate(classes)}
-    overall = {"shared_mass": mean_or_nan(shared), "shared_mass_single": mean_or_nan(shared[single]),
-               "shared_mass_multi": mean_or_nan(shared[multi]),
-               "shared_mass_present_single": mean_or_nan(shared[present & single[:, None]]),
-               "shared_mass_present_multi": mean_or_nan(shared[present & multi[:, None]]),
-               "variability": float(variability.mean()),
-               "num_single_label_images": int(single.sum()), "num_multi_label_images": int(multi.sum()),
-               "mean_weight_per_expert": gates.mean(axis=(0, 1)).tolist()}
-    return {"overall": overall, "per_label": per_label}
-
-
 def load_checkpoint_model(path: str, device):
     """Rebuild the model from a checkpoint alone: its saved ModelConfig, then the weights it was judged by."""
     from model import ModelConfig, build_model, set_memory_format
@@ -330,7 +299,6 @@ def score_split(path: str, split, data_root, device):
     size and memory format as training: identical numerics, hence identical metrics.
     """
     from data import build_dataset
-    from train import amp_dtype_for
     model, ckpt, fmt = load_checkpoint_model(path, device)
     tcfg = ckpt["train_config"]
     split = split or tcfg.get("test_split") or "test"
@@ -343,7 +311,6 @@ def score_split(path: str, split, data_root, device):
 
 def main(argv=None):
     from data import load_image
-    from train import pick_device
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on a split, or predict the labels of images.")
     p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by train.py")
     p.add_argument("--split", default=None, help="split to evaluate [default: the run's test split]")

@@ -2,7 +2,8 @@
 Seeing inside the gate (analysis.py, evaluate.py --analysis / --compare-to) and the collapse watch.
 
 - the heterogeneity score on a hand-made label matrix equals the entropy computed by hand;
-- gate statistics restricted to the images that contain a label, on a hand-made example;
+- gate statistics on hand-made examples: shared mass over single- and multi-label images, variability,
+  and the same restricted to the images that contain the label;
 - expert_load: slot masses, concentrated labels, and the collapse warning only above the threshold;
 - evaluate.py --analysis on a tiny trained checkpoint writes PNG files that open and JSON whose numbers
   equal the gate statistics evaluate.py prints and returns (and the curves equal log.jsonl);
@@ -13,7 +14,6 @@ Run: python -m pytest -q tests/test_analysis.py
 """
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -42,13 +42,24 @@ def test_context_heterogeneity_by_hand():
     assert het[0] == pytest.approx(0.0) and het[1] == pytest.approx(0.0) and np.isnan(het[2])
 
 
+def test_gate_statistics_by_hand():
+    # 2 images x 2 labels x 3 experts (S = 2 shared first); image 0 has one label, image 1 two.
+    gates = torch.tensor([[[0.5, 0.25, 0.25]], [[0.1, 0.1, 0.8]]]).numpy().repeat(2, axis=1)   # (2, 2, 3)
+    targets = torch.tensor([[1.0, 0.0], [1.0, 1.0]]).numpy()
+    s = analysis.gate_statistics(gates, targets, num_shared=2, classes=["a", "b"])
+    assert s["per_label"]["a"]["shared_mass_single"] == pytest.approx(0.75)
+    assert s["per_label"]["a"]["shared_mass_multi"] == pytest.approx(0.2)
+    assert s["per_label"]["a"]["shared_mass"] == pytest.approx(0.475)
+    assert s["per_label"]["a"]["variability"] == pytest.approx((0.2 + 0.075 + 0.275) / 3)   # population std per expert
+
+
 def test_gate_statistics_on_present_labels_by_hand():
     # 3 images x 2 labels x 2 experts (S = 1 shared first): a alone; a and b; nothing.
     gates = np.array([[[0.9, 0.1], [0.3, 0.7]],
                       [[0.6, 0.4], [0.5, 0.5]],
                       [[0.2, 0.8], [0.1, 0.9]]])
     targets = np.array([[1, 0], [1, 1], [0, 0]])
-    s = evaluate.gate_statistics(gates, targets, num_shared=1, classes=["a", "b"])
+    s = analysis.gate_statistics(gates, targets, num_shared=1, classes=["a", "b"])
     a, b, o = s["per_label"]["a"], s["per_label"]["b"], s["overall"]
     assert a["shared_mass"] == pytest.approx((0.9 + 0.6 + 0.2) / 3)
     assert (a["shared_mass_present_single"], a["shared_mass_present_multi"]) == pytest.approx((0.9, 0.6))

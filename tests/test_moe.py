@@ -11,7 +11,6 @@ Run: python -m pytest -q tests/test_moe.py
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from experts import Experts
 from gating import GATE_KINDS, Gate

@@ -110,17 +110,6 @@ def test_checkpoint_round_trip_and_evaluate_cli(tmp_path, capsys):
     assert str(path) in capsys.readouterr().out
 
 
-def test_gate_statistics_by_hand():
-    # 2 images x 2 labels x 3 experts (S = 2 shared first); image 0 has one label, image 1 two.
-    gates = torch.tensor([[[0.5, 0.25, 0.25]], [[0.1, 0.1, 0.8]]]).numpy().repeat(2, axis=1)   # (2, 2, 3)
-    targets = torch.tensor([[1.0, 0.0], [1.0, 1.0]]).numpy()
-    s = evaluate.gate_statistics(gates, targets, num_shared=2, classes=["a", "b"])
-    assert s["per_label"]["a"]["shared_mass_single"] == pytest.approx(0.75)
-    assert s["per_label"]["a"]["shared_mass_multi"] == pytest.approx(0.2)
-    assert s["per_label"]["a"]["shared_mass"] == pytest.approx(0.475)
-    assert s["per_label"]["a"]["variability"] == pytest.approx((0.2 + 0.075 + 0.275) / 3)   # population std per expert
-
-
 def test_offline_weights_error_says_where(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     def no_network(*a, **k):

@@ -1,0 +1,236 @@
+"""
+Pictures with pillow alone (no matplotlib: the design card's packages): the few chart types analysis.py
+needs, each a function that takes numbers and writes one PNG.
+
+    heatmap(path, mean_w (L, E), variability (L,), ...)    labels x experts, values in the cells, a colour bar
+    shared_vs_task(path, gate statistics, ...)             0..1 bars per label, two per label
+    curves(path, log, ...)                                 per-epoch lines, one panel per quantity
+    heterogeneity(path, test, ...)                         a labelled scatter around a zero line
+
+Every chart has a title, axis labels, the label names and, where colour encodes a value, a colour scale.
+The scale is viridis (perceptually ordered, readable in grey and by colour-blind readers).
+"""
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+FG, GRID, MUTED = (30, 30, 30), (225, 225, 225), (120, 120, 120)   # ink, grid lines, secondary text
+# viridis at 5 stops, interpolated linearly between them: close enough to the full map for a legend
+VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=float)
+# Line and bar colours, one per series: matplotlib's default cycle, which readers already know how to read.
+SERIES = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+          (227, 119, 194), (127, 127, 127)]
+
+
+def font(size: int):
+    """Pillow's own font (no font file to find on a fresh machine), at `size` px where Pillow can scale it."""
+    try:
+        return ImageFont.load_default(size=size)       # scalable (Pillow >= 10.1 with FreeType)
+    except TypeError:
+        return ImageFont.load_default()                # older Pillow: the fixed bitmap font
+
+
+def colour(v: float, lo: float, hi: float):
+    """v in [lo, hi] -> an RGB tuple on the viridis scale (values outside are clipped to its ends)."""
+    # t in [0, 4]: which pair of stops v falls between (i) and how far along (t - i)
+    t = 0.0 if hi <= lo else min(max((v - lo) / (hi - lo), 0.0), 1.0) * (len(VIRIDIS) - 1)
+    i = min(int(t), len(VIRIDIS) - 2)
+    return tuple(int(c) for c in VIRIDIS[i] + (t - i) * (VIRIDIS[i + 1] - VIRIDIS[i]))
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5):
+    """About n round tick values covering [lo, hi]."""
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        hi = lo + 1
+    # The step is the "round" number (1, 2, 2.5 or 5 times a power of ten) closest to the range / n.
+    raw = (hi - lo) / n
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 2.5, 5, 10)), key=lambda s: abs(s - raw))
+    return [k * step for k in range(math.floor(lo / step), math.ceil(hi / step) + 1)]
+
+
+def axes(img, box, xlim, ylim, xlabel, ylabel, title, xticks=None, yticks=None, fmt="{:g}"):
+    """Frame, grid, ticks and labels in pixel box (x0, y0, x1, y1) of img -> to_px(x, y)."""
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = box
+    # Data -> pixels: x grows to the right, y grows *up* (pixel rows grow down, hence y1 - ...).
+    to_px = lambda x, y: (x0 + (x - xlim[0]) / (xlim[1] - xlim[0]) * (x1 - x0),
+                          y1 - (y - ylim[0]) / (ylim[1] - ylim[0]) * (y1 - y0))
+    f = font(12)
+    for t in yticks if yticks is not None else nice_ticks(*ylim):
+        if ylim[0] <= t <= ylim[1]:
+            y = to_px(xlim[0], t)[1]
+            draw.line([(x0, y), (x1, y)], fill=GRID)
+            draw.text((x0 - 6, y), fmt.format(t), fill=FG, font=f, anchor="rm")
+    for t in xticks if xticks is not None else nice_ticks(*xlim):
+        if xlim[0] <= t <= xlim[1]:
+            x = to_px(t, ylim[0])[0]
+            draw.line([(x, y0), (x, y1)], fill=GRID)
+            draw.text((x, y1 + 6), fmt.format(t), fill=FG, font=f, anchor="mt")
+    draw.rectangle(box, outline=FG)
+    draw.text(((x0 + x1) / 2, y1 + 26), xlabel, fill=FG, font=font(13), anchor="mt")
+    draw.text((x0, y0 - 8), title, fill=FG, font=font(15), anchor="ld")
+    # the y label, written sideways on its own small image and pasted left of the tick labels
+    lab = Image.new("RGB", (int(y1 - y0), 18), "white")
+    ImageDraw.Draw(lab).text((lab.width / 2, 9), ylabel, fill=FG, font=font(13), anchor="mm")
+    img.paste(lab.rotate(90, expand=True), (int(x0 - 62), int(y0)))
+    return to_px
+
+
+def legend(draw, xy, items):
+    """items [(name, rgb)] as coloured squares with names, one per line, from xy."""
+    x, y = xy
+    for name, rgb in items:
+        draw.rectangle([x, y, x + 12, y + 12], fill=rgb)
+        draw.text((x + 18, y + 6), name, fill=FG, font=font(12), anchor="lm")
+        y += 18
+
+
+def heatmap(path, mean_w, variability, classes, experts, num_shared, title):
+    """labels x experts mean gate weights, values in the cells, variability bars beside, colour bar below."""
+    L, E = mean_w.shape
+    cw, ch, left, top = 64, 22, 150, 130
+    bar_x = left + E * cw + 40                                          # variability column
+    img = Image.new("RGB", (bar_x + 230, top + L * ch + 110), "white")
+    d = ImageDraw.Draw(img)
+    d.text((20, 18), title, fill=FG, font=font(16))
+    # The colour scale starts at 0, not at the smallest weight, and is the same for every label, so a
+    # colour means one weight everywhere; it ends at the largest weight rounded up to 0.1 (the rows sum to
+    # 1 over E experts, so most weights sit near 1/E and a 0..1 scale would wash them out).
+    hi = max(0.1, math.ceil(mean_w.max() * 10) / 10)
+    for j, name in enumerate(experts):                                  # column headers and group bands
+        d.text((left + j * cw + cw / 2, top - 8), name, fill=FG, font=font(12), anchor="md")
+    for lo, hi_j, name in ((0, num_shared, "shared"), (num_shared, E, "task")):
+        if hi_j > lo:
+            d.line([(left + lo * cw + 3, top - 30), (left + hi_j * cw - 3, top - 30)], fill=FG, width=2)
+            d.text((left + (lo + hi_j) * cw / 2, top - 36), name, fill=FG, font=font(12), anchor="md")
+    d.text((left + E * cw / 2, top - 60), "expert", fill=FG, font=font(13), anchor="md")
+    d.text((20, top - 8), "label", fill=FG, font=font(13), anchor="ld")
+    vmax = max(1e-6, float(np.nanmax(variability)))
+    for l, c in enumerate(classes):
+        y = top + l * ch
+        d.text((left - 8, y + ch / 2), c, fill=FG, font=font(12), anchor="rm")
+        for j in range(E):
+            rgb = colour(mean_w[l, j], 0, hi)
+            d.rectangle([left + j * cw, y, left + (j + 1) * cw - 1, y + ch - 1], fill=rgb)
+            ink = FG if sum(rgb) > 380 else (255, 255, 255)             # dark text on light cells
+            # The number in the cell: colours are for seeing patterns, numbers for checking (analysis.json).
+            d.text((left + j * cw + cw / 2, y + ch / 2), f"{mean_w[l, j]:.2f}", fill=ink, font=font(11), anchor="mm")
+        w = 150 * variability[l] / vmax   # bars relative to the most variable label; the value is written beside
+        d.rectangle([bar_x, y + 4, bar_x + w, y + ch - 5], fill=SERIES[0])
+        d.text((bar_x + w + 4, y + ch / 2), f"{variability[l]:.3f}", fill=FG, font=font(11), anchor="lm")
+    if num_shared and num_shared < E:                                   # the shared | task boundary
+        d.line([(left + num_shared * cw, top - 4), (left + num_shared * cw, top + L * ch)], fill="white", width=3)
+    d.text((bar_x, top - 8), "routing variability", fill=FG, font=font(12), anchor="ld")
+    d.text((bar_x, top - 24), "(std over images)", fill=MUTED, font=font(11), anchor="ld")
+    y = top + L * ch + 30                                               # colour bar
+    for k in range(E * cw):
+        d.line([(left + k, y), (left + k, y + 14)], fill=colour(k / (E * cw - 1) * hi, 0, hi))
+    for t in nice_ticks(0, hi, 4):
+        if t <= hi + 1e-9:
+            x = left + t / hi * (E * cw - 1)
+            d.line([(x, y + 14), (x, y + 19)], fill=FG)
+            d.text((x, y + 21), f"{t:g}", fill=FG, font=font(11), anchor="mt")
+    d.text((left, y + 40), "mean gate weight over the split (each row sums to 1)", fill=FG, font=font(12))
+    d.text((left, y + 58), "shared: experts every label uses; task: the label's own experts", fill=MUTED, font=font(12))
+    img.save(path)
+
+
+def shared_vs_task(path, stats, classes, title):
+    """Per label (and overall): its mass on shared experts on the images that contain it, alone (single-label
+    images) or with other labels (multi-label images), as 0..1 bars."""
+    rows = [("all labels", stats["overall"])] + [(c, stats["per_label"][c]) for c in classes]
+    left, top, width, rh = 150, 90, 420, 30
+    img = Image.new("RGB", (left + width + 260, top + len(rows) * rh + 80), "white")
+    d = ImageDraw.Draw(img)
+    d.text((20, 18), title, fill=FG, font=font(16))
+    kinds = (("shared_mass_present_single", "label alone in the image", SERIES[0]),
+             ("shared_mass_present_multi", "label with other labels", SERIES[1]))
+    for t in (0, 0.25, 0.5, 0.75, 1.0):   # a fraction of the mass: always the full 0..1 axis, never zoomed
+        x = left + t * width
+        d.line([(x, top - 4), (x, top + len(rows) * rh)], fill=GRID)
+        d.text((x, top + len(rows) * rh + 6), f"{t:g}", fill=FG, font=font(11), anchor="mt")
+    for i, (name, s) in enumerate(rows):
+        y = top + i * rh
+        d.text((left - 8, y + rh / 2), name, fill=FG, font=font(12 if i else 13), anchor="rm")
+        for k, (key, _, rgb) in enumerate(kinds):
+            yy = y + 3 + k * 12
+            v = s[key]
+            if v == v:                                                  # NaN: no such image in the split
+                d.rectangle([left, yy, left + v * width, yy + 10], fill=rgb)
+                d.rectangle([left + v * width, yy, left + width, yy + 10], outline=rgb)
+                d.text((left + width + 6, yy + 5), f"{v:.2f}", fill=FG, font=font(11), anchor="lm")
+        if i == 0:
+            d.line([(left - 140, y + rh), (left + width + 50, y + rh)], fill=MUTED)
+    d.text((left + width / 2, top + len(rows) * rh + 24), "mass on shared experts (the rest goes to the label's own)",
+           fill=FG, font=font(13), anchor="mt")
+    legend(d, (left + width + 60, top), [(n, rgb) for _, n, rgb in kinds])
+    d.text((left + width + 60, top + 44), "filled: shared experts", fill=FG, font=font(12))
+    d.text((left + width + 60, top + 60), "outlined: the label's own", fill=FG, font=font(12))
+    d.text((left + width + 60, top + 76), "(images that contain", fill=MUTED, font=font(11))
+    d.text((left + width + 60, top + 90), "the label; no bar: none)", fill=MUTED, font=font(11))
+    img.save(path)
+
+
+def curves(path, log, threshold, title):
+    """Training loss, validation mAP and the mass per expert slot against the epoch."""
+    panels = [("train_loss", "training loss")] + [("val_mAP", "validation mAP")]
+    if "expert_mass" in log:
+        panels.append(("expert_mass", "mass per expert slot"))
+    W, ph = 620, 230
+    img = Image.new("RGB", (W + 200, 60 + len(panels) * (ph + 90)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((20, 18), title, fill=FG, font=font(16))
+    ep = log["epoch"]
+    xlim = (min(ep) - 0.5, max(ep) + 0.5)
+    for p, (key, name) in enumerate(panels):
+        box = (100, 80 + p * (ph + 90), W, 80 + p * (ph + 90) + ph)
+        series = ({"train": log["train_loss"]} if key == "train_loss" else
+                  {k[8:]: v for k, v in log.items() if k.startswith("val_mAP_")} if key == "val_mAP" else log[key])
+        vals = [v for s in series.values() for v in s if v is not None]
+        # Loss and mAP are zoomed to their data (their trend is the point); the expert mass is a share
+        # of 1 and keeps the full 0..1 axis, so that a slot near the collapse line looks near it.
+        lo, hi = (0.0, 1.0) if key == "expert_mass" else (min(vals), max(vals))
+        pad = 0.05 * (hi - lo or 1)
+        ylim = (lo, hi) if key == "expert_mass" else (lo - pad, hi + pad)
+        to_px = axes(img, box, xlim, ylim, "epoch", name, name,
+                     xticks=range(1, max(ep) + 1, max(1, math.ceil(max(ep) / 10))))   # whole epochs
+        for k, (sname, s) in enumerate(series.items()):
+            pts = [to_px(e, v) for e, v in zip(ep, s) if v is not None]
+            d.line(pts, fill=SERIES[k % len(SERIES)], width=2)
+            for x, y in pts:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=SERIES[k % len(SERIES)])
+        if key == "expert_mass":   # dashed: the collapse warning's threshold (train.py --collapse-threshold)
+            y = to_px(xlim[0], threshold)[1]
+            for x in range(box[0], box[2], 12):
+                d.line([(x, y), (x + 6, y)], fill=SERIES[3], width=1)
+            d.text((box[2] - 4, y - 3), f"collapse warning above {threshold:g}", fill=SERIES[3], font=font(11), anchor="rd")
+        legend(d, (W + 20, box[1]), [(n, SERIES[k % len(SERIES)]) for k, n in enumerate(series)])
+    img.save(path)
+
+
+def heterogeneity(path, het, title):
+    """AP gain of this model over the other against each label's heterogeneity, names beside the points."""
+    pl = het["per_label"]
+    names = [c for c in pl if np.isfinite(pl[c]["heterogeneity"]) and np.isfinite(pl[c]["gain"])]
+    xs, ys = np.array([pl[c]["heterogeneity"] for c in names]), np.array([pl[c]["gain"] for c in names])
+    img = Image.new("RGB", (820, 640), "white")
+    d = ImageDraw.Draw(img)
+    d.text((20, 14), title, fill=FG, font=font(16))
+    d.text((20, 38), f"Spearman rho = {het['spearman_rho']:.2f}, p = {het['p_value']:.3f} over {het['num_labels']} labels; "
+           f"mean gain {het['mean_gain']:+.2f} AP", fill=FG, font=font(13))
+    # Symmetric about 0, so that a gain and a loss of the same size look the same size.
+    span = max(1.0, float(np.abs(ys).max()) if len(ys) else 1.0) * 1.1
+    xlo, xhi = (float(xs.min()), float(xs.max())) if len(xs) else (0.0, 1.0)
+    pad = 0.08 * (xhi - xlo or 1)
+    to_px = axes(img, (110, 90, 780, 560), (xlo - pad, xhi + pad), (-span, span),
+                 "label heterogeneity (entropy of its co-occurrence context, 0..1)", "AP gain (points)",
+                 "", fmt="{:g}")
+    y0 = to_px(0, 0)[1]
+    d.line([(110, y0), (780, y0)], fill=MUTED, width=2)
+    for c, x, y in zip(names, xs, ys):
+        px, py = to_px(x, y)
+        rgb = SERIES[2] if y >= 0 else SERIES[3]   # green: this model better on the label, red: worse
+        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=rgb)
+        d.text((px + 6, py), c, fill=FG, font=font(11), anchor="lm")
+    img.save(path)
