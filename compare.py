@@ -14,6 +14,8 @@ one markdown table and paired tests of DR-MoE against the others. Three sets of 
     python compare.py --set balance          # 4 configurations x 3 seeds
     python compare.py --only drmoe hsq --seeds 0 1 --extra="--epochs 2 --limit 512"   # a quick look
     python compare.py --report               # only rebuild the table from the runs already on disk
+    python compare.py --heterogeneity "dynamic S=2 T=1" "label S=2 T=2"   # per-label gain vs heterogeneity,
+                                             # seed by seed and pooled (evaluate.py --compare-to on each pair)
 
 Every run is a plain `train.py` run in <out>/<name>/seed<k>/ (its log.jsonl, best.pt, metrics.json), so
 any cell of the table can be re-checked with evaluate.py. Nothing is lost on interruption: finished runs
@@ -73,9 +75,13 @@ BALANCE = {DEFAULT: ABLATION[DEFAULT],
 SETS = {"models": (MODELS, "drmoe"), "ablation": (ABLATION, DEFAULT), "balance": (BALANCE, DEFAULT)}
 
 
+def slug(name: str) -> str:
+    """A configuration's name as a folder name: "dynamic S=2 T=1" -> "dynamic-S-2-T-1"."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name)
+
+
 def run_dir(out: str, name: str, seed: int) -> str:
-    """runs/compare/<name as a folder name>/seed<k>: "dynamic S=2 T=1" -> dynamic-S-2-T-1."""
-    return os.path.join(out, re.sub(r"[^A-Za-z0-9.]+", "-", name), f"seed{seed}")
+    return os.path.join(out, slug(name), f"seed{seed}")
 
 
 def train_one(name: str, flags: list, seed: int, out: str, extra: list) -> bool:
@@ -186,6 +192,43 @@ def report_grid(rows: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def heterogeneity(out: str, a: str, b: str, seeds) -> str:
+    """Is a's per-label AP gain over b larger on heterogeneous labels? Seed by seed, then pooled.
+
+    For each seed with both runs finished: evaluate.py --checkpoint a --analysis ... --compare-to b (whose
+    heterogeneity.png and analysis.json land in <out>/heterogeneity/<a>-vs-<b>/seed<k>/). Pooled: each
+    label's gain averaged over the seeds, against its heterogeneity (the same for every seed: the test
+    split is fixed), so seed noise in single labels averages out before the rank correlation.
+    """
+    import evaluate   # here: it pulls in torch and the models, which the training driver above does not need
+    folder = os.path.join(out, "heterogeneity", f"{slug(a)}-vs-{slug(b)}")
+    tests = {}
+    for seed in seeds:
+        ca, cb = (os.path.join(run_dir(out, n, seed), "best.pt") for n in (a, b))
+        if os.path.exists(ca) and os.path.exists(cb):
+            res = evaluate.main(["--checkpoint", ca, "--analysis", os.path.join(folder, f"seed{seed}"),
+                                 "--compare-to", cb, "--json", os.path.join(folder, f"eval_seed{seed}.json")])
+            tests[seed] = res["analysis"]["heterogeneity"]
+    if not tests:
+        return f"no seed has both {a!r} and {b!r} finished in {out}\n"
+    labels = list(next(iter(tests.values()))["per_label"])
+    het = np.array([tests[min(tests)]["per_label"][c]["heterogeneity"] for c in labels])          # (L,)
+    gains = np.array([[t["per_label"][c]["gain"] for c in labels] for t in tests.values()])     # (seeds, L)
+    ok = np.isfinite(het) & np.isfinite(gains).all(0)
+    rho, p = stats.spearmanr(het[ok], gains[:, ok].mean(0))
+    lines = [f"{a} minus {b}: per-label AP gain against label heterogeneity (Spearman over {int(ok.sum())} labels)", "",
+             "| seeds | mean gain (AP points) | Spearman rho | p |", "|---|---|---|---|"]
+    lines += [f"| {k} | {t['mean_gain']:+.2f} | {t['spearman_rho']:+.2f} | {t['p_value']:.3f} |" for k, t in tests.items()]
+    lines += [f"| pooled ({len(tests)} seeds, gains averaged per label) | {np.nanmean(gains):+.2f} | {rho:+.2f} | {p:.3f} |",
+              "", "| label | heterogeneity | gain per seed | mean gain |", "|---|---|---|---|"]
+    for l in np.argsort(-het):   # most heterogeneous first
+        lines.append(f"| {labels[l]} | {het[l]:.3f} | {', '.join(f'{g:+.2f}' for g in gains[:, l])} | {gains[:, l].mean():+.2f} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(folder, "results.md"), "w") as fh:
+        fh.write(table)
+    return table
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--set", default="models", choices=list(SETS), help="which configurations [models]")
@@ -195,7 +238,16 @@ def main(argv=None):
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. --extra='--epochs 2'")
     p.add_argument("--out", default="runs/compare", help="where the runs and results go [runs/compare]")
     p.add_argument("--report", action="store_true", help="do not train; rebuild the table from finished runs")
+    p.add_argument("--heterogeneity", nargs=2, default=None, metavar=("A", "B"),
+                   help="do not train; A's per-label AP gain over B vs label heterogeneity, for every seed")
     args = p.parse_args(argv)
+    if args.heterogeneity:
+        every = {**MODELS, **ABLATION, **BALANCE}
+        unknown = [n for n in args.heterogeneity if n not in every]
+        if unknown:
+            p.error(f"unknown configuration(s) {unknown}; choose from {list(every)}")
+        print(heterogeneity(args.out, *args.heterogeneity, args.seeds))
+        return
     runs, reference = SETS[args.set]
     names = args.only or list(runs)
     unknown = [n for n in names if n not in runs]

@@ -1,0 +1,84 @@
+"""
+compare.py: the sets of configurations, the tables built from finished runs, and the heterogeneity pooling.
+
+- the ablation set is the full grid gate kind x S in {0, 1, 2, 4} x T in {1, 2}, with one run standing for
+  the four kinds where S + T = 1 (the gate is then the constant 1);
+- from run folders written here (metrics.json + log.jsonl, no training), the grid shows mean ± sample std
+  per cell, repeats the S + T = 1 run in every gate column, and its paired differences and p-values equal
+  scipy's paired t-test on the same numbers; the flat table reads the largest expert share from the log;
+- --heterogeneity on tiny trained runs for 2 seeds: the pooled Spearman correlation equals scipy's on
+  the per-label gains averaged over the seeds' analysis.json files.
+
+Run: python -m pytest -q tests/test_compare.py
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import compare
+import train
+from gating import GATE_KINDS
+
+
+def fake_run(out, name, seed, m_ap, share=0.5):
+    d = compare.run_dir(str(out), name, seed)
+    os.makedirs(d)
+    json.dump({"mAP": m_ap, "CF1": m_ap - 5, "OF1": m_ap - 4, "parameters": 6.77e6, "gflops": 0.286},
+              open(os.path.join(d, "metrics.json"), "w"))
+    with open(os.path.join(d, "log.jsonl"), "w") as fh:
+        for epoch in (1, 2):
+            fh.write(json.dumps({"epoch": epoch, "img_per_s": 100.0 + epoch,
+                                 "gate": {"expert_mass": {"shared0": share, "own0": 1 - share}}}) + "\n")
+
+
+def test_ablation_set_is_the_full_grid():
+    assert len(compare.ABLATION) == 4 * 4 * 2 - 3                 # S + T = 1: one run, not four
+    assert "dynamic S=0 T=1" in compare.ABLATION and "static S=0 T=1" not in compare.ABLATION
+    assert compare.ABLATION["label S=4 T=2"] == ["--gate", "label", "--shared-experts", "4", "--task-experts", "2"]
+
+
+def test_grid_and_paired_tests_from_finished_runs(tmp_path):
+    maps = {"dynamic S=0 T=1": [70.0, 71.0, 72.5], "dynamic S=2 T=1": [80.0, 81.5, 79.0],
+            "static S=2 T=1": [79.0, 80.0, 78.6], "label S=2 T=1": [80.5, 80.9, 79.2]}
+    for name, values in maps.items():
+        for seed, v in enumerate(values):
+            fake_run(tmp_path, name, seed, v, share=0.9 if name.startswith("static") else 0.5)
+    compare.main(["--set", "ablation", "--report", "--out", str(tmp_path)])
+    md = open(tmp_path / "results_ablation.md").read()
+    row = lambda s, t: next(line for line in md.splitlines() if line.startswith(f"| {s} | {t} |"))
+    cell = lambda v: f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}"
+    # S + T = 1: the one run in every gate column
+    assert row(0, 1).count(cell(maps["dynamic S=0 T=1"])) == len(GATE_KINDS)
+    r = row(2, 1)
+    assert cell(maps["static S=2 T=1"]) in r and cell(maps["dynamic S=2 T=1"]) in r
+    for other in ("static", "label"):
+        a, b = maps["dynamic S=2 T=1"], maps[f"{other} S=2 T=1"]
+        t = stats.ttest_rel(a, b)
+        assert f"{np.mean(np.subtract(a, b)):+.2f} ({t.pvalue:.2f})" in r
+    assert "| 4 | 2 |" not in md                                     # no finished run, no row
+    flat = next(line for line in md.splitlines() if line.startswith("| static S=2 T=1 |"))
+    assert "| 0.90 |" in flat                                        # largest expert share, last epoch
+
+
+def test_heterogeneity_pooled_over_seeds(tmp_path):
+    tiny = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",
+            "--expert-hidden", "32", "--limit", "48", "--batch-size", "16", "--ema-decay", "0.9", "--epochs", "1"]
+    a, b = "dynamic S=2 T=1", "static S=2 T=1"
+    for seed in (0, 1):
+        for name in (a, b):
+            train.main(tiny + compare.ABLATION[name] + ["--seed", str(seed),
+                                                        "--out-dir", compare.run_dir(str(tmp_path), name, seed)])
+    table = compare.heterogeneity(str(tmp_path), a, b, [0, 1])
+    folder = tmp_path / "heterogeneity" / "dynamic-S-2-T-1-vs-static-S-2-T-1"
+    per_seed = [json.load(open(folder / f"seed{k}" / "analysis.json"))["heterogeneity"] for k in (0, 1)]
+    labels = [c for c in per_seed[0]["per_label"]
+              if all(np.isfinite(h["per_label"][c]["gain"]) for h in per_seed)]
+    het = [per_seed[0]["per_label"][c]["heterogeneity"] for c in labels]
+    mean_gain = [np.mean([h["per_label"][c]["gain"] for h in per_seed]) for c in labels]
+    rho, p = stats.spearmanr(het, mean_gain)
+    pooled = next(line for line in table.splitlines() if line.startswith("| pooled"))
+    assert f"| {rho:+.2f} | {p:.3f} |" in pooled
+    assert (folder / "seed1" / "heterogeneity.png").exists()
