@@ -15,7 +15,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 from scipy import stats
 
 import compare
