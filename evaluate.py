@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from analysis import gate_statistics
+import analysis
 from config import amp_dtype_for, pick_device
 from distributed import gather_rows, is_main
 
@@ -351,7 +351,7 @@ def main(argv=None):
     result = {"checkpoint": args.checkpoint, "split": args.split, **metrics,
               "per_label_AP": {c: float(a) * 100 for c, a in zip(classes, ap)}}
     if gates is not None:
-        stats = gate_statistics(gates, targets, mc["shared_experts"], classes)
+        stats = analysis.gate_statistics(gates, targets, mc["shared_experts"], classes)
         result["gate"] = stats
     # One table: each label's AP next to how its gate routes.
     if gates is not None:
@@ -382,14 +382,18 @@ def main(argv=None):
     return result
 
 
+def run_name(ckpt) -> str:
+    """"drmoe gate=dynamic S=2 T=1" for a mixture, just the model's name for the others: a title for plots."""
+    mc = ckpt["model_config"]
+    if not mc.get("moe_layers", 1):
+        return mc.get("model", "drmoe")
+    return f"{mc.get('model', 'drmoe')} gate={mc['gate']} S={mc['shared_experts']} T={mc['task_experts']}"
+
+
 def run_analysis(args, scores, targets, gates, ckpt, ds, ap, stats, device) -> dict:
     """--analysis (and --compare-to): the pictures and analysis.json of analysis.py."""
-    import analysis
     from gating import expert_names
     mc, tc, classes = ckpt["model_config"], ckpt["train_config"], ckpt["classes"]
-    name = lambda c: (f"{c['model_config'].get('model', 'drmoe')} gate={c['model_config']['gate']} "
-                      f"S={c['model_config']['shared_experts']} T={c['model_config']['task_experts']}"
-                      if c["model_config"].get("moe_layers", 1) else c["model_config"].get("model", "drmoe"))
     other = None
     if args.compare_to:
         from data import DatasetError
@@ -397,11 +401,11 @@ def run_analysis(args, scores, targets, gates, ckpt, ds, ap, stats, device) -> d
         # The gain is per label and per image set: both runs must have seen the same labels and images.
         if o_ckpt["classes"] != classes or list(o_ds.ids) != list(ds.ids):
             raise DatasetError(f"--compare-to {args.compare_to}: another label set or other images; cannot compare per label")
-        other = {"name": name(o_ckpt), "ap": average_precision(o_scores, o_targets)}
+        other = {"name": run_name(o_ckpt), "ap": average_precision(o_scores, o_targets)}
     log = analysis.read_log(os.path.join(os.path.dirname(args.checkpoint) or ".", "log.jsonl"))
     res = analysis.write_analysis(args.analysis, classes, targets, gates, stats, ap,
                                   expert_names(mc["shared_experts"], mc["task_experts"]) if gates is not None else [],
-                                  mc["shared_experts"], log, tc.get("collapse_threshold", 0.8), name(ckpt), other)
+                                  mc["shared_experts"], log, tc.get("collapse_threshold", 0.8), run_name(ckpt), other)
     if other is not None:
         h = res["heterogeneity"]
         print(f"heterogeneity: AP gain over {other['name']} vs label heterogeneity: Spearman rho {h['spearman_rho']:.3f} "

@@ -166,8 +166,8 @@ def main(argv=None):
         if ignored:
             say(f"  note: ignoring {sorted(ignored)} on resume (the checkpoint's config wins)")
     say("train config:", json.dumps(asdict(tcfg)))   # printed and saved: a log says what produced it
-    if tcfg.batch_size % world:
-        raise ValueError(f"--batch-size {tcfg.batch_size} (the global batch) must divide evenly over {world} processes")
+    if tcfg.batch_size % world:   # a usage error: one line, no traceback
+        sys.exit(f"error: --batch-size {tcfg.batch_size} (the global batch) must divide evenly over {world} processes")
     os.makedirs(tcfg.out_dir, exist_ok=True)
     if ckpt is None and os.path.exists(os.path.join(tcfg.out_dir, "last.pt")):
         say(f"note: {tcfg.out_dir} holds an earlier run; starting fresh (pass --resume to continue it instead)")
