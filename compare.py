@@ -142,7 +142,7 @@ def mean_std(runs: list) -> str:
     maps = np.array([r["mAP"] for r in runs])
     # Sample std (ddof=1): the seeds are a sample of possible runs, and with 3 of them the population
     # formula would understate the spread by a factor sqrt(2/3).
-    return f"{maps.mean():.2f} ± {maps.std(ddof=1) if len(maps) > 1 else float('nan'):.2f}"
+    return f"{maps.mean():.2f}" + (f" ± {maps.std(ddof=1):.2f}" if len(maps) > 1 else " (1 seed)")
 
 
 def report(rows: dict, reference: str) -> str:
