@@ -228,9 +228,18 @@ def heterogeneity(path, het, title):
                  "", fmt="{:g}")
     y0 = to_px(0, 0)[1]
     d.line([(110, y0), (780, y0)], fill=MUTED, width=2)
+    placed = []   # label boxes drawn so far: a name that would overlap one moves down or up a line
     for c, x, y in zip(names, xs, ys):
         px, py = to_px(x, y)
         rgb = SERIES[2] if y >= 0 else SERIES[3]   # green: this model better on the label, red: worse
         d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=rgb)
-        d.text((px + 6, py), c, fill=FG, font=font(11), anchor="lm")
+        w = font(11).getlength(c)
+        for dy in (0, 12, -12, 24, -24, 36, -36):
+            box = (px + 6, py + dy - 6, px + 6 + w, py + dy + 6)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        if dy:   # a thin leader line from the point to its displaced name
+            d.line([(px + 4, py), (box[0], box[1] + 6)], fill=MUTED)
+        d.text((box[0], box[1] + 6), c, fill=FG, font=font(11), anchor="lm")
     img.save(path)
