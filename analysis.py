@@ -14,17 +14,25 @@ writes into OUT (pictures drawn with pillow alone, as the design card's packages
     heterogeneity.png        with --compare-to: each label's AP gain over the other model vs its heterogeneity
     analysis.json            every number behind the pictures
 
-The heterogeneity score (context_heterogeneity) is defined from the labels alone, so it is the same
-whichever models are compared: for label l, the distribution of what else is in its images,
-    c[l, j] = #images with l and j (j != l),   c[l, l] = #images where l is alone,   q_l = c[l] / sum(c[l])
-    het(l)  = -sum_j q_l[j] log q_l[j] / log L        in [0, 1]
-A label that always comes with the same companion (a zebra on grass) scores low; one that turns up in
-every kind of scene, alone or with anything (a person), scores high. The claim predicts that the AP gain
-of an input-conditioned gate over a static or label-only one rises with het(l): a positive Spearman
-correlation across labels (scipy.stats.spearmanr; with L = 20 labels only a strong one can be told from 0).
+Two heterogeneity scores, because the papers do not define the word (each is tested on its own):
+- context (context_heterogeneity), from the labels alone, so the same whichever models are compared:
+  for label l, the distribution of what else is in its images,
+      c[l, j] = #images with l and j (j != l),   c[l, l] = #images where l is alone,   q_l = c[l] / sum(c[l])
+      het_ctx(l) = -sum_j q_l[j] log q_l[j] / log L        in [0, 1]
+  A label that always comes with the same companion (a zebra on grass) scores low; one that turns up in
+  every kind of scene, alone or with anything (a person), scores high.
+- visual (visual_heterogeneity), from the image features g[b] that the analysed model's gate reads:
+      het_vis(l) = sum_d Var(g[b, d] : l in b) / sum_d Var(g[b, d] : all b)
+  the share of the whole split's feature variance still left among the label's own images: near 0 when
+  its images all look alike to the model (a red square), near 1 or above when they are as varied as the
+  data (a shape drawn in any colour and texture). This is the variation an input-conditioned gate can
+  route on and a static gate cannot.
+The claim predicts that the AP gain of an input-conditioned gate over a static or label-only one rises
+with heterogeneity: a positive Spearman correlation across labels (scipy.stats.spearmanr; with L = 20
+labels only a strong one can be told from 0).
 
 Shapes (legend in experts.py; N = images here): scores/targets (N, L), gates (N, L, E) with the S shared
-experts first.
+experts first, features (N, D).
 """
 import json
 import math
@@ -82,20 +90,41 @@ def context_heterogeneity(targets) -> np.ndarray:
     return np.where(total[:, 0] > 0, ent, np.nan)
 
 
+def visual_heterogeneity(features, targets) -> np.ndarray:
+    """features (N, D), targets (N, L) -> (L,) within-label feature variance / whole-split variance (NaN: < 2 images)."""
+    f, pos = np.asarray(features, dtype=np.float64), np.asarray(targets) == 1
+    total = f.var(axis=0).sum()                                        # sum_d Var over all N images
+    out = np.full(pos.shape[1], np.nan)
+    for l in range(pos.shape[1]):
+        if pos[:, l].sum() >= 2:
+            out[l] = f[pos[:, l]].var(axis=0).sum() / total            # (N_l, D) -> scalar
+    return out
+
+
 def mean_gate_weights(gates: np.ndarray) -> np.ndarray:
     """gates (N, L, E) -> (L, E): each label's mean weight on each of its experts over the split."""
     return gates.mean(axis=0)
 
 
-def heterogeneity_test(het, ap, ap_other, classes) -> dict:
-    """Per-label AP gain (this - other, in AP points) against het(l), and their Spearman correlation."""
+def spearman(x, y) -> dict:
+    """Spearman's rank correlation over the labels where both are defined (NaN below 3 labels)."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    rho, p = sps.spearmanr(x[ok], y[ok]) if ok.sum() >= 3 else (float("nan"), float("nan"))
+    return {"spearman_rho": float(rho), "p_value": float(p), "num_labels": int(ok.sum())}
+
+
+def heterogeneity_test(het, ap, ap_other, classes, het_visual=None) -> dict:
+    """Per-label AP gain (this - other, in AP points) against each heterogeneity score, with Spearman's rho.
+
+    The context score's correlation sits at the top level ("spearman_rho", "p_value"); the visual one,
+    when features were given, under "visual".
+    """
     gain = 100 * (np.asarray(ap) - np.asarray(ap_other))
-    ok = np.isfinite(het) & np.isfinite(gain)
-    rho, p = sps.spearmanr(het[ok], gain[ok]) if ok.sum() >= 3 else (float("nan"), float("nan"))
-    per_label = {c: {"heterogeneity": float(het[l]), "AP": 100 * float(ap[l]), "AP_other": 100 * float(ap_other[l]),
-                     "gain": float(gain[l])} for l, c in enumerate(classes)}
-    return {"score": "context_heterogeneity (analysis.py)", "spearman_rho": float(rho), "p_value": float(p),
-            "num_labels": int(ok.sum()), "mean_gain": float(np.nanmean(gain)), "per_label": per_label}
+    vis = np.full(len(gain), np.nan) if het_visual is None else np.asarray(het_visual)
+    per_label = {c: {"heterogeneity": float(het[l]), "visual_heterogeneity": float(vis[l]), "AP": 100 * float(ap[l]),
+                     "AP_other": 100 * float(ap_other[l]), "gain": float(gain[l])} for l, c in enumerate(classes)}
+    return {"score": "context_heterogeneity (analysis.py)", **spearman(het, gain), "visual": spearman(vis, gain),
+            "mean_gain": float(np.nanmean(gain)), "per_label": per_label}
 
 
 def read_log(path: str) -> dict:
@@ -112,11 +141,12 @@ def read_log(path: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- everything, for evaluate.py
-def write_analysis(out_dir, classes, targets, gates, gate_stats, ap, experts, num_shared, log, threshold,
+def write_analysis(out_dir, classes, targets, gates, features, gate_stats, ap, experts, num_shared, log, threshold,
                    title, other=None) -> dict:
     """Draw the pictures into out_dir and write analysis.json; returns the numbers.
 
-    ap (L,) per-label AP in [0, 1]; other = None or {"name": str, "ap": (L,)} for the heterogeneity test.
+    ap (L,) per-label AP in [0, 1]; features (N, D) or None; other = None or {"name": str, "ap": (L,)}
+    for the heterogeneity test.
     """
     os.makedirs(out_dir, exist_ok=True)
     result = {"title": title, "classes": list(classes), "per_label_AP": {c: 100 * float(a) for c, a in zip(classes, ap)}}
@@ -136,7 +166,8 @@ def write_analysis(out_dir, classes, targets, gates, gate_stats, ap, experts, nu
         plots.curves(os.path.join(out_dir, "curves.png"), log, threshold, f"Training: {title}")
         written.append("curves.png")
     if other is not None:
-        het = heterogeneity_test(context_heterogeneity(targets), ap, other["ap"], classes)
+        het = heterogeneity_test(context_heterogeneity(targets), ap, other["ap"], classes,
+                                 visual_heterogeneity(features, targets) if features is not None else None)
         het["other"] = other["name"]
         result["heterogeneity"] = het
         plots.heterogeneity(os.path.join(out_dir, "heterogeneity.png"), het, f"{title} minus {other['name']}, per label")

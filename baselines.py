@@ -35,7 +35,8 @@ ML-GCN's label graph is built from the training labels (train.py calls `model.se
 stored in the checkpoint, so evaluation needs neither the labels nor the word-vector file again.
 
 Shapes (legend in experts.py): images (B, 3, S_img, S_img) -> logits (B, L); C backbone channels,
-V = 300 word-vector dim. Every model returns (logits, {"gate_weights": None or (B, L, E), "aux_loss"}).
+V = 300 word-vector dim. Every model returns (logits, {"gate_weights": None or (B, L, E), "aux_loss",
+"image_feature": the pooled backbone feature (B, C)}).
 """
 import numpy as np
 import torch
@@ -69,7 +70,8 @@ class LinearHead(nn.Module):
 
     def forward(self, x: torch.Tensor):
         f = self.backbone(x).mean(dim=(2, 3))                              # (B, C, h, w) -> (B, C)
-        return self.fc(f), {"gate_weights": None, "aux_loss": f.new_zeros((), dtype=torch.float32)}
+        return self.fc(f), {"gate_weights": None, "aux_loss": f.new_zeros((), dtype=torch.float32),
+                            "image_feature": f.detach()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,7 +173,8 @@ class MLGCN(nn.Module):
         h1 = F.leaky_relu(adj @ (self.embed @ self.gc1), 0.2)             # (L, L) @ (L, V) @ (V, H1) -> (L, H1)
         w = adj @ (h1 @ self.gc2)                                         # (L, H1) @ (H1, C) -> (L, C)
         logits = f @ w.to(f.dtype).t()                                    # (B, C) @ (C, L) -> (B, L)
-        return logits, {"gate_weights": None, "aux_loss": f.new_zeros((), dtype=torch.float32)}
+        return logits, {"gate_weights": None, "aux_loss": f.new_zeros((), dtype=torch.float32),
+                        "image_feature": f.detach()}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -198,9 +198,11 @@ def heterogeneity(out: str, a: str, b: str, seeds) -> str:
     For each seed with both runs finished: evaluate.py --checkpoint a --analysis ... --compare-to b (whose
     heterogeneity.png and analysis.json land in <out>/heterogeneity/<a>-vs-<b>/seed<k>/). Pooled: each
     label's gain averaged over the seeds, against its heterogeneity (the same for every seed: the test
-    split is fixed), so seed noise in single labels averages out before the rank correlation.
+    split is fixed) and its visual heterogeneity averaged over the seeds (each run's own features), so
+    seed noise in single labels averages out before the rank correlation.
     """
-    import evaluate   # here: it pulls in torch and the models, which the training driver above does not need
+    import analysis   # here: they pull in torch and the models, which the training driver above does not need
+    import evaluate
     folder = os.path.join(out, "heterogeneity", f"{slug(a)}-vs-{slug(b)}")
     tests = {}
     for seed in seeds:
@@ -212,17 +214,20 @@ def heterogeneity(out: str, a: str, b: str, seeds) -> str:
     if not tests:
         return f"no seed has both {a!r} and {b!r} finished in {out}\n"
     labels = list(next(iter(tests.values()))["per_label"])
-    het = np.array([tests[min(tests)]["per_label"][c]["heterogeneity"] for c in labels])          # (L,)
-    gains = np.array([[t["per_label"][c]["gain"] for c in labels] for t in tests.values()])     # (seeds, L)
-    ok = np.isfinite(het) & np.isfinite(gains).all(0)
-    rho, p = stats.spearmanr(het[ok], gains[:, ok].mean(0))
-    lines = [f"{a} minus {b}: per-label AP gain against label heterogeneity (Spearman over {int(ok.sum())} labels)", "",
-             "| seeds | mean gain (AP points) | Spearman rho | p |", "|---|---|---|---|"]
-    lines += [f"| {k} | {t['mean_gain']:+.2f} | {t['spearman_rho']:+.2f} | {t['p_value']:.3f} |" for k, t in tests.items()]
-    lines += [f"| pooled ({len(tests)} seeds, gains averaged per label) | {np.nanmean(gains):+.2f} | {rho:+.2f} | {p:.3f} |",
-              "", "| label | heterogeneity | gain per seed | mean gain |", "|---|---|---|---|"]
-    for l in np.argsort(-het):   # most heterogeneous first
-        lines.append(f"| {labels[l]} | {het[l]:.3f} | {', '.join(f'{g:+.2f}' for g in gains[:, l])} | {gains[:, l].mean():+.2f} |")
+    per = lambda key: np.array([[t["per_label"][c][key] for c in labels] for t in tests.values()])   # (seeds, L)
+    gains, ctx = per("gain"), per("heterogeneity")[0]          # the context score is the same for every seed
+    vis = per("visual_heterogeneity").mean(0)                   # the visual one comes from each run's features
+    pooled = {name: analysis.spearman(score, gains.mean(0)) for name, score in (("context", ctx), ("visual", vis))}
+    cell = lambda t: f"{t['spearman_rho']:+.2f} (p = {t['p_value']:.3f})"
+    lines = [f"{a} minus {b}: per-label AP gain against label heterogeneity (Spearman's rho over the labels)", "",
+             "| seeds | mean gain (AP points) | vs context heterogeneity | vs visual heterogeneity |", "|---|---|---|---|"]
+    lines += [f"| {k} | {t['mean_gain']:+.2f} | {cell(t)} | {cell(t['visual'])} |" for k, t in tests.items()]
+    lines += [f"| pooled ({len(tests)} seeds, gains averaged per label) | {np.nanmean(gains):+.2f} | "
+              f"{cell(pooled['context'])} | {cell(pooled['visual'])} |",
+              "", "| label | context het. | visual het. | gain per seed | mean gain |", "|---|---|---|---|---|"]
+    for l in np.argsort(-vis):   # most visually heterogeneous first
+        lines.append(f"| {labels[l]} | {ctx[l]:.3f} | {vis[l]:.3f} | {', '.join(f'{g:+.2f}' for g in gains[:, l])} | "
+                     f"{gains[:, l].mean():+.2f} |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(folder, "results.md"), "w") as fh:
         fh.write(table)

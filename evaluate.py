@@ -251,16 +251,17 @@ def multilabel_metrics(scores, targets, threshold=0.5):
 
 # ----------------------------------------------------------------------------- running a model
 @torch.no_grad()
-def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_last):
+def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_last, features=False):
     """Run a model over a loader in eval mode.
 
-    -> scores (N, L) probabilities, targets (N, L) in {1, 0, -1}, gate weights (N, L, E) or None.
+    -> scores (N, L) probabilities, targets (N, L) in {1, 0, -1}, gate weights (N, L, E) or None,
+    and with features=True also the pooled image features (N, D) the gate reads (analysis.py uses them).
     Leaves the model in eval mode; train.py switches it back at the start of every epoch.
     Under torchrun the loader has a DistributedSampler: each rank scores its shard, and the shards are
     gathered back into the whole split, in order and each image once (distributed.gather_rows).
     """
     model.eval()
-    scores, targets, gates = [], [], []
+    scores, targets, gates, feats = [], [], [], []
     for x, y in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not is_main()):
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -269,12 +270,15 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
         targets.append(y)
         if info.get("gate_weights") is not None:
             gates.append(info["gate_weights"].float().cpu())
-    scores, targets, gates = torch.cat(scores), torch.cat(targets), torch.cat(gates) if gates else None
+        if features:
+            feats.append(info["image_feature"].float().cpu())
+    # (N_r, ...) each: this rank's rows, or all N rows in a single process; None where the model has none
+    out = [torch.cat(v) if v else None for v in (scores, targets, gates, feats)]
     if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
         index, n = torch.tensor(list(loader.sampler)), len(loader.dataset)   # this rank's dataset rows (n_r,)
-        scores, targets = gather_rows(scores, index, n), gather_rows(targets, index, n)
-        gates = gather_rows(gates, index, n) if gates is not None else None
-    return scores.numpy(), targets.numpy(), gates.numpy() if gates is not None else None
+        out = [gather_rows(v, index, n) if v is not None else None for v in out]
+    out = [v.numpy() if v is not None else None for v in out]
+    return tuple(out) if features else tuple(out[:3])
 
 
 def load_checkpoint_model(path: str, device):
@@ -293,7 +297,7 @@ def load_checkpoint_model(path: str, device):
 
 
 def score_split(path: str, split, data_root, device):
-    """A checkpoint's model over a dataset split -> (scores, targets, gates, ckpt, dataset, split name).
+    """A checkpoint's model over a dataset split -> (scores, targets, gates, features, ckpt, dataset, split name).
 
     The dataset is rebuilt from the run's own config (its image size, limit, ...), with the same batch
     size and memory format as training: identical numerics, hence identical metrics.
@@ -305,8 +309,8 @@ def score_split(path: str, split, data_root, device):
     ds = build_dataset(tcfg["dataset"], split, data_root or tcfg["data_root"], tcfg["image_size"], augment=False,
                        limit=tcfg["limit"], empty=tcfg.get("empty_images", "keep"))
     loader = torch.utils.data.DataLoader(ds, batch_size=tcfg["batch_size"], num_workers=tcfg["num_workers"])
-    scores, targets, gates = predict(model, loader, device, amp_dtype_for(device, tcfg["amp"]), fmt)
-    return scores, targets, gates, ckpt, ds, split
+    scores, targets, gates, feats = predict(model, loader, device, amp_dtype_for(device, tcfg["amp"]), fmt, features=True)
+    return scores, targets, gates, feats, ckpt, ds, split
 
 
 def main(argv=None):
@@ -339,7 +343,7 @@ def main(argv=None):
             print(f"{path}: " + ", ".join(f"{ckpt['classes'][l]} {probs[l]:.3f}" for l in hits))
         return None
 
-    scores, targets, gates, ckpt, ds, args.split = score_split(args.checkpoint, args.split, args.data_root, device)
+    scores, targets, gates, feats, ckpt, ds, args.split = score_split(args.checkpoint, args.split, args.data_root, device)
     classes, mc = ckpt["classes"], ckpt["model_config"]
     print(f"{args.checkpoint}: {mc.get('model', 'drmoe')}, epoch {ckpt['epoch'] + 1}, "
           f"{ckpt.get('eval_weights', 'raw')} weights"
@@ -374,7 +378,7 @@ def main(argv=None):
               f"{o['num_multi_label_images']} multi-label images; variability across images {o['variability']:.4f}")
         print("      mean weight per expert (shared first): " + ", ".join(f"{w:.3f}" for w in o["mean_weight_per_expert"]))
     if args.analysis:
-        result["analysis"] = run_analysis(args, scores, targets, gates, ckpt, ds, ap, result.get("gate"), device)
+        result["analysis"] = run_analysis(args, targets, gates, feats, ckpt, ds, ap, result.get("gate"), device)
     out = args.json or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval_{args.split}.json")
     with open(out, "w") as fh:
         json.dump(result, fh, indent=2)
@@ -390,26 +394,28 @@ def run_name(ckpt) -> str:
     return f"{mc.get('model', 'drmoe')} gate={mc['gate']} S={mc['shared_experts']} T={mc['task_experts']}"
 
 
-def run_analysis(args, scores, targets, gates, ckpt, ds, ap, stats, device) -> dict:
+def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> dict:
     """--analysis (and --compare-to): the pictures and analysis.json of analysis.py."""
     from gating import expert_names
     mc, tc, classes = ckpt["model_config"], ckpt["train_config"], ckpt["classes"]
     other = None
     if args.compare_to:
         from data import DatasetError
-        o_scores, o_targets, _, o_ckpt, o_ds, _ = score_split(args.compare_to, args.split, args.data_root, device)
+        o_scores, o_targets, _, _, o_ckpt, o_ds, _ = score_split(args.compare_to, args.split, args.data_root, device)
         # The gain is per label and per image set: both runs must have seen the same labels and images.
         if o_ckpt["classes"] != classes or list(o_ds.ids) != list(ds.ids):
             raise DatasetError(f"--compare-to {args.compare_to}: another label set or other images; cannot compare per label")
         other = {"name": run_name(o_ckpt), "ap": average_precision(o_scores, o_targets)}
     log = analysis.read_log(os.path.join(os.path.dirname(args.checkpoint) or ".", "log.jsonl"))
-    res = analysis.write_analysis(args.analysis, classes, targets, gates, stats, ap,
+    res = analysis.write_analysis(args.analysis, classes, targets, gates, feats, stats, ap,
                                   expert_names(mc["shared_experts"], mc["task_experts"]) if gates is not None else [],
                                   mc["shared_experts"], log, tc.get("collapse_threshold", 0.8), run_name(ckpt), other)
     if other is not None:
         h = res["heterogeneity"]
-        print(f"heterogeneity: AP gain over {other['name']} vs label heterogeneity: Spearman rho {h['spearman_rho']:.3f} "
-              f"(p = {h['p_value']:.3f}, {h['num_labels']} labels), mean gain {h['mean_gain']:+.2f} AP")
+        print(f"\nheterogeneity: AP gain over {other['name']}, mean {h['mean_gain']:+.2f} AP, against the label's "
+              f"context heterogeneity: Spearman rho {h['spearman_rho']:+.3f} (p = {h['p_value']:.3f}); against its "
+              f"visual heterogeneity: rho {h['visual']['spearman_rho']:+.3f} (p = {h['visual']['p_value']:.3f}); "
+              f"{h['num_labels']} labels")
     print(f"analysis: wrote {', '.join(res['written'])} into {args.analysis}")
     return res
 

@@ -29,8 +29,8 @@ Choices the papers leave open, made here (each is a config field):
   label queries to attend to; layer3 gives 4x4 = 16 (the synthetic preset uses it). At 448 px, layer4
   (14x14 = 196 tokens) is the papers' setting.
 
-Forward returns (logits (B, L), info) where info = {"gate_weights": (B, L, E) fp32, "aux_loss": scalar},
-so train.py adds the load-balancing loss and evaluate.py analyses the routing.
+Forward returns (logits (B, L), info) where info = {"gate_weights": (B, L, E) fp32, "aux_loss": scalar,
+"image_feature": g (B, D)}, so train.py adds the load-balancing loss and evaluate.py analyses the routing.
 """
 import os
 from collections import OrderedDict
@@ -247,7 +247,7 @@ class DRMoE(nn.Module):
             aux_loss = aux_loss + aux / len(self.moe)                     # mean over layers: same scale for any depth
         logits = (hq * self.cls_weight).sum(-1) + self.cls_bias           # (B, L)
         # With several MoE layers the last layer's weights are reported (the one feeding the classifier).
-        return logits, {"gate_weights": weights, "aux_loss": aux_loss}
+        return logits, {"gate_weights": weights, "aux_loss": aux_loss, "image_feature": g.detach()}
 
 
 def describe(model: nn.Module, cfg: ModelConfig) -> str:

@@ -210,36 +210,42 @@ def curves(path, log, threshold, title):
 
 
 def heterogeneity(path, het, title):
-    """AP gain of this model over the other against each label's heterogeneity, names beside the points."""
+    """AP gain of this model over the other against each label's heterogeneity: one panel per score
+    (context, and visual when the features were there), names beside the points."""
     pl = het["per_label"]
-    names = [c for c in pl if np.isfinite(pl[c]["heterogeneity"]) and np.isfinite(pl[c]["gain"])]
-    xs, ys = np.array([pl[c]["heterogeneity"] for c in names]), np.array([pl[c]["gain"] for c in names])
-    img = Image.new("RGB", (820, 640), "white")
+    panels = [("heterogeneity", het, "context heterogeneity (entropy of co-occurrence, 0..1)")]
+    if np.isfinite([v["visual_heterogeneity"] for v in pl.values()]).any():
+        panels.append(("visual_heterogeneity", het["visual"], "visual heterogeneity (feature variance share)"))
+    pw = 560                                                            # one panel's width
+    img = Image.new("RGB", (60 + len(panels) * (pw + 60), 660), "white")
     d = ImageDraw.Draw(img)
     d.text((20, 14), title, fill=FG, font=font(16))
-    d.text((20, 38), f"Spearman rho = {het['spearman_rho']:.2f}, p = {het['p_value']:.3f} over {het['num_labels']} labels; "
-           f"mean gain {het['mean_gain']:+.2f} AP", fill=FG, font=font(13))
-    # Symmetric about 0, so that a gain and a loss of the same size look the same size.
-    span = max(1.0, float(np.abs(ys).max()) if len(ys) else 1.0) * 1.1
-    xlo, xhi = (float(xs.min()), float(xs.max())) if len(xs) else (0.0, 1.0)
-    pad = 0.08 * (xhi - xlo or 1)
-    to_px = axes(img, (110, 90, 780, 560), (xlo - pad, xhi + pad), (-span, span),
-                 "label heterogeneity (entropy of its co-occurrence context, 0..1)", "AP gain (points)",
-                 "", fmt="{:g}")
-    y0 = to_px(0, 0)[1]
-    d.line([(110, y0), (780, y0)], fill=MUTED, width=2)
-    placed = []   # label boxes drawn so far: a name that would overlap one moves down or up a line
-    for c, x, y in zip(names, xs, ys):
-        px, py = to_px(x, y)
-        rgb = SERIES[2] if y >= 0 else SERIES[3]   # green: this model better on the label, red: worse
-        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=rgb)
-        w = font(11).getlength(c)
-        for dy in (0, 12, -12, 24, -24, 36, -36):
-            box = (px + 6, py + dy - 6, px + 6 + w, py + dy + 6)
-            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
-                break
-        placed.append(box)
-        if dy:   # a thin leader line from the point to its displaced name
-            d.line([(px + 4, py), (box[0], box[1] + 6)], fill=MUTED)
-        d.text((box[0], box[1] + 6), c, fill=FG, font=font(11), anchor="lm")
+    d.text((20, 38), f"mean gain {het['mean_gain']:+.2f} AP over {len(pl)} labels; green: this model better on "
+           "the label, red: worse", fill=FG, font=font(13))
+    gains = np.array([v["gain"] for v in pl.values()])
+    # Symmetric about 0, so that a gain and a loss of the same size look the same size; one y scale for both.
+    span = max(1.0, float(np.nanmax(np.abs(gains))) if np.isfinite(gains).any() else 1.0) * 1.1
+    for k, (key, test, xlabel) in enumerate(panels):
+        names = [c for c in pl if np.isfinite(pl[c][key]) and np.isfinite(pl[c]["gain"])]
+        xs, ys = np.array([pl[c][key] for c in names]), np.array([pl[c]["gain"] for c in names])
+        xlo, xhi = (float(xs.min()), float(xs.max())) if len(xs) else (0.0, 1.0)
+        pad = 0.08 * (xhi - xlo or 1)
+        x0 = 110 + k * (pw + 60)
+        to_px = axes(img, (x0, 100, x0 + pw - 60, 570), (xlo - pad, xhi + pad), (-span, span), xlabel,
+                     "AP gain (points)", f"Spearman rho = {test['spearman_rho']:+.2f}, p = {test['p_value']:.3f}")
+        y0 = to_px(0, 0)[1]
+        d.line([(x0, y0), (x0 + pw - 60, y0)], fill=MUTED, width=2)
+        placed = []   # label boxes drawn so far: a name that would overlap one moves down or up a line
+        for c, x, y in zip(names, xs, ys):
+            px, py = to_px(x, y)
+            d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=SERIES[2] if y >= 0 else SERIES[3])
+            w = font(11).getlength(c)
+            for dy in (0, 12, -12, 24, -24, 36, -36):
+                box = (px + 6, py + dy - 6, px + 6 + w, py + dy + 6)
+                if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                    break
+            placed.append(box)
+            if dy:   # a thin leader line from the point to its displaced name
+                d.line([(px + 4, py), (box[0], box[1] + 6)], fill=MUTED)
+            d.text((box[0], box[1] + 6), c, fill=FG, font=font(11), anchor="lm")
     img.save(path)

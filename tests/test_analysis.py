@@ -1,7 +1,8 @@
 """
 Seeing inside the gate (analysis.py, evaluate.py --analysis / --compare-to) and the collapse watch.
 
-- the heterogeneity score on a hand-made label matrix equals the entropy computed by hand;
+- the heterogeneity scores on hand-made examples equal a hand computation: the context entropy of a
+  label matrix, and the visual share of feature variance;
 - gate statistics on hand-made examples: shared mass over single- and multi-label images, variability,
   and the same restricted to the images that contain the label;
 - expert_load: slot masses, concentrated labels, and the collapse warning only above the threshold;
@@ -40,6 +41,17 @@ def test_context_heterogeneity_by_hand():
     # a label always seen with the same companion has entropy 0; a never-present label has none (NaN)
     het = analysis.context_heterogeneity(np.array([[1, 1, 0], [1, 1, 0]]))
     assert het[0] == pytest.approx(0.0) and het[1] == pytest.approx(0.0) and np.isnan(het[2])
+
+
+def test_visual_heterogeneity_by_hand():
+    # 1-D features; label a on images 0, 1 (features 0, 2), label b on images 1, 2, 3 (2, 4, 6)
+    f = np.array([[0.0], [2.0], [4.0], [6.0]])
+    t = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, -1]])
+    total = np.var([0, 2, 4, 6])                                     # population variance: 5
+    het = analysis.visual_heterogeneity(f, t)
+    assert het[0] == pytest.approx(np.var([0, 2]) / total)          # 1 / 5
+    assert het[1] == pytest.approx(np.var([2, 4, 6]) / total)       # (8/3) / 5
+    assert np.isnan(het[2])                                         # never present: no variance to measure
 
 
 def test_gate_statistics_by_hand():
@@ -134,4 +146,7 @@ def test_heterogeneity_between_two_checkpoints(two_runs):
             scores.append(v["heterogeneity"])
     rho, p = sps.spearmanr(scores, gains)
     assert het["spearman_rho"] == pytest.approx(rho) and het["p_value"] == pytest.approx(p)
+    vis = np.array([het["per_label"][c]["visual_heterogeneity"] for c in het["per_label"] if np.isfinite(a["per_label_AP"][c])])
+    ok = np.isfinite(vis)                                            # labels with >= 2 positive images
+    assert het["visual"]["spearman_rho"] == pytest.approx(sps.spearmanr(vis[ok], np.array(gains)[ok])[0])
     assert "static" in het["other"]
