@@ -21,12 +21,13 @@ Two heterogeneity scores, because the papers do not define the word (each is tes
       het_ctx(l) = -sum_j q_l[j] log q_l[j] / log L        in [0, 1]
   A label that always comes with the same companion (a zebra on grass) scores low; one that turns up in
   every kind of scene, alone or with anything (a person), scores high.
-- visual (visual_heterogeneity), from the image features g[b] that the analysed model's gate reads:
+- visual (visual_heterogeneity), from the pooled image features g[b] (what the dynamic gate reads):
       het_vis(l) = sum_d Var(g[b, d] : l in b) / sum_d Var(g[b, d] : all b)
   the share of the whole split's feature variance still left among the label's own images: near 0 when
-  its images all look alike to the model (a red square), near 1 or above when they are as varied as the
-  data (a shape drawn in any colour and texture). This is the variation an input-conditioned gate can
-  route on and a static gate cannot.
+  its images all look alike (a red square), near 1 when they are as varied as the data (a shape drawn
+  in any colour and texture). This is the variation an input-conditioned gate can route on and a static
+  gate cannot. It is averaged over the two compared models' features, so that neither model's own
+  representation decides the score (a score from the winner's features alone could track its wins).
 The claim predicts that the AP gain of an input-conditioned gate over a static or label-only one rises
 with heterogeneity: a positive Spearman correlation across labels (scipy.stats.spearmanr; with L = 20
 labels only a strong one can be told from 0).
@@ -145,8 +146,8 @@ def write_analysis(out_dir, classes, targets, gates, features, gate_stats, ap, e
                    title, other=None) -> dict:
     """Draw the pictures into out_dir and write analysis.json; returns the numbers.
 
-    ap (L,) per-label AP in [0, 1]; features (N, D) or None; other = None or {"name": str, "ap": (L,)}
-    for the heterogeneity test.
+    ap (L,) per-label AP in [0, 1]; features (N, D) or None; other = None or {"name": str, "ap": (L,),
+    "features": (N, D') or None} for the heterogeneity test.
     """
     os.makedirs(out_dir, exist_ok=True)
     result = {"title": title, "classes": list(classes), "per_label_AP": {c: 100 * float(a) for c, a in zip(classes, ap)}}
@@ -166,8 +167,9 @@ def write_analysis(out_dir, classes, targets, gates, features, gate_stats, ap, e
         plots.curves(os.path.join(out_dir, "curves.png"), log, threshold, f"Training: {title}")
         written.append("curves.png")
     if other is not None:
+        vis = [visual_heterogeneity(f, targets) for f in (features, other.get("features")) if f is not None]
         het = heterogeneity_test(context_heterogeneity(targets), ap, other["ap"], classes,
-                                 visual_heterogeneity(features, targets) if features is not None else None)
+                                 np.mean(vis, axis=0) if vis else None)   # (L,): both models' scores averaged
         het["other"] = other["name"]
         result["heterogeneity"] = het
         plots.heterogeneity(os.path.join(out_dir, "heterogeneity.png"), het, f"{title} minus {other['name']}, per label")

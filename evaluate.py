@@ -401,11 +401,11 @@ def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> di
     other = None
     if args.compare_to:
         from data import DatasetError
-        o_scores, o_targets, _, _, o_ckpt, o_ds, _ = score_split(args.compare_to, args.split, args.data_root, device)
+        o_scores, o_targets, _, o_feats, o_ckpt, o_ds, _ = score_split(args.compare_to, args.split, args.data_root, device)
         # The gain is per label and per image set: both runs must have seen the same labels and images.
         if o_ckpt["classes"] != classes or list(o_ds.ids) != list(ds.ids):
             raise DatasetError(f"--compare-to {args.compare_to}: another label set or other images; cannot compare per label")
-        other = {"name": run_name(o_ckpt), "ap": average_precision(o_scores, o_targets)}
+        other = {"name": run_name(o_ckpt), "ap": average_precision(o_scores, o_targets), "features": o_feats}
     log = analysis.read_log(os.path.join(os.path.dirname(args.checkpoint) or ".", "log.jsonl"))
     res = analysis.write_analysis(args.analysis, classes, targets, gates, feats, stats, ap,
                                   expert_names(mc["shared_experts"], mc["task_experts"]) if gates is not None else [],
