@@ -88,7 +88,9 @@ def legend(draw, xy, items):
 
 def heatmap(path, mean_w, variability, classes, experts, num_shared, title):
     """labels x experts mean gate weights, values in the cells, variability bars beside, colour bar below."""
-    L, E = mean_w.shape
+    L, E = mean_w.shape   # mean_w (L, E): one row per label, one column per expert slot (shared first)
+    # Layout in pixels: cell width/height, room on the left for label names, room on top for the
+    # expert names, the shared/task bands and the title. Cells are wide enough for "0.00" in 11 px.
     cw, ch, left, top = 64, 22, 150, 130
     bar_x = left + E * cw + 40                                          # variability column
     img = Image.new("RGB", (bar_x + 230, top + L * ch + 110), "white")
@@ -106,6 +108,8 @@ def heatmap(path, mean_w, variability, classes, experts, num_shared, title):
             d.text((left + (lo + hi_j) * cw / 2, top - 36), name, fill=FG, font=font(12), anchor="md")
     d.text((left + E * cw / 2, top - 60), "expert", fill=FG, font=font(13), anchor="md")
     d.text((20, top - 8), "label", fill=FG, font=font(13), anchor="ld")
+    # Variability (L,) is a std of weights in [0, 1]; its bars are scaled to the largest one (1e-6: a
+    # static gate has variability 0 everywhere, and the bars then have zero length instead of NaN).
     vmax = max(1e-6, float(np.nanmax(variability)))
     for l, c in enumerate(classes):
         y = top + l * ch
@@ -123,6 +127,8 @@ def heatmap(path, mean_w, variability, classes, experts, num_shared, title):
         d.line([(left + num_shared * cw, top - 4), (left + num_shared * cw, top + L * ch)], fill="white", width=3)
     d.text((bar_x, top - 8), "routing variability", fill=FG, font=font(12), anchor="ld")
     d.text((bar_x, top - 24), "(std over images)", fill=MUTED, font=font(11), anchor="ld")
+    # The colour bar: one 1-px line per pixel column under the cells, so its width equals the matrix's
+    # and a cell's colour can be read off directly below it.
     y = top + L * ch + 30                                               # colour bar
     for k in range(E * cw):
         d.line([(left + k, y), (left + k, y + 14)], fill=colour(k / (E * cw - 1) * hi, 0, hi))
@@ -139,8 +145,10 @@ def heatmap(path, mean_w, variability, classes, experts, num_shared, title):
 def shared_vs_task(path, stats, classes, title):
     """Per label (and overall): its mass on shared experts on the images that contain it, alone (single-label
     images) or with other labels (multi-label images), as 0..1 bars."""
+    # stats: analysis.gate_statistics(...) — "overall" and "per_label"[name], each a dict of masses.
+    # "all labels" comes first and is separated by a rule: it is the summary a reader looks at first.
     rows = [("all labels", stats["overall"])] + [(c, stats["per_label"][c]) for c in classes]
-    left, top, width, rh = 150, 90, 420, 30
+    left, top, width, rh = 150, 90, 420, 30   # name column, title room, bar length for a mass of 1, row height
     img = Image.new("RGB", (left + width + 260, top + len(rows) * rh + 80), "white")
     d = ImageDraw.Draw(img)
     d.text((20, 18), title, fill=FG, font=font(16))
@@ -154,8 +162,10 @@ def shared_vs_task(path, stats, classes, title):
         y = top + i * rh
         d.text((left - 8, y + rh / 2), name, fill=FG, font=font(12 if i else 13), anchor="rm")
         for k, (key, _, rgb) in enumerate(kinds):
-            yy = y + 3 + k * 12
+            yy = y + 3 + k * 12   # two thin bars per row: single-label images above, multi-label below
             v = s[key]
+            # Filled up to v (the shared mass), outlined from v to 1 (the rest, on the label's own
+            # experts): the two parts of one bar add up to the whole mass, which is what a reader checks.
             if v == v:                                                  # NaN: no such image in the split
                 d.rectangle([left, yy, left + v * width, yy + 10], fill=rgb)
                 d.rectangle([left + v * width, yy, left + width, yy + 10], outline=rgb)
@@ -174,8 +184,10 @@ def shared_vs_task(path, stats, classes, title):
 
 def curves(path, log, threshold, title):
     """Training loss, validation mAP and the mass per expert slot against the epoch."""
+    # log: analysis.read_log(log.jsonl) — "epoch" and one list per quantity, None where an epoch has none
+    # (e.g. no validation). One panel per quantity, stacked, all on the same epoch axis.
     panels = [("train_loss", "training loss")] + [("val_mAP", "validation mAP")]
-    if "expert_mass" in log:
+    if "expert_mass" in log:   # runs from before the collapse watch have no expert masses
         panels.append(("expert_mass", "mass per expert slot"))
     W, ph = 620, 230
     img = Image.new("RGB", (W + 200, 60 + len(panels) * (ph + 90)), "white")
@@ -185,6 +197,8 @@ def curves(path, log, threshold, title):
     xlim = (min(ep) - 0.5, max(ep) + 0.5)
     for p, (key, name) in enumerate(panels):
         box = (100, 80 + p * (ph + 90), W, 80 + p * (ph + 90) + ph)
+        # A panel draws one or more series: the loss alone; validation mAP of the raw and the EMA weights
+        # (log keys val_mAP_raw / val_mAP_ema -> "raw" / "ema"); the mass of every expert slot.
         series = ({"train": log["train_loss"]} if key == "train_loss" else
                   {k[8:]: v for k, v in log.items() if k.startswith("val_mAP_")} if key == "val_mAP" else log[key])
         vals = [v for s in series.values() for v in s if v is not None]
@@ -212,6 +226,8 @@ def curves(path, log, threshold, title):
 def heterogeneity(path, het, title):
     """AP gain of this model over the other against each label's heterogeneity: one panel per score
     (context, and visual when the features were there), names beside the points."""
+    # het: analysis.heterogeneity_test(...) — per_label {name: gain, heterogeneity, visual_heterogeneity},
+    # the context test's rho/p at the top level and the visual test's under "visual".
     pl = het["per_label"]
     panels = [("heterogeneity", het, "context heterogeneity (entropy of co-occurrence, 0..1)")]
     if np.isfinite([v["visual_heterogeneity"] for v in pl.values()]).any():
@@ -226,6 +242,8 @@ def heterogeneity(path, het, title):
     # Symmetric about 0, so that a gain and a loss of the same size look the same size; one y scale for both.
     span = max(1.0, float(np.nanmax(np.abs(gains))) if np.isfinite(gains).any() else 1.0) * 1.1
     for k, (key, test, xlabel) in enumerate(panels):
+        # Labels without a score (no positive image in the split) or without an AP are left out, as in
+        # the Spearman test itself, so the points drawn are exactly the ones the rho is computed on.
         names = [c for c in pl if np.isfinite(pl[c][key]) and np.isfinite(pl[c]["gain"])]
         xs, ys = np.array([pl[c][key] for c in names]), np.array([pl[c]["gain"] for c in names])
         xlo, xhi = (float(xs.min()), float(xs.max())) if len(xs) else (0.0, 1.0)
@@ -239,6 +257,9 @@ def heterogeneity(path, het, title):
         for c, x, y in zip(names, xs, ys):
             px, py = to_px(x, y)
             d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=SERIES[2] if y >= 0 else SERIES[3])
+            # Label names collide where points cluster. Try the name beside its point, then one, two, three
+            # lines below or above, and take the first place that overlaps no name drawn so far (greedy,
+            # in label order; good enough for 20-80 labels, and the numbers are in analysis.json anyway).
             w = font(11).getlength(c)
             for dy in (0, 12, -12, 24, -24, 36, -36):
                 box = (px + 6, py + dy - 6, px + 6 + w, py + dy + 6)
