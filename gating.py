@@ -29,8 +29,10 @@ Options, all off by default:
   f_e = P_e for dense routing. It equals 1 for perfectly balanced routing and E when all mass goes to
   one expert, so the coefficient means the same thing for any E.
 
-The softmax runs in float32 even under autocast: fp16/bf16 logits lose the small differences that
-decide routing, and a 1-ulp error in a row sum compounds over L * E weights.
+The gate runs in float32 even under autocast, logits included (autocast is switched off around it):
+bf16 keeps 8 bits of mantissa, which rounds away the small logit differences that decide routing and
+the top-k choice. The gate is tiny (B * L * I * E multiply-adds), so fp32 costs nothing measurable. Its
+weights are cast to the experts' dtype only for the weighted sum in model.py.
 
 Expert collapse. A gate can learn to send (almost) all mass to one expert slot, e.g. every label to its
 own task expert, so the shared experts stop receiving gradient and the mixture is a mixture in name only
@@ -79,13 +81,15 @@ class Gate(nn.Module):
         """h (B, L, D) label features, g (B, D) image feature -> (weights (B, L, E) fp32, aux_loss scalar)."""
         B, L, _ = h.shape
         u = self.gate_input(h, g)
-        if u is None:
-            logits = self.bias.expand(B, L, -1)                            # (B, L, E), same for every image
-        else:
-            # Label l's own gating matrix W_l applied to its input: l indexes, i is summed.
-            logits = torch.einsum("bli,lie->ble", u, self.weight) + self.bias  # (B, L, E)
-        # Softmax in fp32 whatever autocast chose for the einsum above.
-        logits = logits.float() / self.temperature
+        # fp32 whatever autocast chose for the layers around it (see the docstring): the inputs are cast
+        # up, and autocast is off so that the einsum is not cast back down to bf16/fp16.
+        with torch.autocast(h.device.type, enabled=False):
+            if u is None:
+                logits = self.bias.float().expand(B, L, -1)                # (B, L, E), same for every image
+            else:
+                # Label l's own gating matrix W_l applied to its input: l indexes, i is summed.
+                logits = torch.einsum("bli,lie->ble", u.float(), self.weight.float()) + self.bias.float()  # (B, L, E)
+        logits = logits / self.temperature
         dense = F.softmax(logits, dim=-1)                                  # (B, L, E)
         if self.top_k and self.top_k < self.num_experts:
             kept = logits.topk(self.top_k, dim=-1).indices                 # (B, L, k)

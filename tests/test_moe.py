@@ -55,6 +55,18 @@ def test_gate_rows_are_distributions(kind, top_k):
         assert ((w > 0).sum(-1) == top_k).all()           # exactly k experts get mass
 
 
+@pytest.mark.parametrize("kind", GATE_KINDS)
+def test_gate_is_fp32_under_autocast(kind):
+    # Autocast must not reach inside the gate: its weights under bf16 autocast equal, exactly, the fp32
+    # gate applied to the same (bf16-rounded) inputs. A bf16 einsum for the logits would fail this.
+    gate = random_gate(kind, top_k=2)
+    h, g = torch.randn(B, L, D).bfloat16(), torch.randn(B, D).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w_amp, aux_amp = gate(h, g)
+    w_ref, aux_ref = gate(h.float(), g.float())
+    assert torch.equal(w_amp, w_ref) and torch.equal(aux_amp, aux_ref)
+
+
 def test_gate_inputs():
     h, g = torch.randn(B, L, D), torch.randn(B, D)
     h2, g2 = torch.randn(B, L, D), torch.randn(B, D)
