@@ -157,8 +157,11 @@ def main(argv=None):
         # Every rank reads the file: on several nodes OUT_DIR must be on a shared filesystem.
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         # A resumed run is the run that was started: its configs come from the checkpoint. Only where it
-        # runs (device, workers) and where it writes may change.
-        keep = {k: getattr(tcfg, k) for k in ("device", "num_workers", "out_dir", "resume")}
+        # runs (device, workers) and where it writes may change, and the worker count only when given:
+        # the augmentations are drawn from the workers' seeds, so another count continues the run but
+        # not bit for bit.
+        keep = {k: getattr(tcfg, k) for k in ("device", "num_workers", "out_dir", "resume")
+                if k != "num_workers" or k in given}
         tcfg = TrainConfig(**{**ckpt["train_config"], **keep})
         mcfg = ModelConfig(**ckpt["model_config"])
         say(f"resuming from {path}: epoch {ckpt['epoch'] + 1} of {tcfg.epochs} done, best val mAP {ckpt['best_map']:.2f}")
@@ -216,15 +219,20 @@ def main(argv=None):
     # The shuffling generator is re-seeded with (seed, epoch) each epoch, so a resumed run sees the same
     # data order as an uninterrupted one; it also seeds the workers' augmentation RNGs. Under torchrun the
     # DistributedSampler shuffles instead (same seed on every rank, so the shards partition the epoch).
+    # The training workers are *not* persistent: a persistent loader draws the workers' base seed from
+    # `order` at its first epoch only, so the first epoch after --resume would draw once more than the
+    # same epoch of an uninterrupted run, and both the order and the augmentations would differ. Starting
+    # the workers each epoch costs about a second (fork) per epoch; the evaluation loaders, which draw no
+    # random numbers, keep theirs.
     order = torch.Generator()
-    loader_kw = dict(batch_size=tcfg.batch_size // world, num_workers=tcfg.num_workers,
-                     pin_memory=device.type == "cuda", persistent_workers=tcfg.num_workers > 0)
+    loader_kw = dict(batch_size=tcfg.batch_size // world, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda")
     sampler = lambda d, shuffle: (torch.utils.data.DistributedSampler(d, shuffle=shuffle, seed=tcfg.seed, drop_last=shuffle)
                                   if world > 1 else None)
     train_sampler = sampler(ds["train"], True)
     train_loader = torch.utils.data.DataLoader(ds["train"], shuffle=train_sampler is None, sampler=train_sampler,
                                                drop_last=True, generator=order, **loader_kw)
-    eval_loaders = {s: torch.utils.data.DataLoader(ds[s], shuffle=False, sampler=sampler(ds[s], False), **loader_kw)
+    eval_loaders = {s: torch.utils.data.DataLoader(ds[s], shuffle=False, sampler=sampler(ds[s], False),
+                                                   persistent_workers=tcfg.num_workers > 0, **loader_kw)
                     for s in ("val", "test")}
 
     # ---- model, EMA, optimizer, schedule, loss scaler
@@ -287,7 +295,14 @@ def main(argv=None):
                 "val_map": val_maps, "model_config": asdict(mcfg), "train_config": asdict(tcfg),
                 "classes": list(ds["train"].classes), "world_size": world, "rng": rng}
 
+    # log.jsonl holds exactly this run's epochs 1..start_epoch: a fresh run starts it empty (an earlier
+    # run's rows in the same folder would otherwise mix into curves.png and compare.py), and a resumed run
+    # drops the rows of epochs its checkpoint does not have (a kill between the log line and last.pt).
     log_path = os.path.join(tcfg.out_dir, "log.jsonl")
+    if main_proc:
+        rows = open(log_path).readlines() if ckpt is not None and os.path.isfile(log_path) else []
+        with open(log_path, "w") as fh:
+            fh.writelines(r for r in rows if json.loads(r)["epoch"] <= start_epoch)
     run_start = time.time()
     for epoch in range(start_epoch, tcfg.epochs):
         # ---- one epoch of training

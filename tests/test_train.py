@@ -63,22 +63,25 @@ def run(tmp_path, name, *extra):
     return out, train.main(TINY + ["--out-dir", out, *extra])
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    out_a, metrics_a = run(tmp_path, "straight", "--epochs", "2")
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers):
+    # With a loader worker too: its augmentation RNG must also continue as in the uninterrupted run.
+    out_a, metrics_a = run(tmp_path, "straight", "--epochs", "2", "--num-workers", str(workers))
 
-    # Simulate a kill right after epoch 1's last.pt is on disk.
+    # Simulate a kill during epoch 2's checkpointing: its log line is written, its last.pt is not.
     real_save = train.save_checkpoint
-    def save_then_die(path, state):
-        real_save(path, state)
-        if path.endswith("last.pt") and state["epoch"] == 0:
+    def die_before_second_save(path, state):
+        if path.endswith("last.pt") and state["epoch"] == 1:
             raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+        real_save(path, state)
+    monkeypatch.setattr(train, "save_checkpoint", die_before_second_save)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "killed", "--epochs", "2")
+        run(tmp_path, "killed", "--epochs", "2", "--num-workers", str(workers))
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     out_b = str(tmp_path / "killed")
     assert torch.load(os.path.join(out_b, "last.pt"), weights_only=False)["epoch"] == 0
-    metrics_b = train.main(["--out-dir", out_b, "--resume"])
+    assert len(open(os.path.join(out_b, "log.jsonl")).readlines()) == 2   # epoch 2 logged, not checkpointed
+    metrics_b = train.main(["--out-dir", out_b, "--resume"])   # the worker count comes from the checkpoint
 
     a = torch.load(os.path.join(out_a, "last.pt"), weights_only=False)
     b = torch.load(os.path.join(out_b, "last.pt"), weights_only=False)
@@ -88,7 +91,11 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     for k in a["ema"]:
         assert torch.equal(a["ema"][k], b["ema"][k]), k
     assert metrics_a["mAP"] == metrics_b["mAP"]
-    assert len(open(os.path.join(out_b, "log.jsonl")).readlines()) == 2   # one line per epoch, none lost
+    log_b = [json.loads(r) for r in open(os.path.join(out_b, "log.jsonl"))]
+    assert [r["epoch"] for r in log_b] == [1, 2]                          # one row per epoch: no repeat, none lost
+    # A fresh run in a folder that holds an earlier run starts its log afresh.
+    run(tmp_path, "straight", "--epochs", "1", "--num-workers", str(workers))
+    assert [json.loads(r)["epoch"] for r in open(os.path.join(out_a, "log.jsonl"))] == [1]
 
 
 def test_checkpoint_round_trip_and_evaluate_cli(tmp_path, capsys):
