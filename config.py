@@ -74,7 +74,9 @@ class TrainConfig:
 #            RandAugment. Q2L runs 80 epochs with early stopping, and its best EMA epoch comes well before
 #            the end; 40 halves the cost. Batch 32 at 448 px fits one 24 GB GPU under AMP (Q2L: 128 over
 #            8 GPUs). Not yet run on real photos here (no GPU): treat these as the starting point.
-WORKERS = min(8, os.cpu_count() or 1)   # decoding 448-px JPEGs needs processes; more than the cores only thrash
+# Decoding 448-px JPEGs needs processes, but more than the cores only thrash. The count is per process:
+# under torchrun the node's cores are shared by its LOCAL_WORLD_SIZE training processes.
+WORKERS = max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 PHOTOS = dict(backbone="resnet101", weights="DEFAULT", feature_layer="layer4", image_size=448, epochs=40,
               batch_size=32, lr=1e-4, ema_decay=0.9997, cutout=0.5, num_workers=WORKERS)
 PRESETS = {

@@ -18,9 +18,11 @@ What the loop has to add, and where:
 - Evaluation: every rank scores its shard and gather_rows() puts the whole split back together, in the
   dataset's order and without the duplicates the sampler pads with, so each image counts exactly once
   and the metrics equal a single process's (tests/test_distributed.py checks it).
-- Buffers: BatchNorm's running statistics are not averaged by DDP (each rank sees different images);
-  sync_buffers() copies rank 0's before every evaluation and checkpoint, or --sync-bn uses SyncBatchNorm,
-  which computes batch statistics over all ranks (useful when the per-GPU batch is small).
+- Buffers: DDP does not average BatchNorm's running statistics (each rank sees different images). By
+  default it copies rank 0's to every rank at the start of each forward, so after the last step of an
+  epoch they differ by that step's update; sync_buffers() copies rank 0's once more before every
+  evaluation and checkpoint. --sync-bn uses SyncBatchNorm instead, which computes the batch statistics
+  over all ranks (useful when the per-GPU batch is small).
 - Only rank 0 prints, logs and writes checkpoints (is_main).
 
 Shapes: gather_rows takes this rank's rows (n_r, ...) and their dataset indices (n_r,) -> (N, ...) on
@@ -39,6 +41,15 @@ def setup(device_name: str):
         return 0, 1, None                       # a plain `python train.py`: train.pick_device decides
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    # Fail at start-up, on every rank, rather than fall back silently to a slow CPU run or crash in nccl.
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda under torchrun, but this machine has no usable CUDA device")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"torchrun started process LOCAL_RANK={local_rank}, but this node has only "
+                           f"{torch.cuda.device_count()} GPU(s): pass --nproc_per_node {torch.cuda.device_count()} "
+                           "(or --device cpu for CPU processes)")
+    if device_name not in ("auto", "cuda", "cpu"):
+        raise RuntimeError(f"--device {device_name} under torchrun: DDP here runs on CUDA (nccl) or CPU (gloo)")
     if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)           # before init: nccl binds each process to its GPU

@@ -101,7 +101,7 @@ def test_torchrun_train_matches_single_process_evaluation(tmp_path):
     out = str(tmp_path / "run")
     tiny = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",
             "--expert-hidden", "32", "--limit", "40", "--batch-size", "8", "--ema-decay", "0.9", "--epochs", "2"]
-    done = torchrun("train.py", *tiny, "--out-dir", out)
+    done = torchrun("train.py", *tiny, "--out-dir", out, "--device", "cpu")   # gloo, even where a GPU exists
     assert "Traceback" not in done.stderr and "cpu x 2 processes" in done.stdout
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["world_size"] for r in log] == [2, 2] and log[-1]["step"] == 2 * 40 // 8
