@@ -32,6 +32,11 @@ The claim predicts that the AP gain of an input-conditioned gate over a static o
 with heterogeneity: a positive Spearman correlation across labels (scipy.stats.spearmanr; with L = 20
 labels only a strong one can be told from 0).
 
+One confound is checked beside it: headroom. A label the other model already gets at 99 AP cannot gain
+more than 1 point, so if easy labels are also the homogeneous ones, gain and heterogeneity correlate
+through headroom alone. partial_spearman() therefore also reports the rank correlation of gain and
+heterogeneity with headroom (100 - the other model's AP) held fixed.
+
 Shapes (legend in experts.py; N = images here): scores/targets (N, L), gates (N, L, E) with the S shared
 experts first, features (N, D).
 """
@@ -114,17 +119,40 @@ def spearman(x, y) -> dict:
     return {"spearman_rho": float(rho), "p_value": float(p), "num_labels": int(ok.sum())}
 
 
+def partial_spearman(x, y, z) -> dict:
+    """Spearman's rho of x and y with z held fixed, over the labels where all three are defined.
+
+    The partial correlation of the ranks (Conover 1999; the usual first-order formula):
+        r_xy.z = (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2) (1 - r_yz^2)),   r = Pearson correlation of ranks
+    which equals the correlation of the rank residuals after regressing the ranks of z out of both.
+    p-value: t = r sqrt((n - 3) / (1 - r^2)) on n - 3 degrees of freedom (one more spent on z).
+    """
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
+    n = int(ok.sum())
+    if n < 5:
+        return {"spearman_rho": float("nan"), "p_value": float("nan"), "num_labels": n}
+    rx, ry, rz = (sps.rankdata(np.asarray(v)[ok]) for v in (x, y, z))
+    r = np.corrcoef([rx, ry, rz])                                  # (3, 3) Pearson correlations of the ranks
+    rho = (r[0, 1] - r[0, 2] * r[1, 2]) / math.sqrt((1 - r[0, 2] ** 2) * (1 - r[1, 2] ** 2))
+    t = rho * math.sqrt((n - 3) / max(1 - rho ** 2, 1e-12))
+    return {"spearman_rho": float(rho), "p_value": float(2 * sps.t.sf(abs(t), n - 3)), "num_labels": n}
+
+
 def heterogeneity_test(het, ap, ap_other, classes, het_visual=None) -> dict:
     """Per-label AP gain (this - other, in AP points) against each heterogeneity score, with Spearman's rho.
 
     The context score's correlation sits at the top level ("spearman_rho", "p_value"); the visual one,
-    when features were given, under "visual".
+    when features were given, under "visual"; both again with headroom held fixed under "given_headroom".
     """
     gain = 100 * (np.asarray(ap) - np.asarray(ap_other))
+    headroom = 100 * (1 - np.asarray(ap_other))                    # (L,) the most this label could gain
     vis = np.full(len(gain), np.nan) if het_visual is None else np.asarray(het_visual)
     per_label = {c: {"heterogeneity": float(het[l]), "visual_heterogeneity": float(vis[l]), "AP": 100 * float(ap[l]),
-                     "AP_other": 100 * float(ap_other[l]), "gain": float(gain[l])} for l, c in enumerate(classes)}
+                     "AP_other": 100 * float(ap_other[l]), "gain": float(gain[l]), "headroom": float(headroom[l])}
+                 for l, c in enumerate(classes)}
     return {"score": "context_heterogeneity (analysis.py)", **spearman(het, gain), "visual": spearman(vis, gain),
+            "given_headroom": {"context": partial_spearman(het, gain, headroom),
+                               "visual": partial_spearman(vis, gain, headroom)},
             "mean_gain": float(np.nanmean(gain)), "per_label": per_label}
 
 

@@ -138,6 +138,22 @@ def paired(ref: list, other: list):
     return common, np.array([a[s] - b[s] for s in common]), t, p
 
 
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjustment (Holm 1979) of m p-values tested together -> adjusted p-values.
+
+    A table with many rows makes many tests: at p < 0.05 each, 28 of them would give about 1.4 "yes" by
+    chance alone. Holm keeps the chance of any false "yes" in the whole table below 0.05: the k-th
+    smallest p (k = 1..m) is multiplied by m - k + 1, and each adjusted p is at least the one before it,
+        p_holm(k) = max_{j <= k} min(1, (m - j + 1) p(j)).
+    """
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p)
+    scaled = np.minimum(1.0, (len(p) - np.arange(len(p))) * p[order])   # (m - k + 1) p(k), k from 1
+    out = np.empty_like(p)
+    out[order] = np.maximum.accumulate(scaled)
+    return out
+
+
 def mean_std(runs: list) -> str:
     maps = np.array([r["mAP"] for r in runs])
     # Sample std (ddof=1): the seeds are a sample of possible runs, and with 3 of them the population
@@ -157,24 +173,28 @@ def report(rows: dict, reference: str) -> str:
         lines.append(f"| {name} | {mean_std(runs)} | {mean('CF1'):.2f} | {mean('OF1'):.2f} | "
                      f"{runs[0]['parameters'] / 1e6:.2f} | {runs[0]['gflops']:.3f} | {np.median([r['img_per_s'] for r in runs]):.0f} | "
                      + (share if gated else "") + f"{len(runs)} |")
-    if reference in rows:
-        lines += ["", f"Paired t-test over seeds, {reference} minus each (positive = {reference} better):", "",
-                  "| vs | mean difference | per seed | t | p | more than noise (p < 0.05)? |", "|---|---|---|---|---|---|"]
-        for name, runs in rows.items():
-            test = paired(rows[reference], runs) if name != reference else None
-            if test is None:
-                continue
-            _, diff, t, p = test
+    tests = {name: paired(rows[reference], runs) for name, runs in rows.items() if name != reference} \
+        if reference in rows else {}
+    tests = {name: test for name, test in tests.items() if test is not None}
+    if tests:
+        adjusted = dict(zip(tests, holm([test[3] for test in tests.values()])))   # over the table's m tests
+        lines += ["", f"Paired t-test over seeds, {reference} minus each (positive = {reference} better); "
+                  f"Holm's adjustment over the table's {len(tests)} tests:", "",
+                  "| vs | mean difference | per seed | t | p | p (Holm) | more than noise (Holm p < 0.05)? |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, (_, diff, t, p) in tests.items():
             lines.append(f"| {name} | {diff.mean():+.2f} | {', '.join(f'{d:+.2f}' for d in diff)} | {t:.2f} | "
-                         f"{p:.3f} | {'yes' if p < 0.05 else 'no'} |")
+                         f"{p:.3f} | {adjusted[name]:.3f} | {'yes' if adjusted[name] < 0.05 else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
 def report_grid(rows: dict) -> str:
     """The ablation as a grid: one row per (S, T), one column per gate kind, and the paired tests of the
-    input-conditioned gate against HSQ's label gate and the static gate within each row."""
-    lines = ["| S | T | E | params (M) | " + " | ".join(GATE_KINDS) + " | dynamic - static (p) | dynamic - label (p) |",
-             "|---|---|---|---|" + "---|" * len(GATE_KINDS) + "---|---|"]
+    input-conditioned gate against HSQ's label gate and the static gate within each row (each cell:
+    mean difference, then p and Holm's p over all the grid's tests)."""
+    lines = ["| S | T | E | params (M) | " + " | ".join(GATE_KINDS) + " | dynamic - static (p, Holm p) | "
+             "dynamic - label (p, Holm p) |", "|---|---|---|---|" + "---|" * len(GATE_KINDS) + "---|---|"]
+    found = []   # (row index in lines, column 0/1, test): the Holm p needs every test first
     for s in SHARED:
         for t in OWN:
             cells = {g: rows.get(ablation_name(g, s, t)) for g in GATE_KINDS}
@@ -183,13 +203,15 @@ def report_grid(rows: dict) -> str:
             dyn = cells["dynamic"]
             if dyn is None:
                 continue
-            tests = []
-            for other in ("static", "label"):
+            for col, other in enumerate(("static", "label")):
                 test = paired(dyn, cells[other]) if cells[other] and s + t > 1 else None
-                tests.append(f"{test[1].mean():+.2f} ({test[3]:.2f})" if test else "-")
-            lines.append(f"| {s} | {t} | {s + t} | {dyn[0]['parameters'] / 1e6:.2f} | "
-                         + " | ".join(mean_std(c) if c else "-" for c in cells.values()) + " | " + " | ".join(tests) + " |")
-    return "\n".join(lines) + "\n"
+                if test:
+                    found.append((len(lines), col, test))
+            lines.append([f"| {s} | {t} | {s + t} | {dyn[0]['parameters'] / 1e6:.2f} | "
+                          + " | ".join(mean_std(c) if c else "-" for c in cells.values()), "-", "-"])
+    for (row, col, test), p_holm in zip(found, holm([test[3] for _, _, test in found])):
+        lines[row][1 + col] = f"{test[1].mean():+.2f} ({test[3]:.2f}, {p_holm:.2f})"
+    return "\n".join(line if isinstance(line, str) else " | ".join(line) + " |" for line in lines) + "\n"
 
 
 def heterogeneity(out: str, a: str, b: str, seeds) -> str:
@@ -217,17 +239,24 @@ def heterogeneity(out: str, a: str, b: str, seeds) -> str:
     per = lambda key: np.array([[t["per_label"][c][key] for c in labels] for t in tests.values()])   # (seeds, L)
     gains, ctx = per("gain"), per("heterogeneity")[0]          # the context score is the same for every seed
     vis = per("visual_heterogeneity").mean(0)                   # the visual one comes from each run's features
-    pooled = {name: analysis.spearman(score, gains.mean(0)) for name, score in (("context", ctx), ("visual", vis))}
+    room = per("headroom").mean(0)                              # 100 - b's AP, averaged over the seeds
+    pooled = {name: {"plain": analysis.spearman(score, gains.mean(0)),
+                     "given_headroom": analysis.partial_spearman(score, gains.mean(0), room)}
+              for name, score in (("context", ctx), ("visual", vis))}
     cell = lambda t: f"{t['spearman_rho']:+.2f} (p = {t['p_value']:.3f})"
-    lines = [f"{a} minus {b}: per-label AP gain against label heterogeneity (Spearman's rho over the labels)", "",
-             "| seeds | mean gain (AP points) | vs context heterogeneity | vs visual heterogeneity |", "|---|---|---|---|"]
-    lines += [f"| {k} | {t['mean_gain']:+.2f} | {cell(t)} | {cell(t['visual'])} |" for k, t in tests.items()]
+    lines = [f"{a} minus {b}: per-label AP gain against label heterogeneity (Spearman's rho over the labels;",
+             "\"| headroom fixed\": the same with headroom = 100 - the other's AP held fixed, analysis.partial_spearman)", "",
+             "| seeds | mean gain (AP points) | vs context het. | vs visual het. | context, headroom fixed | "
+             "visual, headroom fixed |", "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {t['mean_gain']:+.2f} | {cell(t)} | {cell(t['visual'])} | "
+              f"{cell(t['given_headroom']['context'])} | {cell(t['given_headroom']['visual'])} |" for k, t in tests.items()]
     lines += [f"| pooled ({len(tests)} seeds, gains averaged per label) | {np.nanmean(gains):+.2f} | "
-              f"{cell(pooled['context'])} | {cell(pooled['visual'])} |",
-              "", "| label | context het. | visual het. | gain per seed | mean gain |", "|---|---|---|---|---|"]
+              f"{cell(pooled['context']['plain'])} | {cell(pooled['visual']['plain'])} | "
+              f"{cell(pooled['context']['given_headroom'])} | {cell(pooled['visual']['given_headroom'])} |",
+              "", "| label | context het. | visual het. | headroom | gain per seed | mean gain |", "|---|---|---|---|---|---|"]
     for l in np.argsort(-vis):   # most visually heterogeneous first
-        lines.append(f"| {labels[l]} | {ctx[l]:.3f} | {vis[l]:.3f} | {', '.join(f'{g:+.2f}' for g in gains[:, l])} | "
-                     f"{gains[:, l].mean():+.2f} |")
+        lines.append(f"| {labels[l]} | {ctx[l]:.3f} | {vis[l]:.3f} | {room[l]:.2f} | "
+                     f"{', '.join(f'{g:+.2f}' for g in gains[:, l])} | {gains[:, l].mean():+.2f} |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(folder, "results.md"), "w") as fh:
         fh.write(table)

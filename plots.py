@@ -49,7 +49,7 @@ def nice_ticks(lo: float, hi: float, n: int = 5):
     return [k * step for k in range(math.floor(lo / step), math.ceil(hi / step) + 1)]
 
 
-def axes(img, box, xlim, ylim, xlabel, ylabel, title, xticks=None, yticks=None, fmt="{:g}"):
+def axes(img, box, xlim, ylim, xlabel, ylabel, title, xticks=None, yticks=None, fmt="{:g}", subtitle=None):
     """Frame, grid, ticks and labels in pixel box (x0, y0, x1, y1) of img -> to_px(x, y)."""
     draw = ImageDraw.Draw(img)
     x0, y0, x1, y1 = box
@@ -69,7 +69,9 @@ def axes(img, box, xlim, ylim, xlabel, ylabel, title, xticks=None, yticks=None, 
             draw.text((x, y1 + 6), fmt.format(t), fill=FG, font=f, anchor="mt")
     draw.rectangle(box, outline=FG)
     draw.text(((x0 + x1) / 2, y1 + 26), xlabel, fill=FG, font=font(13), anchor="mt")
-    draw.text((x0, y0 - 8), title, fill=FG, font=font(15), anchor="ld")
+    draw.text((x0, y0 - (26 if subtitle else 8)), title, fill=FG, font=font(15), anchor="ld")
+    if subtitle:                                                        # a second, quieter line under the title
+        draw.text((x0, y0 - 8), subtitle, fill=MUTED, font=font(12), anchor="ld")
     # the y label, written sideways on its own small image and pasted left of the tick labels
     lab = Image.new("RGB", (int(y1 - y0), 18), "white")
     ImageDraw.Draw(lab).text((lab.width / 2, 9), ylabel, fill=FG, font=font(13), anchor="mm")
@@ -229,11 +231,13 @@ def heterogeneity(path, het, title):
     # het: analysis.heterogeneity_test(...) — per_label {name: gain, heterogeneity, visual_heterogeneity},
     # the context test's rho/p at the top level and the visual test's under "visual".
     pl = het["per_label"]
-    panels = [("heterogeneity", het, "context heterogeneity (entropy of co-occurrence, 0..1)")]
+    fixed = het.get("given_headroom", {})   # the same tests with headroom held fixed (analysis.partial_spearman)
+    panels = [("heterogeneity", het, fixed.get("context"), "context heterogeneity (entropy of co-occurrence, 0..1)")]
     if np.isfinite([v["visual_heterogeneity"] for v in pl.values()]).any():
-        panels.append(("visual_heterogeneity", het["visual"], "visual heterogeneity (feature variance share)"))
+        panels.append(("visual_heterogeneity", het["visual"], fixed.get("visual"),
+                       "visual heterogeneity (feature variance share)"))
     pw = 560                                                            # one panel's width
-    img = Image.new("RGB", (60 + len(panels) * (pw + 60), 660), "white")
+    img = Image.new("RGB", (60 + len(panels) * (pw + 60), 680), "white")
     d = ImageDraw.Draw(img)
     d.text((20, 14), title, fill=FG, font=font(16))
     d.text((20, 38), f"mean gain {het['mean_gain']:+.2f} AP over {len(pl)} labels; green: this model better on "
@@ -241,7 +245,7 @@ def heterogeneity(path, het, title):
     gains = np.array([v["gain"] for v in pl.values()])
     # Symmetric about 0, so that a gain and a loss of the same size look the same size; one y scale for both.
     span = max(1.0, float(np.nanmax(np.abs(gains))) if np.isfinite(gains).any() else 1.0) * 1.1
-    for k, (key, test, xlabel) in enumerate(panels):
+    for k, (key, test, partial, xlabel) in enumerate(panels):
         # Labels without a score (no positive image in the split) or without an AP are left out, as in
         # the Spearman test itself, so the points drawn are exactly the ones the rho is computed on.
         names = [c for c in pl if np.isfinite(pl[c][key]) and np.isfinite(pl[c]["gain"])]
@@ -249,8 +253,12 @@ def heterogeneity(path, het, title):
         xlo, xhi = (float(xs.min()), float(xs.max())) if len(xs) else (0.0, 1.0)
         pad = 0.08 * (xhi - xlo or 1)
         x0 = 110 + k * (pw + 60)
-        to_px = axes(img, (x0, 100, x0 + pw - 60, 570), (xlo - pad, xhi + pad), (-span, span), xlabel,
-                     "AP gain (points)", f"Spearman rho = {test['spearman_rho']:+.2f}, p = {test['p_value']:.3f}")
+        # Under the test, the same test with headroom held fixed (a label at 99 AP cannot gain 5 points).
+        sub = (f"with headroom (100 - other's AP) held fixed: rho = {partial['spearman_rho']:+.2f}, "
+               f"p = {partial['p_value']:.3f}") if partial else None
+        to_px = axes(img, (x0, 120, x0 + pw - 60, 590), (xlo - pad, xhi + pad), (-span, span), xlabel,
+                     "AP gain (points)", f"Spearman rho = {test['spearman_rho']:+.2f}, p = {test['p_value']:.3f}",
+                     subtitle=sub)
         y0 = to_px(0, 0)[1]
         d.line([(x0, y0), (x0 + pw - 60, y0)], fill=MUTED, width=2)
         placed = []   # label boxes drawn so far: a name that would overlap one moves down or up a line

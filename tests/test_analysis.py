@@ -9,7 +9,8 @@ Seeing inside the gate (analysis.py, evaluate.py --analysis / --compare-to) and 
 - evaluate.py --analysis on a tiny trained checkpoint writes PNG files that open and JSON whose numbers
   equal the gate statistics evaluate.py prints and returns (and the curves equal log.jsonl);
 - --compare-to between two real checkpoints: each label's gain is the difference of the two runs' own
-  per-label APs, and the Spearman correlation equals scipy's on those numbers.
+  per-label APs, and the Spearman correlation equals scipy's on those numbers;
+- the headroom-adjusted (partial) Spearman equals the correlation of rank residuals.
 
 Run: python -m pytest -q tests/test_analysis.py
 """
@@ -52,6 +53,25 @@ def test_visual_heterogeneity_by_hand():
     assert het[0] == pytest.approx(np.var([0, 2]) / total)          # 1 / 5
     assert het[1] == pytest.approx(np.var([2, 4, 6]) / total)       # (8/3) / 5
     assert np.isnan(het[2])                                         # never present: no variance to measure
+
+
+def test_partial_spearman_equals_rank_residual_correlation():
+    # Independent computation: regress the ranks of z out of the ranks of x and of y (least squares with
+    # an intercept), correlate the residuals; its p-value from the t distribution on n - 3 df.
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=20)
+    x, y = z + rng.normal(size=20), 0.5 * z + rng.normal(size=20)
+    x[3] = np.nan                                                    # a label without a score is left out
+    got = analysis.partial_spearman(x, y, z)
+    ok = np.isfinite(x)
+    rx, ry, rz = (sps.rankdata(v[ok]) for v in (x, y, z))
+    Z = np.stack([np.ones(ok.sum()), rz], 1)
+    res = lambda v: v - Z @ np.linalg.lstsq(Z, v, rcond=None)[0]
+    r = np.corrcoef(res(rx), res(ry))[0, 1]
+    n = ok.sum()
+    assert got["num_labels"] == n == 19
+    assert got["spearman_rho"] == pytest.approx(r)
+    assert got["p_value"] == pytest.approx(2 * sps.t.sf(abs(r) * np.sqrt((n - 3) / (1 - r ** 2)), n - 3))
 
 
 def test_gate_statistics_by_hand():

@@ -5,9 +5,11 @@ compare.py: the sets of configurations, the tables built from finished runs, and
   the four kinds where S + T = 1 (the gate is then the constant 1);
 - from run folders written here (metrics.json + log.jsonl, no training), the grid shows mean ± sample std
   per cell, repeats the S + T = 1 run in every gate column, and its paired differences and p-values equal
-  scipy's paired t-test on the same numbers; the flat table reads the largest expert share from the log;
+  scipy's paired t-test on the same numbers, with Holm's adjustment (checked by hand) over the grid's
+  tests; the flat table reads the largest expert share from the log;
 - --heterogeneity on tiny trained runs for 2 seeds: the pooled Spearman correlations equal scipy's on
-  the per-label gains averaged over the seeds' analysis.json files (context and visual heterogeneity).
+  the per-label gains averaged over the seeds' analysis.json files (context and visual heterogeneity,
+  plain and with headroom held fixed).
 
 Run: python -m pytest -q tests/test_compare.py
 """
@@ -15,8 +17,10 @@ import json
 import os
 
 import numpy as np
+import pytest
 from scipy import stats
 
+import analysis
 import compare
 import train
 from gating import GATE_KINDS
@@ -53,13 +57,21 @@ def test_grid_and_paired_tests_from_finished_runs(tmp_path):
     assert row(0, 1).count(cell(maps["dynamic S=0 T=1"])) == len(GATE_KINDS)
     r = row(2, 1)
     assert cell(maps["static S=2 T=1"]) in r and cell(maps["dynamic S=2 T=1"]) in r
+    p = {other: stats.ttest_rel(maps["dynamic S=2 T=1"], maps[f"{other} S=2 T=1"]).pvalue for other in ("static", "label")}
+    p_holm = dict(zip(p, compare.holm(list(p.values()))))           # the grid's only two tests
     for other in ("static", "label"):
-        a, b = maps["dynamic S=2 T=1"], maps[f"{other} S=2 T=1"]
-        t = stats.ttest_rel(a, b)
-        assert f"{np.mean(np.subtract(a, b)):+.2f} ({t.pvalue:.2f})" in r
+        diff = np.mean(np.subtract(maps["dynamic S=2 T=1"], maps[f"{other} S=2 T=1"]))
+        assert f"{diff:+.2f} ({p[other]:.2f}, {p_holm[other]:.2f})" in r
     assert "| 4 | 2 |" not in md                                     # no finished run, no row
     flat = next(line for line in md.splitlines() if line.startswith("| static S=2 T=1 |"))
     assert "| 0.90 |" in flat                                        # largest expert share, last epoch
+
+
+def test_holm_by_hand():
+    # sorted p: 0.01, 0.03, 0.04 -> x3, x2, x1 = 0.03, 0.06, 0.04 -> running max 0.03, 0.06, 0.06
+    assert compare.holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
+    assert compare.holm([0.5, 0.6]).tolist() == pytest.approx([1.0, 1.0])      # capped at 1
+    assert compare.holm([0.02]).tolist() == pytest.approx([0.02])              # one test: unchanged
 
 
 def test_heterogeneity_pooled_over_seeds(tmp_path):
@@ -78,9 +90,13 @@ def test_heterogeneity_pooled_over_seeds(tmp_path):
     het = [per_seed[0]["per_label"][c]["heterogeneity"] for c in labels]
     vis = [np.mean([h["per_label"][c]["visual_heterogeneity"] for h in per_seed]) for c in labels]
     mean_gain = [np.mean([h["per_label"][c]["gain"] for h in per_seed]) for c in labels]
+    room = [np.mean([h["per_label"][c]["headroom"] for h in per_seed]) for c in labels]
     pooled = next(line for line in table.splitlines() if line.startswith("| pooled"))
     for score in (np.array(het), np.array(vis)):
         ok = np.isfinite(score)                                      # visual: labels with >= 2 positive images
         rho, p = stats.spearmanr(score[ok], np.array(mean_gain)[ok])
         assert f"{rho:+.2f} (p = {p:.3f})" in pooled
+        # the headroom-fixed column: the partial test on the same pooled numbers
+        fixed = analysis.partial_spearman(score, np.array(mean_gain), np.array(room))
+        assert f"{fixed['spearman_rho']:+.2f} (p = {fixed['p_value']:.3f})" in pooled
     assert (folder / "seed1" / "heterogeneity.png").exists()
