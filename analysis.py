@@ -107,11 +107,6 @@ def visual_heterogeneity(features, targets) -> np.ndarray:
     return out
 
 
-def mean_gate_weights(gates: np.ndarray) -> np.ndarray:
-    """gates (N, L, E) -> (L, E): each label's mean weight on each of its experts over the split."""
-    return gates.mean(axis=0)
-
-
 def spearman(x, y) -> dict:
     """Spearman's rank correlation over the labels where both are defined (NaN below 3 labels)."""
     ok = np.isfinite(x) & np.isfinite(y)
@@ -181,7 +176,7 @@ def write_analysis(out_dir, classes, targets, gates, features, gate_stats, ap, e
     result = {"title": title, "classes": list(classes), "per_label_AP": {c: 100 * float(a) for c, a in zip(classes, ap)}}
     written = []
     if gates is not None:
-        mean_w = mean_gate_weights(gates)                               # (L, E)
+        mean_w = gates.mean(axis=0)              # (N, L, E) -> (L, E): each label's mean weight per expert
         variability = np.array([gate_stats["per_label"][c]["variability"] for c in classes])
         result.update({"experts": list(experts), "num_shared": num_shared, "gate_statistics": gate_stats,
                        "mean_gate_weight": {c: dict(zip(experts, map(float, mean_w[l]))) for l, c in enumerate(classes)}})

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from distributed import is_main
 from synthetic import CLASSES, LABEL_GROUPS, SCENES, SPLIT_SIZES, SPLITS, labels_from_objects, render_synthetic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,8 +74,8 @@ class SyntheticMultiLabel(Dataset):
         self.targets = torch.zeros((n, len(CLASSES)), dtype=torch.float32)
         self.scenes = torch.zeros(n, dtype=torch.long)  # latent scene, for analyses
         self.objects = []  # per image, the Obj list actually drawn
-        # Under torchrun every rank renders the split; only rank 0 (RANK unset or "0") shows it.
-        progress = progress and os.environ.get("RANK", "0") == "0"
+        # Under torchrun every rank renders the split; only rank 0 shows it.
+        progress = progress and is_main()
         for i in tqdm(range(n), desc=f"synthetic {split}", disable=not progress, mininterval=0.5):
             img, scene, objs = render_synthetic(seed, split, i, image_size)
             self.images[i] = torch.from_numpy(img).permute(2, 0, 1)

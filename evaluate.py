@@ -281,6 +281,11 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
     return tuple(out) if features else tuple(out[:3])
 
 
+def judged_weights(ckpt) -> dict:
+    """The state_dict a checkpoint was judged by: its EMA weights or its raw ones (train.py picks the better)."""
+    return ckpt["ema"] if ckpt.get("eval_weights", "raw") == "ema" else ckpt["model"]
+
+
 def load_checkpoint_model(path: str, device):
     """Rebuild the model from a checkpoint alone: its saved ModelConfig, then the weights it was judged by."""
     from model import ModelConfig, build_model, set_memory_format
@@ -290,8 +295,7 @@ def load_checkpoint_model(path: str, device):
     # The backbone's ImageNet weights are about to be overwritten: do not download them again.
     mcfg = ModelConfig(**{**ckpt["model_config"], "weights": "none"})
     model = build_model(mcfg, verbose=False)
-    which = ckpt.get("eval_weights", "raw")
-    model.load_state_dict(ckpt["ema"] if which == "ema" else ckpt["model"])
+    model.load_state_dict(judged_weights(ckpt))
     fmt = torch.channels_last if ckpt["train_config"].get("channels_last", True) else torch.contiguous_format
     return set_memory_format(model.to(device), fmt).eval(), ckpt, fmt
 
@@ -345,9 +349,7 @@ def main(argv=None):
 
     scores, targets, gates, feats, ckpt, ds, args.split = score_split(args.checkpoint, args.split, args.data_root, device)
     classes, mc = ckpt["classes"], ckpt["model_config"]
-    print(f"{args.checkpoint}: {mc.get('model', 'drmoe')}, epoch {ckpt['epoch'] + 1}, "
-          f"{ckpt.get('eval_weights', 'raw')} weights"
-          + (f", gate={mc['gate']}, S={mc['shared_experts']}, T={mc['task_experts']}" if mc.get("moe_layers", 1) else ""))
+    print(f"{args.checkpoint}: {run_name(ckpt)}, epoch {ckpt['epoch'] + 1}, {ckpt.get('eval_weights', 'raw')} weights")
     metrics = multilabel_metrics(scores, targets, args.threshold)
     ap = average_precision(scores, targets)
     print(f"{args.split}: {len(ds)} images, {len(classes)} labels")

@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 import distributed
 from data import NUM_LABELS, DatasetError, build_dataset, download_voc
-from evaluate import multilabel_metrics, predict
+from evaluate import judged_weights, multilabel_metrics, predict
 from baselines import asymmetric_loss
 from config import TrainConfig, amp_dtype_for, parse_args, pick_device
 from gating import expert_load, expert_names
@@ -126,6 +127,12 @@ def save_checkpoint(path: str, state: dict):
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def copy_atomically(src: str, dst: str):
+    """The same temporary-file-then-rename rule for a copy."""
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
 
 
 def describe_only(tcfg: TrainConfig, mcfg: ModelConfig):
@@ -367,16 +374,16 @@ def main(argv=None):
                                      "compute_s": train_time - wait, "world_size": world,
                                      "train_s": train_time, "val_mAP": val_maps, "time": time.time(),
                                      **({"gate": load} if load else {})}) + "\n")
-            # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested).
-            state = checkpoint(epoch, val_maps, which, rng)
+            # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested):
+            # then the same bytes, copied rather than serialised twice (hundreds of MB at ResNet-101).
+            save_checkpoint(os.path.join(tcfg.out_dir, "last.pt"), checkpoint(epoch, val_maps, which, rng))
             if improved:
-                save_checkpoint(os.path.join(tcfg.out_dir, "best.pt"), state)
-            save_checkpoint(os.path.join(tcfg.out_dir, "last.pt"), state)
+                copy_atomically(os.path.join(tcfg.out_dir, "last.pt"), os.path.join(tcfg.out_dir, "best.pt"))
         distributed.barrier()   # best.pt is on disk before any rank may read it
 
     # ---- test: the best checkpoint's chosen weights, on the test split
     best = torch.load(os.path.join(tcfg.out_dir, "best.pt"), map_location="cpu", weights_only=False)
-    model.load_state_dict(best["ema"] if best["eval_weights"] == "ema" else best["model"])
+    model.load_state_dict(judged_weights(best))
     metrics = multilabel_metrics(*predict(model, eval_loaders["test"], device, amp_dtype, fmt)[:2])
     metrics.update({"checkpoint": "best.pt", "epoch": best["epoch"] + 1,
                     "weights": best["eval_weights"], "val_mAP": best["best_map"], "gflops": gflops,
