@@ -27,6 +27,9 @@ What each part times:
   start-up excluded). Without --data-root it writes 500 x 375 JPEGs (VOC's typical size) to a temporary
   folder; with --dataset voc|coco --data-root R it reads the real training split.
 
+Shapes (legend in experts.py): step: images (B, 3, S_img, S_img), targets (B, L); experts: h (B, L, D)
+-> (B, L, E, D); loader: batches of (B, 3, 448, 448) images and (B, L) targets.
+
 JSON records: {"kind": "step", "model", "backbone", "image_size", "labels", "batch_size", "device", "amp",
 "channels_last", "compile", "step_ms", "img_per_s", ...}, {"kind": "experts", "labels", "batched_ms",
 "loop_ms"} and {"kind": "loader", "image_size", "workers", "img_per_s"}.

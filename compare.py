@@ -23,9 +23,11 @@ any cell of the table can be re-checked with evaluate.py. Nothing is lost on int
 
 The statistics: for each configuration, test mAP mean and sample std over seeds. For DR-MoE against
 another configuration, the seeds are paired (seed k of both runs sees the same data order and the same
-synthetic images), so the test is scipy's paired t-test on the per-seed differences. With 3 seeds it has
-2 degrees of freedom: only large, consistent differences reach p < 0.05, and "not significant" means
-"not shown", not "equal".
+synthetic images), so the test is scipy's paired t-test on the per-seed differences d_k (k = 1..n seeds),
+    t = mean(d) / (sd(d) / sqrt(n)),   sd with ddof = 1,   p two-sided on n - 1 degrees of freedom.
+With 3 seeds it has 2 degrees of freedom: only large, consistent differences reach p < 0.05, and "not
+significant" means "not shown", not "equal". A table makes many such tests at once, so each also gets
+Holm's adjusted p (holm() below), which bounds the chance of any false "yes" in the whole table.
 Writes <out>/results_<set>.md (the table and the tests, as pasted into the README) and results_<set>.json.
 """
 import argparse

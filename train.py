@@ -17,6 +17,14 @@ path (bf16 where the GPU has it, else fp16 with a GradScaler; fp32 on CPU). Afte
 mAP, one log line, a JSONL record, `last.pt` and (if better) `best.pt`, written atomically. At the end the
 best checkpoint is evaluated on the test split and written to `<out-dir>/metrics.json`.
 
+The equations, each next to the line that computes it:
+    loss  = sum_{b,l} m[b,l] BCE(y[b,l], x[b,l]) / sum_{b,l} m[b,l],   m = 1 where y != -1 (masked_bce)
+            + aux_coef * aux   (gating.py's load-balancing loss, Switch Transformer eq. 4)
+    EMA   theta_ema <- d theta_ema + (1 - d) theta   after every step t (ema_update; Polyak averaging),
+          d = min(ema_decay, (1 + t) / (10 + t)): a short memory early, while the weights move fast
+    lr    one-cycle: cosine rise from lr/25 to lr over warmup_pct of the steps, then cosine annealing
+          to lr/25/1e4 (torch's OneCycleLR defaults; Smith & Topin 2019)
+
 Config: every flag is a field of ModelConfig (model.py) or TrainConfig (config.py, with the dataset presets
 and the resolution order). The resolved config is printed at start and saved in every checkpoint, so
 evaluate.py can rebuild the model from the checkpoint alone.
