@@ -418,6 +418,10 @@ def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> di
               f"context heterogeneity: Spearman rho {h['spearman_rho']:+.3f} (p = {h['p_value']:.3f}); against its "
               f"visual heterogeneity: rho {h['visual']['spearman_rho']:+.3f} (p = {h['visual']['p_value']:.3f}); "
               f"{h['num_labels']} labels")
+        fixed = h["given_headroom"]   # the same, with each label's headroom (100 - the other's AP) held fixed
+        print(f"  with headroom held fixed: context rho {fixed['context']['spearman_rho']:+.3f} "
+              f"(p = {fixed['context']['p_value']:.3f}); visual rho {fixed['visual']['spearman_rho']:+.3f} "
+              f"(p = {fixed['visual']['p_value']:.3f})")
     print(f"analysis: wrote {', '.join(res['written'])} into {args.analysis}")
     return res
 

@@ -261,19 +261,22 @@ def heterogeneity(path, het, title):
                      subtitle=sub)
         y0 = to_px(0, 0)[1]
         d.line([(x0, y0), (x0 + pw - 60, y0)], fill=MUTED, width=2)
-        placed = []   # label boxes drawn so far: a name that would overlap one moves down or up a line
-        for c, x, y in zip(names, xs, ys):
-            px, py = to_px(x, y)
+        pts = [to_px(x, y) for x, y in zip(xs, ys)]
+        # Boxes a name must not cover, with the air to keep on each side: every point (none: a name sits
+        # right beside its own), then each name as it is drawn (12 px, so two never read as one).
+        placed = [(px - 4, py - 4, px + 4, py + 4, 0) for px, py in pts]
+        for c, y, (px, py) in zip(names, ys, pts):
             d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=SERIES[2] if y >= 0 else SERIES[3])
             # Label names collide where points cluster. Try the name beside its point, then one, two, three
-            # lines below or above, and take the first place that overlaps no name drawn so far (greedy,
+            # lines below or above, and take the first place that covers no point or name so far (greedy,
             # in label order; good enough for 20-80 labels, and the numbers are in analysis.json anyway).
             w = font(11).getlength(c)
             for dy in (0, 12, -12, 24, -24, 36, -36):
                 box = (px + 6, py + dy - 6, px + 6 + w, py + dy + 6)
-                if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                if not any(box[0] < b[2] + b[4] and b[0] < box[2] + b[4] and box[1] < b[3] and b[1] < box[3]
+                           for b in placed):
                     break
-            placed.append(box)
+            placed.append(box + (12,))
             if dy:   # a thin leader line from the point to its displaced name
                 d.line([(px + 4, py), (box[0], box[1] + 6)], fill=MUTED)
             d.text((box[0], box[1] + 6), c, fill=FG, font=font(11), anchor="lm")
