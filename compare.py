@@ -252,7 +252,7 @@ def heterogeneity(out: str, a: str, b: str, seeds) -> str:
              "visual, headroom fixed |", "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {t['mean_gain']:+.2f} | {cell(t)} | {cell(t['visual'])} | "
               f"{cell(t['given_headroom']['context'])} | {cell(t['given_headroom']['visual'])} |" for k, t in tests.items()]
-    lines += [f"| pooled ({len(tests)} seeds, gains averaged per label) | {np.nanmean(gains):+.2f} | "
+    lines += [f"| pooled ({len(tests)} seed{'s' * (len(tests) > 1)}, gains averaged per label) | {np.nanmean(gains):+.2f} | "
               f"{cell(pooled['context']['plain'])} | {cell(pooled['visual']['plain'])} | "
               f"{cell(pooled['context']['given_headroom'])} | {cell(pooled['visual']['given_headroom'])} |",
               "", "| label | context het. | visual het. | headroom | gain per seed | mean gain |", "|---|---|---|---|---|---|"]
