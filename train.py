@@ -234,11 +234,11 @@ def main(argv=None):
     # The shuffling generator is re-seeded with (seed, epoch) each epoch, so a resumed run sees the same
     # data order as an uninterrupted one; it also seeds the workers' augmentation RNGs. Under torchrun the
     # DistributedSampler shuffles instead (same seed on every rank, so the shards partition the epoch).
-    # The training workers are *not* persistent: a persistent loader draws the workers' base seed from
-    # `order` at its first epoch only, so the first epoch after --resume would draw once more than the
-    # same epoch of an uninterrupted run, and both the order and the augmentations would differ. Starting
-    # the workers each epoch costs about a second (fork) per epoch; the evaluation loaders, which draw no
-    # random numbers, keep theirs.
+    # No loader's workers are persistent: a persistent loader draws its workers' base seed (from `order`,
+    # or from the global RNG for the evaluation loaders) at its first pass only, so the first epoch after
+    # --resume would draw once more than the same epoch of an uninterrupted run, and the data order, the
+    # augmentations or the dropout that follows would differ. Starting workers afresh costs about a second
+    # (fork) per pass.
     order = torch.Generator()
     loader_kw = dict(batch_size=tcfg.batch_size // world, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda")
     sampler = lambda d, shuffle: (torch.utils.data.DistributedSampler(d, shuffle=shuffle, seed=tcfg.seed, drop_last=shuffle)
@@ -246,8 +246,7 @@ def main(argv=None):
     train_sampler = sampler(ds["train"], True)
     train_loader = torch.utils.data.DataLoader(ds["train"], shuffle=train_sampler is None, sampler=train_sampler,
                                                drop_last=True, generator=order, **loader_kw)
-    eval_loaders = {s: torch.utils.data.DataLoader(ds[s], shuffle=False, sampler=sampler(ds[s], False),
-                                                   persistent_workers=tcfg.num_workers > 0, **loader_kw)
+    eval_loaders = {s: torch.utils.data.DataLoader(ds[s], shuffle=False, sampler=sampler(ds[s], False), **loader_kw)
                     for s in ("val", "test")}
 
     # ---- model, EMA, optimizer, schedule, loss scaler

@@ -66,7 +66,8 @@ def run(tmp_path, name, *extra):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers):
     # With a loader worker too: its augmentation RNG must also continue as in the uninterrupted run.
-    out_a, metrics_a = run(tmp_path, "straight", "--epochs", "2", "--num-workers", str(workers))
+    # 3 epochs: the resumed run must also carry the random streams through its own validation passes.
+    out_a, metrics_a = run(tmp_path, "straight", "--epochs", "3", "--num-workers", str(workers))
 
     # Simulate a kill during epoch 2's checkpointing: its log line is written, its last.pt is not.
     real_save = train.save_checkpoint
@@ -76,7 +77,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers):
         real_save(path, state)
     monkeypatch.setattr(train, "save_checkpoint", die_before_second_save)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "killed", "--epochs", "2", "--num-workers", str(workers))
+        run(tmp_path, "killed", "--epochs", "3", "--num-workers", str(workers))
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     out_b = str(tmp_path / "killed")
     assert torch.load(os.path.join(out_b, "last.pt"), weights_only=False)["epoch"] == 0
@@ -85,14 +86,14 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers):
 
     a = torch.load(os.path.join(out_a, "last.pt"), weights_only=False)
     b = torch.load(os.path.join(out_b, "last.pt"), weights_only=False)
-    assert a["epoch"] == b["epoch"] == 1
+    assert a["epoch"] == b["epoch"] == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k in a["ema"]:
         assert torch.equal(a["ema"][k], b["ema"][k]), k
     assert metrics_a["mAP"] == metrics_b["mAP"]
     log_b = [json.loads(r) for r in open(os.path.join(out_b, "log.jsonl"))]
-    assert [r["epoch"] for r in log_b] == [1, 2]                          # one row per epoch: no repeat, none lost
+    assert [r["epoch"] for r in log_b] == [1, 2, 3]                       # one row per epoch: no repeat, none lost
     # A fresh run in a folder that holds an earlier run starts its log afresh.
     run(tmp_path, "straight", "--epochs", "1", "--num-workers", str(workers))
     assert [json.loads(r)["epoch"] for r in open(os.path.join(out_a, "log.jsonl"))] == [1]
