@@ -27,6 +27,19 @@ def test_experts_equal_naive_loop(S, T):
         torch.nn.init.normal_(p)
     h = torch.randn(B, L, D)
     assert torch.allclose(ex(h), ex.forward_loop(h), atol=1e-5, rtol=1e-5)
+    # And against a reference written here, independent of experts.py's own loop: each expert as the
+    # nn.Linear -> GELU -> nn.Linear it stands for, built from the stacked weights (stored (in, out)).
+    def mlp(w1, b1, w2, b2):
+        first, second = torch.nn.Linear(D, H), torch.nn.Linear(H, D)
+        with torch.no_grad():
+            first.weight.copy_(w1.T), first.bias.copy_(b1), second.weight.copy_(w2.T), second.bias.copy_(b2)
+        return torch.nn.Sequential(first, torch.nn.GELU(), second)
+    shared = [mlp(ex.shared_w1[s], ex.shared_b1[s], ex.shared_w2[s], ex.shared_b2[s]) for s in range(S)]
+    out = ex(h)                                                     # (B, L, S + T, D)
+    for l in range(L):
+        own = [mlp(ex.task_w1[l, t], ex.task_b1[l, t], ex.task_w2[l, t], ex.task_b2[l, t]) for t in range(T)]
+        for e, expert in enumerate(shared + own):                   # shared experts first, then label l's
+            assert torch.allclose(out[:, l, e], expert(h[:, l]), atol=1e-5, rtol=1e-5), (l, e)
 
 
 def test_experts_reject_empty_mixture():
