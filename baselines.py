@@ -20,9 +20,11 @@ where the papers differ. Exactly these settings (MODEL_PRESETS; all other fields
     drmoe         0        1        yes        1           [h[b,l]; g[b]]      1                BCE
 
 - Q2L: 1 encoder + 2 decoder layers with decoder self-attention removed, as Q2L's official code runs it;
-  ASL with gamma- = 4, gamma+ = 0, clip 0.05 (ASL's defaults; Q2L's README uses gamma- = 2, clip 0:
-  pass --asl-gamma-neg 2 --asl-clip 0). At voc/coco size it is D = 2048 with a feed-forward of 8192
-  (PAPER_SCALE), the official configuration (~193M parameters with ResNet-101).
+  ASL with Q2L's released loss settings (main_mlc.py defaults: gamma- = 2, gamma+ = 0, clip 0, eps 1e-5,
+  focusing weights detached as --dtgfl). ASL's own defaults stay a flag away: --asl-gamma-neg 4
+  --asl-clip 0.05 --asl-eps 1e-8. On voc/coco, D follows the backbone (q2l_width: D = C, feed-forward 4C),
+  as Q2L's released commands set --hidden_dim to the backbone's channels; ResNet-101 gives the official
+  2048 / 8192 (~193M parameters).
 - HSQ §3.3 eq. 1-2: each label k has its own gate g_k(x) = softmax(W_g^k x) reading that label's feature
   only, over S shared + T label-specialised experts; HSQ reports a drop with T = 1, so T = 2 here.
 - DR-MoE: the gate reads the label's feature and the global image feature g[b] (gating.py, "dynamic").
@@ -38,6 +40,8 @@ Shapes (legend in experts.py): images (B, 3, S_img, S_img) -> logits (B, L); C b
 V = 300 word-vector dim. Every model returns (logits, {"gate_weights": None or (B, L, E), "aux_loss",
 "image_feature": the pooled backbone feature (B, C)}).
 """
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -49,12 +53,24 @@ from model import ModelConfig, WeightsUnavailable, build_backbone, describe
 MODEL_PRESETS = {
     "drmoe": dict(),
     "hsq": dict(gate="label", task_experts=2),
-    "q2l": dict(enc_layers=1, layers=2, decoder_self_attn=False, moe_layers=0, loss="asl"),
+    # Query2Label's released recipe (SlongLiu/query2labels, main_mlc.py and README): ASL with gamma- 2,
+    # gamma+ 0, clip 0, eps 1e-5 and the focusing weights detached (--dtgfl); its width is set by q2l_width.
+    "q2l": dict(enc_layers=1, layers=2, decoder_self_attn=False, moe_layers=0, loss="asl",
+                asl_gamma_neg=2.0, asl_gamma_pos=0.0, asl_clip=0.0, asl_eps=1e-5, asl_detach_focusing=True),
     "mlgcn": dict(),
     "linear": dict(),
 }
-# The official Q2L width at the papers' scale (voc/coco, ResNet-101 at 448 px): hidden_dim 2048, FFN 8192.
-PAPER_SCALE = {"q2l": dict(dim=2048, ff_dim=8192)}
+
+
+def q2l_width(channels: int) -> dict:
+    """Q2L's transformer width for a backbone with C output channels: D = C (no input projection), FFN = 4 D.
+
+    Q2L's released commands set --hidden_dim to the backbone's channel count (ResNet-101: 2048, with
+    --dim_feedforward 8192); config.py applies this unless --dim / --ff-dim are given.
+    """
+    return dict(dim=channels, ff_dim=4 * channels)
+
+
 MODELS = tuple(MODEL_PRESETS)
 
 
@@ -69,9 +85,13 @@ class LinearHead(nn.Module):
             print(describe(self, cfg))
 
     def forward(self, x: torch.Tensor):
-        f = self.backbone(x).mean(dim=(2, 3))                              # (B, C, h, w) -> (B, C)
-        return self.fc(f), {"gate_weights": None, "aux_loss": f.new_zeros((), dtype=torch.float32),
-                            "image_feature": f.detach()}
+        f = self.backbone(x).float().mean(dim=(2, 3))                      # (B, C, h, w) -> (B, C)
+        # The classifier in fp32 even under autocast, as the label-query models' is: bf16 logits keep 8 bits
+        # of mantissa, so the ranking that mAP measures would see ~1,400 distinct scores instead of ~40k.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.fc(f)                                            # (B, L) fp32
+        return logits, {"gate_weights": None, "aux_loss": f.new_zeros((), dtype=torch.float32),
+                        "image_feature": f.detach()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,8 +119,10 @@ def mlgcn_adjacency(counts, nums, t: float = 0.4, p: float = 0.2) -> torch.Tenso
         A = A * 0.25 / (A.sum(0) + 1e-6) + I                    re-weighted; the official code writes the
                                                                 constant 0.25 = p / (1 - p) at p = 0.2 (eq. 8)
     gen_adj:  D = diag(A.sum(1))^-1/2,  adj = (A D)^T D         symmetric normalisation
-    Eq. 8 itself puts 1 - p on the diagonal and p / sum on the neighbours; that is the official matrix times
-    (1 - p), and gen_adj's normalisation removes any such scale, so both give the same adj.
+    The paper and the official code differ here, and this follows the official code. Eq. 8 divides each
+    neighbour by its ROW's sum, sum_j A[i, j]; gen_A divides by the COLUMN's, A.sum(0), so entry (i, j) is
+    divided by sum_i A[i, j]. These are different matrices whenever the binarised graph is not symmetric
+    (P(j|i) != P(i|j), the usual case), not one matrix up to a scale; the released models used gen_A.
     """
     counts = np.asarray(counts, dtype=np.float64)
     nums = np.asarray(nums, dtype=np.float64)[:, None]                    # (L, 1)
@@ -153,6 +175,7 @@ class MLGCN(nn.Module):
         else:
             # No word vectors: learned embeddings (the GCN still mixes them along the label graph).
             self.embed = nn.Parameter(torch.randn(L, V) * 0.1)
+            self.no_weight_decay = ("embed",)   # learned label inputs, like DR-MoE's queries (train.decay_roles)
         V = self.embed.shape[1]
         # Official init (GraphConvolution.reset_parameters): uniform(+-1/sqrt(out_features)).
         self.gc1 = nn.Parameter(torch.empty(V, cfg.gcn_hidden).uniform_(-cfg.gcn_hidden ** -0.5, cfg.gcn_hidden ** -0.5))
@@ -168,39 +191,69 @@ class MLGCN(nn.Module):
         self.adj.copy_(mlgcn_adjacency(counts, nums, self.cfg.gcn_threshold, self.cfg.gcn_reweight))
 
     def forward(self, x: torch.Tensor):
-        f = self.backbone(x).amax(dim=(2, 3))                              # (B, C, h, w) -> (B, C) max pool
-        adj = self.adj.to(self.gc1.dtype)
-        h1 = F.leaky_relu(adj @ (self.embed @ self.gc1), 0.2)             # (L, L) @ (L, V) @ (V, H1) -> (L, H1)
-        w = adj @ (h1 @ self.gc2)                                         # (L, H1) @ (H1, C) -> (L, C)
-        logits = f @ w.to(f.dtype).t()                                    # (B, C) @ (C, L) -> (B, L)
+        f = self.backbone(x).float().amax(dim=(2, 3))                      # (B, C, h, w) -> (B, C) max pool
+        # The GCN and the classifier in fp32 even under autocast: fp32 logits, as every model's (LinearHead).
+        with torch.autocast(x.device.type, enabled=False):
+            h1 = F.leaky_relu(self.adj @ (self.embed @ self.gc1), 0.2)    # (L, L) @ (L, V) @ (V, H1) -> (L, H1)
+            w = self.adj @ (h1 @ self.gc2)                                # (L, H1) @ (H1, C) -> (L, C)
+            logits = f @ w.t()                                            # (B, C) @ (C, L) -> (B, L) fp32
         return logits, {"gate_weights": None, "aux_loss": f.new_zeros((), dtype=torch.float32),
                         "image_feature": f.detach()}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Losses
-def asymmetric_loss(logits, targets, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05):
+def asymmetric_loss(logits, targets, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05,
+                    eps: float = 1e-8, detach_focusing: bool = True):
     """ASL (Ridnik et al., ICCV 2021), averaged over the valid entries; targets -1 are ignored.
 
         p = sigmoid(x),  p_m = max(p - clip, 0)                   probability shifting of negatives (eq. 4)
-        L+ = (1 - p)^gamma+ * log(p)                              positives
-        L- = p_m^gamma- * log(1 - p_m)                            negatives, down-weighted when easy
-        loss = -mean over valid entries of (y L+ + (1 - y) L-)
+        L+ = (1 - p)^gamma+ * log(max(p, eps))                    positives
+        L- = p_m^gamma- * log(max(1 - p_m, eps))                  negatives, down-weighted when easy
+        loss = -(sum of L+ over positives + sum of L- over negatives) / (number of valid entries)
 
-    1 - p_m = min(1 - p + clip, 1) is computed as ASL's code does; the logs use logsigmoid where there is
-    no clip, so that with gamma+ = gamma- = 0 and clip = 0 this is exactly masked BCE (a test checks it).
-    Differences from the official code, on purpose: the mean over valid entries instead of the sum over
-    B * L (a sum grows with L and the batch, which would change what --lr and --grad-clip mean), and the
-    focusing weights keep their gradient (ASL's default; its disable_torch_grad_focal_loss is an option).
+    Defaults are ASL's own (Alibaba-MIIL/ASL, src/loss_functions/losses.py, AsymmetricLoss: gamma- 4,
+    gamma+ 1 in the class but 0 in its train.py, clip 0.05, eps 1e-8, disable_torch_grad_focal_loss);
+    Query2Label's released recipe (baselines.MODEL_PRESETS["q2l"]) is gamma- 2, gamma+ 0, clip 0, eps 1e-5.
+
+    - detach_focusing: the weights (1 - p)^gamma+ and p_m^gamma- are constants for the gradient, as ASL's
+      training script and Q2L's --dtgfl run it ("disable torch grad focal loss"): the gradient is that of
+      a re-weighted cross-entropy. False lets gradient flow through them too (the loss's literal derivative).
+    - Each branch is computed only on the entries it applies to (boolean selection, not a multiplication by
+      y or 1 - y): a masked-out branch can still have an infinite derivative, e.g. (1 - p)^0.5 at p = 1, and
+      inf * 0 = NaN would poison the whole gradient.
+    - log(max(p, eps)) is computed as max(logsigmoid(x), log eps): the same value and gradient as ASL's
+      log(p.clamp(min=eps)), without first rounding p to 0 or 1 in fp32.
+    Difference from the official code, on purpose: the mean over valid entries instead of ASL's sum over
+    B * L (a sum grows with L and the batch, which would change what --lr and --grad-clip mean).
+    With gamma+ = gamma- = 0, clip = 0 and eps = 0 this is exactly masked BCE (a test checks it).
+    Shapes: logits, targets (B, L) -> scalar.
     """
-    x, y = logits.float(), targets.clamp(min=0).float()
-    valid = (targets >= 0).float()                                        # (B, L)
-    p = torch.sigmoid(x)
-    log_p = F.logsigmoid(x)
+    x = logits.float()
+    pos, neg = targets == 1, targets == 0                                  # (B, L) bool each; -1 is neither
+    floor = math.log(eps) if eps > 0 else -math.inf
+    xp, xn = x[pos], x[neg]                                               # (P,), (Q,): only where each applies
+    # Positives: L+ = (1 - p)^gamma+ log p, with 1 - p = sigmoid(-x).
+    loss_pos = F.logsigmoid(xp).clamp(min=floor)
+    w_pos = _focusing(torch.sigmoid(-xp), gamma_pos, detach_focusing)
+    # Negatives: 1 - p_m = min(1 - p + clip, 1), as ASL's code computes it; without clip log(1 - p) = logsigmoid(-x).
     if clip > 0:
-        q = (1 - p + clip).clamp(max=1)                                   # 1 - p_m
-        log_q = q.clamp(min=1e-8).log()
+        q = (torch.sigmoid(-xn) + clip).clamp(max=1)                       # 1 - p_m
+        loss_neg = q.log().clamp(min=floor)                               # q >= clip > 0: finite
     else:
-        q, log_q = 1 - p, F.logsigmoid(-x)
-    loss = y * log_p * (1 - p).pow(gamma_pos) + (1 - y) * log_q * (1 - q).pow(gamma_neg)
-    return -(loss * valid).sum() / valid.sum().clamp(min=1)
+        q = torch.sigmoid(-xn)
+        loss_neg = F.logsigmoid(-xn).clamp(min=floor)
+    w_neg = _focusing(1 - q, gamma_neg, detach_focusing)                  # p_m^gamma-
+    n_valid = max(pos.sum().item() + neg.sum().item(), 1)
+    return -((w_pos * loss_pos).sum() + (w_neg * loss_neg).sum()) / n_valid
+
+
+def _focusing(base, gamma: float, detach: bool):
+    """base^gamma, ASL's focusing weight; a constant for the gradient when detach (ASL's default)."""
+    if gamma == 0:
+        return torch.ones_like(base)
+    if detach:
+        base = base.detach()
+    # base can be exactly 0 (a saturated logit, or p <= clip), where d/d base of base^gamma is infinite for
+    # gamma < 1; the floor keeps that derivative finite, and clamp passes no gradient below it anyway.
+    return base.clamp(min=torch.finfo(base.dtype).tiny).pow(gamma)

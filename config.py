@@ -10,78 +10,91 @@ The run's configuration: what to train on, how long, with which settings, on whi
     amp_dtype_for          the mixed-precision dtype: bf16 where the GPU has it, else fp16; none on CPU/MPS
 
 Resolution order, later wins: the dataclass default < the dataset's preset (PRESETS) < the model's
-settings (baselines.MODEL_PRESETS, and PAPER_SCALE at voc/coco size) < what you pass. train.py prints
+settings (baselines.MODEL_PRESETS; for q2l on voc/coco, D = the backbone's channels) < what you pass. train.py prints
 the resolved configs at start and saves them in every checkpoint, so evaluate.py can rebuild the model
 from a checkpoint alone. Used by train.py, evaluate.py and bench.py.
 """
 import argparse
 import os
+import re
 from dataclasses import dataclass, fields
 
 import torch
 
-from baselines import MODEL_PRESETS, PAPER_SCALE
+from baselines import MODEL_PRESETS, q2l_width
 from gating import GATE_KINDS
-from model import ModelConfig, config_field
+from model import ModelConfig, backbone_channels, config_field
 
 DESCRIPTION = "Train DR-MoE (or a variant of its gate, or a baseline) for multi-label image classification."
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = config_field("synthetic", "synthetic (embedded, no download) | voc | coco")
-    data_root: str = config_field(None, "folder holding the dataset (not needed for synthetic)")
-    download: bool = config_field(False, "voc: download VOC 2007 into --data-root first (coco: see README)")
-    train_split: str = config_field(None, "split to train on (preset: voc trainval, coco train)")
-    val_split: str = config_field(None, "split that picks the best epoch (preset: voc test, coco val, as the papers)")
-    test_split: str = config_field(None, "split the best checkpoint is finally evaluated on (preset: voc test, coco val)")
-    difficult: str = config_field("positive", "VOC labels marked difficult, in training: positive (as ML-GCN) | ignore")
-    empty_images: str = config_field("keep", "COCO images without annotation: keep as all-negative (Q2L) | drop (ML-GCN)")
-    randaugment: bool = config_field(True, "photos: RandAugment in training (synthetic: flips only)")
-    cutout: float = config_field(None, "photos: Cutout of this fraction of each side in training, 0 = off (ASL/Q2L: 0.5)")
-    image_size: int = config_field(None, "input side in pixels (preset: 64 synthetic, 448 voc/coco)")
-    limit: int = config_field(None, "use only the first N images of every split (smoke tests)")
-    epochs: int = config_field(None, "training epochs")
-    batch_size: int = config_field(None, "images per step, over all processes under torchrun (each takes 1/W)")
-    lr: float = config_field(None, "peak learning rate of the one-cycle schedule")
-    weight_decay: float = config_field(1e-2, "AdamW weight decay (matrices only, not biases/norms/queries)")
-    warmup_pct: float = config_field(0.2, "fraction of the steps spent warming up (one-cycle pct_start)")
-    grad_clip: float = config_field(1.0, "clip the global gradient norm to this (0 = off)")
-    ema_decay: float = config_field(None, "EMA decay per step (0 = no EMA)")
-    aux_loss_coef: float = config_field(0.0, "weight of the gate's load-balancing loss (0 = off)")
-    collapse_threshold: float = config_field(0.8, "warn when one expert slot takes more than this share of the gate mass")
-    loss: str = config_field("bce", "bce | asl (asymmetric loss, baselines.py; q2l's default)")
-    asl_gamma_neg: float = config_field(4.0, "ASL gamma-: focusing on negatives (Q2L's README: 2)")
-    asl_gamma_pos: float = config_field(0.0, "ASL gamma+: focusing on positives")
-    asl_clip: float = config_field(0.05, "ASL probability margin m for negatives (Q2L's README: 0)")
-    seed: int = config_field(0, "seed for weights, data order, dropout and augmentation")
-    device: str = config_field("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
-    amp: bool = config_field(True, "mixed precision where the device supports it (bf16, else fp16); fp32 on CPU")
-    channels_last: bool = config_field(True, "channels_last memory format for the backbone (faster convs)")
-    compile: bool = config_field(False, "torch.compile the model (CUDA on Linux only; see bench.py for its effect)")
-    sync_bn: bool = config_field(False, "torchrun: SyncBatchNorm, batch statistics over all GPUs (small per-GPU batches)")
-    num_workers: int = config_field(None, "DataLoader worker processes")
-    out_dir: str = config_field(None, "where checkpoints, log.jsonl and metrics.json go (default runs/DATASET)")
-    resume: str = config_field(None, "continue from a checkpoint: a path, or 'auto' for OUT_DIR/last.pt")
+    dataset: str = config_field("synthetic", "synthetic (embedded, no download) | voc | coco", "data")
+    data_root: str = config_field(None, "folder holding the dataset (not needed for synthetic)", "data")
+    download: bool = config_field(False, "voc: download VOC 2007 into --data-root first (coco: see README)", "data")
+    train_split: str = config_field(None, "split to train on", "data")
+    val_split: str = config_field(None, "split that picks the best epoch (voc/coco: the test split, as the papers)", "data")
+    test_split: str = config_field(None, "split the best checkpoint is finally evaluated on", "data")
+    difficult: str = config_field("positive", "VOC labels marked difficult, in training: positive (as ML-GCN) | ignore", "data")
+    empty_images: str = config_field("keep", "COCO images without annotation: keep as all-negative (Q2L) | drop (ML-GCN)", "data")
+    randaugment: bool = config_field(True, "photos: RandAugment in training (synthetic: flips only)", "data")
+    cutout: float = config_field(None, "photos: Cutout of this fraction of each side in training, 0 = off (ASL: 0.5)", "data")
+    hflip: bool = config_field(True, "photos: random horizontal flip in training (ML-GCN flips; ASL's and Q2L's code do not)", "data")
+    image_size: int = config_field(None, "input side in pixels", "data")
+    limit: int = config_field(None, "use only the first N images of every split (smoke tests)", "data")
+    epochs: int = config_field(None, "training epochs", "training")
+    batch_size: int = config_field(None, "images per step, over all processes under torchrun (each takes 1/W)", "training")
+    lr: float = config_field(None, "peak learning rate of the one-cycle schedule", "training")
+    weight_decay: float = config_field(1e-2, "AdamW weight decay on weights only: not on biases, norms, label "
+                                       "queries, gate biases (train.build_optimizer)", "training")
+    warmup_pct: float = config_field(0.2, "fraction of the steps spent warming up (one-cycle pct_start)", "training")
+    grad_clip: float = config_field(1.0, "clip the global gradient norm to this (0 = off)", "training")
+    ema_decay: float = config_field(None, "EMA decay per step (0 = no EMA)", "training")
+    ema_warmup: bool = config_field(True, "warm the EMA decay up as min(d, (1+t)/(10+t)) (TensorFlow's "
+                                    "ExponentialMovingAverage num_updates); off = constant d, as Q2L and timm", "training")
+    aux_loss_coef: float = config_field(0.0, "weight of the gate's load-balancing loss (0 = off)", "training")
+    collapse_threshold: float = config_field(0.8, "warn when one expert slot takes more than this share of the gate mass", "training")
+    loss: str = config_field("bce", "bce | asl (asymmetric loss, baselines.py)", "training")
+    asl_gamma_neg: float = config_field(4.0, "ASL gamma-: focusing on negatives", "training")
+    asl_gamma_pos: float = config_field(0.0, "ASL gamma+: focusing on positives", "training")
+    asl_clip: float = config_field(0.05, "ASL probability margin m for negatives (0 = off)", "training")
+    asl_eps: float = config_field(1e-8, "ASL: log(max(p, eps)), the floor of the log-probabilities", "training")
+    asl_detach_focusing: bool = config_field(True, "ASL: the focusing weights are constants for the gradient "
+                                             "(ASL's train.py, Q2L's --dtgfl)", "training")
+    seed: int = config_field(0, "seed for weights, data order, dropout and augmentation", "training")
+    device: str = config_field("auto", "auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu", "system")
+    amp: bool = config_field(True, "mixed precision where the device supports it (bf16, else fp16); fp32 on CPU", "system")
+    channels_last: bool = config_field(True, "channels_last memory format for the backbone (faster convs)", "system")
+    compile: bool = config_field(False, "torch.compile the model (CUDA on Linux only; see bench.py for its effect)", "system")
+    sync_bn: bool = config_field(False, "torchrun: SyncBatchNorm, batch statistics over all GPUs (small per-GPU batches)", "system")
+    num_workers: int = config_field(None, "DataLoader worker processes", "system")
+    out_dir: str = config_field(None, "where checkpoints, log.jsonl and metrics.json go; default "
+                                "runs/DATASET/<model, gate, S, T, the flags you changed, seed>", "system")
+    resume: str = config_field(None, "continue from a checkpoint: a path, or 'auto' for OUT_DIR/last.pt", "system")
 
 
 # Dataset presets: the few settings that differ between the CPU benchmark and the papers' GPU setting.
 # synthetic: ResNet-18 from scratch at 64 px, cut after layer3 so the decoder sees 4x4 = 16 tokens.
 #            The budget (8 epochs of 5,000 images) was measured to finish in about 4 minutes on a 2-core
 #            CPU (README). lr 1e-3: 2e-3 trained the decoder worse, 5e-4 was slower (single runs on this benchmark).
+#            EMA 0.99 with the decay warm-up: the run has only 624 steps, and a constant 0.99 would keep the
+#            random initial weights in the average for its first ~460 steps (0.99^460 = 1 %).
 # voc/coco:  ImageNet ResNet-101 at 448 px as ML-GCN, Q2L, HSQ and DR-MoE all report. Q2L's recipe:
-#            AdamW lr 1e-4, weight decay 1e-2, one-cycle with 20 % warm-up, EMA 0.9997, Cutout 0.5 and
-#            RandAugment. Q2L runs 80 epochs with early stopping, and its best EMA epoch comes well before
-#            the end; 40 halves the cost. Batch 32 at 448 px fits one 24 GB GPU under AMP (Q2L: 128 over
-#            8 GPUs). Not yet run on real photos here (no GPU): treat these as the starting point.
+#            AdamW lr 1e-4, weight decay 1e-2, one-cycle with 20 % warm-up, a constant EMA decay of 0.9997
+#            (Q2L's ModelEma has no warm-up; with one, 0.9997 would be reached only at step 29,990, and the
+#            6,240 steps of 40 VOC epochs would end at 0.9986), Cutout 0.5 and RandAugment. Q2L runs 80 epochs
+#            with early stopping, and its best EMA epoch comes well before the end; 40 halves the cost.
+#            Batch 32 at 448 px fits one 24 GB GPU under AMP (Q2L: 128 over 8 GPUs). Not yet run on real
+#            photos here (no GPU): treat these as the starting point.
 # Decoding 448-px JPEGs needs processes, but more than the cores only thrash. The count is per process:
 # under torchrun the node's cores are shared by its LOCAL_WORLD_SIZE training processes.
 WORKERS = max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 PHOTOS = dict(backbone="resnet101", weights="DEFAULT", feature_layer="layer4", image_size=448, epochs=40,
-              batch_size=32, lr=1e-4, ema_decay=0.9997, cutout=0.5, num_workers=WORKERS)
+              batch_size=32, lr=1e-4, ema_decay=0.9997, ema_warmup=False, cutout=0.5, num_workers=WORKERS)
 PRESETS = {
     "synthetic": dict(backbone="resnet18", weights="none", feature_layer="layer3", image_size=64,
-                      epochs=8, batch_size=64, lr=1e-3, ema_decay=0.99, num_workers=0,
+                      epochs=8, batch_size=64, lr=1e-3, ema_decay=0.99, ema_warmup=True, num_workers=0,
                       train_split="train", val_split="val", test_split="test", cutout=0.0),
     # VOC and COCO have no separate validation set; like every paper in this line, the best epoch is
     # chosen on the evaluation split itself (metrics.json says so: "best_epoch_chosen_on"). For an honest model
@@ -89,40 +102,162 @@ PRESETS = {
     "voc": dict(PHOTOS, train_split="trainval", val_split="test", test_split="test"),
     "coco": dict(PHOTOS, train_split="train", val_split="val", test_split="val"),
 }
+GROUPS = ("data", "model", "mixture of experts", "baselines", "training", "system")
+# Flags that change where or how fast a run runs, not what it learns: left out of the default run folder's name.
+SYSTEM = {"dataset", "data_root", "download", "device", "amp", "channels_last", "compile", "sync_bn",
+          "num_workers", "out_dir", "resume", "describe", "collapse_threshold"}
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, skip=()):
-    """One --flag per dataclass field, help text from the field; default None means 'not given'."""
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the flag and what is allowed), not the 60-flag usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def preset_value(name: str, dataset: str, model: str, default):
+    """What a flag resolves to when not given: the model's settings over the dataset's preset over the default."""
+    return {**PRESETS[dataset], **MODEL_PRESETS[model]}.get(name, default)
+
+
+def shown_default(f) -> str:
+    """The default --help shows: the real value under each preset and each model, not the dataclass's."""
+    by_dataset = {d: preset_value(f.name, d, "drmoe", f.default) for d in PRESETS}
+    by_model = {m: preset_value(f.name, "synthetic", m, f.default) for m in MODEL_PRESETS}
+    parts = {}
+    for d, v in by_dataset.items():
+        parts.setdefault(str(v), []).append(d)
+    text = "; ".join(f"{', '.join(ds)}: {v}" for v, ds in parts.items()) if len(parts) > 1 else next(iter(parts))
+    special = [f"{m}: {v}" for m, v in by_model.items() if v != by_dataset["synthetic"]]
+    return f" [default: {text}" + ("; --model " + ", ".join(special) if special else "") + "]"
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, groups: dict, skip=()):
+    """One --flag per dataclass field, in the field's --help section; default None means 'not given'."""
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help = f.metadata["help"] + (f" [default: {f.default}]" if f.default is not None else " [default: preset]")
+        group = groups[f.metadata.get("group", "model")]
+        help = f.metadata["help"] + shown_default(f)
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
-            parser.add_argument(flag, type=f.type, default=None, help=help, metavar=f.name.upper())
+            group.add_argument(flag, type=f.type, default=None, help=help, metavar=f.name.upper())
+
+
+def default_out_dir(tcfg: TrainConfig, mcfg: ModelConfig, args: dict, preset: dict) -> str:
+    """runs/<dataset>/<model>[-<gate>-S<s>-T<t>][-<each flag given with a non-preset value>]-seed<k>.
+
+    Runs that differ in what they learn land in different folders, so `python train.py` and
+    `python train.py --gate label` never overwrite each other's best.pt.
+    """
+    parts = [mcfg.model]
+    if mcfg.model in ("drmoe", "hsq") and mcfg.moe_layers:
+        parts += [mcfg.gate, f"S{mcfg.shared_experts}", f"T{mcfg.task_experts}"]
+    in_name = {"model", "gate", "shared_experts", "task_experts", "seed"} | SYSTEM
+    for cls in (TrainConfig, ModelConfig):
+        for f in fields(cls):
+            value = args.get(f.name)
+            if f.name in in_name or value is None or value == preset.get(f.name, f.default):
+                continue
+            flag = f.name.replace("_", "-")
+            if isinstance(value, bool):
+                parts.append(flag if value else "no-" + flag)
+            else:   # a path shows as its file name
+                parts.append(f"{flag}={os.path.basename(str(value).rstrip('/')) or value}")
+    name = re.sub(r"[^A-Za-z0-9.=_+-]", "_", "-".join(parts + [f"seed{tcfg.seed}"]))
+    return os.path.join("runs", tcfg.dataset, name)
+
+
+def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
+    """Every value that cannot work, caught before any data or model is built: error(one line) exits 2."""
+    ranges = [  # (config, field, ok, what is allowed)
+        (tcfg, "image_size", lambda v: v >= 32, "an integer >= 32 (the backbone downsamples by up to 32)"),
+        (tcfg, "epochs", lambda v: v >= 1, "an integer >= 1"),
+        (tcfg, "batch_size", lambda v: v >= 1, "an integer >= 1"),
+        (tcfg, "limit", lambda v: v is None or v >= 1, "an integer >= 1 (or leave it out)"),
+        (tcfg, "num_workers", lambda v: v >= 0, "an integer >= 0 (0 = load in the main process)"),
+        (tcfg, "lr", lambda v: v > 0, "a number > 0"),
+        (tcfg, "weight_decay", lambda v: v >= 0, "a number >= 0"),
+        (tcfg, "warmup_pct", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+        (tcfg, "grad_clip", lambda v: v >= 0, "a number >= 0 (0 = off)"),
+        (tcfg, "ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1) (0 = no EMA)"),
+        (tcfg, "aux_loss_coef", lambda v: v >= 0, "a number >= 0"),
+        (tcfg, "collapse_threshold", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+        (tcfg, "asl_gamma_neg", lambda v: v >= 0, "a number >= 0"),
+        (tcfg, "asl_gamma_pos", lambda v: v >= 0, "a number >= 0"),
+        (tcfg, "asl_clip", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        (tcfg, "asl_eps", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        (tcfg, "cutout", lambda v: 0 <= v < 1, "a fraction of the side in [0, 1) (0 = off)"),
+        (mcfg, "dim", lambda v: v >= 4 and v % 4 == 0, "a multiple of 4 (the 2-D sine positions split D in 4)"),
+        (mcfg, "heads", lambda v: v >= 1 and mcfg.dim % v == 0, f"a divisor of --dim {mcfg.dim}"),
+        (mcfg, "enc_layers", lambda v: v >= 0, "an integer >= 0"),
+        (mcfg, "layers", lambda v: v >= 1, "an integer >= 1"),
+        (mcfg, "ff_dim", lambda v: v >= 1, "an integer >= 1"),
+        (mcfg, "dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+        (mcfg, "moe_layers", lambda v: v >= 0, "an integer >= 0 (0 = no mixture, i.e. Query2Label)"),
+        (mcfg, "shared_experts", lambda v: v >= 0, "an integer >= 0"),
+        (mcfg, "task_experts", lambda v: v >= 0, "an integer >= 0"),
+        (mcfg, "expert_hidden", lambda v: v >= 1, "an integer >= 1"),
+        (mcfg, "gate_temperature", lambda v: v > 0, "a number > 0"),
+        (mcfg, "gcn_hidden", lambda v: v >= 1, "an integer >= 1"),
+        (mcfg, "gcn_threshold", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+        (mcfg, "gcn_reweight", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    ]
+    for cfg, name, ok, allowed in ranges:
+        if not ok(getattr(cfg, name)):
+            error(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(cfg, name)!r}")
+    for cfg, name, options in ((tcfg, "loss", ("bce", "asl")), (tcfg, "difficult", ("positive", "ignore")),
+                               (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS)):
+        if getattr(cfg, name) not in options:
+            error(f"--{name.replace('_', '-')} must be one of {options}, got {getattr(cfg, name)!r}")
+    experts = mcfg.shared_experts + mcfg.task_experts
+    if mcfg.model in ("drmoe", "hsq") and mcfg.moe_layers and experts < 1:
+        error("--shared-experts plus --task-experts must be >= 1 for a mixture (or --moe-layers 0 for none)")
+    if not 0 <= mcfg.top_k <= experts:
+        error(f"--top-k must be in [0, {experts}] (0 = dense; there are S + T = {experts} experts), got {mcfg.top_k}")
+    if mcfg.weights.lower() not in ("none", "default") and not os.path.isfile(mcfg.weights):
+        error(f"--weights {mcfg.weights!r}: no such file (allowed: none, DEFAULT or the path of a state_dict)")
+    if mcfg.word_vectors and not os.path.isfile(mcfg.word_vectors):
+        error(f"--word-vectors {mcfg.word_vectors!r}: no such file (an .npz with names and vectors; see README)")
+    if tcfg.train_split in (tcfg.val_split, tcfg.test_split):
+        error(f"--train-split {tcfg.train_split} is also evaluated on; pick another split")
+    try:
+        check_device(tcfg.device)
+        backbone_channels(mcfg.backbone, mcfg.feature_layer)   # the name and the cut exist (meta device: free)
+    except ValueError as e:
+        error(str(e))
 
 
 def parse_args(argv=None):
     """argv -> (TrainConfig, ModelConfig, names of the flags the user actually passed)."""
-    parser = argparse.ArgumentParser(description=DESCRIPTION)
-    add_config_args(parser, TrainConfig, skip=("resume",))
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                        help=TrainConfig.__dataclass_fields__["resume"].metadata["help"] + " [bare flag: auto]")
-    add_config_args(parser, ModelConfig, skip=("num_labels",))
-    parser.add_argument("--describe", action="store_true", default=None,
-                        help="build the model for the dataset's labels, print parameters and GFLOPs, exit (no data read)")
+    parser = Parser(description=DESCRIPTION, usage="%(prog)s [--flag VALUE ...]   (flags below, by group)")
+    groups = {g: parser.add_argument_group(g) for g in GROUPS}
+    add_config_args(parser, TrainConfig, groups, skip=("resume",))
+    groups["system"].add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                                  help=TrainConfig.__dataclass_fields__["resume"].metadata["help"] + " [bare flag: auto]")
+    add_config_args(parser, ModelConfig, groups, skip=("num_labels",))
+    groups["system"].add_argument("--describe", action="store_true", default=None,
+                                  help="build the model for the dataset's labels, print parameters and GFLOPs, "
+                                       "exit (no data read)")
     args = vars(parser.parse_args(argv))
     dataset, model = args["dataset"] or TrainConfig.dataset, args["model"] or ModelConfig.model
     if dataset not in PRESETS:
-        parser.error(f"unknown --dataset {dataset!r}; choose one of {sorted(PRESETS)}")
+        parser.error(f"--dataset must be one of {sorted(PRESETS)}, got {dataset!r}")
     if model not in MODEL_PRESETS:
-        parser.error(f"unknown --model {model!r}; choose one of {list(MODEL_PRESETS)}")
-    # Layers, later ones win: the dataset's preset, the model's settings (baselines.py), and at the
-    # papers' scale (voc/coco) the model's official widths.
-    preset = {**PRESETS[dataset], **MODEL_PRESETS[model],
-              **(PAPER_SCALE.get(model, {}) if dataset != "synthetic" else {})}
+        parser.error(f"--model must be one of {list(MODEL_PRESETS)}, got {model!r}")
+    # Layers, later ones win: the dataset's preset, then the model's settings (baselines.py).
+    preset = {**PRESETS[dataset], **MODEL_PRESETS[model]}
+    if model == "q2l":
+        # Q2L's width follows its backbone (its released commands pass --hidden_dim = the backbone's C), so no
+        # projection: ResNet-101 -> the official D = 2048; ResNet-18 at layer3 -> 256. Unknown backbone: the
+        # error comes below, from check_values.
+        try:
+            preset.update(q2l_width(backbone_channels(args["backbone"] or preset.get("backbone", ModelConfig.backbone),
+                                                      args["feature_layer"] or preset.get("feature_layer", ModelConfig.feature_layer))))
+        except ValueError:
+            pass
 
     # Every flag defaults to None, so "not given" can be told from "given the default value":
     # only then can a preset (e.g. 448 px for voc) sit between the dataclass default and the user.
@@ -130,16 +265,32 @@ def parse_args(argv=None):
         return cls(**{f.name: args[f.name] if args.get(f.name) is not None else preset.get(f.name, f.default)
                       for f in fields(cls) if f.name in args or f.name in preset})
     tcfg, mcfg = resolve(TrainConfig), resolve(ModelConfig)
-    tcfg.out_dir = tcfg.out_dir or os.path.join("runs", tcfg.dataset)
-    # Fields with a closed set of values: a typo is a usage error (one line), not a traceback later.
-    for cfg, name, options in ((tcfg, "loss", ("bce", "asl")), (tcfg, "difficult", ("positive", "ignore")),
-                               (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS)):
-        if getattr(cfg, name) not in options:
-            parser.error(f"--{name.replace('_', '-')} must be one of {options}, got {getattr(cfg, name)!r}")
-    if tcfg.train_split in (tcfg.val_split, tcfg.test_split):
-        parser.error(f"--train-split {tcfg.train_split} is also evaluated on; pick another split")
+    if args.get("resume"):   # a resumed run takes its config from the checkpoint; only where it runs may change
+        try:
+            check_device(tcfg.device)
+        except ValueError as e:
+            parser.error(str(e))
+    else:
+        check_values(tcfg, mcfg, parser.error)
+    tcfg.out_dir = tcfg.out_dir or default_out_dir(tcfg, mcfg, args, preset)
     given = {k for k, v in args.items() if v is not None}
     return tcfg, mcfg, given
+
+
+def check_device(name: str):
+    """A ValueError naming what is wrong when --device asks for something this machine does not have."""
+    kind = name.split(":")[0]
+    if kind not in ("auto", "cpu", "cuda", "mps"):
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch can use "
+                         "(torch.cuda.is_available() is False); use --device auto or cpu")
+    if ":" in name and (kind != "cuda" or not name.split(":")[1].isdigit()):
+        raise ValueError(f"--device {name!r}: only cuda takes an index (cuda:0, cuda:1, ...)")
+    if kind == "cuda" and ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device mps: Apple's MPS is not available here; use --device auto or cpu")
 
 
 def pick_device(name: str) -> torch.device:

@@ -119,7 +119,7 @@ def load_rgb(path, size_hint=None):
 
 
 class Cutout:
-    """ASL's CutoutPIL (Ridnik et al. 2021), used by Q2L: one rectangle of `factor` x each side, centred at a
+    """ASL's CutoutPIL (Ridnik et al. 2021; Q2L's code ships it too): one rectangle of `factor` x each side, centred at a
     random point (clipped at the border), filled with one random colour. On PIL images, as ASL's."""
 
     def __init__(self, factor=0.5):
@@ -136,16 +136,25 @@ class Cutout:
         return im
 
 
-def build_transform(image_size, train, randaugment=True, cutout=0.0):
-    """The papers' preprocessing (Q2L's order). Train: resize, flip, [Cutout], [RandAugment]. Eval: resize.
-    Both end in ImageNet normalisation. The resize squashes to a square without cropping, as ML-GCN's
-    test transform and Q2L do: a label's only evidence may sit at the border.
-    Everything before the tensor conversion runs on PIL images, as in Q2L's code: RandAugment's geometric
-    ops take 2 ms on a 448-px PIL image and 10 ms on a uint8 tensor (bench.py --only loader measures it)."""
+def build_transform(image_size, train, randaugment=True, cutout=0.0, hflip=True):
+    """Train: resize, [flip], [Cutout], [RandAugment]. Eval: resize. Both end in ImageNet normalisation.
+
+    What each source does (checked against the official code):
+    - ASL (Alibaba-MIIL/ASL train.py): Resize, CutoutPIL(cutout_factor=0.5), RandAugment, ToTensor; no flip.
+    - Q2L (SlongLiu/query2labels, lib/dataset/get_dataset.py): Resize, [SLCutoutPIL], RandAugment, ToTensor,
+      Normalize; no flip. Its README passes --cutout --cut_fact 0.5, but cut_fact never reaches the cutout,
+      whose length stays -1: in effect no usable Cutout (on current Pillow the inverted box even raises).
+    - ML-GCN (train transforms): MultiScaleCrop, RandomHorizontalFlip.
+    Here: the flip of ML-GCN (--no-hflip for ASL's and Q2L's pipeline), then ASL's Cutout 0.5 before
+    RandAugment, as ASL and Q2L order them, so the patch is recoloured like the rest.
+    The resize squashes to a square without cropping, as ML-GCN's test transform and Q2L do: a label's only
+    evidence may sit at the border. Everything before the tensor conversion runs on PIL images, as in ASL's
+    and Q2L's code: RandAugment's geometric ops take 2 ms on a 448-px PIL image and 10 ms on a uint8 tensor
+    (bench.py --only loader measures it)."""
     t = [v2.Resize((image_size, image_size), antialias=True)]
-    if train:
+    if train and hflip:
         t.append(v2.RandomHorizontalFlip())
-    if train and cutout > 0:   # before RandAugment, as Q2L: the patch is then recoloured like the rest
+    if train and cutout > 0:
         t.append(Cutout(cutout))
     if train and randaugment:
         t.append(v2.RandAugment())                              # 2 random ops of magnitude 9 (the defaults)
@@ -311,11 +320,11 @@ def read_coco(root, split, empty="keep"):
 
 
 def build_dataset(name, split, root=None, image_size=None, augment=None, seed=0, limit=None,
-                  randaugment=True, cutout=0.0, empty="keep"):
+                  randaugment=True, cutout=0.0, empty="keep", hflip=True):
     """The one entry point. Splits: synthetic train/val/test; voc trainval/train/val/test; coco train/val.
     augment defaults to True for training splits; seed picks the synthetic benchmark (0 = the reported
     one), not the training seed; limit keeps only the first `limit` images (smoke tests). randaugment,
-    cutout and empty (COCO's unannotated images: keep | drop) apply to the photo datasets."""
+    cutout, hflip and empty (COCO's unannotated images: keep | drop) apply to the photo datasets."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     splits = {"synthetic": SPLITS, "voc": VOC_SPLITS, "coco": COCO_SPLITS}[name]
@@ -334,7 +343,7 @@ def build_dataset(name, split, root=None, image_size=None, augment=None, seed=0,
         paths, targets, ids, classes = read_coco(root, split, empty)
     n = len(paths) if limit is None else min(limit, len(paths))
     return ImageList(paths[:n], targets[:n], ids[:n], classes, image_size,
-                     build_transform(image_size, augment, randaugment, cutout))
+                     build_transform(image_size, augment, randaugment, cutout, hflip))
 
 
 def load_image(path, image_size):

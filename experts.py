@@ -50,6 +50,8 @@ class Experts(nn.Module):
         self.task_b1 = nn.Parameter(torch.empty(L, T, H))
         self.task_w2 = nn.Parameter(torch.empty(L, T, H, D))
         self.task_b2 = nn.Parameter(torch.empty(L, T, D))
+        # Biases, stacked into 2-D/3-D tensors: train.decay_roles must not decay them (their dim says "matrix").
+        self.no_weight_decay = ("shared_b1", "shared_b2", "task_b1", "task_b2")
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
 

@@ -44,9 +44,9 @@ from experts import Experts
 from gating import Gate
 
 
-def config_field(default, help: str):
-    """A dataclass field that carries its --help text, so train.py's argparse flags and the config are one list."""
-    return field(default=default, metadata={"help": help})
+def config_field(default, help: str, group: str = "model"):
+    """A dataclass field that carries its --help text and --help section, so the flags and the config are one list."""
+    return field(default=default, metadata={"help": help, "group": group})
 
 
 @dataclass
@@ -56,24 +56,24 @@ class ModelConfig:
     backbone: str = config_field("resnet18", "torchvision model name: the ResNet family, or any model with .features")
     weights: str = config_field("none", "backbone init: none | DEFAULT (torchvision's ImageNet weights) | PATH")
     feature_layer: str = config_field("layer4", "ResNets: cut the backbone after this stage (layer1..layer4)")
-    dim: int = config_field(256, "D, width of the label decoder and the experts")
+    dim: int = config_field(256, "D, width of the label decoder and the experts (q2l: the backbone's C, as Q2L's commands)")
     heads: int = config_field(4, "attention heads in the encoder and the label decoder")
     enc_layers: int = config_field(0, "transformer encoder layers over the image tokens (Q2L: 1)")
     layers: int = config_field(1, "label decoder layers")
-    ff_dim: int = config_field(1024, "feed-forward width inside each encoder/decoder layer")
+    ff_dim: int = config_field(1024, "feed-forward width inside each encoder/decoder layer (q2l: 4 D)")
     dropout: float = config_field(0.1, "dropout in the encoder, decoder and experts")
     decoder_self_attn: bool = config_field(True, "self-attention between label queries (Q2L's code drops it)")
-    moe_layers: int = config_field(1, "stacked MoE layers after the decoder (0 = none, i.e. Query2Label)")
-    gate: str = config_field("dynamic", "what the gate reads: static | label (HSQ) | image | dynamic (DR-MoE)")
-    shared_experts: int = config_field(2, "S, experts shared by all labels")
-    task_experts: int = config_field(1, "T, experts owned by each label")
-    expert_hidden: int = config_field(256, "H, hidden width of each expert")
-    top_k: int = config_field(0, "0 = dense routing; k > 0 keeps each row's k largest gate logits")
-    gate_temperature: float = config_field(1.0, "tau in softmax(gate logits / tau)")
-    word_vectors: str = config_field(None, "ML-GCN: .npz of label word vectors (names, vectors); none = learned")
-    gcn_hidden: int = config_field(1024, "ML-GCN: hidden width of its two-layer GCN (300 -> hidden -> C)")
-    gcn_threshold: float = config_field(0.4, "ML-GCN: t, binarise P(j|i) at this value (paper eq. 7)")
-    gcn_reweight: float = config_field(0.2, "ML-GCN: p, weight of the neighbours vs the node itself (eq. 8)")
+    moe_layers: int = config_field(1, "stacked MoE layers after the decoder (0 = none, i.e. Query2Label)", "mixture of experts")
+    gate: str = config_field("dynamic", "what the gate reads: static | label (HSQ) | image | dynamic (DR-MoE)", "mixture of experts")
+    shared_experts: int = config_field(2, "S, experts shared by all labels", "mixture of experts")
+    task_experts: int = config_field(1, "T, experts owned by each label", "mixture of experts")
+    expert_hidden: int = config_field(256, "H, hidden width of each expert", "mixture of experts")
+    top_k: int = config_field(0, "0 = dense routing; k > 0 keeps each row's k largest gate logits", "mixture of experts")
+    gate_temperature: float = config_field(1.0, "tau in softmax(gate logits / tau)", "mixture of experts")
+    word_vectors: str = config_field(None, "ML-GCN: .npz of label word vectors (names, vectors); none = learned", "baselines")
+    gcn_hidden: int = config_field(1024, "ML-GCN: hidden width of its two-layer GCN (300 -> hidden -> C)", "baselines")
+    gcn_threshold: float = config_field(0.4, "ML-GCN: t, binarise P(j|i) at this value (paper eq. 7)", "baselines")
+    gcn_reweight: float = config_field(0.2, "ML-GCN: p, weight of the neighbours vs the node itself (eq. 8)", "baselines")
 
 
 class WeightsUnavailable(RuntimeError):
@@ -105,6 +105,9 @@ def load_backbone_weights(net: nn.Module, name: str, weights: str):
 
 def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer4"):
     """A torchvision model by name, cut before its pooling/classifier -> (module, C output channels)."""
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"--backbone {name!r} is not a torchvision image classifier; e.g. resnet18, resnet50, "
+                         "resnet101, convnext_tiny, efficientnet_b0 (torchvision.models.list_models())")
     net = torchvision.models.get_model(name, weights=None)
     if weights.lower() != "none":
         load_backbone_weights(net, name, weights)
@@ -112,18 +115,27 @@ def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer
         # ResNet, ResNeXt, Wide-ResNet: keep the stem and the stages up to feature_layer; drop avgpool and fc.
         stages = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
         if feature_layer not in stages[4:]:
-            raise ValueError(f"feature_layer must be one of layer1..layer4, got {feature_layer!r}")
+            raise ValueError(f"--feature-layer must be one of layer1..layer4 for {name}, got {feature_layer!r}")
         body = nn.Sequential(OrderedDict((s, getattr(net, s)) for s in stages[:stages.index(feature_layer) + 1]))
     elif hasattr(net, "features"):
         body = net.features   # VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet: all convolutional stages
     else:
-        raise ValueError(f"backbone {name!r}: expected a ResNet-style (.layer4) or .features model")
+        raise ValueError(f"--backbone {name!r} is not supported yet: expected a ResNet-style (.layer4) or "
+                         "a .features model (ConvNeXt, EfficientNet, MobileNet, VGG, DenseNet)")
     # Read C off a dummy forward (eval mode, so BatchNorm statistics are not touched).
     body.eval()
     with torch.no_grad():
         channels = body(torch.zeros(1, 3, 64, 64)).shape[1]
     body.train()
     return body, channels
+
+
+def backbone_channels(name: str, feature_layer: str = "layer4") -> int:
+    """C of build_backbone(name, feature_layer) without building it for real: on the meta device no memory is
+    allocated and no weight is initialised, so config.py can ask it at parse time (ResNet-101 in ~0.1 s).
+    Raises ValueError for a model that is not a torchvision classifier of a supported kind."""
+    with torch.device("meta"):
+        return build_backbone(name, "none", feature_layer)[1]
 
 
 def sine_positional_encoding(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -220,6 +232,7 @@ class DRMoE(nn.Module):
         self.encoder = nn.ModuleList(EncoderLayer(D, cfg.heads, cfg.ff_dim, cfg.dropout)
                                      for _ in range(cfg.enc_layers))
         self.queries = nn.Parameter(torch.randn(L, D) * 0.02)              # one learnable query per label
+        self.no_weight_decay = ("queries",)   # train.decay_roles: a learned input, not a weight to shrink
         self.decoder = nn.ModuleList(LabelDecoderLayer(D, cfg.heads, cfg.ff_dim, cfg.dropout, cfg.decoder_self_attn)
                                      for _ in range(cfg.layers))
         self.moe = nn.ModuleList(MoELayer(cfg) for _ in range(cfg.moe_layers))

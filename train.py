@@ -81,13 +81,32 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
         b_ema.copy_(b)
 
 
+# Parameters that are not decayed, by role (Loshchilov & Hutter's AdamW decays weights; nanoGPT's
+# configure_optimizers and timm's no_weight_decay exempt the rest): every bias, every normalisation layer's
+# gain and shift, and what a module lists in its `no_weight_decay` (model.py: the label queries; experts.py:
+# the experts' stacked biases). Gate biases are "bias" too: the static gate's whole routing is its bias,
+# and decay would pull every label toward uniform routing. Q2L's own code decays every parameter.
+NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
+
+
+def decay_roles(model: torch.nn.Module):
+    """-> ({name: parameter} decayed, {name: parameter} not decayed), by what each parameter is."""
+    decay, keep = {}, {}
+    for module_name, module in model.named_modules():
+        exempt = getattr(module, "no_weight_decay", ())
+        for name, p in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            is_kept = isinstance(module, NORMS) or name.endswith("bias") or name in exempt
+            (keep if is_kept else decay)[full] = p
+    return decay, keep
+
+
 def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and conv kernels only: decaying biases, norm gains, label queries
-    and the static gate's logits toward 0 only fights what they must learn (as nanoGPT's configure_optimizers)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr,
+    """AdamW, weight decay on weights only (decay_roles): decaying biases, norm gains, label queries and
+    gate biases toward 0 only fights what they must learn."""
+    decay, keep = decay_roles(model)
+    return torch.optim.AdamW([{"params": list(decay.values()), "weight_decay": tcfg.weight_decay},
+                              {"params": list(keep.values()), "weight_decay": 0.0}], lr=tcfg.lr,
                              fused=device.type == "cuda")   # fused: one kernel for all tensors on CUDA
 
 
@@ -100,7 +119,8 @@ def train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg: TrainConfi
     # Mixed precision for the forward pass only; the gate's softmax and the loss run in fp32 inside.
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits, info = step_model(x)
-        loss_cls = (asymmetric_loss(logits, y, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip)
+        loss_cls = (asymmetric_loss(logits, y, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip,
+                                    tcfg.asl_eps, tcfg.asl_detach_focusing)
                     if tcfg.loss == "asl" else masked_bce(logits, y))
         loss = loss_cls + tcfg.aux_loss_coef * info["aux_loss"]
     optimizer.zero_grad(set_to_none=True)   # None, not zeros: no memset, and the first accumulation is a copy
@@ -111,8 +131,10 @@ def train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg: TrainConfi
     scaler.step(optimizer)
     scaler.update()
     if ema is not None:
-        # Warm-up of the decay (as timm's ModelEmaV2 and Q2L): early weights are noise, forget them fast.
-        ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
+        # Q2L's (and timm's ModelEmaV2) decay is constant. --ema-warmup (the synthetic preset) uses TensorFlow's
+        # ExponentialMovingAverage num_updates rule instead: early weights are noise, forget them fast.
+        decay = min(tcfg.ema_decay, (1 + step) / (10 + step)) if tcfg.ema_warmup else tcfg.ema_decay
+        ema_update(ema, model, decay)
     return loss_cls, info
 
 
@@ -141,6 +163,27 @@ def copy_atomically(src: str, dst: str):
     """The same temporary-file-then-rename rule for a copy."""
     shutil.copyfile(src, dst + ".tmp")
     os.replace(dst + ".tmp", dst)
+
+
+@torch.no_grad()
+def cpu_warning(model, tcfg: TrainConfig, device, fmt, n_train: int, n_val: int) -> str:
+    """The papers' presets without a GPU: one timed forward pass, turned into the expected time per epoch.
+
+    Eval mode and no_grad: no BatchNorm statistic and no random stream is touched, so the run itself is the
+    same with or without this check. A training step costs about 3 forward passes (forward + backward).
+    """
+    model.eval()
+    x = torch.zeros(2, 3, tcfg.image_size, tcfg.image_size, device=device).contiguous(memory_format=fmt)
+    model(x)   # the first call pays one-off allocation costs
+    t0 = time.time()
+    model(x)
+    per_image = (time.time() - t0) / 2
+    model.train()
+    minutes = per_image * (3 * n_train + n_val) / 60
+    return (f"warning: training {tcfg.dataset} on the {device.type}, not a GPU: about {minutes:.0f} min per epoch here "
+            f"({tcfg.epochs} epochs: {minutes * tcfg.epochs / 60:.1f} h), measured on one forward pass. Use a GPU "
+            f"(--device cuda), a smaller --backbone/--image-size (e.g. --backbone resnet18 --weights none "
+            f"--image-size 96), or --limit 512 --epochs 1 for a smoke run (README, 'A CPU smoke run')")
 
 
 def describe_only(tcfg: TrainConfig, mcfg: ModelConfig):
@@ -177,13 +220,23 @@ def main(argv=None):
         # not bit for bit.
         keep = {k: getattr(tcfg, k) for k in ("device", "num_workers", "out_dir", "resume")
                 if k != "num_workers" or k in given}
+        planned = ckpt["train_config"]["epochs"]
+        if "epochs" in given and tcfg.epochs != planned:
+            # The one-cycle schedule was laid out for the planned steps and ends with lr near 0: more epochs
+            # would be a second schedule glued on, not this run continued. A usage error, one line.
+            print(f"error: --epochs {tcfg.epochs} with --resume: {path} was planned as {planned} epochs of one "
+                  f"one-cycle schedule, whose learning rate ends near 0, so it cannot be extended; train a new run "
+                  f"with --epochs {tcfg.epochs} (its own folder) instead", file=sys.stderr)
+            sys.exit(2)
         tcfg = TrainConfig(**{**ckpt["train_config"], **keep})
         mcfg = ModelConfig(**ckpt["model_config"])
-        say(f"resuming from {path}: epoch {ckpt['epoch'] + 1} of {tcfg.epochs} done, best val mAP {ckpt['best_map']:.2f}")
+        say(f"resuming from {path}: epoch {ckpt['epoch'] + 1} of {tcfg.epochs} done, best val mAP {ckpt['best_map']:.2f}"
+            + (" (the run is finished: best.pt is tested again)" if ckpt["epoch"] + 1 >= tcfg.epochs else ""))
         ignored = given - set(keep) - {"dataset"}
         if ignored:
             say(f"  note: ignoring {sorted(ignored)} on resume (the checkpoint's config wins)")
     say("train config:", json.dumps(asdict(tcfg)))   # printed and saved: a log says what produced it
+    say(f"run folder: {tcfg.out_dir}")
     if tcfg.batch_size % world:   # a usage error: one line, no traceback
         sys.exit(f"error: --batch-size {tcfg.batch_size} (the global batch) must divide evenly over {world} processes")
     os.makedirs(tcfg.out_dir, exist_ok=True)
@@ -220,7 +273,7 @@ def main(argv=None):
     roles = {"train": tcfg.train_split, "val": tcfg.val_split, "test": tcfg.test_split}
     split_ds = {s: build_dataset(tcfg.dataset, s, tcfg.data_root, tcfg.image_size, augment=(s == roles["train"]),
                                  limit=tcfg.limit, randaugment=tcfg.randaugment, cutout=tcfg.cutout,
-                                 empty=tcfg.empty_images)
+                                 empty=tcfg.empty_images, hflip=tcfg.hflip)
                 for s in dict.fromkeys(roles.values())}   # each split read once (val and test may be one)
     ds = {role: split_ds[s] for role, s in roles.items()}
     say("splits: " + ", ".join(f"{role} = {s} ({len(ds[role])} images)" for role, s in roles.items()))
@@ -261,6 +314,8 @@ def main(argv=None):
     set_memory_format(model, fmt)
     gflops = flops_per_image(model, tcfg.image_size, device) / 1e9
     say(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px")
+    if device.type != "cuda" and tcfg.dataset != "synthetic" and main_proc:
+        say(cpu_warning(model, tcfg, device, fmt, len(ds["train"]), len(ds["val"])))
     # `model` stays the raw module: it is what is saved, evaluated and averaged into the EMA. The step runs
     # through `step_model`, which may be compiled and wrapped in DDP (their state_dict keys differ).
     step_model = torch.compile(model) if use_compile else model
