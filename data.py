@@ -14,7 +14,8 @@ has `classes` (L names), `targets` (N, L), `ids` (N strings), `image_size`. Phot
 DataLoader workers) through the papers' transforms: build_transform below. Any setup problem raises
 DatasetError with a message that says where it looked and how to get the data.
 
-    python data.py --preview                                 # grid -> assets/synthetic_preview.png
+    python data.py --preview                                 # grid -> runs/preview_synthetic.png
+    python data.py --preview assets/synthetic_preview.png    # the README's picture
     python data.py --stats --split val                       # frequencies, cardinality, co-occurrence
     python data.py --dataset voc --data-root R --stats       # split sizes and label statistics of VOC
     python data.py --dataset voc --data-root R --download    # fetch VOC 2007 (both archives, md5 checked)
@@ -403,12 +404,16 @@ if __name__ == "__main__":
                     "the training split for --preview]")
     ap.add_argument("--image-size", type=int, default=None, help="image side in pixels (synthetic 64, photos 448)")
     ap.add_argument("--seed", type=int, default=0, help="synthetic benchmark id (0 = the reported one)")
-    ap.add_argument("--preview", nargs="?", const="assets/synthetic_preview.png", metavar="PATH",
-                    help="write a PNG grid of examples (default PATH: assets/synthetic_preview.png)")
+    # The default path is under runs/ (ignored by git), named after the dataset: a preview of VOC must not
+    # overwrite the README's tracked assets/synthetic_preview.png. The README names that path explicitly.
+    ap.add_argument("--preview", nargs="?", const="", metavar="PATH",
+                    help="write a PNG grid of examples (default PATH: runs/preview_<dataset>.png)")
     ap.add_argument("--stats", action="store_true", help="print split sizes and label statistics")
     ap.add_argument("--download", action="store_true", help="voc: fetch VOC 2007 into --data-root first")
     args = ap.parse_args()
-    if not (args.preview or args.stats or args.download):
+    if args.preview == "":
+        args.preview = os.path.join("runs", f"preview_{args.dataset}.png")
+    if not (args.preview is not None or args.stats or args.download):
         ap.error("nothing to do: pass --preview [PATH], --stats and/or --download")
     standard = {"synthetic": ("train", "val", "test"), "voc": ("trainval", "test"), "coco": ("train", "val")}
     try:
@@ -416,12 +421,13 @@ if __name__ == "__main__":
             if args.dataset != "voc":
                 ap.error("--download fetches VOC 2007 only; for COCO see the README")
             download_voc(args.data_root or ".")
-        if args.preview:
+        if args.preview is not None:
             split = args.split or standard[args.dataset][0]
             if args.dataset == "synthetic":  # a preview needs 32 images, not the split
                 ds = SyntheticMultiLabel(split, args.image_size or 64, False, args.seed, size=32)
             else:
                 ds = build_dataset(args.dataset, split, args.data_root, args.image_size or 128, False, limit=32)
+            os.makedirs(os.path.dirname(args.preview) or ".", exist_ok=True)
             preview(ds, args.preview)
             print(f"wrote {args.preview}")
         if args.stats:

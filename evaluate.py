@@ -47,8 +47,8 @@ gate weights; train.py uses it too) and the command line, which also prints
 analysis.gate_statistics (how the gate splits each label's mass between
 shared and task experts) and, with --analysis, draws analysis.py's pictures:
 
-    python evaluate.py --checkpoint runs/synthetic/best.pt          # test split
-    python evaluate.py --checkpoint runs/synthetic/best.pt --image cat.jpg
+    python evaluate.py --checkpoint runs/synthetic/drmoe-dynamic-S2-T1-seed0/best.pt           # test split
+    python evaluate.py --checkpoint runs/synthetic/drmoe-dynamic-S2-T1-seed0/best.pt --image cat.jpg
 
 The first rebuilds the model from the checkpoint alone, prints every metric,
 a per-label AP table with gate statistics, and writes them to JSON.
@@ -63,7 +63,7 @@ import torch
 from tqdm import tqdm
 
 import analysis
-from config import amp_dtype_for, pick_device
+from config import Parser, amp_dtype_for, check_device, pick_device
 from distributed import gather_rows, is_main
 
 # Number of labels an image may predict in the "top-k" protocol. 3 is the
@@ -286,12 +286,33 @@ def judged_weights(ckpt) -> dict:
     return ckpt["ema"] if ckpt.get("eval_weights", "raw") == "ema" else ckpt["model"]
 
 
-def load_checkpoint_model(path: str, device):
-    """Rebuild the model from a checkpoint alone: its saved ModelConfig, then the weights it was judged by."""
-    from model import ModelConfig, build_model, set_memory_format
+def read_checkpoint(path: str) -> dict:
+    """torch.load of a train.py checkpoint, or a ValueError in one line saying what the file is not.
+
+    weights_only=False: the checkpoint holds the RNG states and configs as well as tensors; only load
+    checkpoints you trust (torch.load's own warning), as with any pickle.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        raise ValueError(f"--checkpoint {path}: no such file (train.py writes <out-dir>/best.pt and last.pt; "
+                         "the run folder is printed at the start of training)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # not a zip / pickle: a README, an image, a truncated download...
+        raise ValueError(f"--checkpoint {path}: not a checkpoint torch can read ({type(e).__name__}); "
+                         "pass a best.pt or last.pt written by train.py") from None
+    missing = [k for k in ("model_config", "train_config", "model", "classes") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"--checkpoint {path}: a torch file, but not one written by train.py (no {', '.join(missing)})")
+    return ckpt
+
+
+def load_checkpoint_model(path: str, device, ckpt=None):
+    """Rebuild the model from a checkpoint alone: its saved ModelConfig, then the weights it was judged by.
+
+    `ckpt`: the file's contents when the caller has already read them (evaluate.main checks them first).
+    """
+    from model import ModelConfig, build_model, set_memory_format
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     # The backbone's ImageNet weights are about to be overwritten: do not download them again.
     mcfg = ModelConfig(**{**ckpt["model_config"], "weights": "none"})
     model = build_model(mcfg, verbose=False)
@@ -300,14 +321,14 @@ def load_checkpoint_model(path: str, device):
     return set_memory_format(model.to(device), fmt).eval(), ckpt, fmt
 
 
-def score_split(path: str, split, data_root, device):
+def score_split(path: str, split, data_root, device, ckpt=None):
     """A checkpoint's model over a dataset split -> (scores, targets, gates, features, ckpt, dataset, split name).
 
     The dataset is rebuilt from the run's own config (its image size, limit, ...), with the same batch
     size and memory format as training: identical numerics, hence identical metrics.
     """
     from data import build_dataset
-    model, ckpt, fmt = load_checkpoint_model(path, device)
+    model, ckpt, fmt = load_checkpoint_model(path, device, ckpt)
     tcfg = ckpt["train_config"]
     split = split or tcfg.get("test_split") or "test"
     ds = build_dataset(tcfg["dataset"], split, data_root or tcfg["data_root"], tcfg["image_size"], augment=False,
@@ -318,8 +339,7 @@ def score_split(path: str, split, data_root, device):
 
 
 def main(argv=None):
-    from data import load_image
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint on a split, or predict the labels of images.")
+    p = Parser(description="Evaluate a checkpoint on a split, or predict the labels of images.")
     p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by train.py")
     p.add_argument("--split", default=None, help="split to evaluate [default: the run's test split]")
     p.add_argument("--data-root", default=None, help="override the dataset folder saved in the checkpoint")
@@ -334,20 +354,27 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.compare_to and not args.analysis:
         p.error("--compare-to needs --analysis DIR (where heterogeneity.png goes)")
+    if not 0 < args.threshold < 1:
+        p.error(f"--threshold must be a probability in (0, 1), got {args.threshold}")
+    # Every value is checked before anything is loaded: a typo costs one line, not a traceback.
+    try:
+        check_device(args.device)
+        loaded = {args.checkpoint: read_checkpoint(args.checkpoint)}
+        if args.compare_to and not os.path.isfile(args.compare_to):
+            raise ValueError(f"--compare-to {args.compare_to}: no such file")
+        if args.image:
+            for path in args.image:
+                if not os.path.isfile(path):
+                    raise ValueError(f"--image {path}: no such file")
+    except ValueError as e:
+        p.error(str(e))
     device = pick_device(args.device)
 
     if args.image:
-        model, ckpt, fmt = load_checkpoint_model(args.checkpoint, device)
-        for path in args.image:
-            x = load_image(path, ckpt["train_config"]["image_size"]).unsqueeze(0).to(device, memory_format=fmt)
-            with torch.no_grad():
-                probs = torch.sigmoid(model(x)[0].float())[0].cpu()                # (L,)
-            order = probs.argsort(descending=True).tolist()
-            hits = [l for l in order if probs[l] >= args.threshold] or order[:1]   # always say something
-            print(f"{path}: " + ", ".join(f"{ckpt['classes'][l]} {probs[l]:.3f}" for l in hits))
-        return None
+        return predict_images(args, device, loaded[args.checkpoint])
 
-    scores, targets, gates, feats, ckpt, ds, args.split = score_split(args.checkpoint, args.split, args.data_root, device)
+    scores, targets, gates, feats, ckpt, ds, args.split = score_split(args.checkpoint, args.split, args.data_root, device,
+                                                                        loaded[args.checkpoint])
     classes, mc = ckpt["classes"], ckpt["model_config"]
     print(f"{args.checkpoint}: {run_name(ckpt)}, epoch {ckpt['epoch'] + 1}, {ckpt.get('eval_weights', 'raw')} weights")
     metrics = multilabel_metrics(scores, targets, args.threshold)
@@ -388,6 +415,36 @@ def main(argv=None):
     return result
 
 
+def predict_images(args, device, ckpt):
+    """--image: each file's labels above the threshold, or, when none passes, that fact and the 3 most likely.
+
+    A label below the threshold is not a prediction: printing the top-1 as if it were one would turn "the
+    model sees nothing it knows" into a confident answer, hence the explicit "no label above" line.
+    """
+    from data import DatasetError, load_image
+    model, ckpt, fmt = load_checkpoint_model(args.checkpoint, device, ckpt)
+    classes = ckpt["classes"]
+    print(f"the model knows {len(classes)} classes: {', '.join(classes)}")
+    out = {}
+    for path in args.image:
+        try:
+            x = load_image(path, ckpt["train_config"]["image_size"]).unsqueeze(0).to(device, memory_format=fmt)
+        except DatasetError as e:  # an unreadable file is reported and skipped, the others still run
+            print(f"{path}: skipped, {e}")
+            continue
+        with torch.no_grad():
+            probs = torch.sigmoid(model(x)[0].float())[0].cpu()                   # (1, L) -> (L,)
+        order = probs.argsort(descending=True).tolist()
+        hits = [l for l in order if probs[l] >= args.threshold]
+        if hits:
+            print(f"{path}: " + ", ".join(f"{classes[l]} {probs[l]:.3f}" for l in hits))
+        else:
+            print(f"{path}: no label above {args.threshold:g}; most likely: "
+                  + ", ".join(f"{classes[l]} {probs[l]:.3f}" for l in order[:3]))
+        out[path] = {c: float(probs[l]) for l, c in enumerate(classes)}
+    return out
+
+
 def run_name(ckpt) -> str:
     """"drmoe gate=dynamic S=2 T=1" for a mixture, just the model's name for the others: a title for plots."""
     mc = ckpt["model_config"]
@@ -403,7 +460,8 @@ def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> di
     other = None
     if args.compare_to:
         from data import DatasetError
-        o_scores, o_targets, _, o_feats, o_ckpt, o_ds, _ = score_split(args.compare_to, args.split, args.data_root, device)
+        o_scores, o_targets, _, o_feats, o_ckpt, o_ds, _ = score_split(args.compare_to, args.split, args.data_root,
+                                                                            device)
         # The gain is per label and per image set: both runs must have seen the same labels and images.
         if o_ckpt["classes"] != classes or list(o_ds.ids) != list(ds.ids):
             raise DatasetError(f"--compare-to {args.compare_to}: another label set or other images; cannot compare per label")

@@ -1,0 +1,143 @@
+"""
+The first hour of a new user, as behaviour (issue "a first hour without surprises"): the command lines
+answer a typo in one line, keep runs apart, and say what they do (CPU, seconds; the subprocess cases pay
+one torch import each, about 15 s in all).
+
+- each bad value (train.py and evaluate.py) exits with code 2 and ONE stderr line naming the flag, no
+  traceback, before any data is generated;
+- different gates / models / seeds get different default run folders, the README's "Then:" commands
+  among them, and the folder is printed at start;
+- --help is grouped (data, model, mixture of experts, baselines, training, system) and shows the real
+  per-dataset preset values (synthetic cuts ResNet-18 at layer3, not the dataclass's layer4);
+- --resume with another --epochs is refused in one line (a one-cycle schedule cannot be extended);
+- data.py --preview writes outside the tracked assets unless a path is named;
+- evaluate.py --image says which classes the model knows, and "no label above" instead of promoting a
+  top-1 below the threshold to a prediction.
+
+Run: python -m pytest -q tests/test_cli.py
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import config
+import evaluate
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",
+        "--expert-hidden", "32", "--limit", "48", "--batch-size", "16"]
+
+BAD = [  # (script, flags, a word the one line must contain)
+    ("train.py", ["--backbone", "resnet1000"], "--backbone"),
+    ("train.py", ["--image-size", "-5"], "--image-size"),
+    ("train.py", ["--epochs", "0"], "--epochs"),
+    ("train.py", ["--batch-size", "0"], "--batch-size"),
+    ("train.py", ["--shared-experts", "0", "--task-experts", "0"], "experts"),
+    ("train.py", ["--gate", "dynamc"], "--gate"),
+    ("train.py", ["--dataset", "vocc"], "--dataset"),
+    ("evaluate.py", ["--checkpoint", "README.md"], "README.md"),
+    ("evaluate.py", ["--checkpoint", "no/such/best.pt"], "no such file"),
+]
+if not torch.cuda.is_available():   # on a GPU machine --device cuda is a valid value
+    BAD += [("train.py", ["--device", "cuda"], "--device"),
+            ("evaluate.py", ["--checkpoint", "README.md", "--device", "cuda"], "--device")]
+
+
+def test_each_bad_value_is_one_line_exit_2(tmp_path):
+    # All at once (each pays its own torch import); nothing may be written: the checks come before any data.
+    procs = [(case, subprocess.Popen([sys.executable, os.path.join(ROOT, case[0]), *case[1],
+                                      "--out-dir" if case[0] == "train.py" else "--json", str(tmp_path / "out")],
+                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             for case in BAD]
+    for (script, flags, word), p in procs:
+        out, err = p.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert p.returncode == 2, (script, flags, p.returncode, err[-500:])
+        assert len(lines) == 1 and "Traceback" not in err, (script, flags, err)
+        assert word in lines[0], (script, flags, lines[0])
+    assert not (tmp_path / "out").exists()
+
+
+def out_dir(*argv):
+    return train.parse_args(list(argv))[0].out_dir
+
+
+def test_default_run_folders_differ():
+    readme_then = [[], ["--gate", "label"], ["--gate", "static", "--shared-experts", "0", "--task-experts", "1"]]
+    dirs = [out_dir(*a) for a in readme_then]
+    dirs += [out_dir("--gate", g) for g in ("image", "dynamic")] + [out_dir("--model", m) for m in ("linear", "q2l", "hsq")]
+    dirs += [out_dir("--seed", "1"), out_dir("--lr", "3e-4"), out_dir("--dataset", "voc")]
+    assert dirs[0] == os.path.join("runs", "synthetic", "drmoe-dynamic-S2-T1-seed0")
+    assert dirs[0] == dirs[4]                              # the default spelled out is the same run
+    assert len(set(dirs)) == len(dirs) - 1, dirs           # every other pair differs
+    assert "lr=0.0003" in out_dir("--lr", "3e-4") and out_dir("--out-dir", "x") == "x"
+
+
+def test_run_folder_is_printed(tmp_path, capsys):
+    train.main([*TINY, "--epochs", "1", "--model", "linear", "--out-dir", str(tmp_path / "r")])
+    assert f"run folder: {tmp_path / 'r'}" in capsys.readouterr().out
+
+
+def test_help_is_grouped_with_preset_values(capsys):
+    with pytest.raises(SystemExit):
+        config.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for group in ("data:", "model:", "mixture of experts:", "baselines:", "training:", "system:"):
+        assert f"\n{group}\n" in text, group
+    # --feature-layer: the synthetic preset's layer3 and the papers' layer4 are both shown as what they are.
+    flat = " ".join(text.split())                          # argparse wraps lines at the terminal width
+    block = flat[flat.index("--feature-layer"):flat.index("--feature-layer") + 200]
+    assert "synthetic: layer3" in block and "coco: layer4" in block
+    assert "[default: preset]" not in text
+    # Grouped: --lr sits under training, --shared-experts under mixture of experts.
+    assert text.index("training:") < text.index("--lr") and text.index("mixture of experts:") < text.index("--shared-experts")
+
+
+def test_resume_with_other_epochs_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    train.main([*TINY, "--epochs", "1", "--model", "linear", "--out-dir", out])
+    capsys.readouterr()                                    # the first run's progress bars
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--epochs", "3", "--model", "linear", "--out-dir", out, "--resume"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--epochs 3" in err[0] and "cannot be extended" in err[0]
+
+
+def test_preview_default_leaves_tracked_assets_alone(tmp_path):
+    tracked = os.path.join(ROOT, "assets", "synthetic_preview.png")
+    before = os.path.getmtime(tracked) if os.path.exists(tracked) else None
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--preview"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "runs" / "preview_synthetic.png").is_file()
+    assert not (tmp_path / "assets").exists()
+    assert (os.path.getmtime(tracked) if before else None) == before
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--preview", "x/grid.png"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and (tmp_path / "x" / "grid.png").is_file()
+
+
+def test_image_prediction_says_when_nothing_passes(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    train.main([*TINY, "--epochs", "1", "--model", "linear", "--out-dir", out])
+    path = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(path)
+    ckpt = os.path.join(out, "best.pt")
+    capsys.readouterr()
+    # A threshold no probability reaches: the line must say so and still name the 3 most likely labels.
+    probs = evaluate.main(["--checkpoint", ckpt, "--image", str(path), "--threshold", "0.999999"])[str(path)]
+    text = capsys.readouterr().out
+    assert "the model knows 20 classes: circle, triangle" in text
+    top3 = sorted(probs, key=probs.get, reverse=True)[:3]
+    assert max(probs.values()) < 0.999999
+    assert f"{path}: no label above 0.999999; most likely: {top3[0]} " in text and top3[2] in text
+    # A threshold every label passes: all 20 are predictions, none is called "most likely".
+    evaluate.main(["--checkpoint", ckpt, "--image", str(path), "--threshold", "0.000001"])
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith(str(path))][0]
+    assert "no label above" not in line and line.count(",") == 19
