@@ -3,7 +3,7 @@ Seeing inside the gate: where each label's routing goes over a whole test set, w
 single- and multi-label images, how training went, and whether the input-conditioned gate helps the
 heterogeneous labels most (the paper's claim "particularly for labels with high heterogeneity", tested).
 
-    python evaluate.py --checkpoint runs/synthetic/best.pt --analysis runs/synthetic/analysis
+    python evaluate.py --checkpoint runs/synthetic/drmoe-dynamic-S2-T1-seed0/best.pt --analysis runs/synthetic/analysis
     python evaluate.py --checkpoint A/best.pt --analysis OUT --compare-to B/best.pt   # + heterogeneity.png
 
 writes into OUT (pictures drawn with pillow alone, as the design card's packages say):
