@@ -20,11 +20,11 @@ where the papers differ. Exactly these settings (MODEL_PRESETS; all other fields
     drmoe         0        1        yes        1           [h[b,l]; g[b]]      1                BCE
 
 - Q2L: 1 encoder + 2 decoder layers with decoder self-attention removed, as Q2L's official code runs it;
-  ASL with Q2L's released loss settings (main_mlc.py defaults: gamma- = 2, gamma+ = 0, clip 0, eps 1e-5,
-  focusing weights detached as --dtgfl). ASL's own defaults stay a flag away: --asl-gamma-neg 4
-  --asl-clip 0.05 --asl-eps 1e-8. On voc/coco, D follows the backbone (q2l_width: D = C, feed-forward 4C),
-  as Q2L's released commands set --hidden_dim to the backbone's channels; ResNet-101 gives the official
-  2048 / 8192 (~193M parameters).
+  ASL with Q2L's released loss settings (main_mlc.py's defaults gamma- = 2, gamma+ = 0, clip 0, eps 1e-5,
+  plus --dtgfl, which its README commands pass: focusing weights detached). ASL's own defaults stay a flag
+  away: --asl-gamma-neg 4 --asl-clip 0.05 --asl-eps 1e-8. On every dataset D follows the backbone
+  (q2l_width: D = C, feed-forward 4C), as Q2L's released commands set --hidden_dim to the backbone's
+  channels; ResNet-101 gives the official 2048 / 8192 (~193M parameters).
 - HSQ §3.3 eq. 1-2: each label k has its own gate g_k(x) = softmax(W_g^k x) reading that label's feature
   only, over S shared + T label-specialised experts; HSQ reports a drop with T = 1, so T = 2 here.
 - DR-MoE: the gate reads the label's feature and the global image feature g[b] (gating.py, "dynamic").
@@ -219,9 +219,10 @@ def asymmetric_loss(logits, targets, gamma_neg: float = 4.0, gamma_pos: float = 
     - detach_focusing: the weights (1 - p)^gamma+ and p_m^gamma- are constants for the gradient, as ASL's
       training script and Q2L's --dtgfl run it ("disable torch grad focal loss"): the gradient is that of
       a re-weighted cross-entropy. False lets gradient flow through them too (the loss's literal derivative).
-    - Each branch is computed only on the entries it applies to (boolean selection, not a multiplication by
-      y or 1 - y): a masked-out branch can still have an infinite derivative, e.g. (1 - p)^0.5 at p = 1, and
-      inf * 0 = NaN would poison the whole gradient.
+    - Each branch gets the real logit only on the entries it applies to (torch.where, not a multiplication
+      by y or 1 - y): a masked-out branch can still have an infinite derivative, e.g. (1 - p)^0.5 at p = 1,
+      and inf * 0 = NaN would poison the whole gradient. Where a branch does apply, _focusing's floor keeps
+      base^gamma differentiable at base = 0 (a saturated logit of the right sign).
     - log(max(p, eps)) is computed as max(logsigmoid(x), log eps): the same value and gradient as ASL's
       log(p.clamp(min=eps)), without first rounding p to 0 or 1 in fp32.
     Difference from the official code, on purpose: the mean over valid entries instead of ASL's sum over
@@ -232,7 +233,9 @@ def asymmetric_loss(logits, targets, gamma_neg: float = 4.0, gamma_pos: float = 
     x = logits.float()
     pos, neg = targets == 1, targets == 0                                  # (B, L) bool each; -1 is neither
     floor = math.log(eps) if eps > 0 else -math.inf
-    xp, xn = x[pos], x[neg]                                               # (P,), (Q,): only where each applies
+    # Each branch sees the real logit only where it applies and a harmless 0 elsewhere ("double where"):
+    # same values, no inf * 0 in the backward pass, and static shapes (no boolean indexing, so no GPU sync).
+    xp, xn = torch.where(pos, x, 0.0), torch.where(neg, x, 0.0)           # (B, L) each
     # Positives: L+ = (1 - p)^gamma+ log p, with 1 - p = sigmoid(-x).
     loss_pos = F.logsigmoid(xp).clamp(min=floor)
     w_pos = _focusing(torch.sigmoid(-xp), gamma_pos, detach_focusing)
@@ -244,8 +247,8 @@ def asymmetric_loss(logits, targets, gamma_neg: float = 4.0, gamma_pos: float = 
         q = torch.sigmoid(-xn)
         loss_neg = F.logsigmoid(-xn).clamp(min=floor)
     w_neg = _focusing(1 - q, gamma_neg, detach_focusing)                  # p_m^gamma-
-    n_valid = max(pos.sum().item() + neg.sum().item(), 1)
-    return -((w_pos * loss_pos).sum() + (w_neg * loss_neg).sum()) / n_valid
+    total = torch.where(pos, w_pos * loss_pos, 0.0) + torch.where(neg, w_neg * loss_neg, 0.0)   # (B, L)
+    return -total.sum() / (pos | neg).sum().clamp(min=1)
 
 
 def _focusing(base, gamma: float, detach: bool):

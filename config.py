@@ -10,7 +10,7 @@ The run's configuration: what to train on, how long, with which settings, on whi
     amp_dtype_for          the mixed-precision dtype: bf16 where the GPU has it, else fp16; none on CPU/MPS
 
 Resolution order, later wins: the dataclass default < the dataset's preset (PRESETS) < the model's
-settings (baselines.MODEL_PRESETS; for q2l on voc/coco, D = the backbone's channels) < what you pass. train.py prints
+settings (baselines.MODEL_PRESETS; for q2l, D = the backbone's channels) < what you pass. train.py prints
 the resolved configs at start and saves them in every checkpoint, so evaluate.py can rebuild the model
 from a checkpoint alone. Used by train.py, evaluate.py and bench.py.
 """
@@ -46,8 +46,9 @@ class TrainConfig:
     epochs: int = config_field(None, "training epochs", "training")
     batch_size: int = config_field(None, "images per step, over all processes under torchrun (each takes 1/W)", "training")
     lr: float = config_field(None, "peak learning rate of the one-cycle schedule", "training")
-    weight_decay: float = config_field(1e-2, "AdamW weight decay on weights only: not on biases, norms, label "
-                                       "queries, gate biases (train.build_optimizer)", "training")
+    weight_decay: float = config_field(1e-2, "AdamW weight decay on weights only: not on biases (the gates' "
+                                       "and the experts' included), norms, label queries, ML-GCN's embedding "
+                                       "(train.decay_roles)", "training")
     warmup_pct: float = config_field(0.2, "fraction of the steps spent warming up (one-cycle pct_start)", "training")
     grad_clip: float = config_field(1.0, "clip the global gradient norm to this (0 = off)", "training")
     ema_decay: float = config_field(None, "EMA decay per step (0 = no EMA)", "training")
@@ -79,7 +80,9 @@ class TrainConfig:
 #            The budget (8 epochs of 5,000 images) was measured to finish in about 4 minutes on a 2-core
 #            CPU (README). lr 1e-3: 2e-3 trained the decoder worse, 5e-4 was slower (single runs on this benchmark).
 #            EMA 0.99 with the decay warm-up: the run has only 624 steps, and a constant 0.99 would keep the
-#            random initial weights in the average for its first ~460 steps (0.99^460 = 1 %).
+#            random initial weights in the average for its first ~460 steps (0.99^460 = 1 %). With the
+#            warm-up the decay ends at 624/633 = 0.986 (0.99 would come at step 890): an average over the
+#            last ~70 steps, which is what a run this short can afford.
 # voc/coco:  ImageNet ResNet-101 at 448 px as ML-GCN, Q2L, HSQ and DR-MoE all report. Q2L's recipe:
 #            AdamW lr 1e-4, weight decay 1e-2, one-cycle with 20 % warm-up, a constant EMA decay of 0.9997
 #            (Q2L's ModelEma has no warm-up; with one, 0.9997 would be reached only at step 29,990, and the
@@ -129,6 +132,12 @@ def shown_default(f) -> str:
         parts.setdefault(str(v), []).append(d)
     text = "; ".join(f"{', '.join(ds)}: {v}" for v, ds in parts.items()) if len(parts) > 1 else next(iter(parts))
     special = [f"{m}: {v}" for m, v in by_model.items() if v != by_dataset["synthetic"]]
+    if f.name in ("dim", "ff_dim"):   # q2l's width follows its backbone (parse_args): show what that gives
+        widths = {d: q2l_width(backbone_channels(preset_value("backbone", d, "q2l", ModelConfig.backbone),
+                                                 preset_value("feature_layer", d, "q2l", ModelConfig.feature_layer)))[f.name]
+                  for d in PRESETS}
+        special = [f"q2l: {4 if f.name == 'ff_dim' else 1}x the backbone's C ("
+                   + ", ".join(f"{d} {w}" for d, w in widths.items()) + ")"]
     return f" [default: {text}" + ("; --model " + ", ".join(special) if special else "") + "]"
 
 
@@ -266,8 +275,17 @@ def parse_args(argv=None):
                       for f in fields(cls) if f.name in args or f.name in preset})
     tcfg, mcfg = resolve(TrainConfig), resolve(ModelConfig)
     if args.get("resume"):   # a resumed run takes its config from the checkpoint; only where it runs may change
+        if args["resume"] != "auto" and not tcfg.out_dir:
+            # --resume PATH continues the run PATH belongs to, in its own folder: the default folder of the
+            # flags typed now may be another run's, whose best.pt would be overwritten.
+            tcfg.out_dir = os.path.dirname(args["resume"]) or "."
+        tcfg.out_dir = tcfg.out_dir or default_out_dir(tcfg, mcfg, args, preset)
+        path = os.path.join(tcfg.out_dir, "last.pt") if args["resume"] == "auto" else args["resume"]
         try:
             check_device(tcfg.device)
+            if not os.path.isfile(path):
+                raise ValueError(f"--resume: no checkpoint at {path} (a bare --resume looks in the folder the "
+                                 "other flags name: repeat the run's flags, or pass --resume PATH/last.pt)")
         except ValueError as e:
             parser.error(str(e))
     else:

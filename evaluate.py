@@ -360,8 +360,8 @@ def main(argv=None):
     try:
         check_device(args.device)
         loaded = {args.checkpoint: read_checkpoint(args.checkpoint)}
-        if args.compare_to and not os.path.isfile(args.compare_to):
-            raise ValueError(f"--compare-to {args.compare_to}: no such file")
+        if args.compare_to:
+            args.compare_ckpt = read_checkpoint(args.compare_to)
         if args.image:
             for path in args.image:
                 if not os.path.isfile(path):
@@ -461,7 +461,7 @@ def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> di
     if args.compare_to:
         from data import DatasetError
         o_scores, o_targets, _, o_feats, o_ckpt, o_ds, _ = score_split(args.compare_to, args.split, args.data_root,
-                                                                            device)
+                                                                            device, args.compare_ckpt)
         # The gain is per label and per image set: both runs must have seen the same labels and images.
         if o_ckpt["classes"] != classes or list(o_ds.ids) != list(ds.ids):
             raise DatasetError(f"--compare-to {args.compare_to}: another label set or other images; cannot compare per label")

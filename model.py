@@ -33,6 +33,7 @@ Forward returns (logits (B, L), info) where info = {"gate_weights": (B, L, E) fp
 "image_feature": g (B, D)}, so train.py adds the load-balancing loss and evaluate.py analyses the routing.
 """
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -134,8 +135,17 @@ def backbone_channels(name: str, feature_layer: str = "layer4") -> int:
     """C of build_backbone(name, feature_layer) without building it for real: on the meta device no memory is
     allocated and no weight is initialised, so config.py can ask it at parse time (ResNet-101 in ~0.1 s).
     Raises ValueError for a model that is not a torchvision classifier of a supported kind."""
-    with torch.device("meta"):
-        return build_backbone(name, "none", feature_layer)[1]
+    # Some torchvision builders warn (googlenet, inception_v3) or cannot run on meta tensors (regnet's
+    # init copies values): at parse time either must still end in one line, never a traceback.
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return build_backbone(name, "none", feature_layer)[1]
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"--backbone {name}: could not be built here ({type(e).__name__}); "
+                             "use a ResNet, ConvNeXt, EfficientNet or MobileNet from torchvision") from None
 
 
 def sine_positional_encoding(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:

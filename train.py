@@ -21,7 +21,9 @@ The equations, each next to the line that computes it:
     loss  = sum_{b,l} m[b,l] BCE(y[b,l], x[b,l]) / sum_{b,l} m[b,l],   m = 1 where y != -1 (masked_bce)
             + aux_coef * aux   (gating.py's load-balancing loss, Switch Transformer eq. 4)
     EMA   theta_ema <- d theta_ema + (1 - d) theta   after every step t (ema_update; Polyak averaging),
-          d = min(ema_decay, (1 + t) / (10 + t)): a short memory early, while the weights move fast
+          d = ema_decay, constant, as Q2L's and timm's ModelEma (the voc/coco presets); with --ema-warmup
+          (the synthetic preset's 624 steps) d = min(ema_decay, (1 + t) / (10 + t)), TensorFlow's
+          ExponentialMovingAverage rule: a short memory early, while the weights move fast
     lr    one-cycle: cosine rise from lr/25 to lr over warmup_pct of the steps, then cosine annealing
           to lr/25/1e4 (torch's OneCycleLR defaults; Smith & Topin 2019)
 
@@ -131,11 +133,19 @@ def train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg: TrainConfi
     scaler.step(optimizer)
     scaler.update()
     if ema is not None:
-        # Q2L's (and timm's ModelEmaV2) decay is constant. --ema-warmup (the synthetic preset) uses TensorFlow's
-        # ExponentialMovingAverage num_updates rule instead: early weights are noise, forget them fast.
-        decay = min(tcfg.ema_decay, (1 + step) / (10 + step)) if tcfg.ema_warmup else tcfg.ema_decay
-        ema_update(ema, model, decay)
+        ema_update(ema, model, ema_decay_at(tcfg, step))
     return loss_cls, info
+
+
+def ema_decay_at(tcfg: TrainConfig, step: int) -> float:
+    """The EMA decay d used after step `step` (0-based).
+
+    Q2L's ModelEma (and timm's ModelEmaV2) keep d constant: the voc/coco presets. --ema-warmup (the synthetic
+    preset's 624 steps) uses TensorFlow's ExponentialMovingAverage num_updates rule instead,
+    d = min(ema_decay, (1 + t) / (10 + t)): early weights are noise, forget them fast. With it, 0.9997 would
+    be reached only at step 29,990, far beyond the voc preset's 6,240 steps; hence off there.
+    """
+    return min(tcfg.ema_decay, (1 + step) / (10 + step)) if tcfg.ema_warmup else tcfg.ema_decay
 
 
 def rng_state(device: torch.device) -> dict:
@@ -210,8 +220,6 @@ def main(argv=None):
     ckpt = None
     if tcfg.resume:
         path = os.path.join(tcfg.out_dir, "last.pt") if tcfg.resume == "auto" else tcfg.resume
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         # Every rank reads the file: on several nodes OUT_DIR must be on a shared filesystem.
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         # A resumed run is the run that was started: its configs come from the checkpoint. Only where it
@@ -228,7 +236,11 @@ def main(argv=None):
                   f"one-cycle schedule, whose learning rate ends near 0, so it cannot be extended; train a new run "
                   f"with --epochs {tcfg.epochs} (its own folder) instead", file=sys.stderr)
             sys.exit(2)
-        tcfg = TrainConfig(**{**ckpt["train_config"], **keep})
+        # A checkpoint older than a field carries no value for it: continue it as the code that wrote it
+        # trained (ASL's gradient through the focusing weights, EMA warm-up always on), not with today's
+        # defaults. Later fields keep their defaults, which are what the older code did.
+        legacy = {"asl_detach_focusing": False, "ema_warmup": True}
+        tcfg = TrainConfig(**{**legacy, **ckpt["train_config"], **keep})
         mcfg = ModelConfig(**ckpt["model_config"])
         say(f"resuming from {path}: epoch {ckpt['epoch'] + 1} of {tcfg.epochs} done, best val mAP {ckpt['best_map']:.2f}"
             + (" (the run is finished: best.pt is tested again)" if ckpt["epoch"] + 1 >= tcfg.epochs else ""))
@@ -314,7 +326,7 @@ def main(argv=None):
     set_memory_format(model, fmt)
     gflops = flops_per_image(model, tcfg.image_size, device) / 1e9
     say(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px")
-    if device.type != "cuda" and tcfg.dataset != "synthetic" and main_proc:
+    if device.type == "cpu" and tcfg.dataset != "synthetic" and main_proc:
         say(cpu_warning(model, tcfg, device, fmt, len(ds["train"]), len(ds["val"])))
     # `model` stays the raw module: it is what is saved, evaluated and averaged into the EMA. The step runs
     # through `step_model`, which may be compiled and wrapped in DDP (their state_dict keys differ).

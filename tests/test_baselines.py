@@ -130,22 +130,27 @@ def grads(fn, x):
     return value.detach(), x.grad
 
 
-@pytest.mark.parametrize("gamma_neg,gamma_pos,clip", [(4, 0, 0.05), (4, 1, 0.05), (2, 0, 0.0), (3, 0.5, 0.1)])
-def test_asymmetric_loss_equals_official_asl_gradient(gamma_neg, gamma_pos, clip):
-    # A random 32 x 80 batch, as in the review that found the undetached gradient (cosine 0.91).
+@pytest.mark.parametrize("gamma_neg,gamma_pos,clip,eps,scale", [(4, 0, 0.05, 1e-8, 2), (4, 1, 0.05, 1e-8, 2),
+                                                                 (2, 0, 0.0, 1e-5, 2), (3, 0.5, 0.1, 1e-8, 2),
+                                                                 (2, 0, 0.0, 1e-5, 15)])
+def test_asymmetric_loss_equals_official_asl_gradient(gamma_neg, gamma_pos, clip, eps, scale):
+    # A random 32 x 80 batch, as in the review that found the undetached gradient (cosine 0.91). Scale 15
+    # puts many logits beyond log(1e-5) = -11.5, where Q2L's eps floor binds (value and zero gradient).
     torch.manual_seed(0)
-    x, y = torch.randn(32, 80) * 2, (torch.rand(32, 80) < 0.1).float()
+    x, y = torch.randn(32, 80) * scale, (torch.rand(32, 80) < 0.1).float()
     n = x.numel()
     for detach in (True, False):
-        ref_v, ref_g = grads(lambda z: official_asl(z, y, gamma_neg, gamma_pos, clip, 1e-8, detach), x)
-        v, g = grads(lambda z: asymmetric_loss(z, y, gamma_neg, gamma_pos, clip, 1e-8, detach), x)
-        assert torch.allclose(v * n, ref_v, rtol=1e-5), (detach, v * n, ref_v)
-        assert torch.allclose(g * n, ref_g, rtol=1e-4, atol=1e-7), detach
+        # The reference runs in float64: in fp32 its 1 - sigmoid(x) rounds (to 0 beyond x = 16.6), which moves
+        # its eps floor; ours takes logsigmoid(-x), exact in fp32. Both are then the same function.
+        ref_v, ref_g = grads(lambda z: official_asl(z, y.double(), gamma_neg, gamma_pos, clip, eps, detach), x.double())
+        v, g = grads(lambda z: asymmetric_loss(z, y, gamma_neg, gamma_pos, clip, eps, detach), x)
+        assert torch.allclose(v.double() * n, ref_v, rtol=1e-5), (detach, v * n, ref_v)
+        assert torch.allclose(g.double() * n, ref_g, rtol=1e-4, atol=1e-7), detach
     # The default is the detached form, and it is really a different gradient from the undetached one.
-    _, g_default = grads(lambda z: asymmetric_loss(z, y, gamma_neg, gamma_pos, clip), x)
-    _, g_flow = grads(lambda z: asymmetric_loss(z, y, gamma_neg, gamma_pos, clip, detach_focusing=False), x)
-    _, g_off = grads(lambda z: official_asl(z, y, gamma_neg, gamma_pos, clip, 1e-8, True), x)
-    assert torch.allclose(g_default * n, g_off, rtol=1e-4, atol=1e-7)
+    _, g_default = grads(lambda z: asymmetric_loss(z, y, gamma_neg, gamma_pos, clip, eps), x)
+    _, g_flow = grads(lambda z: asymmetric_loss(z, y, gamma_neg, gamma_pos, clip, eps, detach_focusing=False), x)
+    _, g_off = grads(lambda z: official_asl(z, y.double(), gamma_neg, gamma_pos, clip, eps, True), x.double())
+    assert torch.allclose(g_default.double() * n, g_off, rtol=1e-4, atol=1e-7)
     assert torch.nn.functional.cosine_similarity(g_default.flatten(), g_flow.flatten(), dim=0) < 0.99
 
 

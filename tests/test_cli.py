@@ -9,7 +9,9 @@ one torch import each, about 15 s in all).
   among them, and the folder is printed at start;
 - --help is grouped (data, model, mixture of experts, baselines, training, system) and shows the real
   per-dataset preset values (synthetic cuts ResNet-18 at layer3, not the dataclass's layer4);
-- --resume with another --epochs is refused in one line (a one-cycle schedule cannot be extended);
+- --resume with another --epochs is refused in one line (a one-cycle schedule cannot be extended), and
+  --resume PATH continues in PATH's folder;
+- the EMA decay per preset: constant 0.9997 on voc/coco (Q2L), warm-up on the synthetic preset;
 - data.py --preview writes outside the tracked assets unless a path is named;
 - evaluate.py --image says which classes the model knows, and "no label above" instead of promoting a
   top-1 below the threshold to a prediction.
@@ -37,7 +39,9 @@ BAD = [  # (script, flags, a word the one line must contain)
     ("train.py", ["--image-size", "-5"], "--image-size"),
     ("train.py", ["--epochs", "0"], "--epochs"),
     ("train.py", ["--batch-size", "0"], "--batch-size"),
-    ("train.py", ["--shared-experts", "0", "--task-experts", "0"], "experts"),
+    ("train.py", ["--shared-experts", "0", "--task-experts", "0"], "--shared-experts plus --task-experts"),
+    ("train.py", ["--backbone", "regnet_y_400mf"], "--backbone"),       # cannot be probed on meta: still 1 line
+    ("train.py", ["--resume", "no/such/last.pt"], "no checkpoint at no/such/last.pt"),
     ("train.py", ["--gate", "dynamc"], "--gate"),
     ("train.py", ["--dataset", "vocc"], "--dataset"),
     ("evaluate.py", ["--checkpoint", "README.md"], "README.md"),
@@ -68,7 +72,7 @@ def out_dir(*argv):
 
 
 def test_default_run_folders_differ():
-    readme_then = [[], ["--gate", "label"], ["--gate", "static", "--shared-experts", "0", "--task-experts", "1"]]
+    readme_then = [[], ["--gate", "label"], ["--gate", "static", "--shared-experts", "2", "--task-experts", "2"]]
     dirs = [out_dir(*a) for a in readme_then]
     dirs += [out_dir("--gate", g) for g in ("image", "dynamic")] + [out_dir("--model", m) for m in ("linear", "q2l", "hsq")]
     dirs += [out_dir("--seed", "1"), out_dir("--lr", "3e-4"), out_dir("--dataset", "voc")]
@@ -81,6 +85,28 @@ def test_default_run_folders_differ():
 def test_run_folder_is_printed(tmp_path, capsys):
     train.main([*TINY, "--epochs", "1", "--model", "linear", "--out-dir", str(tmp_path / "r")])
     assert f"run folder: {tmp_path / 'r'}" in capsys.readouterr().out
+
+
+def test_resume_path_continues_in_its_own_folder(tmp_path):
+    # --resume PATH without --out-dir: the run PATH belongs to, not the default folder of the flags typed
+    # now (which may hold another run whose best.pt would be overwritten).
+    (tmp_path / "label-run").mkdir()
+    ckpt = tmp_path / "label-run" / "last.pt"
+    ckpt.write_bytes(b"")
+    assert out_dir("--resume", str(ckpt)) == str(tmp_path / "label-run")
+    assert out_dir("--resume", str(ckpt), "--out-dir", "elsewhere") == "elsewhere"
+
+
+def test_ema_decay_per_preset():
+    # voc/coco: Q2L's constant decay from the first step; synthetic: TensorFlow's warm-up rule.
+    voc = train.parse_args(["--dataset", "voc"])[0]
+    assert (voc.ema_decay, voc.ema_warmup) == (0.9997, False)
+    assert train.ema_decay_at(voc, 0) == train.ema_decay_at(voc, 6239) == 0.9997
+    syn = train.parse_args([])[0]
+    assert syn.ema_warmup and train.ema_decay_at(syn, 0) == 0.1 and train.ema_decay_at(syn, 5) == 6 / 15
+    # The synthetic run's last step (624 steps) is still below 0.99: d reaches 0.99 only at step 890.
+    assert train.ema_decay_at(syn, 623) == 624 / 633 and train.ema_decay_at(syn, 890) == 0.99
+    assert train.ema_decay_at(train.parse_args(["--dataset", "voc", "--ema-warmup"])[0], 6239) < 0.9987
 
 
 def test_help_is_grouped_with_preset_values(capsys):
@@ -110,14 +136,12 @@ def test_resume_with_other_epochs_is_refused(tmp_path, capsys):
 
 
 def test_preview_default_leaves_tracked_assets_alone(tmp_path):
-    tracked = os.path.join(ROOT, "assets", "synthetic_preview.png")
-    before = os.path.getmtime(tracked) if os.path.exists(tracked) else None
+    # Run from an empty folder: the old default (assets/synthetic_preview.png, relative) would create assets/.
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--preview"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "runs" / "preview_synthetic.png").is_file()
     assert not (tmp_path / "assets").exists()
-    assert (os.path.getmtime(tracked) if before else None) == before
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--preview", "x/grid.png"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and (tmp_path / "x" / "grid.png").is_file()

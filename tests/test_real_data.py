@@ -117,6 +117,15 @@ def test_transforms_and_cutout():
     x = data.build_transform(32, train=True, randaugment=True, cutout=0.5)(img)
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     ev = data.build_transform(32, train=False)(img)                 # eval: resize + normalise only
+    # The flip: --no-hflip (ASL's and Q2L's pipeline) never mirrors, the default (ML-GCN's) sometimes does.
+    half = Image.new("RGB", (32, 32), (0, 0, 0))
+    half.paste((255, 255, 255), (0, 0, 16, 32))                     # left half white
+    plain = data.build_transform(32, train=False)(half)
+    mirrored = plain.flip(-1)
+    no_flip = [data.build_transform(32, True, randaugment=False, hflip=False)(half) for _ in range(20)]
+    flip = [data.build_transform(32, True, randaugment=False, hflip=True)(half) for _ in range(20)]
+    assert all(torch.equal(x, plain) for x in no_flip)
+    assert any(torch.equal(x, mirrored) for x in flip) and any(torch.equal(x, plain) for x in flip)
     assert torch.allclose(ev, data.normalize(torch.zeros(3, 32, 32, dtype=torch.uint8)), atol=1e-6)
     z = Image.new("RGB", (32, 32), (0, 0, 0))
     for _ in range(20):
@@ -187,10 +196,14 @@ VOC_RUN = ["--dataset", "voc", "--backbone", "resnet18", "--weights", "none", "-
            "--ff-dim", "64", "--expert-hidden", "32"]
 
 
-def test_train_end_to_end_on_voc(tmp_path):
+def test_train_end_to_end_on_voc(tmp_path, capsys):
     make_voc(tmp_path / "voc")
     metrics = train.main(VOC_RUN + ["--data-root", str(tmp_path / "voc"), "--out-dir", str(tmp_path / "run")])
     assert 0 <= metrics["mAP"] <= 100 and metrics["split"] == "test"
+    if not torch.cuda.is_available():   # the paper preset on a CPU says so, with a time and what to change
+        out = capsys.readouterr().out
+        assert "warning: training voc on the cpu, not a GPU: about" in out and "min per epoch" in out
+        assert "--device cuda" in out and "--image-size" in out
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert log[0]["data_wait_s"] >= 0 and log[0]["compute_s"] > 0
 
