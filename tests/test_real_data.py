@@ -6,10 +6,12 @@ and a CMYK JPEG and a class ("cow") whose only instances are difficult. COCO: tr
 annotations/instances_{train,val}2014.json with category ids that have gaps (listed out of order), a
 crowd annotation and an image with no annotation. Checked:
 - `targets` equal what the files say (1 present, 0 absent, -1 difficult), rows in the listed order;
-- every --data-root form finds VOC; any image mode loads as RGB; the transforms give (3, S, S);
+- every --data-root form finds VOC; any image mode loads as RGB; the transforms give (3, S, S), flip
+  only with hflip (--no-hflip: ASL's and Q2L's pipeline never mirrors);
 - clear errors naming the problem: missing root, missing split, missing or corrupt image, unknown
   class name, unknown category id, truncated json;
-- train.py trains and evaluates end to end on the tiny VOC tree, and a corrupt image met inside a
+- train.py trains and evaluates end to end on the tiny VOC tree (on a CPU it first warns with the
+  expected minutes per epoch and what to change), and a corrupt image met inside a
   DataLoader worker ends the script with one line naming the file, not a traceback.
 
 Run: python -m pytest -q tests/test_real_data.py
