@@ -43,6 +43,11 @@ class TrainConfig:
     hflip: bool = config_field(True, "photos: random horizontal flip in training (ML-GCN flips; ASL's and Q2L's code do not)", "data")
     image_size: int = config_field(None, "input side in pixels", "data")
     limit: int = config_field(None, "use only the first N images of every split (smoke tests)", "data")
+    budget: str = config_field("demo", "synthetic: demo (the 5-minute first run) | study (the comparisons' "
+                               "preset: 12 epochs, 10,000 test images; BUDGETS)", "data")
+    train_images: int = config_field(None, "synthetic: images rendered for the train split", "data")
+    val_images: int = config_field(None, "synthetic: images rendered for the val split", "data")
+    test_images: int = config_field(None, "synthetic: images rendered for the test split", "data")
     epochs: int = config_field(None, "training epochs", "training")
     batch_size: int = config_field(None, "images per step, over all processes under torchrun (each takes 1/W)", "training")
     lr: float = config_field(None, "peak learning rate of the one-cycle schedule", "training")
@@ -64,6 +69,9 @@ class TrainConfig:
     asl_detach_focusing: bool = config_field(True, "ASL: the focusing weights are constants for the gradient "
                                              "(ASL's train.py, Q2L's --dtgfl)", "training")
     seed: int = config_field(0, "seed for weights, data order, dropout and augmentation", "training")
+    init_seed: int = config_field(None, "seed for the initial weights only (default: --seed); with it, --seed "
+                                  "keeps the data order, flips and dropout: the two sources of seed noise apart",
+                                  "training")
     device: str = config_field("auto", "auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu", "system")
     amp: bool = config_field(True, "mixed precision where the device supports it (bf16, else fp16); fp32 on CPU", "system")
     channels_last: bool = config_field(True, "channels_last memory format for the backbone (faster convs)", "system")
@@ -104,6 +112,16 @@ PRESETS = {
     # selection on VOC pass --train-split train --val-split val --test-split test.
     "voc": dict(PHOTOS, train_split="trainval", val_split="test", test_split="test"),
     "coco": dict(PHOTOS, train_split="train", val_split="val", test_split="val"),
+}
+# Budgets of the embedded benchmark (--budget), a layer over its preset. Measured in results/noise/README.md.
+# demo:  8 epochs, 2,000 test images; about 5 minutes on 2 CPU cores, stopped on the steep part of the
+#        learning curve: good for a first look, too noisy to rank methods (seed std 0.8-1.1 mAP).
+# study: the comparisons' preset. Longer (12 epochs: the val curve flattens) and a 10,000-image test split
+#        (the bootstrap std of one checkpoint's mAP falls by sqrt(5) from 2,000 images); val stays at 1,000
+#        because it is evaluated twice per epoch. The seed spread it reaches is in results/noise/.
+BUDGETS = {
+    "demo": dict(),
+    "study": dict(epochs=12, test_images=10000),
 }
 GROUPS = ("data", "model", "mixture of experts", "baselines", "training", "system")
 # Flags that change where or how fast a run runs, not what it learns: left out of the default run folder's name.
@@ -186,6 +204,9 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         (tcfg, "epochs", lambda v: v >= 1, "an integer >= 1"),
         (tcfg, "batch_size", lambda v: v >= 1, "an integer >= 1"),
         (tcfg, "limit", lambda v: v is None or v >= 1, "an integer >= 1 (or leave it out)"),
+        (tcfg, "train_images", lambda v: v is None or v >= 1, "an integer >= 1 (or leave it out)"),
+        (tcfg, "val_images", lambda v: v is None or v >= 1, "an integer >= 1 (or leave it out)"),
+        (tcfg, "test_images", lambda v: v is None or v >= 1, "an integer >= 1 (or leave it out)"),
         (tcfg, "num_workers", lambda v: v >= 0, "an integer >= 0 (0 = load in the main process)"),
         (tcfg, "lr", lambda v: v > 0, "a number > 0"),
         (tcfg, "weight_decay", lambda v: v >= 0, "a number >= 0"),
@@ -217,7 +238,13 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
     for cfg, name, ok, allowed in ranges:
         if not ok(getattr(cfg, name)):
             error(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(cfg, name)!r}")
-    for cfg, name, options in ((tcfg, "loss", ("bce", "asl")), (tcfg, "difficult", ("positive", "ignore")),
+    synthetic_only = [n for n in ("train_images", "val_images", "test_images") if getattr(tcfg, n) is not None]
+    if tcfg.dataset != "synthetic" and (synthetic_only or tcfg.budget != "demo"):
+        flag = "--" + (synthetic_only[0] if synthetic_only else "budget").replace("_", "-")
+        error(f"{flag} applies to the synthetic benchmark only (its splits are drawn, yours are read); "
+              "use --limit N or --epochs N on --dataset " + tcfg.dataset)
+    for cfg, name, options in ((tcfg, "loss", ("bce", "asl")), (tcfg, "budget", tuple(BUDGETS)),
+                               (tcfg, "difficult", ("positive", "ignore")),
                                (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS)):
         if getattr(cfg, name) not in options:
             error(f"--{name.replace('_', '-')} must be one of {options}, got {getattr(cfg, name)!r}")
@@ -256,8 +283,11 @@ def parse_args(argv=None):
         parser.error(f"--dataset must be one of {sorted(PRESETS)}, got {dataset!r}")
     if model not in MODEL_PRESETS:
         parser.error(f"--model must be one of {list(MODEL_PRESETS)}, got {model!r}")
-    # Layers, later ones win: the dataset's preset, then the model's settings (baselines.py).
-    preset = {**PRESETS[dataset], **MODEL_PRESETS[model]}
+    budget = args["budget"] or TrainConfig.budget
+    if budget not in BUDGETS:
+        parser.error(f"--budget must be one of {list(BUDGETS)}, got {budget!r}")
+    # Layers, later ones win: the dataset's preset, the budget (synthetic), the model's settings (baselines.py).
+    preset = {**PRESETS[dataset], **(BUDGETS[budget] if dataset == "synthetic" else {}), **MODEL_PRESETS[model]}
     if model == "q2l":
         # Q2L's width follows its backbone (its released commands pass --hidden_dim = the backbone's C), so no
         # projection: ResNet-101 -> the official D = 2048; ResNet-18 at layer3 -> 256. Unknown backbone: the

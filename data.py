@@ -321,11 +321,13 @@ def read_coco(root, split, empty="keep"):
 
 
 def build_dataset(name, split, root=None, image_size=None, augment=None, seed=0, limit=None,
-                  randaugment=True, cutout=0.0, empty="keep", hflip=True):
+                  randaugment=True, cutout=0.0, empty="keep", hflip=True, size=None):
     """The one entry point. Splits: synthetic train/val/test; voc trainval/train/val/test; coco train/val.
     augment defaults to True for training splits; seed picks the synthetic benchmark (0 = the reported
     one), not the training seed; limit keeps only the first `limit` images (smoke tests). randaugment,
-    cutout, hflip and empty (COCO's unannotated images: keep | drop) apply to the photo datasets."""
+    cutout, hflip and empty (COCO's unannotated images: keep | drop) apply to the photo datasets; size
+    (synthetic only) renders that many images for the split instead of SPLIT_SIZES[split] (image i is the
+    same image whatever the size, so a larger split extends the smaller one)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     splits = {"synthetic": SPLITS, "voc": VOC_SPLITS, "coco": COCO_SPLITS}[name]
@@ -334,7 +336,8 @@ def build_dataset(name, split, root=None, image_size=None, augment=None, seed=0,
     if augment is None:
         augment = split in ("train", "trainval")
     if name == "synthetic":
-        size = SPLIT_SIZES[split] if limit is None else min(limit, SPLIT_SIZES[split])
+        size = size or SPLIT_SIZES[split]
+        size = size if limit is None else min(limit, size)
         return SyntheticMultiLabel(split, image_size or 64, augment, seed, size=size)
     image_size = image_size or 448
     if name == "voc":

@@ -332,7 +332,8 @@ def score_split(path: str, split, data_root, device, ckpt=None):
     tcfg = ckpt["train_config"]
     split = split or tcfg.get("test_split") or "test"
     ds = build_dataset(tcfg["dataset"], split, data_root or tcfg["data_root"], tcfg["image_size"], augment=False,
-                       limit=tcfg["limit"], empty=tcfg.get("empty_images", "keep"))
+                       limit=tcfg["limit"], empty=tcfg.get("empty_images", "keep"),
+                       size=tcfg.get(f"{split}_images"))   # --budget study's 10,000 test images, for one
     loader = torch.utils.data.DataLoader(ds, batch_size=tcfg["batch_size"], num_workers=tcfg["num_workers"])
     scores, targets, gates, feats = predict(model, loader, device, amp_dtype_for(device, tcfg["amp"]), fmt, features=True)
     return scores, targets, gates, feats, ckpt, ds, split

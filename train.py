@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 import distributed
 from data import NUM_LABELS, DatasetError, build_dataset, download_voc
-from evaluate import judged_weights, multilabel_metrics, predict
+from evaluate import average_precision, judged_weights, multilabel_metrics, predict
 from baselines import asymmetric_loss
 from config import TrainConfig, amp_dtype_for, parse_args, pick_device
 from gating import expert_load, expert_names
@@ -285,7 +285,7 @@ def main(argv=None):
     roles = {"train": tcfg.train_split, "val": tcfg.val_split, "test": tcfg.test_split}
     split_ds = {s: build_dataset(tcfg.dataset, s, tcfg.data_root, tcfg.image_size, augment=(s == roles["train"]),
                                  limit=tcfg.limit, randaugment=tcfg.randaugment, cutout=tcfg.cutout,
-                                 empty=tcfg.empty_images, hflip=tcfg.hflip)
+                                 empty=tcfg.empty_images, hflip=tcfg.hflip, size=getattr(tcfg, f"{s}_images", None))
                 for s in dict.fromkeys(roles.values())}   # each split read once (val and test may be one)
     ds = {role: split_ds[s] for role, s in roles.items()}
     say("splits: " + ", ".join(f"{role} = {s} ({len(ds[role])} images)" for role, s in roles.items()))
@@ -315,7 +315,13 @@ def main(argv=None):
                     for s in ("val", "test")}
 
     # ---- model, EMA, optimizer, schedule, loss scaler
-    model = build_model(mcfg, verbose=main_proc, classes=ds["train"].classes).to(device)
+    # --init-seed draws the initial weights from a stream of their own (fork_rng restores the global one
+    # afterwards), so that the weights and the rest of the run's randomness (data order, flips, dropout: all
+    # from --seed) can be varied one at a time (results/noise/). Without it, one seed drives everything.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=tcfg.init_seed is not None):
+        if tcfg.init_seed is not None:
+            torch.manual_seed(tcfg.init_seed)
+        model = build_model(mcfg, verbose=main_proc, classes=ds["train"].classes).to(device)
     if mcfg.model == "mlgcn":
         model.set_label_graph(graph_targets)   # ML-GCN's graph: co-occurrence in the training labels
     if tcfg.sync_bn and world > 1:
@@ -458,13 +464,19 @@ def main(argv=None):
     # ---- test: the best checkpoint's chosen weights, on the test split
     best = torch.load(os.path.join(tcfg.out_dir, "best.pt"), map_location="cpu", weights_only=False)
     model.load_state_dict(judged_weights(best))
-    metrics = multilabel_metrics(*predict(model, eval_loaders["test"], device, amp_dtype, fmt)[:2])
-    metrics.update({"checkpoint": "best.pt", "epoch": best["epoch"] + 1,
+    scores, targets = predict(model, eval_loaders["test"], device, amp_dtype, fmt)[:2]
+    metrics = multilabel_metrics(scores, targets)
+    # Each label's AP (which labels carry the seed noise, results/noise/) and the test scores themselves:
+    # compare.py's paired bootstrap resamples the images of two runs together, which needs the per-image scores.
+    ap = average_precision(scores, targets) * 100
+    metrics.update({"AP": {c: (None if np.isnan(a) else float(a)) for c, a in zip(ds["test"].classes, ap)},"checkpoint": "best.pt", "epoch": best["epoch"] + 1,
                     "weights": best["eval_weights"], "val_mAP": best["best_map"], "gflops": gflops,
                     "parameters": sum(p.numel() for p in model.parameters()), "model": mcfg.model,
                     "best_epoch_chosen_on": tcfg.val_split, "split": tcfg.test_split, "world_size": world,
                     "train_minutes_this_session": (time.time() - run_start) / 60})
     if main_proc:
+        np.savez_compressed(os.path.join(tcfg.out_dir, "test_scores.npz"), scores=np.asarray(scores, np.float32),
+                            targets=np.asarray(targets, np.int8), ids=np.asarray(ds["test"].ids))
         with open(os.path.join(tcfg.out_dir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)
     say(f"test ({best['eval_weights']} weights of epoch {best['epoch'] + 1}): "
