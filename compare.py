@@ -28,6 +28,14 @@ synthetic images), so the test is scipy's paired t-test on the per-seed differen
 With 3 seeds it has 2 degrees of freedom: only large, consistent differences reach p < 0.05, and "not
 significant" means "not shown", not "equal". A table makes many such tests at once, so each also gets
 Holm's adjusted p (holm() below), which bounds the chance of any false "yes" in the whole table.
+Beside it, two numbers from noise.py: the paired bootstrap over the test images (both runs' test_scores.npz
+resampled together, the mean over seeds of the mAP difference) gives a 95 % interval for the difference the
+test set can vouch for; and the minimal detectable difference, for the t over seeds (from the observed sd of
+the per-seed differences) and for the bootstrap (from its standard error): a true difference below it is
+more likely missed than found (80 % power at alpha 0.05), so "no" under it says little.
+
+--budget study (config.BUDGETS) runs every configuration at the study preset, into runs/compare-study/:
+    python compare.py --budget study --seeds 0 1 2 3 4     # the README's comparison
 Writes <out>/results_<set>.md (the table and the tests, as pasted into the README) and results_<set>.json.
 """
 import argparse
@@ -43,6 +51,7 @@ import numpy as np
 from scipy import stats
 
 from gating import GATE_KINDS
+from noise import detectable_t, detectable_z, paired_bootstrap
 
 # name -> train.py flags. Everything else (backbone, epochs, lr, image size, ...) is the dataset preset,
 # the same for all: the rows differ only in their model (and its paper's loss, see baselines.py).
@@ -122,6 +131,8 @@ def collect(out: str, names, seeds) -> dict:
             m["img_per_s"] = float(np.median([r["img_per_s"] for r in log]))
             if "gate" in log[-1]:   # the last epoch's routing: the largest expert slot's share of the mass
                 m["max_expert_mass"] = max(log[-1]["gate"]["expert_mass"].values())
+            if os.path.exists(os.path.join(d, "test_scores.npz")):   # for the paired bootstrap (noise.py)
+                m["scores_file"] = os.path.join(d, "test_scores.npz")
             runs.append({"seed": seed, **m})
         if runs:
             rows[name] = runs
@@ -163,7 +174,22 @@ def mean_std(runs: list) -> str:
     return f"{maps.mean():.2f}" + (f" ± {maps.std(ddof=1):.2f}" if len(maps) > 1 else " (1 seed)")
 
 
-def report(rows: dict, reference: str) -> str:
+def bootstrap(ref: list, other: list, draws: int):
+    """Paired bootstrap of ref - other over the test images, on the seeds both have scores for, or None."""
+    a = {r["seed"]: r["scores_file"] for r in ref if "scores_file" in r}
+    b = {r["seed"]: r["scores_file"] for r in other if "scores_file" in r}
+    common = sorted(set(a) & set(b))
+    if not common or not draws:
+        return None
+    load = lambda f: np.load(f)
+    targets = load(a[common[0]])["targets"]
+    res = paired_bootstrap([load(a[s])["scores"] for s in common], [load(b[s])["scores"] for s in common],
+                           targets, draws=draws)
+    res.pop("samples")
+    return res
+
+
+def report(rows: dict, reference: str, draws: int = 1000) -> str:
     """The markdown table (one row per configuration) and the paired tests against `reference`."""
     gated = any("max_expert_mass" in r for runs in rows.values() for r in runs)
     lines = ["| model | test mAP (mean ± std) | CF1 | OF1 | params (M) | GFLOPs/img | train img/s (median) | "
@@ -181,12 +207,18 @@ def report(rows: dict, reference: str) -> str:
     if tests:
         adjusted = dict(zip(tests, holm([test[3] for test in tests.values()])))   # over the table's m tests
         lines += ["", f"Paired t-test over seeds, {reference} minus each (positive = {reference} better); "
-                  f"Holm's adjustment over the table's {len(tests)} tests:", "",
-                  "| vs | mean difference | per seed | t | p | p (Holm) | more than noise (Holm p < 0.05)? |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, (_, diff, t, p) in tests.items():
+                  f"Holm's adjustment over the table's {len(tests)} tests. Bootstrap: 95 % interval of the "
+                  f"seed-mean difference over {draws} resamples of the test images (noise.py). Detectable: the "
+                  "smallest true difference found with 80 % power (t over seeds / bootstrap):", "",
+                  "| vs | mean difference | per seed | t | p | p (Holm) | more than noise (Holm p < 0.05)? | "
+                  "bootstrap 95 % interval | detectable (t / bootstrap) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, (seeds, diff, t, p) in tests.items():
+            boot = bootstrap(rows[reference], rows[name], draws)
+            ci = f"[{boot['low']:+.2f}, {boot['high']:+.2f}]" if boot else "-"
+            mdd = f"{detectable_t(diff.std(ddof=1), len(diff)):.2f} / " + (f"{detectable_z(boot['se']):.2f}" if boot else "-")
             lines.append(f"| {name} | {diff.mean():+.2f} | {', '.join(f'{d:+.2f}' for d in diff)} | {t:.2f} | "
-                         f"{p:.3f} | {adjusted[name]:.3f} | {'yes' if adjusted[name] < 0.05 else 'no'} |")
+                         f"{p:.3f} | {adjusted[name]:.3f} | {'yes' if adjusted[name] < 0.05 else 'no'} | {ci} | {mdd} |")
     return "\n".join(lines) + "\n"
 
 
@@ -272,11 +304,17 @@ def main(argv=None):
                    help="run only these configurations of the set (names as in its table)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per configuration [0 1 2]")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. --extra='--epochs 2'")
-    p.add_argument("--out", default="runs/compare", help="where the runs and results go [runs/compare]")
+    p.add_argument("--budget", default="demo", choices=["demo", "study"],
+                   help="train.py --budget for every run (config.BUDGETS) [demo]")
+    p.add_argument("--out", default=None, help="where the runs and results go [runs/compare, or "
+                                               "runs/compare-study with --budget study]")
+    p.add_argument("--draws", type=int, default=1000, help="bootstrap resamples per comparison, 0 = none [1000]")
     p.add_argument("--report", action="store_true", help="do not train; rebuild the table from finished runs")
     p.add_argument("--heterogeneity", nargs=2, default=None, metavar=("A", "B"),
                    help="do not train; A's per-label AP gain over B vs label heterogeneity, for every seed")
     args = p.parse_args(argv)
+    args.out = args.out or ("runs/compare" if args.budget == "demo" else f"runs/compare-{args.budget}")
+    extra = shlex.split(args.extra) + (["--budget", args.budget] if args.budget != "demo" else [])
     if args.heterogeneity:
         every = {**MODELS, **ABLATION, **BALANCE}
         unknown = [n for n in args.heterogeneity if n not in every]
@@ -294,16 +332,16 @@ def main(argv=None):
         print(f"{len(jobs)} runs into {args.out}/ (finished ones are skipped)", flush=True)
         for i, (name, seed) in enumerate(jobs):
             print(f"[{i + 1}/{len(jobs)}]", end="", flush=True)
-            train_one(name, runs[name], seed, args.out, shlex.split(args.extra))
+            train_one(name, runs[name], seed, args.out, extra)
     rows = collect(args.out, names, args.seeds)   # read every run's files once
-    table = report(rows, reference)
+    table = report(rows, reference, args.draws)
     if args.set == "ablation":
         table = report_grid(rows) + "\n" + table
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"results_{args.set}")
     with open(base + ".md", "w") as fh:
         fh.write(table)
-    with open(base + ".json", "w") as fh:
+    with open(base + ".json", "w") as fh:   # the runs' metrics (scores_file: a path under runs/, not copied)
         json.dump(rows, fh, indent=2)
     print(table)
     print(f"wrote {base}.md and {base}.json")

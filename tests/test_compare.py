@@ -7,6 +7,9 @@ compare.py: the sets of configurations, the tables built from finished runs, and
   per cell, repeats the S + T = 1 run in every gate column, and its paired differences and p-values equal
   scipy's paired t-test on the same numbers, with Holm's adjustment (checked by hand) over the grid's
   tests; the flat table reads the largest expert share from the log;
+- the models table's bootstrap interval and detectable differences: from fake runs with test_scores.npz,
+  the interval equals noise.paired_bootstrap on the same scores and the detectable differences equal
+  noise's formulas on the observed spread;
 - --heterogeneity on tiny trained runs for 2 seeds: the pooled Spearman correlations equal scipy's on
   the per-label gains averaged over the seeds' analysis.json files (context and visual heterogeneity,
   plain and with headroom held fixed).
@@ -65,6 +68,25 @@ def test_grid_and_paired_tests_from_finished_runs(tmp_path):
     assert "| 4 | 2 |" not in md                                     # no finished run, no row
     flat = next(line for line in md.splitlines() if line.startswith("| static S=2 T=1 |"))
     assert "| 0.90 |" in flat                                        # largest expert share, last epoch
+
+
+def test_models_table_has_bootstrap_interval_and_detectable_difference(tmp_path):
+    import noise
+    rng = np.random.default_rng(0)
+    y = (rng.random((300, 4)) < 0.3).astype(np.int8)
+    scores = {}
+    for name, skill, maps in (("drmoe", 2.0, [81.0, 82.0, 80.5]), ("linear", 1.0, [79.0, 80.5, 79.4])):
+        for seed, v in enumerate(maps):
+            fake_run(tmp_path, name, seed, v)
+            s = (1 / (1 + np.exp(-(skill * (2 * y - 1) + rng.normal(size=y.shape))))).astype(np.float32)
+            np.savez(os.path.join(compare.run_dir(str(tmp_path), name, seed), "test_scores.npz"), scores=s, targets=y)
+            scores.setdefault(name, []).append(s)
+    compare.main(["--report", "--only", "drmoe", "linear", "--out", str(tmp_path), "--draws", "200"])
+    line = next(l for l in open(tmp_path / "results_models.md").read().splitlines() if l.startswith("| linear |") and "[" in l)
+    ref = noise.paired_bootstrap(scores["drmoe"], scores["linear"], y, draws=200)
+    assert f"[{ref['low']:+.2f}, {ref['high']:+.2f}]" in line
+    d = np.subtract([81.0, 82.0, 80.5], [79.0, 80.5, 79.4])
+    assert f"{noise.detectable_t(d.std(ddof=1), 3):.2f} / {noise.detectable_z(ref['se']):.2f}" in line
 
 
 def test_holm_by_hand():

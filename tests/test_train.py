@@ -7,6 +7,9 @@ The training loop and the checkpoint contract, on tiny models and a few dozen sy
   was never interrupted (same weights, same metrics);
 - `evaluate.py --checkpoint` rebuilds the model from the checkpoint alone and reproduces the test mAP
   that training wrote to metrics.json; `--image` predicts labels for an image file;
+- --budget study: its settings (12 epochs, 10,000 test images) resolve from the flag, are saved in the
+  checkpoint, and evaluate.py re-scores the same test images to the same mAP (and the same scores as
+  test_scores.npz); --init-seed changes the initial weights only, not the data order;
 - asking for pretrained weights offline gives a message that says where to put the file.
 
 Run: python -m pytest -q tests/test_train.py
@@ -15,12 +18,14 @@ import json
 import os
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import evaluate
 import train
+from config import parse_args
 from data import build_dataset
 from gating import GATE_KINDS
 from model import ModelConfig, WeightsUnavailable, build_backbone, build_model
@@ -116,6 +121,49 @@ def test_checkpoint_round_trip_and_evaluate_cli(tmp_path, capsys):
     Image.fromarray(ds.images[0].permute(1, 2, 0).numpy()).save(path)
     evaluate.main(["--checkpoint", os.path.join(out, "best.pt"), "--image", str(path)])
     assert str(path) in capsys.readouterr().out
+
+
+def test_study_budget_is_saved_and_reproduced(tmp_path):
+    tcfg, _, _ = parse_args(["--budget", "study"])
+    assert (tcfg.epochs, tcfg.test_images, tcfg.val_images) == (12, 10000, None)
+    assert parse_args(["--budget", "study", "--epochs", "3"])[0].epochs == 3     # a flag still wins
+    # A tiny study run: the budget's test split size, shrunk by flags to stay fast (no --limit, which
+    # would hide the size path), must come back from the checkpoint alone.
+    flags = [f for f in TINY if f not in ("--limit", "48")]
+    out = str(tmp_path / "study")
+    train.main(flags + ["--budget", "study", "--epochs", "1", "--train-images", "48", "--val-images", "32",
+                        "--test-images", "40", "--out-dir", out])
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=False)
+    assert ckpt["train_config"]["budget"] == "study" and ckpt["train_config"]["test_images"] == 40
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    result = evaluate.main(["--checkpoint", os.path.join(out, "best.pt")])
+    assert result["mAP"] == saved["mAP"]
+    scores, targets = evaluate.score_split(os.path.join(out, "best.pt"), None, None, torch.device("cpu"))[:2]
+    npz = np.load(os.path.join(out, "test_scores.npz"))
+    assert scores.shape == (40, 20) and np.array_equal(npz["scores"], scores) and np.array_equal(npz["targets"], targets)
+    assert set(saved["AP"]) == set(ckpt["classes"])
+
+
+def test_init_seed_moves_the_weights_only(tmp_path):
+    """--init-seed k --seed s: the weights come from k, the data order from s (results/noise/)."""
+    first_batch = {}
+    real = train.train_step
+    def spy(step_model, model, ema, optimizer, scaler, x, y, *rest):
+        first_batch.setdefault(len(first_batch), (x.clone(), {k: v.clone() for k, v in model.state_dict().items()}))
+        raise KeyboardInterrupt   # one step is enough to see the batch and the initial weights
+    train.train_step = spy
+    try:
+        seen = []
+        for init in ("0", "1"):
+            first_batch.clear()
+            with pytest.raises(KeyboardInterrupt):
+                train.main(TINY + ["--epochs", "1", "--init-seed", init, "--seed", "5", "--out-dir", str(tmp_path / init)])
+            seen.append(first_batch[0])
+    finally:
+        train.train_step = real
+    (x0, w0), (x1, w1) = seen
+    assert torch.equal(x0, x1)                                                  # same data order and flips
+    assert any(w0[k].is_floating_point() and not torch.equal(w0[k], w1[k]) for k in w0)   # other weights
 
 
 def test_offline_weights_error_says_where(tmp_path, monkeypatch):
