@@ -160,6 +160,7 @@ def main(argv=None):
     p.add_argument("--subset", type=int, default=2000, help="also measure on the first N test images [2000]")
     p.add_argument("--draws", type=int, default=1000, help="bootstrap resamples [1000]")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    p.add_argument("--plot", default=None, help="also draw each label's AP std per group into this PNG")
     args = p.parse_args(argv)
     groups = dict(g.split("=", 1) for g in args.groups)
     table = variance_table(groups, args.subset, args.draws)
@@ -168,6 +169,19 @@ def main(argv=None):
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:
             fh.write(table)
+    if args.plot:
+        from evaluate import average_precision
+        import plots
+        std, classes, positives = {}, None, None
+        for name, folder in groups.items():
+            scores, targets, classes, _ = load_group(folder)
+            if len(scores) > 1:
+                std[name] = (np.array([average_precision(s, targets) for s in scores]) * 100).std(0, ddof=1)
+            positives = (targets == 1).sum(0)
+        plots.label_noise(args.plot, classes, positives, std, "Where the seed noise sits: each label's AP std over runs",
+                          subtitle=f"{len(targets)} test images; " + ", ".join(f"{n}: {len(load_group(f)[0])} runs"
+                                                                            for n, f in groups.items()))
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ needs, each a function that takes numbers and writes one PNG.
     shared_vs_task(path, gate statistics, ...)             0..1 bars per label, two per label
     curves(path, log, ...)                                 per-epoch lines, one panel per quantity
     heterogeneity(path, test, ...)                         a labelled scatter around a zero line
+    label_noise(path, classes, positives, series, ...)     per label, one bar per series (noise.py)
 
 Every chart has a title, axis labels, the label names and, where colour encodes a value, a colour scale.
 The scale is viridis (perceptually ordered, readable in grey and by colour-blind readers).
@@ -280,4 +281,32 @@ def heterogeneity(path, het, title):
             if dy:   # a thin leader line from the point to its displaced name
                 d.line([(px + 4, py), (box[0], box[1] + 6)], fill=MUTED)
             d.text((box[0], box[1] + 6), c, fill=FG, font=font(11), anchor="lm")
+    img.save(path)
+
+
+def label_noise(path, classes, positives, series, title, subtitle=None):
+    """Per label, the std of its AP over runs, one bar per series (e.g. per model): where the seed noise is.
+
+    classes (L,) names; positives (L,) test positives per label, printed beside the name (rare labels are
+    the usual suspects); series {name: (L,) std in AP points}. Labels sorted by positives, rarest first.
+    """
+    order = np.argsort(positives)
+    names = list(series)
+    top_v = max(float(np.nanmax(v)) for v in series.values())
+    left, top, width = 190, 90, 460
+    rh = 8 + 11 * len(names)                                  # one thin bar per series, stacked in the row
+    img = Image.new("RGB", (left + width + 200, top + len(classes) * rh + 80), "white")
+    to_px = axes(img, (left, top, left + width, top + len(classes) * rh), (0, top_v * 1.1), (0, len(classes)),
+                 "std of the label's AP over runs (AP points)", "", title, yticks=[], subtitle=subtitle)
+    d = ImageDraw.Draw(img)
+    for row, l in enumerate(order):
+        y = top + row * rh
+        d.text((left - 8, y + rh / 2), f"{classes[l]} ({positives[l]})", fill=FG, font=font(12), anchor="rm")
+        for k, name in enumerate(names):
+            v = float(series[name][l])
+            yy = y + 4 + k * 11
+            d.rectangle([left, yy, to_px(v, 0)[0], yy + 9], fill=SERIES[k % len(SERIES)])
+            d.text((to_px(v, 0)[0] + 4, yy + 4), f"{v:.2f}", fill=FG, font=font(10), anchor="lm")
+    legend(d, (left + width + 20, top), [(n, SERIES[k % len(SERIES)]) for k, n in enumerate(names)])
+    d.text((left + width + 20, top + 18 * len(names) + 8), "(n) = test positives", fill=MUTED, font=font(11))
     img.save(path)

@@ -45,7 +45,7 @@ BAD = [  # (script, flags, a word the one line must contain)
     ("train.py", ["--gate", "dynamc"], "--gate"),
     ("train.py", ["--dataset", "vocc"], "--dataset"),
     ("train.py", ["--budget", "long"], "--budget"),
-    ("train.py", ["--dataset", "voc", "--budget", "study"], "--budget"),
+    ("train.py", ["--dataset", "voc", "--test-images", "100"], "--test-images"),
     ("train.py", ["--test-images", "0"], "--test-images"),
     ("evaluate.py", ["--checkpoint", "README.md"], "README.md"),
     ("evaluate.py", ["--checkpoint", "no/such/best.pt"], "no such file"),
