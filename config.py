@@ -30,7 +30,8 @@ DESCRIPTION = "Train DR-MoE (or a variant of its gate, or a baseline) for multi-
 
 @dataclass
 class TrainConfig:
-    dataset: str = config_field("synthetic", "synthetic (embedded, no download) | voc | coco", "data")
+    dataset: str = config_field("synthetic", "synthetic (embedded, no download) | voc | coco | csv | cocojson "
+                                "(your own data, README 'Your own data')", "data")
     data_root: str = config_field(None, "folder holding the dataset (not needed for synthetic)", "data")
     download: bool = config_field(False, "voc: download VOC 2007 into --data-root first (coco: see README)", "data")
     train_split: str = config_field(None, "split to train on", "data")
@@ -112,6 +113,10 @@ PRESETS = {
     # selection on VOC pass --train-split train --val-split val --test-split test.
     "voc": dict(PHOTOS, train_split="trainval", val_split="test", test_split="test"),
     "coco": dict(PHOTOS, train_split="train", val_split="val", test_split="val"),
+    # Your own data (owndata.py): the photo recipe, and an honest split: the best epoch is chosen on val
+    # (val.csv / val.json, or 10 % held out of train), the test split is scored once at the end.
+    "csv": dict(PHOTOS, train_split="train", val_split="val", test_split="test"),
+    "cocojson": dict(PHOTOS, train_split="train", val_split="val", test_split="test"),
 }
 # Budgets (--budget), a layer between the dataset's preset and the model's settings; chosen by measurement
 # in results/noise/README.md.

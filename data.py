@@ -7,6 +7,7 @@ build_dataset(name, split, root, image_size, augment, seed, limit, ...).
   from the official classification files <class>_<split>.txt (1 present, -1 absent, 0 difficult).
 - coco: MS-COCO 2014 from train2014/, val2014/, annotations/instances_{train,val}2014.json, read with
   the standard library's json (no pycocotools); the 80 classes in category-id order.
+- csv, cocojson: your own data, a CSV per split or COCO-style json (readers in owndata.py).
 
 Every dataset returns ds[i] = (image float32 (3, S, S) normalised with ImageNet mean/std, target
 float32 (L,)) with 1 = present, 0 = absent, -1 = ignore (VOC's difficult; every metric skips it), and
@@ -19,6 +20,7 @@ DatasetError with a message that says where it looked and how to get the data.
     python data.py --stats --split val                       # frequencies, cardinality, co-occurrence
     python data.py --dataset voc --data-root R --stats       # split sizes and label statistics of VOC
     python data.py --dataset voc --data-root R --download    # fetch VOC 2007 (both archives, md5 checked)
+    python data.py --dataset csv --data-root DIR --stats     # your own data: checked, then its statistics
     python -m pytest -q tests/test_data.py tests/test_real_data.py
 """
 import argparse
@@ -33,11 +35,12 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from distributed import is_main
+from owndata import OWN_SPLITS, DatasetError, check_images, read_coco_json, read_own
 from synthetic import CLASSES, LABEL_GROUPS, SCENES, SPLIT_SIZES, SPLITS, labels_from_objects, render_synthetic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DATASETS = ("synthetic", "voc", "coco")
+DATASETS = ("synthetic", "voc", "coco", "csv", "cocojson")
 NUM_LABELS = {"synthetic": 20, "voc": 20, "coco": 80}   # L of each, known without reading any data
 
 # -----------------------------------------------------------------------------
@@ -97,11 +100,6 @@ class SyntheticMultiLabel(Dataset):
 
 # -----------------------------------------------------------------------------
 # real photographs: PASCAL VOC 2007 and MS-COCO 2014 in their standard layouts
-
-
-class DatasetError(RuntimeError):
-    """The data is missing, incomplete or unreadable. Scripts print the message (never a traceback):
-    it says where we looked, what we expected and how to get it."""
 
 
 def load_rgb(path, size_hint=None):
@@ -254,16 +252,6 @@ def read_voc(root, split):
     return paths, targets, ids
 
 
-def check_images(folder, names, listed_in, how):
-    """All listed files must exist: a half-extracted archive fails here, at start-up, not in a worker."""
-    present = set(os.listdir(folder))
-    missing = [n for n in names if n not in present]
-    if missing:
-        raise DatasetError(f"{len(missing)} of {len(names)} images listed in {listed_in} are missing from "
-                           f"{folder} (e.g. {missing[:3]}); the download or extraction is incomplete; {how}")
-    return [os.path.join(folder, n) for n in names]
-
-
 def download_voc(root):
     """Fetch and untar both VOC 2007 archives into root (md5 checked by torchvision); skip what is there."""
     from torchvision.datasets.utils import download_and_extract_archive
@@ -293,31 +281,7 @@ def read_coco(root, split, empty="keep"):
     if not (os.path.isfile(ann) and os.path.isdir(folder)):
         raise DatasetError(f"no MS-COCO 2014 {split} split in {root}: expected {ann} and {folder}/; {COCO_HELP}")
     print(f"reading {ann} (the train json takes ~20 s and a few GB of memory)")
-    try:
-        with open(ann) as fh:
-            js = json.load(fh)
-        images, anns, cats = js["images"], js["annotations"], js["categories"]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{ann} is not valid JSON ({e}); a truncated download? {COCO_HELP}") from None
-    except (KeyError, TypeError) as e:
-        raise DatasetError(f"{ann} is not a COCO instances file: no {e} list") from None
-    cats = sorted(cats, key=lambda c: c["id"])             # ids run 1..90 with gaps; their order is the label order
-    col = {c["id"]: j for j, c in enumerate(cats)}
-    # The json lists images in no promised order; sorting by id gives the same rows on every machine.
-    images = sorted(images, key=lambda im: im["id"])
-    row = {im["id"]: k for k, im in enumerate(images)}
-    # Absent unless some instance says otherwise; several instances of a class in one image are one label.
-    targets = np.zeros((len(images), len(cats)), dtype=np.float32)
-    for a in anns:   # iscrowd is not looked at: a crowd of people is people
-        if a["category_id"] not in col or a["image_id"] not in row:
-            raise DatasetError(f"{ann}: annotation {a.get('id')} refers to an unknown "
-                               + (f"category id {a['category_id']}" if a["category_id"] not in col
-                                  else f"image id {a['image_id']}"))
-        targets[row[a["image_id"]], col[a["category_id"]]] = 1.0
-    keep = np.arange(len(images)) if empty == "keep" else np.flatnonzero(targets.sum(1) > 0)
-    names = [images[k]["file_name"] for k in keep]
-    paths = check_images(folder, names, ann, COCO_HELP)
-    return paths, targets[keep], [str(images[k]["id"]) for k in keep], [c["name"] for c in cats]
+    return read_coco_json(ann, [folder], empty, COCO_HELP)
 
 
 def build_dataset(name, split, root=None, image_size=None, augment=None, seed=0, limit=None,
@@ -330,7 +294,7 @@ def build_dataset(name, split, root=None, image_size=None, augment=None, seed=0,
     same image whatever the size, so a larger split extends the smaller one)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    splits = {"synthetic": SPLITS, "voc": VOC_SPLITS, "coco": COCO_SPLITS}[name]
+    splits = {"synthetic": SPLITS, "voc": VOC_SPLITS, "coco": COCO_SPLITS, "csv": OWN_SPLITS, "cocojson": OWN_SPLITS}[name]
     if split not in splits:
         raise DatasetError(f"unknown {name} split {split!r}; expected one of {', '.join(splits)}")
     if augment is None:
@@ -343,8 +307,10 @@ def build_dataset(name, split, root=None, image_size=None, augment=None, seed=0,
     if name == "voc":
         paths, targets, ids = read_voc(root, split)
         classes = VOC_CLASSES
-    else:
+    elif name == "coco":
         paths, targets, ids, classes = read_coco(root, split, empty)
+    else:   # your own data (owndata.py)
+        paths, targets, ids, classes = read_own(name, root, split, empty)
     n = len(paths) if limit is None else min(limit, len(paths))
     return ImageList(paths[:n], targets[:n], ids[:n], classes, image_size,
                      build_transform(image_size, augment, randaugment, cutout, hflip))
@@ -418,7 +384,8 @@ if __name__ == "__main__":
         args.preview = os.path.join("runs", f"preview_{args.dataset}.png")
     if not (args.preview is not None or args.stats or args.download):
         ap.error("nothing to do: pass --preview [PATH], --stats and/or --download")
-    standard = {"synthetic": ("train", "val", "test"), "voc": ("trainval", "test"), "coco": ("train", "val")}
+    standard = {"synthetic": ("train", "val", "test"), "voc": ("trainval", "test"), "coco": ("train", "val"),
+                "csv": OWN_SPLITS, "cocojson": OWN_SPLITS}
     try:
         if args.download:
             if args.dataset != "voc":

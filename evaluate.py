@@ -63,6 +63,8 @@ import torch
 from tqdm import tqdm
 
 import analysis
+import predictions
+from checkpoint import judged_weights, load_checkpoint_model, read_checkpoint  # noqa: F401 (also evaluate.*)
 from config import Parser, amp_dtype_for, check_device, pick_device
 from distributed import gather_rows, is_main
 
@@ -281,46 +283,6 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
     return tuple(out) if features else tuple(out[:3])
 
 
-def judged_weights(ckpt) -> dict:
-    """The state_dict a checkpoint was judged by: its EMA weights or its raw ones (train.py picks the better)."""
-    return ckpt["ema"] if ckpt.get("eval_weights", "raw") == "ema" else ckpt["model"]
-
-
-def read_checkpoint(path: str) -> dict:
-    """torch.load of a train.py checkpoint, or a ValueError in one line saying what the file is not.
-
-    weights_only=False: the checkpoint holds the RNG states and configs as well as tensors; only load
-    checkpoints you trust (torch.load's own warning), as with any pickle.
-    """
-    if not os.path.isfile(path):
-        raise ValueError(f"--checkpoint {path}: no such file (train.py writes <out-dir>/best.pt and last.pt; "
-                         "the run folder is printed at the start of training)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # not a zip / pickle: a README, an image, a truncated download...
-        raise ValueError(f"--checkpoint {path}: not a checkpoint torch can read ({type(e).__name__}); "
-                         "pass a best.pt or last.pt written by train.py") from None
-    missing = [k for k in ("model_config", "train_config", "model", "classes") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"--checkpoint {path}: a torch file, but not one written by train.py (no {', '.join(missing)})")
-    return ckpt
-
-
-def load_checkpoint_model(path: str, device, ckpt=None):
-    """Rebuild the model from a checkpoint alone: its saved ModelConfig, then the weights it was judged by.
-
-    `ckpt`: the file's contents when the caller has already read them (evaluate.main checks them first).
-    """
-    from model import ModelConfig, build_model, set_memory_format
-    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
-    # The backbone's ImageNet weights are about to be overwritten: do not download them again.
-    mcfg = ModelConfig(**{**ckpt["model_config"], "weights": "none"})
-    model = build_model(mcfg, verbose=False)
-    model.load_state_dict(judged_weights(ckpt))
-    fmt = torch.channels_last if ckpt["train_config"].get("channels_last", True) else torch.contiguous_format
-    return set_memory_format(model.to(device), fmt).eval(), ckpt, fmt
-
-
 def score_split(path: str, split, data_root, device, ckpt=None):
     """A checkpoint's model over a dataset split -> (scores, targets, gates, features, ckpt, dataset, split name).
 
@@ -336,6 +298,10 @@ def score_split(path: str, split, data_root, device, ckpt=None):
                        size=tcfg.get(f"{split}_images"))   # --budget study's 10,000 test images, for one
     loader = torch.utils.data.DataLoader(ds, batch_size=tcfg["batch_size"], num_workers=tcfg["num_workers"])
     scores, targets, gates, feats = predict(model, loader, device, amp_dtype_for(device, tcfg["amp"]), fmt, features=True)
+    bad = ~np.isfinite(scores).all(1)
+    if bad.any():   # NaN weights (a diverged run) give NaN scores: name the file, not a bare ValueError
+        raise ValueError(f"--checkpoint {path}: the model gives non-finite scores on {int(bad.sum())} of {len(bad)} "
+                         f"{split} images; its weights hold NaN or inf (a diverged run?); use an earlier checkpoint")
     return scores, targets, gates, feats, ckpt, ds, split
 
 
@@ -345,7 +311,13 @@ def main(argv=None):
     p.add_argument("--split", default=None, help="split to evaluate [default: the run's test split]")
     p.add_argument("--data-root", default=None, help="override the dataset folder saved in the checkpoint")
     p.add_argument("--image", nargs="+", default=None, metavar="FILE", help="predict these images instead")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="predict every image under DIR into a CSV (--out) instead (predictions.py)")
+    p.add_argument("--out", default="predictions.csv", help="with --images: the CSV to write [predictions.csv]")
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a label is predicted")
+    p.add_argument("--thresholds", default=None, choices=["best"],
+                   help="with --image/--images: per-label thresholds that maximised F1 on the validation "
+                        "split in training (saved in best.pt) instead of --threshold")
     p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
     p.add_argument("--json", default=None, help="where to write the metrics [default: next to the checkpoint]")
     p.add_argument("--analysis", default=None, metavar="DIR",
@@ -367,15 +339,38 @@ def main(argv=None):
             for path in args.image:
                 if not os.path.isfile(path):
                     raise ValueError(f"--image {path}: no such file")
+        if args.images:
+            if not os.path.isdir(args.images):
+                raise ValueError(f"--images {args.images}: not a folder")
+            files = predictions.list_images(args.images)
+            if not files:
+                raise ValueError(f"--images {args.images}: no image file in it (looked for "
+                                 f"{', '.join(predictions.IMAGE_EXTENSIONS)}, subfolders included)")
+        if args.thresholds and not (args.image or args.images):
+            raise ValueError("--thresholds best applies to --image / --images; the metrics use --threshold")
+        thresholds = predictions.thresholds_for(loaded[args.checkpoint], args.thresholds or args.threshold)
     except ValueError as e:
         p.error(str(e))
     device = pick_device(args.device)
 
-    if args.image:
-        return predict_images(args, device, loaded[args.checkpoint])
+    if args.image or args.images:
+        model, ckpt, fmt = load_checkpoint_model(args.checkpoint, device, loaded[args.checkpoint])
+        if args.image:
+            return predictions.predict_images(model, ckpt, fmt, device, args.image, thresholds)
+        tc = ckpt["train_config"]
+        probs, bad = predictions.predict_folder(model, files, tc["image_size"], device, fmt, tc["batch_size"],
+                                            tc["num_workers"])
+        predictions.write_csv(args.out, args.images, files, probs, ckpt["classes"], thresholds)
+        print(f"wrote {args.out}: {len(files) - len(bad)} images"
+              + (f"; skipped {len(bad)} unreadable: {', '.join(bad[:10])}" + (" ..." if len(bad) > 10 else "")
+                 if bad else ""))
+        return {"csv": args.out, "files": files, "probabilities": probs, "unreadable": bad}
 
-    scores, targets, gates, feats, ckpt, ds, args.split = score_split(args.checkpoint, args.split, args.data_root, device,
-                                                                        loaded[args.checkpoint])
+    try:
+        scores, targets, gates, feats, ckpt, ds, args.split = score_split(args.checkpoint, args.split, args.data_root,
+                                                                            device, loaded[args.checkpoint])
+    except ValueError as e:   # non-finite scores: one line naming the checkpoint
+        sys.exit(f"error: {e}")
     classes, mc = ckpt["classes"], ckpt["model_config"]
     print(f"{args.checkpoint}: {run_name(ckpt)}, epoch {ckpt['epoch'] + 1}, {ckpt.get('eval_weights', 'raw')} weights")
     metrics = multilabel_metrics(scores, targets, args.threshold)
@@ -414,36 +409,6 @@ def main(argv=None):
         json.dump(result, fh, indent=2)
     print(f"wrote {out}")
     return result
-
-
-def predict_images(args, device, ckpt):
-    """--image: each file's labels above the threshold, or, when none passes, that fact and the 3 most likely.
-
-    A label below the threshold is not a prediction: printing the top-1 as if it were one would turn "the
-    model sees nothing it knows" into a confident answer, hence the explicit "no label above" line.
-    """
-    from data import DatasetError, load_image
-    model, ckpt, fmt = load_checkpoint_model(args.checkpoint, device, ckpt)
-    classes = ckpt["classes"]
-    print(f"the model knows {len(classes)} classes: {', '.join(classes)}")
-    out = {}
-    for path in args.image:
-        try:
-            x = load_image(path, ckpt["train_config"]["image_size"]).unsqueeze(0).to(device, memory_format=fmt)
-        except DatasetError as e:  # an unreadable file is reported and skipped, the others still run
-            print(f"{path}: skipped, {e}")
-            continue
-        with torch.no_grad():
-            probs = torch.sigmoid(model(x)[0].float())[0].cpu()                   # (1, L) -> (L,)
-        order = probs.argsort(descending=True).tolist()
-        hits = [l for l in order if probs[l] >= args.threshold]
-        if hits:
-            print(f"{path}: " + ", ".join(f"{classes[l]} {probs[l]:.3f}" for l in hits))
-        else:
-            print(f"{path}: no label above {args.threshold:g}; most likely: "
-                  + ", ".join(f"{classes[l]} {probs[l]:.3f}" for l in order[:3]))
-        out[path] = {c: float(probs[l]) for l, c in enumerate(classes)}
-    return out
 
 
 def run_name(ckpt) -> str:

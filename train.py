@@ -55,6 +55,7 @@ from baselines import asymmetric_loss
 from config import TrainConfig, amp_dtype_for, parse_args, pick_device
 from gating import expert_load, expert_names
 from model import ModelConfig, WeightsUnavailable, build_model, flops_per_image, set_memory_format
+from predictions import best_f1_thresholds
 
 
 def seed_everything(seed: int):
@@ -196,16 +197,31 @@ def cpu_warning(model, tcfg: TrainConfig, device, fmt, n_train: int, n_val: int)
             f"--image-size 96), or --limit 512 --epochs 1 for a smoke run (README, 'A CPU smoke run')")
 
 
+class Diverged(RuntimeError):
+    """The loss became NaN or inf: training stops at once (last.pt keeps the last finished epoch)."""
+
+
+def diverged_message(watch, epoch: int, tcfg: TrainConfig) -> str:
+    """One line: where it happened, the loss parts, what is on disk, and what to try."""
+    step, loss, aux = watch
+    kept = f"last.pt holds epoch {epoch}" if epoch > 0 else "no checkpoint was written (it diverged in epoch 1)"
+    return (f"the loss became non-finite at step {int(step)} (epoch {epoch + 1}): classification loss {loss}, aux loss "
+            f"{aux}; {kept} in {tcfg.out_dir}; try a lower --lr (now {tcfg.lr:g}), --no-amp, or --grad-clip 1 "
+            f"(now {tcfg.grad_clip:g}), then train anew or --resume")
+
+
 def describe_only(tcfg: TrainConfig, mcfg: ModelConfig):
     """--describe: the model as it would train on this dataset, its size and cost; reads no data."""
-    mcfg.num_labels = NUM_LABELS[tcfg.dataset]
+    # Your own data: L is the number of classes its files name (read, not generated: cheap).
+    mcfg.num_labels = NUM_LABELS.get(tcfg.dataset) or len(build_dataset(tcfg.dataset, tcfg.train_split, tcfg.data_root,
+                                                                        limit=1).classes)
     if mcfg.weights.lower() != "none":
         print(f"(--describe builds with random weights: same size as --weights {mcfg.weights}, no download)")
         mcfg.weights = "none"
     print("model config:", json.dumps(asdict(mcfg)))
     model = build_model(mcfg)   # prints the parameter count
     gflops = flops_per_image(model, tcfg.image_size) / 1e9
-    print(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px ({NUM_LABELS[tcfg.dataset]} labels)")
+    print(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px ({mcfg.num_labels} labels)")
     return model, gflops
 
 
@@ -403,6 +419,10 @@ def main(argv=None):
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True,
                    disable=not main_proc)   # one progress bar, rank 0's
         t_ready = time.time()
+        # The divergence watch: (step, classification loss, aux loss) of the first non-finite step, -1 = none.
+        # Kept on the device and read at the log points (and every step off CUDA, where reading is free), so
+        # a GPU is not stalled each step; the run stops before this epoch's log line and last.pt are written.
+        watch = torch.full((3,), -1.0, device=device)
         for i, (x, y) in enumerate(bar):
             wait += time.time() - t_ready   # time spent waiting for data, to tell a slow loader from a slow model
             x = x.to(device, non_blocking=True, memory_format=fmt)
@@ -411,7 +431,12 @@ def main(argv=None):
             loss_cls, info = train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg, amp_dtype, step)
             scheduler.step()
             # Accumulate on the device; reading a value (.item()) every step would stall a GPU on each step.
-            sums += torch.stack([loss_cls.detach(), info["aux_loss"].detach().float()])
+            parts = torch.stack([loss_cls.detach().float(), info["aux_loss"].detach().float()])
+            sums += parts
+            fresh = ~torch.isfinite(parts).all() & (watch[0] < 0)
+            watch = torch.where(fresh, torch.cat([parts.new_tensor([step]), parts]), watch)
+            if (device.type != "cuda" or i % 10 == 0 or i + 1 == len(train_loader)) and watch[0].item() >= 0:
+                raise Diverged(diverged_message(watch.tolist(), epoch, tcfg))
             if info["gate_weights"] is not None:   # the collapse watch: where the gate sent this batch
                 gate_mass = gate_mass + info["gate_weights"].detach().mean(0)   # (B, L, E) -> (L, E)
             n_seen += x.shape[0] * world
@@ -464,6 +489,11 @@ def main(argv=None):
     # ---- test: the best checkpoint's chosen weights, on the test split
     best = torch.load(os.path.join(tcfg.out_dir, "best.pt"), map_location="cpu", weights_only=False)
     model.load_state_dict(judged_weights(best))
+    # Per-label thresholds that maximise F1 on val (predictions.py), saved in best.pt for evaluate.py
+    # --thresholds best: chosen on val, never on test.
+    best["thresholds"] = best_f1_thresholds(*predict(model, eval_loaders["val"], device, amp_dtype, fmt)[:2]).tolist()
+    if main_proc:
+        save_checkpoint(os.path.join(tcfg.out_dir, "best.pt"), best)
     scores, targets = predict(model, eval_loaders["test"], device, amp_dtype, fmt)[:2]
     metrics = multilabel_metrics(scores, targets)
     # Each label's AP (which labels carry the seed noise, results/noise/) and the test scores themselves:
@@ -494,5 +524,7 @@ if __name__ == "__main__":
         # DataLoader worker (a corrupt image) arrives wrapped with the worker's traceback: keep its last line.
         msg = str(e).strip()
         sys.exit("error: " + (msg.splitlines()[-1] if "Original Traceback" in msg else msg))
+    except Diverged as e:
+        sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("\ninterrupted: last.pt holds the last finished epoch; rerun with --resume to continue")

@@ -121,7 +121,7 @@ def test_help_is_grouped_with_preset_values(capsys):
     # --feature-layer: the synthetic preset's layer3 and the papers' layer4 are both shown as what they are.
     flat = " ".join(text.split())                          # argparse wraps lines at the terminal width
     block = flat[flat.index("--feature-layer"):flat.index("--feature-layer") + 200]
-    assert "synthetic: layer3" in block and "coco: layer4" in block
+    assert "synthetic: layer3" in block and "coco, csv, cocojson: layer4" in block
     assert "[default: preset]" not in text
     # Grouped: --lr sits under training, --shared-experts under mixture of experts.
     assert text.index("training:") < text.index("--lr") and text.index("mixture of experts:") < text.index("--shared-experts")

@@ -1,0 +1,55 @@
+"""
+A run's checkpoint, read back: what train.py wrote (the raw module's state_dict, its EMA, both configs, the
+class names, the optimizer and RNG states to resume), checked and turned into a ready model again.
+
+    read_checkpoint(path)            -> the dict, or a one-line ValueError saying what the file is not
+    judged_weights(ckpt)             -> the state_dict the run was judged by (EMA or raw)
+    load_checkpoint_model(path, dev) -> (model in eval mode, ckpt, memory format)
+
+Writing lives in train.py (save_checkpoint: a temporary file, then an atomic rename). Used by evaluate.py,
+predictions.py; knows no script.
+"""
+import os
+
+import torch
+
+from model import ModelConfig, build_model, set_memory_format
+
+
+def judged_weights(ckpt) -> dict:
+    """The state_dict a checkpoint was judged by: its EMA weights or its raw ones (train.py picks the better)."""
+    return ckpt["ema"] if ckpt.get("eval_weights", "raw") == "ema" else ckpt["model"]
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load of a train.py checkpoint, or a ValueError in one line saying what the file is not.
+
+    weights_only=False: the checkpoint holds the RNG states and configs as well as tensors; only load
+    checkpoints you trust (torch.load's own warning), as with any pickle.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"--checkpoint {path}: no such file (train.py writes <out-dir>/best.pt and last.pt; "
+                         "the run folder is printed at the start of training)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # not a zip / pickle: a README, an image, a truncated download...
+        raise ValueError(f"--checkpoint {path}: not a checkpoint torch can read ({type(e).__name__}); "
+                         "pass a best.pt or last.pt written by train.py") from None
+    missing = [k for k in ("model_config", "train_config", "model", "classes") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"--checkpoint {path}: a torch file, but not one written by train.py (no {', '.join(missing)})")
+    return ckpt
+
+
+def load_checkpoint_model(path: str, device, ckpt=None):
+    """Rebuild the model from a checkpoint alone: its saved ModelConfig, then the weights it was judged by.
+
+    `ckpt`: the file's contents when the caller has already read them (evaluate.main checks them first).
+    """
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
+    # The backbone's ImageNet weights are about to be overwritten: do not download them again.
+    mcfg = ModelConfig(**{**ckpt["model_config"], "weights": "none"})
+    model = build_model(mcfg, verbose=False)
+    model.load_state_dict(judged_weights(ckpt))
+    fmt = torch.channels_last if ckpt["train_config"].get("channels_last", True) else torch.contiguous_format
+    return set_memory_format(model.to(device), fmt).eval(), ckpt, fmt

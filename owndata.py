@@ -1,0 +1,228 @@
+"""
+Your own multi-label dataset, in the formats labelling tools export: a CSV per split, or COCO-style json.
+Each reader turns label files into (paths, targets (N, L) in {1, 0, -1}, ids, classes); data.py wraps them
+in the same ImageList and transforms as VOC and COCO, so every model, flag and metric works unchanged.
+
+--dataset csv --data-root DIR
+    DIR/train.csv, DIR/test.csv, optionally DIR/val.csv and DIR/classes.txt (one class name per line; its
+    order is the label order; without it, the sorted union of the names in train.csv). Each CSV has a
+    header with a column `image` (a path relative to DIR, or absolute) and either
+      - a column `labels`: class names separated by spaces or '|' (an empty cell: no label), or
+      - one column per class holding 1 (present), 0 (absent) or -1 (unknown: ignored by every metric and
+        by the loss, as VOC's difficult), the one-hot export of labelling tools.
+    No val.csv: the best epoch is chosen on a held-out part of train.csv (holdout(): 10 % of its rows, at
+    least one, drawn by a generator seeded with 0, the same for every --seed, so runs that differ only
+    in --seed are judged on the same images), never on test.
+
+--dataset cocojson --data-root DIR
+    DIR/train.json, DIR/val.json, optionally DIR/test.json (no test.json: the test split is val.json, as
+    COCO's own val is its test), in COCO's instances format (images, annotations, categories: what CVAT,
+    Label Studio and others export); file_names relative to DIR or to DIR/images. The reader is
+    read_coco_json, which --dataset coco uses too. No val.json: held out from train.json as for csv.
+
+Every mistake is found here, at start-up, and named in one line with the file and the line (a CSV's
+header is line 1): a missing image, a label not in classes.txt, an image listed twice with different
+labels (listed twice with the same labels: read once), a row with the wrong number of fields, an empty
+split, a one-hot cell other than 0, 1, -1, a split whose classes differ from training's.
+"""
+import csv
+import json
+import os
+import re
+
+import numpy as np
+
+OWN_SPLITS = ("train", "val", "test")
+HOLDOUT_FRACTION = 0.1   # of train.csv / train.json, when there is no val file
+
+
+class DatasetError(RuntimeError):
+    """The data is missing, incomplete or unreadable. Scripts print the message (never a traceback):
+    it says where we looked, what we expected and how to get it."""
+
+
+def check_images(folders, names, listed_in, how):
+    """Each listed file must exist in one of `folders` (tried in order; an absolute name as it is): a
+    half-extracted archive or a typo fails here, at start-up, not in a DataLoader worker."""
+    folders = [folders] if isinstance(folders, str) else list(folders)
+    listing = {f: set(os.listdir(f)) if os.path.isdir(f) else set() for f in folders}
+    paths, missing = [], []
+    for n in names:
+        if os.path.isabs(n) or os.sep in n or "/" in n:   # a sub-path: ask the file system
+            found = next((os.path.join(f, n) for f in folders if os.path.isfile(os.path.join(f, n))), None)
+        else:                                              # a bare name: the listings, one os.listdir each
+            found = next((os.path.join(f, n) for f in folders if n in listing[f]), None)
+        if found is None:
+            missing.append(n)
+        paths.append(found)
+    if missing:
+        raise DatasetError(f"{len(missing)} of {len(names)} images listed in {listed_in} are missing (e.g. "
+                           f"{missing[:3]}; looked in {', '.join(folders)}); {how}")
+    return paths
+
+
+def read_coco_json(ann, folders, empty="keep", how="", classes=None):
+    """A COCO instances json -> (paths, targets (N, L), ids, class names in category-id order).
+
+    A category is a label if any instance of it is annotated, crowd instances included. Images with no
+    annotation at all are all-negative rows (empty="keep", as Q2L) or left out (empty="drop", as ML-GCN's
+    lists). classes: the training split's names; another split must have the same categories."""
+    try:
+        with open(ann) as fh:
+            js = json.load(fh)
+        images, anns, cats = js["images"], js["annotations"], js["categories"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{ann} is not valid JSON ({e}); a truncated file? {how}") from None
+    except (KeyError, TypeError) as e:
+        raise DatasetError(f"{ann} is not a COCO instances file: no {e} list") from None
+    cats = sorted(cats, key=lambda c: c["id"])   # ids may have gaps (COCO: 1..90); their order is the label order
+    names = [c["name"] for c in cats]
+    if classes is not None and names != list(classes):
+        raise DatasetError(f"{ann}: its categories {names} differ from the training split's {list(classes)}")
+    col = {c["id"]: j for j, c in enumerate(cats)}
+    # The json lists images in no promised order; sorting by id gives the same rows on every machine.
+    images = sorted(images, key=lambda im: im["id"])
+    if not images:
+        raise DatasetError(f"{ann} lists no image: an empty split")
+    row = {im["id"]: k for k, im in enumerate(images)}
+    # Absent unless some instance says otherwise; several instances of a class in one image are one label.
+    targets = np.zeros((len(images), len(cats)), dtype=np.float32)
+    for a in anns:   # iscrowd is not looked at: a crowd of people is people
+        if a["category_id"] not in col or a["image_id"] not in row:
+            raise DatasetError(f"{ann}: annotation {a.get('id')} refers to an unknown "
+                               + (f"category id {a['category_id']}" if a["category_id"] not in col
+                                  else f"image id {a['image_id']}"))
+        targets[row[a["image_id"]], col[a["category_id"]]] = 1.0
+    keep = np.arange(len(images)) if empty == "keep" else np.flatnonzero(targets.sum(1) > 0)
+    paths = check_images(folders, [images[k]["file_name"] for k in keep], ann, how)
+    return paths, targets[keep], [str(images[k]["id"]) for k in keep], names
+
+
+def holdout(n: int, fraction=HOLDOUT_FRACTION, seed=0):
+    """Rows of a training file -> (train rows, held-out val rows), a seeded random split (numpy PCG64)."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = max(1, int(round(fraction * n)))
+    if n - k < 1:
+        raise DatasetError(f"cannot hold a validation part out of {n} training image(s); add a val file")
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+def _csv_rows(path):
+    """(header, [(line number, row)]) of a CSV, every row checked against the header's width."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:   # -sig: Excel's byte-order mark
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if not header:
+            raise DatasetError(f"{path} is empty: expected a header line with an 'image' column")
+        header = [h.strip() for h in header]
+        rows = []
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue                                            # a blank line
+            if len(row) != len(header):
+                raise DatasetError(f"{path}, line {reader.line_num}: {len(row)} fields, the header has "
+                                   f"{len(header)} ({','.join(header)}); a comma inside a name needs quotes")
+            rows.append((reader.line_num, [cell.strip() for cell in row]))
+    if "image" not in header:
+        raise DatasetError(f"{path}: no 'image' column in the header (found {header}); see README 'Your own data'")
+    if not rows:
+        raise DatasetError(f"{path} has a header but no image rows: an empty split")
+    return header, rows
+
+
+def csv_classes(root):
+    """The label order: classes.txt when present, else the sorted union of the names in train.csv."""
+    listed = os.path.join(root, "classes.txt")
+    if os.path.isfile(listed):
+        names = [line.strip() for line in open(listed, encoding="utf-8") if line.strip()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes or not names:
+            raise DatasetError(f"{listed}: " + (f"{dupes} listed twice" if dupes else "no class name"))
+        return names
+    header, rows = _csv_rows(os.path.join(root, "train.csv"))
+    if "labels" in header:
+        j = header.index("labels")
+        return sorted({n for _, row in rows for n in re.split(r"[|\s]+", row[j]) if n})
+    return [h for h in header if h != "image"]   # one-hot: the columns, in the file's order
+
+
+def read_csv_split(path, root, classes):
+    """One CSV -> (paths, targets (N, L), ids) in the given class order."""
+    header, rows = _csv_rows(path)
+    col = {c: j for j, c in enumerate(classes)}
+    img = header.index("image")
+    targets = []
+    if "labels" in header:
+        lab = header.index("labels")
+        for line, row in rows:
+            t = np.zeros(len(classes), np.float32)
+            for name in (n for n in re.split(r"[|\s]+", row[lab]) if n):
+                if name not in col:
+                    where = "classes.txt" if os.path.isfile(os.path.join(root, "classes.txt")) else "train.csv"
+                    raise DatasetError(f"{path}, line {line}: label {name!r} is not in {where}'s classes "
+                                       f"{classes}; fix the name or add it there")
+                t[col[name]] = 1.0
+            targets.append(t)
+    else:
+        columns = [h for h in header if h != "image"]
+        if sorted(columns) != sorted(classes):
+            raise DatasetError(f"{path}: its class columns {columns} are not the classes {classes}"
+                               + (" of classes.txt" if os.path.isfile(os.path.join(root, "classes.txt")) else ""))
+        where = [header.index(c) for c in classes]   # column of each class, in the label order
+        for line, row in rows:
+            bad = [(classes[k], row[j]) for k, j in enumerate(where) if row[j] not in ("0", "1", "-1")]
+            if bad:
+                raise DatasetError(f"{path}, line {line}, column {bad[0][0]!r}: expected 1, 0 or -1 "
+                                   f"(unknown), got {bad[0][1]!r}")
+            targets.append(np.array([float(row[j]) for j in where], np.float32))
+    # The same image twice: the same labels are read once; different labels are a contradiction.
+    first, keep = {}, []
+    for k, (line, row) in enumerate(rows):
+        name = row[img]
+        if not name:
+            raise DatasetError(f"{path}, line {line}: the 'image' cell is empty")
+        if name in first:
+            j = first[name]
+            if not np.array_equal(targets[j], targets[k]):
+                raise DatasetError(f"{path}, line {line}: image {name!r} is listed again with other labels "
+                                   f"than on line {rows[j][0]}; keep one row per image")
+            continue
+        first[name] = k
+        keep.append(k)
+    names = [rows[k][1][img] for k in keep]
+    paths = check_images([root], names, path, "paths are relative to --data-root or absolute")
+    return paths, np.stack([targets[k] for k in keep]), names
+
+
+def read_own(kind, root, split, empty="keep"):
+    """--dataset csv | cocojson: (paths, targets, ids, classes) of a split, holding out val when needed."""
+    if not root or not os.path.isdir(root):
+        raise DatasetError(f"--dataset {kind} needs --data-root DIR, a folder holding "
+                           + ("train.csv and test.csv" if kind == "csv" else "train.json and val.json")
+                           + (f"; {root!r} is not a folder" if root else "") + "; see README 'Your own data'")
+    ext = "csv" if kind == "csv" else "json"
+    file = lambda s: os.path.join(root, f"{s}.{ext}")
+    needed = ("train", "test") if kind == "csv" else ("train",)
+    missing = [file(s) for s in needed if not os.path.isfile(file(s))]
+    if kind == "cocojson" and not (os.path.isfile(file("val")) or os.path.isfile(file("test"))):
+        missing.append(file("val"))
+    if missing:
+        raise DatasetError(f"--dataset {kind}: no {' and no '.join(missing)}; see README 'Your own data'")
+    source = split
+    if split == "test" and kind == "cocojson" and not os.path.isfile(file("test")):
+        source = "val"                                   # COCO's habit: val is the test split
+    held_out = split in ("train", "val") and not os.path.isfile(file("val"))
+    if split == "val" and held_out:
+        source = "train"
+    if kind == "csv":
+        classes = csv_classes(root)
+        paths, targets, ids = read_csv_split(file(source), root, classes)
+    else:
+        classes = read_coco_json(file("train"), [root, os.path.join(root, "images")], empty)[3] if source != "train" else None
+        paths, targets, ids, classes = read_coco_json(file(source), [root, os.path.join(root, "images")], empty,
+                                                      "file_names are relative to --data-root or to its images/",
+                                                      classes)
+    if held_out:   # no val file: 10 % of the training file is val, the rest is train (holdout())
+        rows = holdout(len(paths))[0 if split == "train" else 1]
+        paths, targets, ids = [paths[k] for k in rows], targets[rows], [ids[k] for k in rows]
+    return paths, targets, ids, classes
