@@ -51,7 +51,7 @@ import numpy as np
 from scipy import stats
 
 from gating import GATE_KINDS
-from noise import detectable_t, detectable_z, paired_bootstrap
+from noise import detectable_t, detectable_z, paired_bootstrap, read_scores
 
 # name -> train.py flags. Everything else (backbone, epochs, lr, image size, ...) is the dataset preset,
 # the same for all: the rows differ only in their model (and its paper's loss, see baselines.py).
@@ -131,8 +131,10 @@ def collect(out: str, names, seeds) -> dict:
             m["img_per_s"] = float(np.median([r["img_per_s"] for r in log]))
             if "gate" in log[-1]:   # the last epoch's routing: the largest expert slot's share of the mass
                 m["max_expert_mass"] = max(log[-1]["gate"]["expert_mass"].values())
-            if os.path.exists(os.path.join(d, "test_scores.npz")):   # for the paired bootstrap (noise.py)
-                m["scores_file"] = os.path.join(d, "test_scores.npz")
+            for f in ("test_scores.npz", "test_logits.npz"):   # for the paired bootstrap (noise.py)
+                if os.path.exists(os.path.join(d, f)):
+                    m["scores_file"] = os.path.join(d, f)
+                    break
             runs.append({"seed": seed, **m})
         if runs:
             rows[name] = runs
@@ -181,9 +183,8 @@ def bootstrap(ref: list, other: list, draws: int):
     common = sorted(set(a) & set(b))
     if not common or not draws:
         return None
-    load = lambda f: np.load(f)
-    targets = load(a[common[0]])["targets"]
-    res = paired_bootstrap([load(a[s])["scores"] for s in common], [load(b[s])["scores"] for s in common],
+    targets = read_scores(a[common[0]])[1]
+    res = paired_bootstrap([read_scores(a[s])[0] for s in common], [read_scores(b[s])[0] for s in common],
                            targets, draws=draws)
     res.pop("samples")
     return res

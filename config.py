@@ -115,8 +115,9 @@ PRESETS = {
     "coco": dict(PHOTOS, train_split="train", val_split="val", test_split="val"),
     # Your own data (owndata.py): the photo recipe, and an honest split: the best epoch is chosen on val
     # (val.csv / val.json, or 10 % held out of train), the test split is scored once at the end.
-    "csv": dict(PHOTOS, train_split="train", val_split="val", test_split="test"),
-    "cocojson": dict(PHOTOS, train_split="train", val_split="val", test_split="test"),
+    # A -1 in your files means "unknown", not VOC's "difficult": it stays out of the loss (difficult=ignore).
+    "csv": dict(PHOTOS, train_split="train", val_split="val", test_split="test", difficult="ignore"),
+    "cocojson": dict(PHOTOS, train_split="train", val_split="val", test_split="test", difficult="ignore"),
 }
 # Budgets (--budget), a layer between the dataset's preset and the model's settings; chosen by measurement
 # in results/noise/README.md.

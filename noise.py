@@ -28,6 +28,7 @@ A true difference smaller than the MDD is more likely missed than found.
     python noise.py --groups "seeds=runs/study/drmoe" "init fixed=runs/noise/drmoe-init0" ...
         # each folder holds run folders (*/test_scores.npz, */metrics.json: compare.py's seed*/); prints and writes
         # the evaluation / training / per-label table (--out results/noise/variance.md)
+    python noise.py --compact runs/compare-study results/compare-study   # scores kept beside the results
 
 Shapes: scores (N, L) probabilities, targets (N, L) in {1, 0, -1}, weights (R, N) resample counts.
 """
@@ -117,14 +118,33 @@ def label_shares(ap: np.ndarray) -> np.ndarray:
     return cov.sum(1) / cov.sum()                        # row sums over the total = Var(mAP) * L^2
 
 
+def compact(src: str, dst: str):
+    """A run's test_scores.npz (float32 probabilities) -> test_logits.npz for results/: float16 logits, a
+    third of the size. AP needs only the order of the scores and the logit keeps it (float16 ties move this
+    benchmark's mAP by about 0.002), so the bootstrap can be re-checked from results/ without retraining."""
+    d = np.load(src)
+    p = np.clip(d["scores"].astype(np.float64), 1e-12, 1 - 1e-12)
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    np.savez_compressed(dst, logits=(np.log(p) - np.log1p(-p)).astype(np.float16), targets=d["targets"])
+
+
+def read_scores(path: str):
+    """test_scores.npz or test_logits.npz -> (scores (N, L) float32, targets (N, L)); any order-keeping
+    score does for AP, so the logits are used as they are."""
+    d = np.load(path)
+    return (d["scores"] if "scores" in d else d["logits"].astype(np.float32)), d["targets"]
+
+
 def load_group(folder: str):
     """A folder of runs (compare.py's seed*/, or any run folders) -> (scores list, targets, classes, names)."""
-    runs = sorted(glob.glob(os.path.join(folder, "*", "test_scores.npz")))
+    runs = sorted(glob.glob(os.path.join(folder, "*", "test_scores.npz")) or
+                  glob.glob(os.path.join(folder, "*", "test_logits.npz")))
     if not runs:
-        raise SystemExit(f"error: no */test_scores.npz under {folder} (runs of this code's train.py write it)")
-    data = [np.load(p) for p in runs]
+        raise SystemExit(f"error: no */test_scores.npz (or test_logits.npz) under {folder}; this code's "
+                         "train.py writes the first, noise.py --compact the second")
+    data = [read_scores(p) for p in runs]
     classes = list(json.load(open(os.path.join(os.path.dirname(runs[0]), "metrics.json")))["AP"])
-    return [d["scores"] for d in data], data[0]["targets"], classes, [os.path.basename(os.path.dirname(p)) for p in runs]
+    return [d[0] for d in data], data[0][1], classes, [os.path.basename(os.path.dirname(p)) for p in runs]
 
 
 def variance_table(groups: dict, subset: int = 2000, draws: int = 1000) -> str:
@@ -155,13 +175,25 @@ def variance_table(groups: dict, subset: int = 2000, draws: int = 1000) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--groups", nargs="+", required=True, metavar="NAME=FOLDER",
+    p.add_argument("--compact", nargs=2, metavar=("RUNS", "RESULTS"), default=None,
+                   help="only copy every RUNS/**/test_scores.npz to RESULTS/**/test_logits.npz (compact())")
+    p.add_argument("--groups", nargs="+", default=None, metavar="NAME=FOLDER",
                    help="configurations to measure: a name, '=', a folder of seed*/ runs")
     p.add_argument("--subset", type=int, default=2000, help="also measure on the first N test images [2000]")
     p.add_argument("--draws", type=int, default=1000, help="bootstrap resamples [1000]")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     p.add_argument("--plot", default=None, help="also draw each label's AP std per group into this PNG")
     args = p.parse_args(argv)
+    if args.compact:
+        src_root, dst_root = args.compact
+        for src in sorted(glob.glob(os.path.join(src_root, "**", "test_scores.npz"), recursive=True)):
+            dst = os.path.join(dst_root, os.path.relpath(os.path.dirname(src), src_root), "test_logits.npz")
+            if not os.path.exists(dst):
+                compact(src, dst)
+                print(f"wrote {dst}")
+        return
+    if not args.groups:
+        p.error("pass --groups NAME=FOLDER ... (or --compact RUNS RESULTS)")
     groups = dict(g.split("=", 1) for g in args.groups)
     table = variance_table(groups, args.subset, args.draws)
     print(table)

@@ -111,3 +111,14 @@ def test_label_shares_sum_to_one_and_find_the_noisy_label():
     mean = ap.mean(1)
     cov = np.cov(ap.T)
     assert mean.var(ddof=1) == pytest.approx(cov.sum() / 25)
+
+
+def test_compact_logits_keep_the_map(tmp_path):
+    """results/ keeps float16 logits (noise.compact); their mAP is the float32 scores' to 0.05 points."""
+    from noise import compact, read_scores
+    s, y = toy(n=2000, ignore=False)
+    np.savez(tmp_path / "test_scores.npz", scores=s.astype(np.float32), targets=y.astype(np.int8))
+    compact(str(tmp_path / "test_scores.npz"), str(tmp_path / "out" / "test_logits.npz"))
+    logits, targets = read_scores(str(tmp_path / "out" / "test_logits.npz"))
+    assert np.array_equal(targets, y)
+    assert multilabel_metrics(logits, targets)["mAP"] == pytest.approx(multilabel_metrics(s, y)["mAP"], abs=0.05)

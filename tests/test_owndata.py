@@ -110,6 +110,9 @@ def test_csv_onehot_columns_with_unknown(tmp_path):
     want = expected(tree["train"][1], CLASSES)
     want[0, CLASSES.index("car")] = -1                       # the -1 written in the "car" column
     assert ds.classes == CLASSES and np.array_equal(ds.targets.numpy(), want)
+    # and in training a -1 means unknown (out of the loss), not VOC's difficult (counted positive)
+    from config import parse_args
+    assert parse_args(["--dataset", "csv", "--data-root", str(tmp_path)])[0].difficult == "ignore"
 
 
 def test_no_val_csv_holds_out_a_seeded_tenth_of_train(tmp_path):
