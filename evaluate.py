@@ -49,6 +49,7 @@ shared and task experts) and, with --analysis, draws analysis.py's pictures:
 
     python evaluate.py --checkpoint runs/synthetic/drmoe-dynamic-S2-T1-seed0/best.pt           # test split
     python evaluate.py --checkpoint runs/synthetic/drmoe-dynamic-S2-T1-seed0/best.pt --image cat.jpg
+    python evaluate.py --checkpoint RUN/best.pt --images DIR --out predictions.csv   # predictions.py
 
 The first rebuilds the model from the checkpoint alone, prints every metric,
 a per-label AP table with gate statistics, and writes them to JSON.

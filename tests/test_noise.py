@@ -107,6 +107,10 @@ def test_label_shares_sum_to_one_and_find_the_noisy_label():
     share = label_shares(ap)
     assert share.sum() == pytest.approx(1.0)
     assert np.argmax(share) == 3 and share[3] > 0.9
+    # covariances count, not only variances: two labels whose APs cancel add nothing to Var(mAP)
+    swing, other = 3.0 * np.array([1, -1] * 4), 0.5 * np.array([1, 1, -1, -1] * 2)   # orthogonal, zero mean
+    ap2 = np.stack([80 + swing, 70 - swing, 60 + other], axis=1)
+    assert np.allclose(label_shares(ap2), [0, 0, 1], atol=1e-9)
     # the definition: Var(mAP) equals the mean's variance, label by label
     mean = ap.mean(1)
     cov = np.cov(ap.T)
