@@ -5,7 +5,7 @@ in the same ImageList and transforms as VOC and COCO, so every model, flag and m
 
 --dataset csv --data-root DIR
     DIR/train.csv, DIR/test.csv, optionally DIR/val.csv and DIR/classes.txt (one class name per line; its
-    order is the label order; without it, the sorted union of the names in train.csv). Each CSV has a
+    order is the label order; without it, the sorted names of train.csv's labels or columns). Each CSV has a
     header with a column `image` (a path relative to DIR, or absolute) and either
       - a column `labels`: class names separated by spaces or '|' (an empty cell: no label), or
       - one column per class holding 1 (present), 0 (absent) or -1 (unknown: ignored by every metric and
@@ -143,7 +143,7 @@ def csv_classes(root):
     if "labels" in header:
         j = header.index("labels")
         return sorted({n for _, row in rows for n in re.split(r"[|\s]+", row[j]) if n})
-    return [h for h in header if h != "image"]   # one-hot: the columns, in the file's order
+    return sorted(h for h in header if h != "image")   # one-hot: the column names, sorted as names would be
 
 
 def read_csv_split(path, root, classes):

@@ -76,7 +76,7 @@ def csv_tree(root, onehot=False, classes_txt=True, val=True, n=(24, 8, 8)):
         names = images(os.path.join(root, "img"), n[k], seed=k)
         labels = label_sets(n[k], seed=10 + k)
         if onehot:   # the columns in another order than classes.txt: the reader must map by name
-            cols = ["car", "cat", "dog"]
+            cols = ["dog", "car", "cat"]
             rows = [[f"img/{m}"] + [int(c in ls) for c in cols] for m, ls in zip(names, labels)]
             rows[0][1] = -1                                   # unknown: ignored
             write_csv(os.path.join(root, f"{split}.csv"), ["image"] + cols, rows)
@@ -104,12 +104,14 @@ def test_csv_names_column(tmp_path, classes_txt):
         assert [os.path.basename(p) for p in ds.paths] == tree[split][0]
 
 
-def test_csv_onehot_columns_with_unknown(tmp_path):
-    tree = csv_tree(str(tmp_path), onehot=True)
+@pytest.mark.parametrize("classes_txt", [True, False])
+def test_csv_onehot_columns_with_unknown(tmp_path, classes_txt):
+    tree = csv_tree(str(tmp_path), onehot=True, classes_txt=classes_txt)
     ds = data.build_dataset("csv", "train", str(tmp_path), 32)
-    want = expected(tree["train"][1], CLASSES)
-    want[0, CLASSES.index("car")] = -1                       # the -1 written in the "car" column
-    assert ds.classes == CLASSES and np.array_equal(ds.targets.numpy(), want)
+    classes = CLASSES if classes_txt else sorted(CLASSES)
+    want = expected(tree["train"][1], classes)
+    want[0, classes.index("car")] = -1                       # the -1 written in the "car" column
+    assert ds.classes == classes and np.array_equal(ds.targets.numpy(), want)
     # and in training a -1 means unknown (out of the loss), not VOC's difficult (counted positive)
     from config import parse_args
     assert parse_args(["--dataset", "csv", "--data-root", str(tmp_path)])[0].difficult == "ignore"
