@@ -78,7 +78,7 @@ def csv_tree(root, onehot=False, classes_txt=True, val=True, n=(24, 8, 8)):
         if onehot:   # the columns in another order than classes.txt: the reader must map by name
             cols = ["dog", "car", "cat"]
             rows = [[f"img/{m}"] + [int(c in ls) for c in cols] for m, ls in zip(names, labels)]
-            rows[0][1] = -1                                   # unknown: ignored
+            rows[0][1 + cols.index("car")] = -1                 # unknown ("car"): ignored
             write_csv(os.path.join(root, f"{split}.csv"), ["image"] + cols, rows)
         else:
             rows = [[f"img/{m}", (" " if i % 2 else "|").join(ls)] for i, (m, ls) in enumerate(zip(names, labels))]
