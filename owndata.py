@@ -190,7 +190,13 @@ def read_csv_split(path, root, classes):
         first[name] = k
         keep.append(k)
     names = [rows[k][1][img] for k in keep]
-    paths = check_images([root], names, path, "paths are relative to --data-root or absolute")
+    gone = [k for k, n in zip(keep, names) if not os.path.isfile(os.path.join(root, n))]
+    if gone:   # the first one by its line, and how many more: one line, one fix at a time
+        n = rows[gone[0]][1][img]
+        raise DatasetError(f"{path}, line {rows[gone[0]][0]}: image {n!r} not found (looked at "
+                           f"{os.path.join(root, n)}; paths are relative to --data-root or absolute)"
+                           + (f"; {len(gone) - 1} more rows name missing images" if len(gone) > 1 else ""))
+    paths = [os.path.join(root, n) for n in names]
     return paths, np.stack([targets[k] for k in keep]), names
 
 

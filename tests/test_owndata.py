@@ -130,7 +130,7 @@ def test_no_val_csv_holds_out_a_seeded_tenth_of_train(tmp_path):
 
 
 BAD_CSV = [  # (what to write into train.csv, words the one line must contain)
-    ([["img/nope.png", "cat"]], ["train.csv", "missing", "nope.png"]),
+    ([["img/im0_0.png", "cat"], ["img/nope.png", "cat"]], ["train.csv, line 3", "not found", "img/nope.png"]),
     ([["img/im0_0.png", "cat"], ["img/im0_1.png", "dgo"]], ["train.csv, line 3", "'dgo'", "classes.txt"]),
     ([["img/im0_0.png", "cat"], ["img/im0_0.png", "dog"]], ["train.csv, line 3", "listed again", "line 2"]),
     ([["img/im0_0.png", "cat", "extra"]], ["train.csv, line 2", "3 fields"]),
