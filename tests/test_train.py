@@ -7,9 +7,9 @@ The training loop and the checkpoint contract, on tiny models and a few dozen sy
   was never interrupted (same weights, same metrics);
 - `evaluate.py --checkpoint` rebuilds the model from the checkpoint alone and reproduces the test mAP
   that training wrote to metrics.json; `--image` predicts labels for an image file;
-- --budget study: its settings (12 epochs, 10,000 test images) resolve from the flag, are saved in the
-  checkpoint, and evaluate.py re-scores the same test images to the same mAP (and the same scores as
-  test_scores.npz); --init-seed changes the initial weights only, not the data order;
+- --budget study: its settings (config.BUDGETS: more epochs, 10,000 test images) resolve from the flag,
+  are saved in the checkpoint, and evaluate.py re-scores the same test images to the same mAP (and the
+  same scores as test_scores.npz); --init-seed changes the initial weights only, not the data order;
 - asking for pretrained weights offline gives a message that says where to put the file.
 
 Run: python -m pytest -q tests/test_train.py
@@ -25,7 +25,7 @@ from PIL import Image
 
 import evaluate
 import train
-from config import parse_args
+from config import BUDGETS, parse_args
 from data import build_dataset
 from gating import GATE_KINDS
 from model import ModelConfig, WeightsUnavailable, build_backbone, build_model
@@ -125,7 +125,9 @@ def test_checkpoint_round_trip_and_evaluate_cli(tmp_path, capsys):
 
 def test_study_budget_is_saved_and_reproduced(tmp_path):
     tcfg, _, _ = parse_args(["--budget", "study"])
-    assert (tcfg.epochs, tcfg.test_images, tcfg.val_images) == (12, 10000, None)
+    study = BUDGETS["study"]
+    assert (tcfg.epochs, tcfg.test_images, tcfg.val_images) == (study["epochs"], study["test_images"], None)
+    assert parse_args([])[0].epochs == 8 and parse_args([])[0].test_images is None      # the demo is untouched
     assert parse_args(["--budget", "study", "--epochs", "3"])[0].epochs == 3     # a flag still wins
     # A tiny study run: the budget's test split size, shrunk by flags to stay fast (no --limit, which
     # would hide the size path), must come back from the checkpoint alone.
