@@ -208,9 +208,10 @@ def report(rows: dict, reference: str, draws: int = 1000) -> str:
     if tests:
         adjusted = dict(zip(tests, holm([test[3] for test in tests.values()])))   # over the table's m tests
         lines += ["", f"Paired t-test over seeds, {reference} minus each (positive = {reference} better); "
-                  f"Holm's adjustment over the table's {len(tests)} tests. Bootstrap: 95 % interval of the "
-                  f"seed-mean difference over {draws} resamples of the test images (noise.py). Detectable: the "
-                  "smallest true difference found with 80 % power (t over seeds / bootstrap):", "",
+                  f"Holm's adjustment over the table's {len(tests)} tests. "
+                  + (f"Bootstrap: 95 % interval of the seed-mean difference over {draws} resamples of the test "
+                     "images (noise.py). " if draws else "")
+                  + "Detectable: the smallest true difference found with 80 % power (t over seeds / bootstrap):", "",
                   "| vs | mean difference | per seed | t | p | p (Holm) | more than noise (Holm p < 0.05)? | "
                   "bootstrap 95 % interval | detectable (t / bootstrap) |",
                   "|---|---|---|---|---|---|---|---|---|"]
