@@ -151,11 +151,13 @@ def variance_table(groups: dict, subset: int = 2000, draws: int = 1000) -> str:
     """The markdown variance table: per group, seed spread on all test images and on the first `subset`
     (the demo's test split is the study's first 2,000 images), the bootstrap spread of a single run, and
     the labels that carry most of the seed variance."""
-    lines = ["| runs | n | test mAP mean ± std (all test images) | std on the first "
+    lines = ["| runs | n | minutes per run (median) | test mAP mean ± std (all test images) | std on the first "
              f"{subset} | bootstrap std of one run (all / first {subset}) | labels with the largest share "
-             "of the seed variance |", "|---|---|---|---|---|---|"]
+             "of the seed variance |", "|---|---|---|---|---|---|---|"]
     for name, folder in groups.items():
-        scores, targets, classes, _ = load_group(folder)
+        scores, targets, classes, names = load_group(folder)
+        minutes = np.median([json.load(open(os.path.join(folder, n, "metrics.json")))["train_minutes_this_session"]
+                             for n in names])   # the median: a run that shared the machine does not drag it
         ones = np.ones((1, len(targets)))
         full = np.array([weighted_map(s, targets, ones)[0] for s in scores])
         sub = np.array([weighted_map(s[:subset], targets[:subset], ones[:, :subset])[0] for s in scores])
@@ -168,7 +170,7 @@ def variance_table(groups: dict, subset: int = 2000, draws: int = 1000) -> str:
             share = label_shares(ap)
             top = ", ".join(f"{classes[l]} {100 * share[l]:.0f} %" for l in np.argsort(-share)[:4])
         sd = lambda v: f"{v.std(ddof=1):.2f}" if len(v) > 1 else "-"
-        lines.append(f"| {name} | {len(scores)} | {full.mean():.2f} ± {sd(full)} | {sd(sub)} | "
+        lines.append(f"| {name} | {len(scores)} | {minutes:.1f} | {full.mean():.2f} ± {sd(full)} | {sd(sub)} | "
                      f"{boot:.2f} / {boot_sub:.2f} | {top} |")
     return "\n".join(lines) + "\n"
 
