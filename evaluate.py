@@ -349,6 +349,10 @@ def main(argv=None):
                                  f"{', '.join(predictions.IMAGE_EXTENSIONS)}, subfolders included)")
         if args.thresholds and not (args.image or args.images):
             raise ValueError("--thresholds best applies to --image / --images; the metrics use --threshold")
+        if args.image and args.images:
+            raise ValueError("--image and --images: pass one (files to print, or a folder to write as CSV)")
+        if args.out != "predictions.csv" and not args.images:
+            raise ValueError("--out names the CSV of --images DIR; the metrics go to --json")
         thresholds = predictions.thresholds_for(loaded[args.checkpoint], args.thresholds or args.threshold)
     except ValueError as e:
         p.error(str(e))
@@ -356,11 +360,15 @@ def main(argv=None):
 
     if args.image or args.images:
         model, ckpt, fmt = load_checkpoint_model(args.checkpoint, device, loaded[args.checkpoint])
-        if args.image:
-            return predictions.predict_images(model, ckpt, fmt, device, args.image, thresholds)
-        tc = ckpt["train_config"]
-        probs, bad = predictions.predict_folder(model, files, tc["image_size"], device, fmt, tc["batch_size"],
-                                            tc["num_workers"])
+        try:
+            if args.image:
+                return predictions.predict_images(model, ckpt, fmt, device, args.image, thresholds)
+            tc = ckpt["train_config"]
+            probs, bad = predictions.predict_folder(model, files, tc["image_size"], device, fmt, tc["batch_size"],
+                                                    tc["num_workers"])
+        except predictions.NonFinite:
+            sys.exit(f"error: --checkpoint {args.checkpoint}: the model gives non-finite scores; its weights hold "
+                     "NaN or inf (a diverged run?); use an earlier checkpoint")
         predictions.write_csv(args.out, args.images, files, probs, ckpt["classes"], thresholds)
         print(f"wrote {args.out}: {len(files) - len(bad)} images"
               + (f"; skipped {len(bad)} unreadable: {', '.join(bad[:10])}" + (" ..." if len(bad) > 10 else "")
@@ -427,8 +435,11 @@ def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> di
     other = None
     if args.compare_to:
         from data import DatasetError
-        o_scores, o_targets, _, o_feats, o_ckpt, o_ds, _ = score_split(args.compare_to, args.split, args.data_root,
-                                                                            device, args.compare_ckpt)
+        try:
+            o_scores, o_targets, _, o_feats, o_ckpt, o_ds, _ = score_split(args.compare_to, args.split, args.data_root,
+                                                                                device, args.compare_ckpt)
+        except ValueError as e:   # non-finite scores: one line naming that checkpoint
+            sys.exit(f"error: {e}".replace("--checkpoint", "--compare-to"))
         # The gain is per label and per image set: both runs must have seen the same labels and images.
         if o_ckpt["classes"] != classes or list(o_ds.ids) != list(ds.ids):
             raise DatasetError(f"--compare-to {args.compare_to}: another label set or other images; cannot compare per label")

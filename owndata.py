@@ -15,20 +15,22 @@ in the same ImageList and transforms as VOC and COCO, so every model, flag and m
     in --seed are judged on the same images), never on test.
 
 --dataset cocojson --data-root DIR
-    DIR/train.json, DIR/val.json, optionally DIR/test.json (no test.json: the test split is val.json, as
-    COCO's own val is its test), in COCO's instances format (images, annotations, categories: what CVAT,
-    Label Studio and others export); file_names relative to DIR or to DIR/images. The reader is
-    read_coco_json, which --dataset coco uses too. No val.json: held out from train.json as for csv.
+    DIR/train.json, DIR/val.json, optionally DIR/test.json, in COCO's instances format (images,
+    annotations, categories: what CVAT, Label Studio and others export); file_names relative to DIR or to
+    DIR/images. The reader is read_coco_json, which --dataset coco uses too. With test.json, val.json
+    picks the best epoch; without it, val.json is the test split (as COCO's own val) and the best epoch
+    is chosen on 10 % held out of train.json, as for csv without val.csv: never on the tested images.
 
 Every mistake is found here, at start-up, and named in one line with the file and the line (a CSV's
-header is line 1): a missing image, a label not in classes.txt, an image listed twice with different
-labels (listed twice with the same labels: read once), a row with the wrong number of fields, an empty
-split, a one-hot cell other than 0, 1, -1, a split whose classes differ from training's.
+header is line 1) or the json entry: a missing image, a label not in classes.txt, an image listed twice
+with different labels (listed twice with the same labels: read once), a row with the wrong number of
+fields, an empty split, a one-hot cell other than 0, 1, -1, a file that is not UTF-8, a json entry
+without its keys or listed twice, a split whose classes differ from training's. In a `labels` cell the
+names are split on '|' when the cell holds one (so names may contain spaces), else on whitespace.
 """
 import csv
 import json
 import os
-import re
 
 import numpy as np
 
@@ -74,11 +76,25 @@ def read_coco_json(ann, folders, empty="keep", how="", classes=None):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{ann} is not valid JSON ({e}); a truncated file? {how}") from None
     except (KeyError, TypeError) as e:
-        raise DatasetError(f"{ann} is not a COCO instances file: no {e} list") from None
+        raise DatasetError(f"{ann} is not a COCO instances file: it needs top-level 'images', 'annotations' and "
+                           f"'categories' lists ({type(e).__name__}: {e})") from None
+    for kind, entries, keys in (("image", images, ("id", "file_name")), ("category", cats, ("id", "name")),
+                                ("annotation", anns, ("image_id", "category_id"))):
+        for k, e in enumerate(entries):
+            gone = [key for key in keys if not isinstance(e, dict) or key not in e]
+            if gone:
+                raise DatasetError(f"{ann}: {kind} entry {k} ({str(e)[:80]}) has no {gone[0]!r}")
+    for kind, entries, key in (("image", images, "id"), ("image", images, "file_name"), ("category", cats, "id")):
+        seen = {}
+        for k, e in enumerate(entries):
+            if e[key] in seen:
+                raise DatasetError(f"{ann}: {kind} entries {seen[e[key]]} and {k} share the {key} {e[key]!r}; "
+                                   "each must be listed once")
+            seen[e[key]] = k
     cats = sorted(cats, key=lambda c: c["id"])   # ids may have gaps (COCO: 1..90); their order is the label order
     names = [c["name"] for c in cats]
     if classes is not None and names != list(classes):
-        raise DatasetError(f"{ann}: its categories {names} differ from the training split's {list(classes)}")
+        raise DatasetError(f"{ann}: its categories {short(names)} differ from the training split's {short(classes)}")
     col = {c["id"]: j for j, c in enumerate(cats)}
     # The json lists images in no promised order; sorting by id gives the same rows on every machine.
     images = sorted(images, key=lambda im: im["id"])
@@ -109,6 +125,16 @@ def holdout(n: int, fraction=HOLDOUT_FRACTION, seed=0):
 
 def _csv_rows(path):
     """(header, [(line number, row)]) of a CSV, every row checked against the header's width."""
+    try:
+        return _read_csv_rows(path)
+    except UnicodeDecodeError as e:   # Excel's "CSV" in cp1252, or not a text file at all
+        raise DatasetError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                           "'CSV UTF-8' (Excel) or convert it: iconv -f cp1252 -t utf-8") from None
+    except csv.Error as e:
+        raise DatasetError(f"{path}: not a readable CSV ({e})") from None
+
+
+def _read_csv_rows(path):
     with open(path, newline="", encoding="utf-8-sig") as fh:   # -sig: Excel's byte-order mark
         reader = csv.reader(fh)
         header = next(reader, None)
@@ -130,6 +156,19 @@ def _csv_rows(path):
     return header, rows
 
 
+def split_names(cell: str) -> list:
+    """A `labels` cell -> class names: split on '|' when the cell has one (names may then hold spaces,
+    "traffic light|car"), else on whitespace ("cat dog")."""
+    parts = cell.split("|") if "|" in cell else cell.split()
+    return [p.strip() for p in parts if p.strip()]
+
+
+def short(names, k=10) -> str:
+    """A class list for a one-line message: the first k names, then how many more."""
+    names = list(names)
+    return str(names[:k])[:-1] + (f", ... {len(names) - k} more]" if len(names) > k else "]")
+
+
 def csv_classes(root):
     """The label order: classes.txt when present, else the sorted union of the names in train.csv."""
     listed = os.path.join(root, "classes.txt")
@@ -142,7 +181,7 @@ def csv_classes(root):
     header, rows = _csv_rows(os.path.join(root, "train.csv"))
     if "labels" in header:
         j = header.index("labels")
-        return sorted({n for _, row in rows for n in re.split(r"[|\s]+", row[j]) if n})
+        return sorted({n for _, row in rows for n in split_names(row[j])})
     return sorted(h for h in header if h != "image")   # one-hot: the column names, sorted as names would be
 
 
@@ -156,17 +195,17 @@ def read_csv_split(path, root, classes):
         lab = header.index("labels")
         for line, row in rows:
             t = np.zeros(len(classes), np.float32)
-            for name in (n for n in re.split(r"[|\s]+", row[lab]) if n):
+            for name in split_names(row[lab]):
                 if name not in col:
                     where = "classes.txt" if os.path.isfile(os.path.join(root, "classes.txt")) else "train.csv"
                     raise DatasetError(f"{path}, line {line}: label {name!r} is not in {where}'s classes "
-                                       f"{classes}; fix the name or add it there")
+                                       f"{short(classes)}; fix the name or add it there")
                 t[col[name]] = 1.0
             targets.append(t)
     else:
         columns = [h for h in header if h != "image"]
         if sorted(columns) != sorted(classes):
-            raise DatasetError(f"{path}: its class columns {columns} are not the classes {classes}"
+            raise DatasetError(f"{path}: its class columns {short(columns)} are not the classes {short(classes)}"
                                + (" of classes.txt" if os.path.isfile(os.path.join(root, "classes.txt")) else ""))
         where = [header.index(c) for c in classes]   # column of each class, in the label order
         for line, row in rows:
@@ -215,9 +254,12 @@ def read_own(kind, root, split, empty="keep"):
     if missing:
         raise DatasetError(f"--dataset {kind}: no {' and no '.join(missing)}; see README 'Your own data'")
     source = split
-    if split == "test" and kind == "cocojson" and not os.path.isfile(file("test")):
-        source = "val"                                   # COCO's habit: val is the test split
-    held_out = split in ("train", "val") and not os.path.isfile(file("val"))
+    # cocojson without test.json: val.json is the test split (COCO's habit), so the best epoch cannot be
+    # chosen on it too: val is then held out of train.json, as when there is no val file at all.
+    val_is_test = kind == "cocojson" and not os.path.isfile(file("test"))
+    if split == "test" and val_is_test:
+        source = "val"
+    held_out = split in ("train", "val") and (val_is_test or not os.path.isfile(file("val")))
     if split == "val" and held_out:
         source = "train"
     if kind == "csv":

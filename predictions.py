@@ -56,6 +56,10 @@ def list_images(folder: str) -> list:
     return sorted(found)
 
 
+class NonFinite(ValueError):
+    """The model gives NaN or inf: its weights do (a diverged run); evaluate.py names the checkpoint."""
+
+
 class _Files(torch.utils.data.Dataset):
     """Image files -> (image, index, readable); an unreadable file gives zeros and readable = False, so one
     corrupt photo is reported and skipped instead of stopping the folder."""
@@ -81,6 +85,8 @@ def predict_folder(model, files, image_size, device, fmt, batch_size=32, num_wor
     for x, index, ok in tqdm(loader, desc="predict", dynamic_ncols=True):
         logits = model(x.to(device, memory_format=fmt))[0].float()          # (B, L)
         p = torch.sigmoid(logits).cpu().numpy()
+        if not np.isfinite(p[ok.numpy()]).all():
+            raise NonFinite()
         if probs is None:
             probs = np.full((len(files), p.shape[1]), np.nan)
         probs[index[ok].numpy()] = p[ok.numpy()]
@@ -130,6 +136,8 @@ def predict_images(model, ckpt, fmt, device, files, thresholds):
             continue
         with torch.no_grad():
             probs = torch.sigmoid(model(x)[0].float())[0].cpu()                   # (1, L) -> (L,)
+        if not torch.isfinite(probs).all():
+            raise NonFinite()
         order = probs.argsort(descending=True).tolist()
         hits = [l for l in order if probs[l] >= thresholds[l]]
         if hits:

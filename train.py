@@ -205,9 +205,10 @@ def diverged_message(watch, epoch: int, tcfg: TrainConfig) -> str:
     """One line: where it happened, the loss parts, what is on disk, and what to try."""
     step, loss, aux = watch
     kept = f"last.pt holds epoch {epoch}" if epoch > 0 else "no checkpoint was written (it diverged in epoch 1)"
-    return (f"the loss became non-finite at step {int(step)} (epoch {epoch + 1}): classification loss {loss}, aux loss "
-            f"{aux}; {kept} in {tcfg.out_dir}; try a lower --lr (now {tcfg.lr:g}), --no-amp, or --grad-clip 1 "
-            f"(now {tcfg.grad_clip:g}), then train anew or --resume")
+    where = f"at step {int(step)}" if step >= 0 else "in the weights (validation scores)"
+    return (f"the loss became non-finite {where} (epoch {epoch + 1}): classification loss {loss}, aux loss {aux}; "
+            f"{kept} in {tcfg.out_dir}; start a new run (another --out-dir: --resume keeps the old settings) "
+            f"with a lower --lr (now {tcfg.lr:g}), --no-amp, or --grad-clip 1 (now {tcfg.grad_clip:g})")
 
 
 def describe_only(tcfg: TrainConfig, mcfg: ModelConfig):
@@ -435,7 +436,10 @@ def main(argv=None):
             sums += parts
             fresh = ~torch.isfinite(parts).all() & (watch[0] < 0)
             watch = torch.where(fresh, torch.cat([parts.new_tensor([step]), parts]), watch)
-            if (device.type != "cuda" or i % 10 == 0 or i + 1 == len(train_loader)) and watch[0].item() >= 0:
+            if world > 1:   # every rank stops together (else the others would wait in the next all-reduce)
+                if (i % 10 == 0 or i + 1 == len(train_loader)) and distributed.all_sum((watch[0] >= 0).float()) > 0:
+                    raise Diverged(diverged_message(watch.tolist(), epoch, tcfg))
+            elif (device.type != "cuda" or i % 10 == 0 or i + 1 == len(train_loader)) and watch[0].item() >= 0:
                 raise Diverged(diverged_message(watch.tolist(), epoch, tcfg))
             if info["gate_weights"] is not None:   # the collapse watch: where the gate sent this batch
                 gate_mass = gate_mass + info["gate_weights"].detach().mean(0)   # (B, L, E) -> (L, E)
@@ -453,10 +457,16 @@ def main(argv=None):
 
         # ---- validation: raw and EMA weights; the better one is what "best" means
         distributed.sync_buffers(model)   # one set of BatchNorm statistics (rank 0's) on every rank
-        val_maps = {"raw": multilabel_metrics(*predict(model, eval_loaders["val"], device, amp_dtype, fmt)[:2])["mAP"]}
+
+        def val_map(net):
+            scores, targets = predict(net, eval_loaders["val"], device, amp_dtype, fmt)[:2]
+            if not np.isfinite(scores).all():   # the epoch's last update made the weights NaN: no loss saw it
+                raise Diverged(diverged_message([-1, loss_avg, aux_avg], epoch, tcfg))
+            return multilabel_metrics(scores, targets)["mAP"]
+        val_maps = {"raw": val_map(model)}
         if ema is not None:
             distributed.sync_buffers(ema)
-            val_maps["ema"] = multilabel_metrics(*predict(ema, eval_loaders["val"], device, amp_dtype, fmt)[:2])["mAP"]
+            val_maps["ema"] = val_map(ema)
         which = max(val_maps, key=val_maps.get)
         improved = val_maps[which] > best_map
         best_map = max(best_map, val_maps[which])

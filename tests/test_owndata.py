@@ -180,15 +180,49 @@ def cocojson_tree(root):
     return out
 
 
-def test_cocojson_reads_ids_in_order_and_tests_on_val(tmp_path):
+@pytest.mark.parametrize("with_test", [False, True])
+def test_cocojson_reads_ids_in_order(tmp_path, with_test):
+    """Rows sorted by image id, classes by category id. With test.json, val.json picks the best epoch;
+    without it, val.json is the test split and val is held out of train.json (never the tested images)."""
     tree = cocojson_tree(str(tmp_path))
-    for split, source in (("train", "train"), ("val", "val"), ("test", "val")):
-        ds = data.build_dataset("cocojson", split, str(tmp_path), 32)
+    if with_test:
+        names, labels = images(str(tmp_path / "images"), 6, seed=5), label_sets(6, 25)
+        coco_json(str(tmp_path / "test.json"), names, labels, CATS)
+        tree["test"] = (names, labels)
+    got = {s: data.build_dataset("cocojson", s, str(tmp_path), 32) for s in ("train", "val", "test")}
+    for split, ds in got.items():
         assert ds.classes == ["cat", "dog", "car"]
+        source = {"train": "train", "val": "val" if with_test else "train", "test": "test" if with_test else "val"}[split]
         names, labels = tree[source]
         order = np.argsort([100 - i for i in range(len(names))])           # rows sorted by image id
-        assert [os.path.basename(p) for p in ds.paths] == [names[i] for i in order]
-        assert np.array_equal(ds.targets.numpy(), expected([labels[i] for i in order], ds.classes))
+        rows = [i for i in order if names[i] in {os.path.basename(p) for p in ds.paths}]
+        assert [os.path.basename(p) for p in ds.paths] == [names[i] for i in rows]
+        assert np.array_equal(ds.targets.numpy(), expected([labels[i] for i in rows], ds.classes))
+    if not with_test:   # train and val partition train.json
+        assert len(got["train"]) == 14 and len(got["val"]) == 2 and not set(got["train"].paths) & set(got["val"].paths)
+
+
+def test_cocojson_mistakes_are_named(tmp_path):
+    cocojson_tree(str(tmp_path))
+    js = json.load(open(tmp_path / "train.json"))
+    js["images"].append(dict(js["images"][0]))                          # the same image id twice
+    json.dump(js, open(tmp_path / "train.json", "w"))
+    with pytest.raises(data.DatasetError, match="train.json: image entries 0 and 16 share the id 100"):
+        data.build_dataset("cocojson", "train", str(tmp_path), 32)
+    del js["images"][16]
+    del js["annotations"][0]["category_id"]
+    json.dump(js, open(tmp_path / "train.json", "w"))
+    with pytest.raises(data.DatasetError, match="train.json: annotation entry 0 .* has no 'category_id'"):
+        data.build_dataset("cocojson", "train", str(tmp_path), 32)
+
+
+def test_names_with_spaces_split_on_bars(tmp_path):
+    csv_tree(str(tmp_path))
+    open(tmp_path / "classes.txt", "w").write("traffic light\ncat\n")
+    write_csv(str(tmp_path / "test.csv"), ["image", "labels"], [["img/im2_0.png", "traffic light|cat"],
+                                                                ["img/im2_1.png", "cat"]])
+    ds = data.build_dataset("csv", "test", str(tmp_path), 32)
+    assert ds.targets.tolist() == [[1.0, 1.0], [0.0, 1.0]]
 
 
 def test_coco_and_cocojson_share_one_reader(tmp_path, monkeypatch):
@@ -198,7 +232,7 @@ def test_coco_and_cocojson_share_one_reader(tmp_path, monkeypatch):
     os.symlink(tmp_path / "own" / "images", coco / "val2014")
     os.symlink(tmp_path / "own" / "val.json", coco / "annotations" / "instances_val2014.json")
     a = data.build_dataset("coco", "val", str(coco), 32)
-    b = data.build_dataset("cocojson", "val", str(tmp_path / "own"), 32)
+    b = data.build_dataset("cocojson", "test", str(tmp_path / "own"), 32)   # no test.json: val.json
     assert a.classes == b.classes and np.array_equal(a.targets.numpy(), b.targets.numpy())
     calls = []
     monkeypatch.setattr(data, "read_coco_json", lambda *args, **kw: calls.append(args) or owndata.read_coco_json(*args, **kw))
@@ -214,6 +248,12 @@ def test_train_evaluate_and_predict_a_folder(tmp_path, capsys):
     assert metrics["split"] == "test" and metrics["best_epoch_chosen_on"] == "val"
     ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=False)
     assert ckpt["classes"] == CLASSES and len(ckpt["thresholds"]) == 3
+    # the saved thresholds are best_f1_thresholds of the val split's scores (not test's)
+    val_scores, val_targets = evaluate.score_split(os.path.join(out, "best.pt"), "val", None, torch.device("cpu"))[:2]
+    assert np.allclose(ckpt["thresholds"], best_f1_thresholds(val_scores, val_targets))
+    # then extreme ones, so that --thresholds best visibly decides: car always, cat never, dog at 0.5
+    ckpt["thresholds"] = [1.01, 0.5, 0.0]
+    torch.save(ckpt, os.path.join(out, "best.pt"))
     # a folder with one corrupt file: listed and skipped, the others written
     folder = tmp_path / "photos"
     names = images(str(folder), 5, seed=3)
@@ -232,6 +272,7 @@ def test_train_evaluate_and_predict_a_folder(tmp_path, capsys):
     assert np.allclose(got, ref, atol=1e-5)
     thr = np.asarray(ckpt["thresholds"])
     assert [r["labels"] for r in rows] == ["|".join(c for c, p, t in zip(CLASSES, q, thr) if p >= t) for q in ref]
+    assert all("car" in r["labels"] and "cat" not in r["labels"] for r in rows)
 
 
 def test_one_line_errors_from_the_command_line(tmp_path):
@@ -249,7 +290,11 @@ def test_data_stats_on_own_data(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--dataset", "cocojson", "--data-root",
                         str(tmp_path), "--stats"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0
-    assert "split sizes: train 16, val 8, test 8" in p.stdout, p.stdout[-500:] + p.stderr[-500:]
+    assert "split sizes: train 14, val 2, test 8" in p.stdout, p.stdout[-500:] + p.stderr[-500:]
+    csv_tree(str(tmp_path / "csv"))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--dataset", "csv", "--data-root",
+                        str(tmp_path / "csv"), "--stats"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0 and "split sizes: train 24, val 8, test 8" in p.stdout, p.stderr[-500:]
 
 
 def test_best_f1_thresholds_by_hand():
@@ -273,7 +318,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_epoch(tmp_path, monkeypatch
         return (loss * float("nan"), info) if args[-1] == 4 else (loss, info)
     monkeypatch.setattr(train, "train_step", poisoned)
     with pytest.raises(train.Diverged, match=r"non-finite at step 4 \(epoch 2\): classification loss nan.*"
-                                             r"last.pt holds epoch 1.*--lr.*--no-amp.*--grad-clip"):
+                                             r"last.pt holds epoch 1.*new run.*--lr.*--no-amp.*--grad-clip"):
         train.main(tiny + ["--out-dir", out])
     last = torch.load(os.path.join(out, "last.pt"), weights_only=False)
     assert last["epoch"] == 0                                                   # epoch 1, as it wrote it
@@ -290,3 +335,27 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_epoch(tmp_path, monkeypatch
     assert p.returncode != 0 and "nan.pt" in p.stderr and "non-finite" in p.stderr
     last_line = p.stderr.strip().splitlines()[-1]                              # above it: progress bars only
     assert "Traceback" not in p.stderr and last_line.startswith("error: --checkpoint") and "nan.pt" in last_line
+    images(str(tmp_path / "photos"), 2)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", str(tmp_path / "nan.pt"),
+                        "--images", str(tmp_path / "photos"), "--out", str(tmp_path / "p.csv")],
+                       cwd=ROOT, capture_output=True, text=True)
+    last_line = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "nan.pt" in last_line and "non-finite" in last_line
+
+
+def test_nan_weights_after_an_epochs_last_step_are_caught_at_validation(tmp_path, monkeypatch):
+    """The loss is computed before the update: NaN weights from the epoch's last step show only in the
+    validation scores, which must stop the run the same way (not a traceback inside the metrics)."""
+    real = train.train_step
+
+    def poison_weights(step_model, model, *rest):
+        out = real(step_model, model, *rest)
+        if rest[-1] == 2:                                   # the last step of epoch 1 (2 steps per epoch)
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return out
+    monkeypatch.setattr(train, "train_step", poison_weights)
+    tiny = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",
+            "--expert-hidden", "32", "--limit", "32", "--batch-size", "16", "--epochs", "2", "--ema-decay", "0"]
+    with pytest.raises(train.Diverged, match=r"non-finite in the weights \(validation scores\) \(epoch 1\).*no checkpoint"):
+        train.main(tiny + ["--out-dir", str(tmp_path / "run")])
