@@ -24,7 +24,6 @@ DatasetError with a message that says where it looked and how to get the data.
     python -m pytest -q tests/test_data.py tests/test_real_data.py
 """
 import argparse
-import json
 import os
 
 import numpy as np

@@ -54,7 +54,6 @@ shared and task experts) and, with --analysis, draws analysis.py's pictures:
 The first rebuilds the model from the checkpoint alone, prints every metric,
 a per-label AP table with gate statistics, and writes them to JSON.
 """
-import argparse
 import json
 import os
 import sys
@@ -65,7 +64,7 @@ from tqdm import tqdm
 
 import analysis
 import predictions
-from checkpoint import judged_weights, load_checkpoint_model, read_checkpoint  # noqa: F401 (also evaluate.*)
+from checkpoint import load_checkpoint_model, read_checkpoint
 from config import Parser, amp_dtype_for, check_device, pick_device
 from distributed import gather_rows, is_main
 

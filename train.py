@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 import distributed
 from data import NUM_LABELS, DatasetError, build_dataset, download_voc
-from evaluate import average_precision, judged_weights, multilabel_metrics, predict
+from checkpoint import judged_weights
+from evaluate import average_precision, multilabel_metrics, predict
 from baselines import asymmetric_loss
 from config import TrainConfig, amp_dtype_for, parse_args, pick_device
 from gating import expert_load, expert_names
