@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModelConfig, WeightsUnavailable, build_backbone, describe
+from backbones import WeightsUnavailable, backbone_from_config
 
 # Per-model settings layered over the dataset preset (train.py: flag > model preset > dataset preset).
 MODEL_PRESETS = {
@@ -77,12 +77,10 @@ MODELS = tuple(MODEL_PRESETS)
 class LinearHead(nn.Module):
     """logit[b, l] = <W_l, GAP(backbone(x))[b]> + c_l: what any head has to beat."""
 
-    def __init__(self, cfg: ModelConfig, verbose: bool = True):
+    def __init__(self, cfg):   # cfg: model.ModelConfig
         super().__init__()
-        self.backbone, channels = build_backbone(cfg.backbone, cfg.weights, cfg.feature_layer)
+        self.backbone, channels = backbone_from_config(cfg)
         self.fc = nn.Linear(channels, cfg.num_labels)
-        if verbose:
-            print(describe(self, cfg))
 
     def forward(self, x: torch.Tensor):
         f = self.backbone(x).float().mean(dim=(2, 3))                      # (B, C, h, w) -> (B, C)
@@ -163,11 +161,11 @@ class MLGCN(nn.Module):
     Global max pooling over any map size (the official code max-pools a fixed 14 x 14 map, i.e. 448 px).
     """
 
-    def __init__(self, cfg: ModelConfig, classes=None, verbose: bool = True):
+    def __init__(self, cfg, classes=None):   # cfg: model.ModelConfig
         super().__init__()
         L, V = cfg.num_labels, 300
         self.cfg = cfg
-        self.backbone, channels = build_backbone(cfg.backbone, cfg.weights, cfg.feature_layer)
+        self.backbone, channels = backbone_from_config(cfg)
         if cfg.word_vectors:
             # A buffer: fixed inputs saved with the weights, so a checkpoint works without the file.
             vec = load_word_vectors(cfg.word_vectors, classes) if classes is not None else torch.zeros(L, V)
@@ -182,8 +180,6 @@ class MLGCN(nn.Module):
         self.gc2 = nn.Parameter(torch.empty(cfg.gcn_hidden, channels).uniform_(-channels ** -0.5, channels ** -0.5))
         # The identity until train.py sets the graph from the training labels; saved with the weights.
         self.register_buffer("adj", torch.eye(L))
-        if verbose:
-            print(describe(self, cfg))
 
     def set_label_graph(self, targets):
         """Build adj from the training labels (N, L): mlgcn_adjacency(label_cooccurrence(targets))."""

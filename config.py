@@ -23,7 +23,8 @@ import torch
 
 from baselines import MODEL_PRESETS, q2l_width
 from gating import GATE_KINDS
-from model import ModelConfig, backbone_channels, config_field
+from backbones import backbone_channels
+from model import ModelConfig, config_field
 
 DESCRIPTION = "Train DR-MoE (or a variant of its gate, or a baseline) for multi-label image classification."
 
@@ -133,7 +134,7 @@ BUDGETS = {
     "demo": dict(),
     "study": dict(epochs=20, test_images=10000),
 }
-GROUPS = ("data", "model", "mixture of experts", "baselines", "training", "system")
+GROUPS = ("data", "model", "mixture of experts", "backbone MoE", "baselines", "training", "system")
 # Flags that change where or how fast a run runs, not what it learns: left out of the default run folder's name.
 SYSTEM = {"dataset", "data_root", "download", "device", "amp", "channels_last", "compile", "sync_bn",
           "num_workers", "out_dir", "resume", "describe", "collapse_threshold"}
@@ -282,7 +283,7 @@ def parse_args(argv=None):
     add_config_args(parser, TrainConfig, groups, skip=("resume",))
     groups["system"].add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                                   help=TrainConfig.__dataclass_fields__["resume"].metadata["help"] + " [bare flag: auto]")
-    add_config_args(parser, ModelConfig, groups, skip=("num_labels",))
+    add_config_args(parser, ModelConfig, groups, skip=("num_labels", "image_size"))
     groups["system"].add_argument("--describe", action="store_true", default=None,
                                   help="build the model for the dataset's labels, print parameters and GFLOPs, "
                                        "exit (no data read)")

@@ -104,11 +104,17 @@ class Gate(nn.Module):
         # Switch-style balance loss, aux = E * sum_e f_e * P_e, per label then averaged (see docstring).
         P = dense.mean(dim=0)                                              # (L, E) mean routing probability
         f = routed.mean(dim=0).detach() if routed is not dense else P      # (L, E) fraction routed
-        aux_loss = self.num_experts * (f * P).sum(dim=-1).mean()
-        return weights, aux_loss
+        return weights, switch_balance(P, f)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, experts={self.num_experts}, top_k={self.top_k}, temperature={self.temperature}"
+
+
+def switch_balance(P: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's balance loss (Fedus et al. 2022, eq. 4), E * sum_e f_e * P_e, for P and f (..., E):
+    P the mean routing probability, f the fraction routed (no gradient through f, a count). Rows (the head
+    gate's labels) are averaged. At perfect balance (f = P = 1/E) it is 1; on one expert, E."""
+    return P.shape[-1] * (f * P).sum(dim=-1).mean()
 
 
 def expert_names(shared: int, task: int):

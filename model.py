@@ -32,15 +32,14 @@ Choices the papers leave open, made here (each is a config field):
 Forward returns (logits (B, L), info) where info = {"gate_weights": (B, L, E) fp32, "aux_loss": scalar,
 "image_feature": g (B, D)}, so train.py adds the load-balancing loss and evaluate.py analyses the routing.
 """
-import os
-import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torchvision
 
+from backbone_moe import PLACEMENTS, parameter_split
+from backbones import backbone_from_config
+from baselines import MLGCN, LinearHead
 from experts import Experts
 from gating import Gate
 
@@ -54,9 +53,21 @@ def config_field(default, help: str, group: str = "model"):
 class ModelConfig:
     model: str = config_field("drmoe", "drmoe | hsq | q2l | mlgcn | linear (the baselines: baselines.py)")
     num_labels: int = config_field(20, "L, the number of labels (set from the dataset by train.py)")
-    backbone: str = config_field("resnet18", "torchvision model name: the ResNet family, or any model with .features")
+    backbone: str = config_field("resnet18", "torchvision name (ResNet, ConvNeXt, Swin, ViT, EfficientNet, MobileNet) "
+                                 "or a small from-scratch one: vit_tiny | convnext_mini (backbones.SMALL)")
     weights: str = config_field("none", "backbone init: none | DEFAULT (torchvision's ImageNet weights) | PATH")
     feature_layer: str = config_field("layer4", "ResNets: cut the backbone after this stage (layer1..layer4)")
+    image_size: int = config_field(224, "the input side a ViT's position embeddings are made for (set from "
+                                        "--image-size by train.py)")
+    backbone_moe: str = config_field("none", "MoE in the backbone's MLPs (ViT, ConvNeXt): " + " | ".join(PLACEMENTS) +
+                                     " (backbone_moe.py; the sweet-spot paper's default: last2)", "backbone MoE")
+    backbone_experts: int = config_field(8, "N, experts per backbone MoE layer", "backbone MoE")
+    backbone_top_k: int = config_field(1, "k experts per token (the paper's defaults: ConvNeXt 1, ViT 2)", "backbone MoE")
+    backbone_capacity: float = config_field(0.0, "capacity factor c: an expert takes at most ceil(c T k / N) of "
+                                                 "a batch's T tokens, the rest skip it (0 = no limit)", "backbone MoE")
+    backbone_renorm: bool = config_field(False, "renormalise the k kept router weights to sum to 1 (the paper and "
+                                                "V-MoE do not; an upcycled model then starts equal to the dense one)",
+                                         "backbone MoE")
     dim: int = config_field(256, "D, width of the label decoder and the experts (q2l: the backbone's C, as Q2L's commands)")
     heads: int = config_field(4, "attention heads in the encoder and the label decoder")
     enc_layers: int = config_field(0, "transformer encoder layers over the image tokens (Q2L: 1)")
@@ -75,77 +86,6 @@ class ModelConfig:
     gcn_hidden: int = config_field(1024, "ML-GCN: hidden width of its two-layer GCN (300 -> hidden -> C)", "baselines")
     gcn_threshold: float = config_field(0.4, "ML-GCN: t, binarise P(j|i) at this value (paper eq. 7)", "baselines")
     gcn_reweight: float = config_field(0.2, "ML-GCN: p, weight of the neighbours vs the node itself (eq. 8)", "baselines")
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights were asked for but cannot be had (offline, wrong path). Scripts print it, no traceback."""
-
-
-def load_backbone_weights(net: nn.Module, name: str, weights: str):
-    """Fill `net` with ImageNet weights (weights="DEFAULT", torchvision's download + cache) or a local file."""
-    if weights.upper() == "DEFAULT":
-        w = torchvision.models.get_model_weights(name).DEFAULT
-        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-        try:
-            state = w.get_state_dict(progress=True, check_hash=True)   # downloads once into `cache`
-        except Exception as e:   # URLError, socket timeouts, hash mismatch: all mean "no usable file"
-            raise WeightsUnavailable(
-                f"could not get the pretrained weights {w} ({type(e).__name__}: {e}).\n"
-                f"  Offline? Download {w.url}\n  and place it as {cache}/{os.path.basename(w.url)},\n"
-                f"  or pass --weights PATH (a state_dict file) or --weights none (train from scratch).") from None
-    else:
-        if not os.path.isfile(weights):
-            raise WeightsUnavailable(f"--weights {weights!r}: no such file (expected none, DEFAULT or a path)")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)   # accept both a bare state_dict and {"state_dict": ...}
-    missing, _ = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]   # the ImageNet head is dropped anyway
-    if missing:
-        raise WeightsUnavailable(f"weights {weights!r} do not fit {name}: missing {missing[:5]}...")
-
-
-def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer4"):
-    """A torchvision model by name, cut before its pooling/classifier -> (module, C output channels)."""
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"--backbone {name!r} is not a torchvision image classifier; e.g. resnet18, resnet50, "
-                         "resnet101, convnext_tiny, efficientnet_b0 (torchvision.models.list_models())")
-    net = torchvision.models.get_model(name, weights=None)
-    if weights.lower() != "none":
-        load_backbone_weights(net, name, weights)
-    if hasattr(net, "layer4"):
-        # ResNet, ResNeXt, Wide-ResNet: keep the stem and the stages up to feature_layer; drop avgpool and fc.
-        stages = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-        if feature_layer not in stages[4:]:
-            raise ValueError(f"--feature-layer must be one of layer1..layer4 for {name}, got {feature_layer!r}")
-        body = nn.Sequential(OrderedDict((s, getattr(net, s)) for s in stages[:stages.index(feature_layer) + 1]))
-    elif hasattr(net, "features"):
-        body = net.features   # VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet: all convolutional stages
-    else:
-        raise ValueError(f"--backbone {name!r} is not supported yet: expected a ResNet-style (.layer4) or "
-                         "a .features model (ConvNeXt, EfficientNet, MobileNet, VGG, DenseNet)")
-    # Read C off a dummy forward (eval mode, so BatchNorm statistics are not touched).
-    body.eval()
-    with torch.no_grad():
-        channels = body(torch.zeros(1, 3, 64, 64)).shape[1]
-    body.train()
-    return body, channels
-
-
-def backbone_channels(name: str, feature_layer: str = "layer4") -> int:
-    """C of build_backbone(name, feature_layer) without building it for real: on the meta device no memory is
-    allocated and no weight is initialised, so config.py can ask it at parse time (ResNet-101 in ~0.1 s).
-    Raises ValueError for a model that is not a torchvision classifier of a supported kind."""
-    # Some torchvision builders warn (googlenet, inception_v3) or cannot run on meta tensors (regnet's
-    # init copies values): at parse time either must still end in one line, never a traceback.
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return build_backbone(name, "none", feature_layer)[1]
-        except ValueError:
-            raise
-        except Exception as e:
-            raise ValueError(f"--backbone {name}: could not be built here ({type(e).__name__}); "
-                             "use a ResNet, ConvNeXt, EfficientNet or MobileNet from torchvision") from None
 
 
 def sine_positional_encoding(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -231,11 +171,11 @@ class DRMoE(nn.Module):
     measures exactly the ideas the papers differ in (baselines.py spells out each one's settings).
     """
 
-    def __init__(self, cfg: ModelConfig, verbose: bool = True):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         L, D = cfg.num_labels, cfg.dim
-        self.backbone, channels = build_backbone(cfg.backbone, cfg.weights, cfg.feature_layer)
+        self.backbone, channels = backbone_from_config(cfg)
         # C -> D per location. When C already equals D (Q2L's ResNet-101 at D = 2048) there is nothing to
         # project, and Q2L's official code (without --keep_input_proj) uses no layer here either.
         self.proj = nn.Conv2d(channels, D, kernel_size=1) if channels != D else nn.Identity()
@@ -249,8 +189,6 @@ class DRMoE(nn.Module):
         # Per-label classifier: label l has its own weight vector W_l (D,) and bias c_l, not one shared Linear.
         self.cls_weight = nn.Parameter(torch.empty(L, D).uniform_(-D ** -0.5, D ** -0.5))
         self.cls_bias = nn.Parameter(torch.zeros(L))
-        if verbose:
-            print(describe(self, cfg))
 
     def forward(self, x: torch.Tensor):
         """x (B, 3, H_img, W_img) normalised images -> (logits (B, L), info dict)."""
@@ -274,15 +212,24 @@ class DRMoE(nn.Module):
 
 
 def describe(model: nn.Module, cfg: ModelConfig) -> str:
-    """One line: the model's name, its parameter count split into backbone and head, and its key settings."""
+    """One line: the model's name, its parameter count split into backbone and head, and its key settings.
+    With MoE in the backbone also the activated parameters: what one token runs (k of each layer's N experts),
+    the count the sweet-spot paper plots accuracy against."""
     n_all = sum(p.numel() for p in model.parameters())
     n_bb = sum(p.numel() for p in model.backbone.parameters())
+    total, active = parameter_split(model)
+    if cfg.backbone_moe != "none":
+        n_moe = len([m for m in model.backbone.modules() if type(m).__name__ == "SparseMoE"])
+        extra_bb = (f"; backbone MoE {cfg.backbone_moe}: {n_moe} layers x {cfg.backbone_experts} experts, top-{cfg.backbone_top_k}, "
+                    f"{active / 1e6:.2f}M of {total / 1e6:.2f}M parameters activated per token")
+    else:
+        extra_bb = ""
     extra = (f"gate={cfg.gate}, S={cfg.shared_experts}, T={cfg.task_experts}, moe_layers={cfg.moe_layers}"
              if cfg.model in ("drmoe", "hsq") else
              f"D={cfg.dim}, enc={cfg.enc_layers}, dec={cfg.layers}" if cfg.model == "q2l" else
              f"gcn 300->{cfg.gcn_hidden}->C" if cfg.model == "mlgcn" else "GAP + linear")
     return (f"{cfg.model}: {n_all / 1e6:.2f}M parameters ({n_bb / 1e6:.2f}M backbone {cfg.backbone}, "
-            f"{(n_all - n_bb) / 1e6:.2f}M head; {extra})")
+            f"{(n_all - n_bb) / 1e6:.2f}M head; {extra}{extra_bb})")
 
 
 def build_model(cfg: ModelConfig, verbose: bool = True, classes=None) -> nn.Module:
@@ -291,13 +238,16 @@ def build_model(cfg: ModelConfig, verbose: bool = True, classes=None) -> nn.Modu
     `classes` (label names) is only read by ML-GCN, to look up its word vectors by name.
     """
     if cfg.model in ("drmoe", "hsq", "q2l"):
-        return DRMoE(cfg, verbose=verbose)
-    from baselines import LinearHead, MLGCN   # imported here: baselines.py itself imports this file
-    if cfg.model == "linear":
-        return LinearHead(cfg, verbose=verbose)
-    if cfg.model == "mlgcn":
-        return MLGCN(cfg, classes=classes, verbose=verbose)
-    raise ValueError(f"unknown model {cfg.model!r}; choose drmoe | hsq | q2l | mlgcn | linear")
+        model = DRMoE(cfg)
+    elif cfg.model == "linear":
+        model = LinearHead(cfg)
+    elif cfg.model == "mlgcn":
+        model = MLGCN(cfg, classes=classes)
+    else:
+        raise ValueError(f"unknown model {cfg.model!r}; choose drmoe | hsq | q2l | mlgcn | linear")
+    if verbose:
+        print(describe(model, cfg))
+    return model
 
 
 def set_memory_format(model: nn.Module, fmt=torch.channels_last) -> nn.Module:

@@ -55,7 +55,9 @@ from evaluate import average_precision, multilabel_metrics, predict
 from baselines import asymmetric_loss
 from config import TrainConfig, amp_dtype_for, parse_args, pick_device
 from gating import expert_load, expert_names
-from model import ModelConfig, WeightsUnavailable, build_model, flops_per_image, set_memory_format
+from backbone_moe import backbone_aux_loss, moe_layers
+from backbones import WeightsUnavailable
+from model import ModelConfig, build_model, flops_per_image, set_memory_format
 from predictions import best_f1_thresholds
 
 
@@ -126,7 +128,11 @@ def train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg: TrainConfi
         loss_cls = (asymmetric_loss(logits, y, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip,
                                     tcfg.asl_eps, tcfg.asl_detach_focusing)
                     if tcfg.loss == "asl" else masked_bce(logits, y))
-        loss = loss_cls + tcfg.aux_loss_coef * info["aux_loss"]
+        # MoE inside the backbone leaves each layer's balance loss on the layer (backbone_moe.py); the one
+        # --aux-loss-coef weighs head and backbone alike, and the two are logged apart.
+        bb_aux = backbone_aux_loss(model)
+        info["backbone_aux"] = bb_aux if bb_aux is not None else torch.zeros((), device=x.device)
+        loss = loss_cls + tcfg.aux_loss_coef * (info["aux_loss"] + info["backbone_aux"])
     optimizer.zero_grad(set_to_none=True)   # None, not zeros: no memset, and the first accumulation is a copy
     scaler.scale(loss).backward()   # under DDP, backward also averages the gradients over the ranks
     if tcfg.grad_clip > 0:
@@ -217,6 +223,7 @@ def describe_only(tcfg: TrainConfig, mcfg: ModelConfig):
     # Your own data: L is the number of classes its files name (read, not generated: cheap).
     mcfg.num_labels = NUM_LABELS.get(tcfg.dataset) or len(build_dataset(tcfg.dataset, tcfg.train_split, tcfg.data_root,
                                                                         limit=1).classes)
+    mcfg.image_size = tcfg.image_size
     if mcfg.weights.lower() != "none":
         print(f"(--describe builds with random weights: same size as --weights {mcfg.weights}, no download)")
         mcfg.weights = "none"
@@ -313,6 +320,7 @@ def main(argv=None):
     if tcfg.difficult == "positive":
         ds["train"].targets[ds["train"].targets == -1] = 1.0
     mcfg.num_labels = len(ds["train"].classes)   # L comes from the data, so one config serves any dataset
+    mcfg.image_size = tcfg.image_size   # a ViT's position embeddings are made for this grid (backbones.py)
     say("model config:", json.dumps(asdict(mcfg)))
     # The shuffling generator is re-seeded with (seed, epoch) each epoch, so a resumed run sees the same
     # data order as an uninterrupted one; it also seeds the workers' augmentation RNGs. Under torchrun the
@@ -348,6 +356,7 @@ def main(argv=None):
     # part does not care. Inputs are converted to the same layout in the loop.
     fmt = torch.channels_last if tcfg.channels_last else torch.contiguous_format
     set_memory_format(model, fmt)
+    moe_blocks = moe_layers(model)   # the backbone's MoE layers, if any (their routing is logged per epoch)
     gflops = flops_per_image(model, tcfg.image_size, device) / 1e9
     say(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px")
     if device.type == "cpu" and tcfg.dataset != "synthetic" and main_proc:
@@ -415,7 +424,8 @@ def main(argv=None):
         order.manual_seed((tcfg.seed * 1000 + epoch) * world + rank)
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)   # a new shuffle (the same on every rank) each epoch
-        sums = torch.zeros(2, device=device)   # running (classification loss, aux loss), read once at the end
+        sums = torch.zeros(3, device=device)   # running (classification, head aux, backbone aux) losses
+        bb_load, bb_used = 0.0, 0.0   # backbone MoE: per layer, tokens per expert (layers, N) and experts per image
         gate_mass = 0.0   # running sum over steps of each label's mean gate weight per expert, (L, E)
         t0, n_seen, wait = time.time(), 0, 0.0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True,
@@ -434,7 +444,7 @@ def main(argv=None):
             scheduler.step()
             # Accumulate on the device; reading a value (.item()) every step would stall a GPU on each step.
             parts = torch.stack([loss_cls.detach().float(), info["aux_loss"].detach().float()])
-            sums += parts
+            sums += torch.cat([parts, info["backbone_aux"].detach().float()[None]])
             fresh = ~torch.isfinite(parts).all() & (watch[0] < 0)
             watch = torch.where(fresh, torch.cat([parts.new_tensor([step]), parts]), watch)
             if world > 1:   # every rank stops together (else the others would wait in the next all-reduce)
@@ -444,17 +454,30 @@ def main(argv=None):
                 raise Diverged(diverged_message(watch.tolist(), epoch, tcfg))
             if info["gate_weights"] is not None:   # the collapse watch: where the gate sent this batch
                 gate_mass = gate_mass + info["gate_weights"].detach().mean(0)   # (B, L, E) -> (L, E)
+            if moe_blocks:   # the same watch for the backbone's experts: the share of tokens each one took
+                bb_load = bb_load + torch.stack([m.stats["load"] for m in moe_blocks])          # (layers, N)
+                bb_used = bb_used + torch.stack([m.stats["used_per_image"] for m in moe_blocks])  # (layers,)
             n_seen += x.shape[0] * world
             if i % 10 == 0 and main_proc:   # .item() syncs with the GPU: only at log points
                 bar.set_postfix(loss=f"{loss_cls.item():.4f}", img_s=f"{n_seen / (time.time() - t0):.0f}")
             t_ready = time.time()
         train_time = time.time() - t0
         # Means over every step of every rank (the sums are reduced once per epoch, not per step).
-        loss_avg, aux_avg = (distributed.all_sum(sums) / (len(train_loader) * world)).tolist()
+        loss_avg, aux_avg, bb_aux_avg = (distributed.all_sum(sums) / (len(train_loader) * world)).tolist()
         load, warning = None, None
         if torch.is_tensor(gate_mass):
             load, warning = expert_load(distributed.all_sum(gate_mass) / (len(train_loader) * world),
                                         expert_names(mcfg.shared_experts, mcfg.task_experts), tcfg.collapse_threshold)
+        bb = None
+        if moe_blocks:
+            bb_load, bb_used = (distributed.all_sum(t) / (len(train_loader) * world) for t in (bb_load, bb_used))
+            bb = {"aux_loss": bb_aux_avg, "expert_share": [[round(v, 4) for v in r] for r in bb_load.tolist()],
+                  "experts_used_per_image": bb_used.tolist()}
+            top = bb_load.max().item()
+            if top > tcfg.collapse_threshold:
+                warning = ((warning + "; ") if warning else "") + (
+                    f"backbone expert collapse: one expert takes {100 * top:.0f}% of a layer's tokens; "
+                    "remedy: --aux-loss-coef 0.01 (it weighs the backbone's balance loss too)")
 
         # ---- validation: raw and EMA weights; the better one is what "best" means
         distributed.sync_buffers(model)   # one set of BatchNorm statistics (rank 0's) on every rank
@@ -475,7 +498,8 @@ def main(argv=None):
         say(f"epoch {epoch + 1:3d}/{tcfg.epochs} | loss {loss_avg:.4f} | aux {aux_avg:.4f} | lr {lr_now:.2e} | "
             f"{n_seen / train_time:.0f} img/s (data wait {100 * wait / train_time:.0f}%) | val mAP "
             + " ".join(f"{k} {v:.2f}" for k, v in val_maps.items()) + (" *" if improved else "")
-            + (" | gate " + " ".join(f"{v:.2f}" for v in load["expert_mass"].values()) if load else ""))
+            + (" | gate " + " ".join(f"{v:.2f}" for v in load["expert_mass"].values()) if load else "")
+            + (f" | backbone experts/image " + " ".join(f"{v:.1f}" for v in bb["experts_used_per_image"]) if bb else ""))
         if warning:
             say("  warning: " + warning)
         # Every rank's random streams go into the checkpoint (a collective step, so all ranks take it).
@@ -489,7 +513,7 @@ def main(argv=None):
                                      "lr": lr_now, "img_per_s": n_seen / train_time, "data_wait_s": wait,
                                      "compute_s": train_time - wait, "world_size": world,
                                      "train_s": train_time, "val_mAP": val_maps, "time": time.time(),
-                                     **({"gate": load} if load else {})}) + "\n")
+                                     **({"gate": load} if load else {}), **({"backbone_moe": bb} if bb else {})}) + "\n")
             # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested):
             # then the same bytes, copied rather than serialised twice (hundreds of MB at ResNet-101).
             save_checkpoint(os.path.join(tcfg.out_dir, "last.pt"), checkpoint(epoch, val_maps, which, rng))

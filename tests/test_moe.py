@@ -151,7 +151,7 @@ def test_model_moe_combination_by_hand():
     torch.manual_seed(0)
     cfg = ModelConfig(num_labels=L, dim=32, heads=2, ff_dim=64, expert_hidden=16, dropout=0.0,
                       feature_layer="layer2", shared_experts=2, task_experts=2)
-    model = DRMoE(cfg, verbose=False).eval()
+    model = DRMoE(cfg).eval()
     captured = {}
     model.decoder[-1].register_forward_hook(lambda m, i, o: captured.setdefault("h", o))
     x = torch.randn(2, 3, 64, 64)

@@ -28,7 +28,8 @@ import train
 from config import BUDGETS, parse_args
 from data import build_dataset
 from gating import GATE_KINDS
-from model import ModelConfig, WeightsUnavailable, build_backbone, build_model
+from backbones import WeightsUnavailable, build_backbone
+from model import ModelConfig, build_model
 
 # A model small enough to train in seconds: 32-px images, ResNet-18 cut after layer2 (4x4 tokens), D = 32.
 TINY = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",

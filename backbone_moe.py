@@ -1,0 +1,235 @@
+"""
+Mixture of experts inside the backbone: the MLP of chosen ViT / ConvNeXt blocks becomes N experts of the
+same shape, and every token (a ViT patch, a ConvNeXt map position) is sent to k of them on its own.
+
+Seed paper: Videau, Leite, Schoenauer, Teytaud, "Mixture of Experts in Image Classification: What's the
+Sweet Spot?" (arXiv 2411.18322, TMLR 2025). No code was released, and the stored copies of the paper gave
+only its abstract: "a simple linear router performs best", "a Last-2 placement heuristic offers the most
+robust cross-architecture choice, with Every-2 slightly better for ViT". Everything else below follows
+V-MoE (Riquelme et al. 2021, "Scaling Vision with Sparse Mixture of Experts", github google-research/vmoe),
+which the sweet-spot paper builds on; where this file follows vmoe's code it names the file.
+
+The layer, for a token x (D,) after the block's norm, with a bias-free linear router W_r (D, N):
+    G(x) = softmax(x W_r)                   over all N experts (vmoe/nn/routing.py: Dense(use_bias=False), softmax)
+    y    = x_res + sum_{i in TopK(G(x))} G(x)_i E_i(x)
+The kept weights are not renormalised (vmoe/moe.py combines with the raw softmax values); --backbone-renorm
+divides them by their sum, as the head gate does with top-k. E_i is the block's own MLP (ViT: Linear D->H,
+GELU, dropout, Linear H->D, dropout; ConvNeXt: Linear C->4C, GELU, Linear 4C->C). x_res is the block's
+residual stream: a token that no expert takes adds nothing and passes through unchanged.
+
+Capacity (--backbone-capacity c, 0 = unlimited): each expert takes at most C = ceil(c * T * k / N) of the T
+tokens of a forward pass (vmoe/moe.py: capacity = ceil(num_tokens * k * capacity_factor / num_experts); here
+one group = the whole batch). Which tokens get the places: Batch Prioritized Routing (Riquelme et al. 2021,
+Sec. 4.1; vmoe/moe.py): tokens are ranked by their largest routing weight, and every token's first choice
+is placed before any token's second choice; the rest overflow.
+
+Sparse compute: only the k chosen experts run for a token. Assignments are sorted by expert, each expert's
+tokens gathered into one contiguous block, one matmul pair per expert, and the results scattered back
+(index_add). FLOPs scale with k, not N (bench.py measures the step time).
+
+Placements (--backbone-moe), our reading of the names. ConvNeXt has stages; a ViT has none, so its blocks
+are taken in pairs, V-MoE's unit (vmoe/configs/vmoe_paper/common.py: "Every-2" = blocks 1, 3, 5, ..., "Last-n"
+= the last n of those), which makes "the last 2 stages' final blocks" the same phrase for both:
+    placement  ConvNeXt (stages)                         ViT with B blocks (pairs)        ViT-B/16 (12)
+    last2      final block of each of the last 2 stages  blocks B-3, B-1                  9, 11
+    last3      final block of each of the last 3 stages  blocks B-5, B-3, B-1             7, 9, 11
+    every2     blocks 1, 3, 5, ... of every stage        blocks 1, 3, 5, ...              1, 3, ..., 11
+    stage      every block of the last stage             the last pair: B-2, B-1          10, 11
+
+Initialisation. With pretrained weights (upcycle=True) every expert starts as a copy of the dense MLP
+("sparse upcycling", Komatsuzaki et al. 2023) and the router at zero. Then G = 1/N for every expert and the
+first forward pass gives (k/N) * MLP(x) without renormalisation, MLP(x) exactly with --backbone-renorm (the
+choice to make when fine-tuning a pretrained dense model). From scratch each expert is initialised as the
+dense MLP would be, independently, and the router N(0, 0.02^2): identical experts behind a zero router
+would all see the same tokens and stay identical.
+
+Balance: the Switch / Shazeer loss of gating.py, N * sum_i f_i P_i over the layer's tokens (f_i: fraction
+of the T*k assignments going to expert i, P_i: mean router probability), each layer's value left on the
+module (SparseMoE.aux_loss) for train.py to add with --aux-loss-coef. Routers run in float32 under AMP.
+
+Shapes (legend in experts.py; here T = tokens in the batch, N = experts of the layer, H = expert hidden):
+    ViT block   y (B, n, D) -> (B, n, D)        ConvNeXt block   y (B, h, w, C) -> (B, h, w, C)
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.convnext import CNBlock
+from torchvision.models.vision_transformer import EncoderBlock
+
+from gating import switch_balance
+
+PLACEMENTS = ("none", "last2", "last3", "every2", "stage")
+
+
+@dataclass
+class MoEConfig:
+    """The backbone-MoE settings (ModelConfig's backbone_* fields, passed on by the model)."""
+    placement: str = "none"
+    experts: int = 8
+    top_k: int = 1
+    capacity: float = 0.0
+    renorm: bool = False
+
+
+class SparseMoE(nn.Module):
+    """N experts shaped like one MLP, a linear router, top-k sparse dispatch. x (..., D) -> (..., D)."""
+
+    def __init__(self, dim: int, hidden: int, experts: int, top_k: int, capacity: float = 0.0,
+                 renorm: bool = False, dropout: float = 0.0):
+        super().__init__()
+        if not 1 <= top_k <= experts:
+            raise ValueError(f"--backbone-top-k must be in 1..{experts} (the experts), got {top_k}")
+        self.num_experts, self.top_k, self.capacity, self.renorm = experts, top_k, capacity, renorm
+        self.router = nn.Linear(dim, experts, bias=False)
+        nn.init.normal_(self.router.weight, std=0.02)
+        # Expert i's weights are slice i of one tensor each: (N, D, H), (N, H), (N, H, D), (N, D).
+        self.w1 = nn.Parameter(torch.empty(experts, dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.zeros(experts, dim))
+        self.drop = nn.Dropout(dropout)
+        for i in range(experts):   # as a dense Linear would be; the callers re-initialise as their MLP does
+            nn.init.xavier_uniform_(self.w1[i].T)
+            nn.init.xavier_uniform_(self.w2[i].T)
+        self.aux_loss = None   # set by every forward: the balance loss of this layer's last batch
+        self.stats = None      # set by every forward: routing counts for the collapse watch (detached)
+
+    def __getstate__(self):
+        # copy.deepcopy (train.py's EMA copy) refuses tensors that carry autograd history: the last batch's
+        # loss and counts are not part of the module's state, so copies start without them.
+        return {**super().__getstate__(), "aux_loss": None, "stats": None}
+
+    def upcycle(self, fc1: nn.Linear, fc2: nn.Linear):
+        """Every expert a copy of the dense MLP fc2(GELU(fc1(x))); router at zero (see the docstring)."""
+        with torch.no_grad():
+            self.w1.copy_(fc1.weight.T.expand_as(self.w1))   # Linear stores (out, in); experts (in, out)
+            self.b1.copy_(fc1.bias.expand_as(self.b1))
+            self.w2.copy_(fc2.weight.T.expand_as(self.w2))
+            self.b2.copy_(fc2.bias.expand_as(self.b2))
+            self.router.weight.zero_()
+
+    def expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """E_i(x) for x (n, D) -> (n, D): the MLP's Linear, GELU, dropout, Linear, dropout."""
+        return self.drop(self.drop(F.gelu(x @ self.w1[i] + self.b1[i])) @ self.w2[i] + self.b2[i])
+
+    def route(self, x: torch.Tensor):
+        """x (T, D) -> (probs G (T, N) fp32, token (A,), expert (A,), weight (A,)): the A kept assignments."""
+        T, N, k = x.shape[0], self.num_experts, self.top_k
+        with torch.autocast(x.device.type, enabled=False):   # routers in fp32 (README: mixed precision)
+            probs = F.softmax(x.float() @ self.router.weight.float().T, dim=-1)   # G(x), (T, N)
+        top_w, top_i = probs.topk(k, dim=-1)                                      # (T, k) each
+        if self.renorm:
+            top_w = top_w / top_w.sum(-1, keepdim=True)
+        # Assignments rank-major: all first choices, then all second choices (BPR's order, vmoe/moe.py).
+        order = torch.arange(T, device=x.device)
+        if self.capacity > 0:
+            # Within a rank, tokens by their largest routing weight, highest first (Batch Prioritized Routing).
+            order = torch.argsort(top_w[:, 0], descending=True, stable=True)
+        token = order.repeat(k)                                                    # (T*k,)
+        expert = top_i[order].T.reshape(-1)                                        # (k, T) -> (T*k,)
+        weight = top_w[order].T.reshape(-1)                                        # (T*k,)
+        if self.capacity > 0:
+            cap = math.ceil(self.capacity * T * k / N)
+            # Place of each assignment in its expert's queue: how many earlier assignments chose it.
+            place = (F.one_hot(expert, N).cumsum(0) - 1).gather(1, expert[:, None])[:, 0]   # (T*k,)
+            keep = place < cap
+            token, expert, weight = token[keep], expert[keep], weight[keep]
+        return probs, token, expert, weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])                                            # (..., D) -> (T, D)
+        probs, token, expert, weight = self.route(flat)
+        # Group the kept assignments by expert: one gather, one matmul pair per expert, one scatter back.
+        by_expert = torch.argsort(expert, stable=True)
+        token, expert, weight = token[by_expert], expert[by_expert], weight[by_expert]
+        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+        chunks = flat[token].split(counts)                                         # N blocks of (n_i, D)
+        out_rows = torch.cat([self.expert(i, c) for i, c in enumerate(chunks)])    # (A, D)
+        out = torch.zeros_like(flat).index_add_(0, token, (out_rows * weight[:, None]).to(flat.dtype))
+        # Balance (gating.switch_balance): f = share of the T*k assignments before overflow, P = mean G.
+        T = flat.shape[0]
+        chosen = probs.topk(self.top_k, dim=-1).indices                            # (T, k)
+        f = torch.bincount(chosen.reshape(-1), minlength=self.num_experts).float() / (T * self.top_k)
+        self.aux_loss = switch_balance(probs.mean(0), f)
+        # For the collapse watch and "experts used per image": tokens per expert, and per image (first dim).
+        per_image = F.one_hot(chosen[:, 0], self.num_experts).reshape(shape[0], -1, self.num_experts).sum(1)
+        self.stats = {"load": f.detach(), "used_per_image": (per_image > 0).sum(1).float().mean().detach(),
+                      "dropped": 1.0 - len(token) / (T * self.top_k)}
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, top_k={self.top_k}, capacity={self.capacity or 'unlimited'}, "
+                f"renorm={self.renorm}")
+
+
+def chosen_blocks(stages, placement: str):
+    """stages: lists of blocks (ConvNeXt's stages, or a ViT's blocks in pairs) -> the blocks to make MoE."""
+    if placement == "last2":
+        return [s[-1] for s in stages[-2:]]
+    if placement == "last3":
+        return [s[-1] for s in stages[-3:]]
+    if placement == "every2":
+        return [b for s in stages for b in s[1::2]]
+    if placement == "stage":
+        return list(stages[-1])
+    raise ValueError(f"--backbone-moe must be one of {PLACEMENTS}, got {placement!r}")
+
+
+def add_moe(net: nn.Module, cfg: MoEConfig, upcycle: bool):
+    """Replace the MLP of the blocks `cfg.placement` names, in place, in a torchvision ViT or ConvNeXt."""
+    vit_blocks = [m for m in net.modules() if isinstance(m, EncoderBlock)]
+    if vit_blocks:
+        # A ViT's blocks in pairs, from the end backwards (an odd count leaves block 0 alone, unpaired).
+        pairs = [vit_blocks[i - 1:i + 1] for i in range(len(vit_blocks) - 1, 0, -2)][::-1]
+        for block in chosen_blocks(pairs, cfg.placement):
+            fc1, fc2 = block.mlp[0], block.mlp[3]   # MLPBlock: Linear, GELU, Dropout, Linear, Dropout
+            moe = SparseMoE(fc1.in_features, fc1.out_features, cfg.experts, cfg.top_k, cfg.capacity, cfg.renorm,
+                            dropout=block.mlp[2].p)
+            if upcycle:
+                moe.upcycle(fc1, fc2)
+            else:   # torchvision's MLPBlock init, per expert: xavier-uniform weights, N(0, 1e-6^2) biases
+                nn.init.normal_(moe.b1, std=1e-6)
+                nn.init.normal_(moe.b2, std=1e-6)
+            block.mlp = moe
+        return
+    stages = [list(s) for s in net.modules() if isinstance(s, nn.Sequential) and len(s) and
+              all(isinstance(b, CNBlock) for b in s)]
+    if not stages:
+        raise ValueError(f"--backbone-moe {cfg.placement}: the backbone has no ViT or ConvNeXt blocks "
+                         "(backbone MoE is built for vit_* and convnext_* backbones)")
+    for block in chosen_blocks(stages, cfg.placement):
+        fc1, fc2 = block.block[3], block.block[5]   # dwconv, Permute, LayerNorm, Linear, GELU, Linear, Permute
+        moe = SparseMoE(fc1.in_features, fc1.out_features, cfg.experts, cfg.top_k, cfg.capacity, cfg.renorm)
+        if upcycle:
+            moe.upcycle(fc1, fc2)
+        else:   # torchvision's ConvNeXt init for Linear: trunc_normal(std 0.02) weights, zero biases
+            nn.init.trunc_normal_(moe.w1, std=0.02)
+            nn.init.trunc_normal_(moe.w2, std=0.02)
+        # The MoE takes the (B, h, w, C) positions where the two Linears did, between the block's Permutes.
+        block.block = nn.Sequential(*block.block[:3], moe, block.block[6])
+
+
+def moe_layers(model: nn.Module):
+    """Every SparseMoE in `model`, in order (empty for a dense backbone)."""
+    return [m for m in model.modules() if isinstance(m, SparseMoE)]
+
+
+def backbone_aux_loss(model: nn.Module):
+    """Mean balance loss over the backbone's MoE layers after a forward pass; None without any."""
+    layers = moe_layers(model)
+    return torch.stack([m.aux_loss for m in layers]).mean() if layers else None
+
+
+def parameter_split(model: nn.Module):
+    """(total, activated per token) parameters: a token runs k of a layer's N experts, so the other N - k
+    experts' weights of each MoE layer are not activated by it."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for m in moe_layers(model):
+        per_expert = sum(p[0].numel() for p in (m.w1, m.b1, m.w2, m.b2))
+        idle += (m.num_experts - m.top_k) * per_expert
+    return total, total - idle
