@@ -121,13 +121,14 @@ class SparseMoE(nn.Module):
         with torch.autocast(x.device.type, enabled=False):   # routers in fp32 (README: mixed precision)
             probs = F.softmax(x.float() @ self.router.weight.float().T, dim=-1)   # G(x), (T, N)
         top_w, top_i = probs.topk(k, dim=-1)                                      # (T, k) each
-        if self.renorm:
-            top_w = top_w / top_w.sum(-1, keepdim=True)
         # Assignments rank-major: all first choices, then all second choices (BPR's order, vmoe/moe.py).
         order = torch.arange(T, device=x.device)
         if self.capacity > 0:
-            # Within a rank, tokens by their largest routing weight, highest first (Batch Prioritized Routing).
+            # Within a rank, tokens by their largest router probability, highest first (Batch Prioritized
+            # Routing), before any renormalisation: the priority is the router's confidence.
             order = torch.argsort(top_w[:, 0], descending=True, stable=True)
+        if self.renorm:
+            top_w = top_w / top_w.sum(-1, keepdim=True)
         token = order.repeat(k)                                                    # (T*k,)
         expert = top_i[order].T.reshape(-1)                                        # (k, T) -> (T*k,)
         weight = top_w[order].T.reshape(-1)                                        # (T*k,)

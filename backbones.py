@@ -119,14 +119,17 @@ def load_state(name: str, weights: str) -> dict:
     return state.get("state_dict", state)   # accept both a bare state_dict and {"state_dict": ...}
 
 
-def load_backbone_weights(net: nn.Module, name: str, weights: str):
-    """Fill the full torchvision model `net` with `weights`; a ViT's position embeddings are interpolated
-    to the grid `net` was built for when the weights were made for another (torchvision's own function)."""
+def load_backbone_weights(net: nn.Module, body: nn.Module, name: str, weights: str):
+    """Fill the backbone with `weights`: a state_dict of the whole torchvision model (what DEFAULT and most
+    files are) or of the cut backbone alone (`body`'s keys, e.g. "0.0.weight" of a ConvNeXt's .features). A
+    ViT's position embeddings are interpolated to the grid it was built for when the weights were made for
+    another grid (torchvision's interpolate_embeddings)."""
     state = load_state(name, weights)
     if isinstance(net, VisionTransformer) and "encoder.pos_embedding" in state:
         if state["encoder.pos_embedding"].shape != net.encoder.pos_embedding.shape:
             state = interpolate_embeddings(net.image_size, net.patch_size, OrderedDict(state))
-    missing, _ = net.load_state_dict(state, strict=False)
+    target = body if set(body.state_dict()) <= set(state) else net
+    missing, _ = target.load_state_dict(state, strict=False)
     # The ImageNet classifier is dropped anyway (ResNet fc, ConvNeXt/EfficientNet classifier, Swin/ViT head).
     missing = [k for k in missing if not k.startswith(("fc.", "classifier.", "head.", "heads."))]
     if missing:
@@ -151,17 +154,8 @@ def make_network(name: str, image_size: int) -> nn.Module:
     return torchvision.models.get_model(name, weights=None)
 
 
-def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer4", image_size: int = 224,
-                   moe=None):
-    """A backbone by name, cut before its pooling/classifier -> (module returning (B, C, h, w), C).
-
-    `moe`: a backbone_moe.MoEConfig, or None for the dense backbone; applied after the weights are loaded.
-    """
-    net = make_network(name, image_size)
-    if weights.lower() != "none":
-        load_backbone_weights(net, name, weights)
-    if moe is not None and moe.placement != "none":
-        add_moe(net, moe, upcycle=weights.lower() != "none")
+def cut(net: nn.Module, name: str, feature_layer: str):
+    """The full classifier -> (the part that returns the map, C or None when only a forward pass can tell)."""
     if isinstance(net, VisionTransformer):
         return ViTMap(net), net.hidden_dim
     if hasattr(net, "layer4"):
@@ -169,21 +163,36 @@ def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer
         stages = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
         if feature_layer not in stages[4:]:
             raise ValueError(f"--feature-layer must be one of layer1..layer4 for {name}, got {feature_layer!r}")
-        body = nn.Sequential(OrderedDict((s, getattr(net, s)) for s in stages[:stages.index(feature_layer) + 1]))
-    elif hasattr(net, "features") and hasattr(net, "permute"):
+        return nn.Sequential(OrderedDict((s, getattr(net, s)) for s in stages[:stages.index(feature_layer) + 1])), None
+    if hasattr(net, "features") and hasattr(net, "permute"):
         # Swin: its stages keep the map channels-last (B, h, w, C); its own norm, then its own permute to NCHW.
-        body = nn.Sequential(OrderedDict(features=net.features, norm=net.norm, permute=net.permute))
-        return body, net.norm.normalized_shape[0]
-    elif hasattr(net, "features"):
-        body = net.features   # VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet: all convolutional stages
-    else:
-        raise ValueError(f"--backbone {name!r} is not supported: expected a ResNet (.layer4), a .features model "
-                         "(ConvNeXt, EfficientNet, MobileNet, VGG, DenseNet), a Swin or a ViT")
-    # Read C off a dummy forward (eval mode, so BatchNorm statistics are not touched).
-    body.eval()
-    with torch.no_grad():
-        channels = body(torch.zeros(1, 3, 64, 64)).shape[1]
-    body.train()
+        return nn.Sequential(OrderedDict(features=net.features, norm=net.norm, permute=net.permute)), \
+            net.norm.normalized_shape[0]
+    if hasattr(net, "features"):
+        return net.features, None   # VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet: all convolutional stages
+    raise ValueError(f"--backbone {name!r} is not supported: expected a ResNet (.layer4), a .features model "
+                     "(ConvNeXt, EfficientNet, MobileNet, VGG, DenseNet), a Swin or a ViT")
+
+
+def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer4", image_size: int = 224,
+                   moe=None):
+    """A backbone by name, cut before its pooling/classifier -> (module returning (B, C, h, w), C).
+
+    `moe`: a backbone_moe.MoEConfig, or None for the dense backbone; applied after the weights are loaded,
+    in place in the blocks the cut backbone shares with the full model.
+    """
+    net = make_network(name, image_size)
+    body, channels = cut(net, name, feature_layer)
+    if weights.lower() != "none":
+        load_backbone_weights(net, body, name, weights)
+    if moe is not None and moe.placement != "none":
+        add_moe(net, moe, upcycle=weights.lower() != "none")
+    if channels is None:
+        # Read C off a dummy forward (eval mode, so BatchNorm statistics are not touched).
+        body.eval()
+        with torch.no_grad():
+            channels = body(torch.zeros(1, 3, 64, 64)).shape[1]
+        body.train()
     return body, channels
 
 

@@ -1,0 +1,214 @@
+"""
+Backbones (backbones.py) and MoE inside the backbone (backbone_moe.py).
+
+Covers: every backbone family returns (B, C, h, w) with the C it announces, at two image sizes; a ViT
+loaded at 448 px gets exactly torchvision's interpolate_embeddings position embeddings, and the on-the-fly
+interpolation gives the same output as a ViT built for the new size; the sparse MoE equals a naive per-token
+loop over experts (top-1, top-2, with capacity overflow chosen by Batch Prioritized Routing); an upcycled
+MoE with a zero router equals the dense backbone (renormalised) or (k/N) of its MLP (not); gradients reach
+router and experts; the balance loss on hand cases; placements pick the documented blocks; a checkpoint
+with a MoE backbone round-trips through train.py and evaluate.py's loader.
+
+    python -m pytest -q tests/test_backbones.py
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models.vision_transformer import interpolate_embeddings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from backbone_moe import MoEConfig, SparseMoE, moe_layers, parameter_split  # noqa: E402
+from backbones import build_backbone  # noqa: E402
+from gating import switch_balance  # noqa: E402
+
+torch.set_num_threads(2)
+
+# name -> (extra build_backbone arguments, total stride of its map): h = image side // stride.
+FAMILIES = {"resnet18": (dict(feature_layer="layer3"), 16), "mobilenet_v3_small": ({}, 32),
+            "efficientnet_b0": ({}, 32), "convnext_mini": ({}, 16), "swin_t": ({}, 32),
+            "vit_tiny": ({}, 8), "vit_b_32": ({}, 32)}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_gives_an_nchw_map(name):
+    kw, stride = FAMILIES[name]
+    body, C = build_backbone(name, image_size=64, **kw)
+    body.eval()
+    for side in (64, 96):
+        with torch.no_grad():
+            y = body(torch.randn(2, 3, side, side))
+        # Swin pads odd maps up (ceil); every other family floors.
+        h = math.ceil(side / stride) if name == "swin_t" else side // stride
+        assert y.shape == (2, C, h, h), (name, side, y.shape)
+
+
+def test_vit_448_loads_torchvisions_interpolated_embeddings(tmp_path):
+    """--weights FILE made at 224 px into a ViT-B/16 built for 448: torchvision's own function's result."""
+    src, _ = build_backbone("vit_b_16", image_size=224)
+    state = {k: v for k, v in src.state_dict().items()}
+    torch.nn.init.normal_(state["encoder.pos_embedding"])   # not all-equal, so interpolation shows
+    torch.save(state, tmp_path / "vit.pth")
+    body, C = build_backbone("vit_b_16", weights=str(tmp_path / "vit.pth"), image_size=448)
+    expected = interpolate_embeddings(448, 16, dict(state))["encoder.pos_embedding"]
+    assert body.encoder.pos_embedding.shape == (1, 28 * 28 + 1, 768) and C == 768
+    assert torch.equal(body.encoder.pos_embedding, expected)
+
+
+def test_vit_runs_at_a_size_it_was_not_built_for(tmp_path):
+    """Built at 64 px and fed 96 px: the same output as a ViT built for 96 px from the same weights."""
+    small, _ = build_backbone("vit_tiny", image_size=64)
+    torch.nn.init.normal_(small.encoder.pos_embedding)
+    torch.save(small.state_dict(), tmp_path / "w.pth")
+    big, _ = build_backbone("vit_tiny", weights=str(tmp_path / "w.pth"), image_size=96)
+    x = torch.randn(2, 3, 96, 96)
+    small.eval(), big.eval()
+    with torch.no_grad():
+        cls_a, map_a = small.forward_tokens(x)
+        cls_b, map_b = big.forward_tokens(x)
+    assert map_a.shape == (2, 192, 12, 12) and cls_a.shape == (2, 192)
+    torch.testing.assert_close(map_a, map_b, atol=1e-5, rtol=1e-5)
+
+
+def naive_moe(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+    """The layer written token by token: softmax router, top-k, Batch Prioritized Routing with capacity."""
+    T, N, k = x.shape[0], moe.num_experts, moe.top_k
+    probs = [F.softmax(x[t] @ moe.router.weight.T, dim=-1) for t in range(T)]
+    choices = [p.topk(k) for p in probs]
+    cap = math.ceil(moe.capacity * T * k / N) if moe.capacity > 0 else T * k
+    # BPR: tokens ranked by their largest routing weight; all first choices before any second choice.
+    ranked = sorted(range(T), key=lambda t: -choices[t].values[0].item())
+    taken, kept = [0] * N, []
+    for r in range(k):
+        for t in ranked:
+            e = int(choices[t].indices[r])
+            if taken[e] < cap:
+                taken[e] += 1
+                kept.append((t, r, e))
+    out = torch.zeros_like(x)
+    for t, r, e in kept:
+        w = choices[t].values[r] / (choices[t].values.sum() if moe.renorm else 1.0)
+        h = F.gelu(x[t] @ moe.w1[e] + moe.b1[e])
+        out[t] += w * (h @ moe.w2[e] + moe.b2[e])
+    return out
+
+
+@pytest.mark.parametrize("k,capacity,renorm", [(1, 0.0, False), (2, 0.0, False), (1, 0.5, False),
+                                               (2, 0.75, False), (2, 1.0, True)])
+def test_sparse_dispatch_equals_a_token_loop(k, capacity, renorm):
+    torch.manual_seed(0)
+    moe = SparseMoE(dim=12, hidden=20, experts=4, top_k=k, capacity=capacity, renorm=renorm)
+    torch.nn.init.normal_(moe.router.weight, std=1.0)   # a router with preferences, so capacity binds
+    x = torch.randn(3, 10, 12)                          # (B, n, D): 30 tokens
+    y = moe(x)
+    torch.testing.assert_close(y.reshape(30, 12), naive_moe(moe, x.reshape(30, 12)), atol=1e-5, rtol=1e-5)
+    if capacity and capacity < 1:
+        assert moe.stats["dropped"] > 0   # the case really overflowed
+
+
+def test_gradients_reach_router_and_experts():
+    torch.manual_seed(0)
+    moe = SparseMoE(dim=8, hidden=16, experts=4, top_k=2)
+    (moe(torch.randn(2, 5, 8)).pow(2).sum() + moe.aux_loss).backward()
+    for p in (moe.router.weight, moe.w1, moe.b1, moe.w2, moe.b2):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_balance_loss_hand_cases():
+    N = 4
+    assert switch_balance(torch.full((N,), 1 / N), torch.full((N,), 1 / N)).item() == pytest.approx(1.0)
+    one = torch.tensor([1.0, 0, 0, 0])
+    assert switch_balance(one, one).item() == pytest.approx(N)
+    # Through the layer: a router that sends every token to expert 2 with probability ~1 -> loss ~ N.
+    moe = SparseMoE(dim=3, hidden=4, experts=N, top_k=1)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[2] = 100.0
+    moe(torch.ones(5, 3))
+    assert moe.aux_loss.item() == pytest.approx(N, rel=1e-4)
+    assert moe.stats["load"].tolist() == [0, 0, 1, 0] and moe.stats["used_per_image"].item() == 1
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "convnext_mini"])
+def test_upcycled_zero_router_equals_the_dense_backbone(name, tmp_path):
+    dense, _ = build_backbone(name, image_size=64)
+    for m in dense.modules():   # ConvNeXt scales its MLP branch by 1e-6 at init: make the branch count
+        if hasattr(m, "layer_scale"):
+            m.layer_scale.data.fill_(1.0)
+    torch.save(dense.state_dict(), tmp_path / "w.pth")
+    x = torch.randn(2, 3, 64, 64)
+    dense.eval()
+    with torch.no_grad():
+        ref = dense(x)
+    for renorm in (True, False):
+        moe, _ = build_backbone(name, weights=str(tmp_path / "w.pth"), image_size=64,
+                                moe=MoEConfig("last2", experts=4, top_k=2, renorm=renorm))
+        moe.eval()
+        layers = moe_layers(moe)
+        assert len(layers) == 2 and all(m.router.weight.abs().sum() == 0 for m in layers)
+        with torch.no_grad():
+            y = moe(x)
+        if renorm:   # the kept weights 1/N each, renormalised to 1/k: k copies of the MLP averaged
+            torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        else:
+            assert not torch.allclose(y, ref, atol=1e-3)   # (k/N) of the MLP: a different function
+
+
+def test_unrenormalised_upcycled_layer_is_k_over_n_of_the_mlp():
+    """The paper's G without renormalisation: a zero router weighs each of the k copies 1/N."""
+    fc1, fc2 = torch.nn.Linear(6, 10), torch.nn.Linear(10, 6)
+    moe = SparseMoE(dim=6, hidden=10, experts=8, top_k=2)
+    moe.upcycle(fc1, fc2)
+    x = torch.randn(7, 6)
+    torch.testing.assert_close(moe(x), (2 / 8) * fc2(F.gelu(fc1(x))), atol=1e-6, rtol=1e-5)
+
+
+def test_placements_pick_the_documented_blocks():
+    """vit_tiny (6 blocks, pairs (0,1) (2,3) (4,5)) and convnext_mini (stages of 2, 2, 4 blocks)."""
+    from torchvision.models.convnext import CNBlock
+    from torchvision.models.vision_transformer import EncoderBlock
+    expected = {"vit_tiny": {"last2": [3, 5], "last3": [1, 3, 5], "every2": [1, 3, 5], "stage": [4, 5]},
+                "convnext_mini": {"last2": [3, 7], "last3": [1, 3, 7], "every2": [1, 3, 5, 7], "stage": [4, 5, 6, 7]}}
+    for name, cases in expected.items():
+        kind = EncoderBlock if name == "vit_tiny" else CNBlock
+        for placement, blocks in cases.items():
+            body, _ = build_backbone(name, moe=MoEConfig(placement, experts=2))
+            all_blocks = [m for m in body.modules() if isinstance(m, kind)]
+            with_moe = [i for i, b in enumerate(all_blocks) if moe_layers(b)]
+            assert with_moe == blocks, (name, placement, with_moe)
+
+
+def test_activated_parameters():
+    body, _ = build_backbone("vit_tiny", moe=MoEConfig("last2", experts=8, top_k=1))
+    total, active = parameter_split(body)
+    per_expert = 192 * 768 + 768 + 768 * 192 + 192
+    assert total - active == 2 * 7 * per_expert   # two layers, 7 of 8 experts idle per token
+
+
+def test_moe_backbone_checkpoint_round_trips(tmp_path):
+    import train
+    from checkpoint import load_checkpoint_model
+    out = tmp_path / "run"
+    train.main(["--backbone", "vit_tiny", "--backbone-moe", "last2", "--backbone-experts", "4", "--model", "linear",
+                "--epochs", "1", "--limit", "32", "--batch-size", "16", "--num-workers", "0", "--out-dir", str(out)])
+    model, ckpt = load_checkpoint_model(str(out / "best.pt"), "cpu")[:2]
+    mcfg = ckpt["model_config"]
+    assert mcfg["backbone_moe"] == "last2" and len(moe_layers(model)) == 2
+    import json
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(log[-1]["backbone_moe"]["expert_share"]) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sparse_moe_under_bf16_autocast_on_gpu():
+    torch.manual_seed(0)
+    moe = SparseMoE(dim=64, hidden=128, experts=8, top_k=2).cuda()
+    x = torch.randn(4, 49, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = moe(x)
+    ref = naive_moe(moe, x.reshape(-1, 64)).reshape_as(x)
+    assert moe.aux_loss.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
