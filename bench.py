@@ -8,6 +8,8 @@ data loader alone. Measures; asserts nothing. The README's speed figures come fr
     python bench.py --dataset coco --device cpu --batch-size 2 --steps 3 --only step   # the same models on a CPU
     python bench.py --only experts                                # batched vs loop at L = 20 and 80
     python bench.py --only loader --workers 1 2 4 8               # JPEG decoding + augmentation at 448 px
+    python bench.py --only moe                                    # vit_tiny dense vs MoE in the last 2 pairs
+                                                                  #   of blocks, N = 8 experts, k = 1 and 2
     python bench.py --json bench.json                             # also write every record as JSON
 
 What each part times:
@@ -22,6 +24,10 @@ What each part times:
   by the linear head's step time at the same settings: the cost of a head over the bare backbone.
 - experts: Experts.forward (stacked weights, four einsums) against Experts.forward_loop (one label and
   one expert at a time), forward + backward, B = 32, D = H = 256, S = 2, T = 1.
+- moe: the same train_step with the linear head (so the backbone is most of the cost) on --backbone
+  (default vit_tiny), dense against MoE inside the backbone (backbone_moe.py: last2, N = 8, k = 1 and 2,
+  no capacity limit), timed in rounds. "vs dense" is the cost of the router and the dispatch, plus the
+  k-th expert for k = 2; GFLOPs are the activated ones (the sparse path computes only the chosen experts).
 - loader: a DataLoader with N worker processes over JPEGs through the training transform (resize to 448,
   flip, Cutout, RandAugment, normalise): images per second once the first batch has arrived (worker
   start-up excluded). Without --data-root it writes 500 x 375 JPEGs (VOC's typical size) to a temporary
@@ -53,7 +59,7 @@ import train
 from baselines import MODELS
 from data import NUM_LABELS, ImageList, build_dataset, build_transform
 from experts import Experts
-from model import build_model, set_memory_format
+from model import build_model, flops_per_image, set_memory_format
 from synthetic import render_synthetic
 
 ON_OFF = {"on": True, "off": False}
@@ -93,6 +99,7 @@ def configs(model: str, args):
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     tcfg, mcfg, _ = config.parse_args(flags)
     mcfg.num_labels = args.labels or NUM_LABELS[args.dataset]
+    mcfg.image_size = tcfg.image_size   # as train.py sets it: a ViT is built for the grid it will see
     return tcfg, mcfg
 
 
@@ -145,6 +152,25 @@ def bench_steps(args, device, amp: bool, channels_last: bool, compile_: bool) ->
     built = {m: make_step(m, args, device, amp, channels_last, compile_) for m in args.models}
     ms = median_ms({m: fn for m, (fn, _) in built.items()}, device, args.steps)
     return [{**rec, "step_ms": ms[m], "img_per_s": 1e3 * rec["batch_size"] / ms[m]} for m, (_, rec) in built.items()]
+
+
+def bench_backbone_moe(args, device) -> list:
+    """Dense backbone vs MoE inside it (last2, N = 8, k = 1 and 2), linear head, fp32 -> "moe" records."""
+    variants = {"dense": "", "last2 N=8 k=1": "--backbone-moe last2 --backbone-experts 8 --backbone-top-k 1",
+                "last2 N=8 k=2": "--backbone-moe last2 --backbone-experts 8 --backbone-top-k 2"}
+    built = {}
+    for name, flags in variants.items():
+        a = copy.copy(args)
+        a.backbone, a.extra = args.backbone or "vit_tiny", f"{args.extra} {flags}"
+        fn, rec = make_step("linear", a, device, False, True, False)
+        tcfg, mcfg = configs("linear", a)
+        rec["gflops"] = flops_per_image(build_model(mcfg, verbose=False), tcfg.image_size) / 1e9
+        built[name] = fn, {**rec, "kind": "moe", "variant": name}
+    ms = median_ms({k: fn for k, (fn, _) in built.items()}, device, args.steps)
+    recs = [{**rec, "step_ms": ms[k], "img_per_s": 1e3 * rec["batch_size"] / ms[k]} for k, (_, rec) in built.items()]
+    for r in recs:
+        r["vs_dense"] = r["step_ms"] / recs[0]["step_ms"]
+    return recs
 
 
 def bench_experts(device, labels: int, args) -> dict:
@@ -222,7 +248,8 @@ def main(argv=None):
                    help="torch.compile off/on [CUDA: off on; CPU: off, as train.py ignores it there]")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
-    p.add_argument("--only", nargs="+", default=["step", "experts", "loader"], choices=["step", "experts", "loader"])
+    p.add_argument("--only", nargs="+", default=["step", "experts", "moe", "loader"],
+                   choices=["step", "experts", "moe", "loader"])
     p.add_argument("--expert-labels", nargs="+", type=int, default=[20, 80], help="L values for the experts part")
     p.add_argument("--workers", nargs="+", type=int, default=sorted({1, config.WORKERS}),
                    help="DataLoader worker counts for the loader part [1 and train.py's default]")
@@ -271,6 +298,15 @@ def main(argv=None):
         print(table(ex, [("L", "labels", "d"), ("batched ms", "batched_ms", ".2f"), ("loop ms", "loop_ms", ".2f"),
                          ("speed-up", "speedup", ".1f")]))
         records += ex
+
+    if "moe" in args.only:
+        mo = bench_backbone_moe(args, device)
+        r0 = mo[0]
+        print(f"\nmoe: linear head on {r0['backbone']}, {r0['image_size']} px, batch {r0['batch_size']}, fp32, {device}\n")
+        print(table(mo, [("backbone", "variant", ""), ("step ms", "step_ms", ".1f"), ("img/s", "img_per_s", ".1f"),
+                         ("vs dense", "vs_dense", ".2f"), ("params (M)", "params_m", ".2f"),
+                         ("activated GFLOPs/img", "gflops", ".3f")]))
+        records += mo
 
     if "loader" in args.only:
         with tempfile.TemporaryDirectory() as folder:

@@ -2,7 +2,8 @@
 DR-MoE: a backbone, label queries, a mixture of shared and task experts routed by an input-conditioned gate.
 
     image (B, 3, H_img, W_img)
-      -> torchvision backbone, cut after `feature_layer`           feature map (B, C, h, w)
+      -> backbone (backbones.py: ResNet, ConvNeXt, Swin, ViT, ...)   feature map (B, C, h, w)
+         [MoE in the backbone's MLPs: backbone_moe.py, --backbone-moe]
       -> 1x1 conv to D (identity if C = D), plus 2-D sine positions  memory      (B, N, D), N = h*w tokens
       -> [transformer encoder over the tokens: Q2L only, enc_layers]
       -> label-query transformer decoder (one learnable query per label; Query2Label, Liu et al. 2021)

@@ -230,7 +230,8 @@ def describe_only(tcfg: TrainConfig, mcfg: ModelConfig):
     print("model config:", json.dumps(asdict(mcfg)))
     model = build_model(mcfg)   # prints the parameter count
     gflops = flops_per_image(model, tcfg.image_size) / 1e9
-    print(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px ({mcfg.num_labels} labels)")
+    sparse = " (activated: each token runs k of the backbone's N experts)" if mcfg.backbone_moe != "none" else ""
+    print(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px ({mcfg.num_labels} labels){sparse}")
     return model, gflops
 
 

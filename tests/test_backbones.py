@@ -202,6 +202,22 @@ def test_moe_backbone_checkpoint_round_trips(tmp_path):
     assert len(log[-1]["backbone_moe"]["expert_share"]) == 2
 
 
+def test_vit_tiny_with_backbone_moe_trains_on_photos_in_coco_layout(tmp_path):
+    """PNG files under train2014/ and val2014/ with COCO instances json, as a user's download would be."""
+    import train
+    from test_owndata import cocojson_tree
+    cocojson_tree(str(tmp_path / "own"))
+    coco = tmp_path / "coco"
+    os.makedirs(coco / "annotations")
+    for split in ("train", "val"):
+        os.symlink(tmp_path / "own" / "images", coco / f"{split}2014")
+        os.symlink(tmp_path / "own" / f"{split}.json", coco / "annotations" / f"instances_{split}2014.json")
+    metrics = train.main(["--dataset", "coco", "--data-root", str(coco), "--backbone", "vit_tiny", "--weights", "none",
+                          "--image-size", "64", "--backbone-moe", "last2", "--model", "linear", "--epochs", "1", "--batch-size", "8",
+                          "--num-workers", "0", "--out-dir", str(tmp_path / "run")])
+    assert 0 <= metrics["mAP"] <= 100
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_sparse_moe_under_bf16_autocast_on_gpu():
     torch.manual_seed(0)
