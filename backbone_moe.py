@@ -96,11 +96,12 @@ class SparseMoE(nn.Module):
             nn.init.xavier_uniform_(self.w2[i].T)
         self.aux_loss = None   # set by every forward: the balance loss of this layer's last batch
         self.stats = None      # set by every forward: routing counts for the collapse watch (detached)
+        self.image_probs = None   # set by every forward: each image's mean router probability (B, N)
 
     def __getstate__(self):
         # copy.deepcopy (train.py's EMA copy) refuses tensors that carry autograd history: the last batch's
         # loss and counts are not part of the module's state, so copies start without them.
-        return {**super().__getstate__(), "aux_loss": None, "stats": None}
+        return {**super().__getstate__(), "aux_loss": None, "stats": None, "image_probs": None}
 
     def upcycle(self, fc1: nn.Linear, fc2: nn.Linear):
         """Every expert a copy of the dense MLP fc2(GELU(fc1(x))); router at zero (see the docstring)."""
@@ -156,6 +157,8 @@ class SparseMoE(nn.Module):
         chosen = probs.topk(self.top_k, dim=-1).indices                            # (T, k)
         f = torch.bincount(chosen.reshape(-1), minlength=self.num_experts).float() / (T * self.top_k)
         self.aux_loss = switch_balance(probs.mean(0), f)
+        # The image's routing signature for divdr.py: its tokens' mean router probability, (B, N), with grad.
+        self.image_probs = probs.reshape(shape[0], -1, self.num_experts).mean(1)
         # For the collapse watch and "experts used per image": tokens per expert, and per image (first dim).
         per_image = F.one_hot(chosen[:, 0], self.num_experts).reshape(shape[0], -1, self.num_experts).sum(1)
         self.stats = {"load": f.detach(), "used_per_image": (per_image > 0).sum(1).float().mean().detach(),

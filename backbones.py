@@ -203,7 +203,7 @@ def backbone_from_config(cfg):
     return build_backbone(cfg.backbone, cfg.weights, cfg.feature_layer, cfg.image_size, moe)
 
 
-def backbone_channels(name: str, feature_layer: str = "layer4") -> int:
+def backbone_channels(name: str, feature_layer: str = "layer4", moe=None) -> int:
     """C of build_backbone(name, feature_layer) without building it for real: on the meta device no memory is
     allocated and no weight is initialised, so config.py can ask it at parse time (ResNet-101 in ~0.1 s).
     Raises ValueError for a model that is not a torchvision classifier of a supported kind."""
@@ -212,7 +212,7 @@ def backbone_channels(name: str, feature_layer: str = "layer4") -> int:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return build_backbone(name, "none", feature_layer)[1]
+            return build_backbone(name, "none", feature_layer, moe=moe)[1]
         except ValueError:
             raise
         except Exception as e:

@@ -23,6 +23,7 @@ import torch
 
 from baselines import MODEL_PRESETS, q2l_width
 from gating import GATE_KINDS
+from backbone_moe import PLACEMENTS, MoEConfig
 from backbones import backbone_channels
 from model import ModelConfig, config_field
 
@@ -62,6 +63,12 @@ class TrainConfig:
     ema_warmup: bool = config_field(True, "warm the EMA decay up as min(d, (1+t)/(10+t)) (TensorFlow's "
                                     "ExponentialMovingAverage num_updates); off = constant d, as Q2L and timm", "training")
     aux_loss_coef: float = config_field(0.0, "weight of the gate's load-balancing loss (0 = off)", "training")
+    divdr_coef: float = config_field(0.0, "weight of the DivDR loss that trains routing to partition the images "
+                                           "(divdr.py; 0 = off; needs a gate or --backbone-moe)", "training")
+    divdr_clusters: int = config_field(8, "K: k-means clusters of the routing signatures, for DivDR and for the "
+                                          "routing-structure measures logged each epoch", "training")
+    divdr_margin: float = config_field(1.0, "m: DivDR pushes partition means apart up to this mean squared distance "
+                                            "per routing row (2 = every row on a different expert)", "training")
     collapse_threshold: float = config_field(0.8, "warn when one expert slot takes more than this share of the gate mass", "training")
     loss: str = config_field("bce", "bce | asl (asymmetric loss, baselines.py)", "training")
     asl_gamma_neg: float = config_field(4.0, "ASL gamma-: focusing on negatives", "training")
@@ -225,6 +232,9 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         (tcfg, "grad_clip", lambda v: v >= 0, "a number >= 0 (0 = off)"),
         (tcfg, "ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1) (0 = no EMA)"),
         (tcfg, "aux_loss_coef", lambda v: v >= 0, "a number >= 0"),
+        (tcfg, "divdr_coef", lambda v: v >= 0, "a number >= 0"),
+        (tcfg, "divdr_clusters", lambda v: v >= 2, "an integer >= 2"),
+        (tcfg, "divdr_margin", lambda v: v > 0, "a number > 0"),
         (tcfg, "collapse_threshold", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
         (tcfg, "asl_gamma_neg", lambda v: v >= 0, "a number >= 0"),
         (tcfg, "asl_gamma_pos", lambda v: v >= 0, "a number >= 0"),
@@ -245,6 +255,9 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         (mcfg, "gcn_hidden", lambda v: v >= 1, "an integer >= 1"),
         (mcfg, "gcn_threshold", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
         (mcfg, "gcn_reweight", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+        (mcfg, "backbone_experts", lambda v: v >= 2, "an integer >= 2"),
+        (mcfg, "backbone_top_k", lambda v: 1 <= v <= mcfg.backbone_experts, f"in 1..{mcfg.backbone_experts} (the experts)"),
+        (mcfg, "backbone_capacity", lambda v: v >= 0, "a number >= 0 (0 = no limit)"),
     ]
     for cfg, name, ok, allowed in ranges:
         if not ok(getattr(cfg, name)):
@@ -255,7 +268,8 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
               f"drawn, yours are read from files); use --limit N on --dataset {tcfg.dataset}")
     for cfg, name, options in ((tcfg, "loss", ("bce", "asl")), (tcfg, "budget", tuple(BUDGETS)),
                                (tcfg, "difficult", ("positive", "ignore")),
-                               (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS)):
+                               (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS),
+                               (mcfg, "backbone_moe", PLACEMENTS)):
         if getattr(cfg, name) not in options:
             error(f"--{name.replace('_', '-')} must be one of {options}, got {getattr(cfg, name)!r}")
     experts = mcfg.shared_experts + mcfg.task_experts
@@ -263,6 +277,10 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         error("--shared-experts plus --task-experts must be >= 1 for a mixture (or --moe-layers 0 for none)")
     if not 0 <= mcfg.top_k <= experts:
         error(f"--top-k must be in [0, {experts}] (0 = dense; there are S + T = {experts} experts), got {mcfg.top_k}")
+    routes = (mcfg.model in ("drmoe", "hsq") and mcfg.moe_layers > 0) or mcfg.backbone_moe != "none"
+    if tcfg.divdr_coef > 0 and not routes:
+        error(f"--divdr-coef trains routing, and --model {mcfg.model} here routes nothing: use --model drmoe or hsq "
+              "(with --moe-layers >= 1) or --backbone-moe last2 on a vit_*/convnext_* backbone")
     if mcfg.weights.lower() not in ("none", "default") and not os.path.isfile(mcfg.weights):
         error(f"--weights {mcfg.weights!r}: no such file (allowed: none, DEFAULT or the path of a state_dict)")
     if mcfg.word_vectors and not os.path.isfile(mcfg.word_vectors):
@@ -271,7 +289,9 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         error(f"--train-split {tcfg.train_split} is also evaluated on; pick another split")
     try:
         check_device(tcfg.device)
-        backbone_channels(mcfg.backbone, mcfg.feature_layer)   # the name and the cut exist (meta device: free)
+        # The name, the cut and the MoE placement exist (built on the meta device: free).
+        backbone_channels(mcfg.backbone, mcfg.feature_layer, MoEConfig(mcfg.backbone_moe, mcfg.backbone_experts,
+                                                                       mcfg.backbone_top_k))
     except ValueError as e:
         error(str(e))
 

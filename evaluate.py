@@ -67,6 +67,7 @@ import predictions
 from checkpoint import load_checkpoint_model, read_checkpoint
 from config import Parser, amp_dtype_for, check_device, pick_device
 from distributed import gather_rows, is_main
+from divdr import routing_signature
 
 # Number of labels an image may predict in the "top-k" protocol. 3 is the
 # value used since CNN-RNN (COCO images carry ~2.9 labels on average).
@@ -253,17 +254,19 @@ def multilabel_metrics(scores, targets, threshold=0.5):
 
 # ----------------------------------------------------------------------------- running a model
 @torch.no_grad()
-def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_last, features=False):
+def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_last, features=False,
+            routing=False):
     """Run a model over a loader in eval mode.
 
     -> scores (N, L) probabilities, targets (N, L) in {1, 0, -1}, gate weights (N, L, E) or None,
-    and with features=True also the pooled image features (N, D) the gate reads (analysis.py uses them).
+    with features=True also the pooled image features (N, D) the gate reads (analysis.py uses them), and
+    with routing=True also the routing signatures (N, F) or None and their rows (divdr.routing_signature).
     Leaves the model in eval mode; train.py switches it back at the start of every epoch.
     Under torchrun the loader has a DistributedSampler: each rank scores its shard, and the shards are
     gathered back into the whole split, in order and each image once (distributed.gather_rows).
     """
     model.eval()
-    scores, targets, gates, feats = [], [], [], []
+    scores, targets, gates, feats, sigs, rows = [], [], [], [], [], []
     for x, y in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not is_main()):
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -274,17 +277,22 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
             gates.append(info["gate_weights"].float().cpu())
         if features:
             feats.append(info["image_feature"].float().cpu())
+        if routing:
+            sig, rows = routing_signature(info, model)
+            if sig is not None:
+                sigs.append(sig.cpu())
     # (N_r, ...) each: this rank's rows, or all N rows in a single process; None where the model has none
-    out = [torch.cat(v) if v else None for v in (scores, targets, gates, feats)]
+    out = [torch.cat(v) if v else None for v in (scores, targets, gates, feats, sigs)]
     if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
         index, n = torch.tensor(list(loader.sampler)), len(loader.dataset)   # this rank's dataset rows (n_r,)
         out = [gather_rows(v, index, n) if v is not None else None for v in out]
     out = [v.numpy() if v is not None else None for v in out]
-    return tuple(out) if features else tuple(out[:3])
+    return tuple(out[:3]) + ((out[3],) if features else ()) + ((out[4], rows) if routing else ())
 
 
 def score_split(path: str, split, data_root, device, ckpt=None):
-    """A checkpoint's model over a dataset split -> (scores, targets, gates, features, ckpt, dataset, split name).
+    """A checkpoint's model over a dataset split -> (scores, targets, gates, features, ckpt, dataset, split name,
+    (routing signatures or None, their rows)).
 
     The dataset is rebuilt from the run's own config (its image size, limit, ...), with the same batch
     size and memory format as training: identical numerics, hence identical metrics.
@@ -297,12 +305,13 @@ def score_split(path: str, split, data_root, device, ckpt=None):
                        limit=tcfg["limit"], empty=tcfg.get("empty_images", "keep"),
                        size=tcfg.get(f"{split}_images"))   # --budget study's 10,000 test images, for one
     loader = torch.utils.data.DataLoader(ds, batch_size=tcfg["batch_size"], num_workers=tcfg["num_workers"])
-    scores, targets, gates, feats = predict(model, loader, device, amp_dtype_for(device, tcfg["amp"]), fmt, features=True)
+    scores, targets, gates, feats, sigs, rows = predict(model, loader, device, amp_dtype_for(device, tcfg["amp"]), fmt,
+                                                        features=True, routing=True)
     bad = ~np.isfinite(scores).all(1)
     if bad.any():   # NaN weights (a diverged run) give NaN scores: name the file, not a bare ValueError
         raise ValueError(f"--checkpoint {path}: the model gives non-finite scores on {int(bad.sum())} of {len(bad)} "
                          f"{split} images; its weights hold NaN or inf (a diverged run?); use an earlier checkpoint")
-    return scores, targets, gates, feats, ckpt, ds, split
+    return scores, targets, gates, feats, ckpt, ds, split, (sigs, rows)
 
 
 def main(argv=None):
@@ -375,8 +384,8 @@ def main(argv=None):
         return {"csv": args.out, "files": files, "probabilities": probs, "unreadable": bad}
 
     try:
-        scores, targets, gates, feats, ckpt, ds, args.split = score_split(args.checkpoint, args.split, args.data_root,
-                                                                            device, loaded[args.checkpoint])
+        scores, targets, gates, feats, ckpt, ds, args.split, (sigs, rows) = score_split(
+            args.checkpoint, args.split, args.data_root, device, loaded[args.checkpoint])
     except ValueError as e:   # non-finite scores: one line naming the checkpoint
         sys.exit(f"error: {e}")
     classes, mc = ckpt["classes"], ckpt["model_config"]
@@ -410,8 +419,12 @@ def main(argv=None):
               f"{o['num_single_label_images']} single-label images, {o['shared_mass_multi']:.3f} on "
               f"{o['num_multi_label_images']} multi-label images; variability across images {o['variability']:.4f}")
         print("      mean weight per expert (shared first): " + ", ".join(f"{w:.3f}" for w in o["mean_weight_per_expert"]))
+    if sigs is not None:   # does routing follow the images' scenes (synthetic) or their most frequent label?
+        result["routing"] = routing_structure(sigs, rows, targets, ds, ckpt)
     if args.analysis:
         result["analysis"] = run_analysis(args, targets, gates, feats, ckpt, ds, ap, result.get("gate"), device)
+        if sigs is not None:
+            draw_routing(args.analysis, result["routing"], ckpt)
     out = args.json or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval_{args.split}.json")
     with open(out, "w") as fh:
         json.dump(result, fh, indent=2)
@@ -427,6 +440,32 @@ def run_name(ckpt) -> str:
     return f"{mc.get('model', 'drmoe')} gate={mc['gate']} S={mc['shared_experts']} T={mc['task_experts']}"
 
 
+def routing_structure(sigs, rows, targets, ds, ckpt) -> dict:
+    """divdr.structure on the split: k-means of the routing signatures against the reference partition."""
+    from divdr import dominant_label, structure
+    scenes = getattr(ds, "scenes", None)
+    ref = scenes.numpy() if scenes is not None else dominant_label(targets)
+    k = ckpt["train_config"].get("divdr_clusters", 8)
+    res = structure(sigs, rows, ref, k, seed=0)
+    res["reference"] = "scene" if scenes is not None else "most frequent label"
+    res["reference_names"] = (list(ds.scene_names) if scenes is not None else
+                              [ckpt["classes"][i] for i in sorted(set(ref.tolist()) - {-1})])
+    print(f"\nrouting: {res['clusters']} k-means clusters of the routing vs the {res['reference']}: NMI {res['nmi']:.3f}, "
+          f"ARI {res['ari']:.3f}; {res['distinct_routes']} distinct top-1 routes ({res['route_entropy_bits']:.2f} bits)")
+    return res
+
+
+def draw_routing(folder, res, ckpt):
+    """routing_clusters.png: the clusters x reference table, NMI and ARI in the title."""
+    import plots
+    os.makedirs(folder, exist_ok=True)
+    plots.routing_clusters(os.path.join(folder, "routing_clusters.png"), res["contingency"],
+                           [f"cluster {i}" for i in range(len(res["contingency"]))], res["reference_names"],
+                           f"Routing clusters vs {res['reference']}: NMI {res['nmi']:.3f}, ARI {res['ari']:.3f}",
+                           f"{run_name(ckpt)}; k-means (K = {res['clusters']}) of each image's routing signature (divdr.py)")
+    print(f"analysis: wrote routing_clusters.png into {folder}")
+
+
 def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> dict:
     """--analysis (and --compare-to): the pictures and analysis.json of analysis.py."""
     from gating import expert_names
@@ -435,8 +474,8 @@ def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> di
     if args.compare_to:
         from data import DatasetError
         try:
-            o_scores, o_targets, _, o_feats, o_ckpt, o_ds, _ = score_split(args.compare_to, args.split, args.data_root,
-                                                                                device, args.compare_ckpt)
+            o_scores, o_targets, _, o_feats, o_ckpt, o_ds = score_split(args.compare_to, args.split, args.data_root,
+                                                                        device, args.compare_ckpt)[:6]
         except ValueError as e:   # non-finite scores: one line naming that checkpoint
             sys.exit(f"error: {e}".replace("--checkpoint", "--compare-to"))
         # The gain is per label and per image set: both runs must have seen the same labels and images.

@@ -310,3 +310,34 @@ def label_noise(path, classes, positives, series, title, subtitle=None):
     legend(d, (left + width + 20, top), [(n, SERIES[k % len(SERIES)]) for k, n in enumerate(names)])
     d.text((left + width + 20, top + 18 * len(names) + 8), "(n) = test positives", fill=MUTED, font=font(11))
     img.save(path)
+
+
+def routing_clusters(path, table, cluster_names, reference_names, title, subtitle=None):
+    """The clusters x reference contingency table as a heatmap: colour = the share of the cluster's images
+    in each reference class (rows sum to 1), the count written in the cell, the cluster's size beside."""
+    table = np.asarray(table, dtype=float)
+    K, R = table.shape
+    cw, ch, left, top = 84, 28, 120, 110
+    img = Image.new("RGB", (max(left + R * cw + 120, 560), top + K * ch + 90), "white")
+    d = ImageDraw.Draw(img)
+    d.text((20, 18), title, fill=FG, font=font(16))
+    if subtitle:
+        d.text((20, 42), subtitle, fill=MUTED, font=font(12))
+    share = table / np.maximum(table.sum(1, keepdims=True), 1)          # (K, R): row-normalised
+    for j, name in enumerate(reference_names):
+        d.text((left + j * cw + cw / 2, top - 8), name, fill=FG, font=font(12), anchor="md")
+    for i, name in enumerate(cluster_names):
+        y = top + i * ch
+        d.text((left - 8, y + ch / 2), name, fill=FG, font=font(12), anchor="rm")
+        for j in range(R):
+            rgb = colour(share[i, j], 0, 1)
+            d.rectangle([left + j * cw, y, left + (j + 1) * cw - 1, y + ch - 1], fill=rgb)
+            ink = FG if sum(rgb) > 380 else (255, 255, 255)
+            d.text((left + j * cw + cw / 2, y + ch / 2), f"{int(table[i, j])}", fill=ink, font=font(11), anchor="mm")
+        d.text((left + R * cw + 8, y + ch / 2), f"{int(table[i].sum())} images", fill=MUTED, font=font(11), anchor="lm")
+    d.text((left - 8, top - 8), "cluster", fill=FG, font=font(13), anchor="rd")
+    y = top + K * ch + 16
+    d.text((left, y), "colour: share of the cluster's images in each column (rows sum to 1); number: images",
+           fill=FG, font=font(12))
+    d.text((left, y + 18), "a routing that found the columns has one bright cell per row", fill=MUTED, font=font(12))
+    img.save(path)

@@ -57,6 +57,7 @@ from config import TrainConfig, amp_dtype_for, parse_args, pick_device
 from gating import expert_load, expert_names
 from backbone_moe import backbone_aux_loss, moe_layers
 from backbones import WeightsUnavailable
+from divdr import divdr_loss, dominant_label, kmeans, routing_signature, structure
 from model import ModelConfig, build_model, flops_per_image, set_memory_format
 from predictions import best_f1_thresholds
 
@@ -116,8 +117,12 @@ def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: torch.dev
                              fused=device.type == "cuda")   # fused: one kernel for all tensors on CUDA
 
 
-def train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg: TrainConfig, amp_dtype, step: int):
+def train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg: TrainConfig, amp_dtype, step: int,
+               centroids=None):
     """One optimisation step on one batch -> (classification loss, info), both still on the device.
+
+    centroids: DivDR's k-means centroids of the last epoch's routing (K, F), or None (divdr.py). With
+    --divdr-coef, info["signature"] holds the batch's routing signatures (detached) for the next k-means.
 
     step_model is what runs forward (maybe compiled, maybe DDP-wrapped); model is the raw module whose
     parameters are clipped and averaged into the EMA. bench.py times exactly this function.
@@ -133,6 +138,13 @@ def train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg: TrainConfi
         bb_aux = backbone_aux_loss(model)
         info["backbone_aux"] = bb_aux if bb_aux is not None else torch.zeros((), device=x.device)
         loss = loss_cls + tcfg.aux_loss_coef * (info["aux_loss"] + info["backbone_aux"])
+        info["divdr"], info["signature"] = torch.zeros((), device=x.device), None
+        if tcfg.divdr_coef > 0:
+            sig, rows = routing_signature(info, model)
+            info["signature"] = sig.detach()
+            if centroids is not None:   # from the second epoch on: the last epoch's partition
+                info["divdr"] = divdr_loss(sig, centroids, len(rows), tcfg.divdr_margin)[0]
+                loss = loss + tcfg.divdr_coef * info["divdr"]
     optimizer.zero_grad(set_to_none=True)   # None, not zeros: no memset, and the first accumulation is a copy
     scaler.scale(loss).backward()   # under DDP, backward also averages the gradients over the ranks
     if tcfg.grad_clip > 0:
@@ -384,6 +396,7 @@ def main(argv=None):
     # Enabled only for fp16: with bf16 or fp32 it passes everything through, so one code path serves all.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, best_map, step = 0, -1.0, 0
+    centroids = None   # DivDR's partition of the last epoch's routing (divdr.py); none before epoch 1 ends
     # Resuming restores everything that shapes the rest of the run, RNG states included, so that the
     # resumed run is the uninterrupted one (tests/test_train.py checks it bit for bit).
     if ckpt is not None:
@@ -400,6 +413,8 @@ def main(argv=None):
             say(f"  note: the checkpoint was written by {len(states)} processes, this run has {world}: "
                 "random streams restart (the run continues, but not bit for bit)")
         start_epoch, best_map, step = ckpt["epoch"] + 1, ckpt["best_map"], ckpt["step"]
+        if ckpt.get("divdr_centroids") is not None:
+            centroids = ckpt["divdr_centroids"].to(device)
 
     # Everything needed to resume, evaluate or rebuild: the raw module's weights (never a compiled or
     # DDP wrapper's, whose keys differ), both configs, and which weights ("raw" or "ema") were judged best.
@@ -408,7 +423,8 @@ def main(argv=None):
                 "eval_weights": which, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_map": best_map,
                 "val_map": val_maps, "model_config": asdict(mcfg), "train_config": asdict(tcfg),
-                "classes": list(ds["train"].classes), "world_size": world, "rng": rng}
+                "classes": list(ds["train"].classes), "world_size": world, "rng": rng,
+                "divdr_centroids": centroids.cpu() if centroids is not None else None}
 
     # log.jsonl holds exactly this run's epochs 1..start_epoch: a fresh run starts it empty (an earlier
     # run's rows in the same folder would otherwise mix into curves.png and compare.py), and a resumed run
@@ -425,7 +441,8 @@ def main(argv=None):
         order.manual_seed((tcfg.seed * 1000 + epoch) * world + rank)
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)   # a new shuffle (the same on every rank) each epoch
-        sums = torch.zeros(3, device=device)   # running (classification, head aux, backbone aux) losses
+        sums = torch.zeros(4, device=device)   # running (classification, head aux, backbone aux, DivDR) losses
+        signatures = []   # with --divdr-coef: this epoch's routing signatures, for the next epoch's k-means
         bb_load, bb_used = 0.0, 0.0   # backbone MoE: per layer, tokens per expert (layers, N) and experts per image
         gate_mass = 0.0   # running sum over steps of each label's mean gate weight per expert, (L, E)
         t0, n_seen, wait = time.time(), 0, 0.0
@@ -441,11 +458,13 @@ def main(argv=None):
             x = x.to(device, non_blocking=True, memory_format=fmt)
             y = y.to(device, non_blocking=True)
             step += 1
-            loss_cls, info = train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg, amp_dtype, step)
+            loss_cls, info = train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg, amp_dtype, step, centroids)
             scheduler.step()
             # Accumulate on the device; reading a value (.item()) every step would stall a GPU on each step.
             parts = torch.stack([loss_cls.detach().float(), info["aux_loss"].detach().float()])
-            sums += torch.cat([parts, info["backbone_aux"].detach().float()[None]])
+            sums += torch.cat([parts, info["backbone_aux"].detach().float()[None], info["divdr"].detach().float()[None]])
+            if info["signature"] is not None:
+                signatures.append(info["signature"].cpu())
             fresh = ~torch.isfinite(parts).all() & (watch[0] < 0)
             watch = torch.where(fresh, torch.cat([parts.new_tensor([step]), parts]), watch)
             if world > 1:   # every rank stops together (else the others would wait in the next all-reduce)
@@ -464,7 +483,15 @@ def main(argv=None):
             t_ready = time.time()
         train_time = time.time() - t0
         # Means over every step of every rank (the sums are reduced once per epoch, not per step).
-        loss_avg, aux_avg, bb_aux_avg = (distributed.all_sum(sums) / (len(train_loader) * world)).tolist()
+        loss_avg, aux_avg, bb_aux_avg, divdr_avg = (distributed.all_sum(sums) / (len(train_loader) * world)).tolist()
+        if signatures:   # DivDR: the partition the next epoch pulls toward (every rank computes the same one)
+            sig = torch.cat(signatures)
+            if world > 1:
+                gathered = [None] * world
+                torch.distributed.all_gather_object(gathered, sig)
+                sig = torch.cat(gathered)
+            centroids = torch.from_numpy(kmeans(sig.numpy(), tcfg.divdr_clusters, seed=tcfg.seed * 1000 + epoch)[0])
+            centroids = centroids.float().to(device)
         load, warning = None, None
         if torch.is_tensor(gate_mass):
             load, warning = expert_load(distributed.all_sum(gate_mass) / (len(train_loader) * world),
@@ -483,10 +510,19 @@ def main(argv=None):
         # ---- validation: raw and EMA weights; the better one is what "best" means
         distributed.sync_buffers(model)   # one set of BatchNorm statistics (rank 0's) on every rank
 
+        routing = None   # how the raw weights route the val images, and whether that follows the scenes
+
         def val_map(net):
-            scores, targets = predict(net, eval_loaders["val"], device, amp_dtype, fmt)[:2]
+            nonlocal routing
+            out = predict(net, eval_loaders["val"], device, amp_dtype, fmt, routing=net is model)
+            scores, targets = out[:2]
             if not np.isfinite(scores).all():   # the epoch's last update made the weights NaN: no loss saw it
                 raise Diverged(diverged_message([-1, loss_avg, aux_avg], epoch, tcfg))
+            if net is model and out[3] is not None:
+                # The reference partition is read here, after training's step: never by the model or a loss.
+                ref = getattr(ds["val"], "scenes", None)
+                ref = ref.numpy() if ref is not None else dominant_label(targets)
+                routing = structure(out[3], out[4], ref, tcfg.divdr_clusters, seed=0)
             return multilabel_metrics(scores, targets)["mAP"]
         val_maps = {"raw": val_map(model)}
         if ema is not None:
@@ -500,7 +536,8 @@ def main(argv=None):
             f"{n_seen / train_time:.0f} img/s (data wait {100 * wait / train_time:.0f}%) | val mAP "
             + " ".join(f"{k} {v:.2f}" for k, v in val_maps.items()) + (" *" if improved else "")
             + (" | gate " + " ".join(f"{v:.2f}" for v in load["expert_mass"].values()) if load else "")
-            + (f" | backbone experts/image " + " ".join(f"{v:.1f}" for v in bb["experts_used_per_image"]) if bb else ""))
+            + (f" | backbone experts/image " + " ".join(f"{v:.1f}" for v in bb["experts_used_per_image"]) if bb else "")
+            + (f" | routing NMI {routing['nmi']:.3f}" if routing and "nmi" in routing else ""))
         if warning:
             say("  warning: " + warning)
         # Every rank's random streams go into the checkpoint (a collective step, so all ranks take it).
@@ -514,7 +551,9 @@ def main(argv=None):
                                      "lr": lr_now, "img_per_s": n_seen / train_time, "data_wait_s": wait,
                                      "compute_s": train_time - wait, "world_size": world,
                                      "train_s": train_time, "val_mAP": val_maps, "time": time.time(),
-                                     **({"gate": load} if load else {}), **({"backbone_moe": bb} if bb else {})}) + "\n")
+                                     **({"gate": load} if load else {}), **({"backbone_moe": bb} if bb else {}),
+                                     **({"divdr_loss": divdr_avg} if tcfg.divdr_coef > 0 else {}),
+                                     **({"routing": routing} if routing else {})}) + "\n")
             # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested):
             # then the same bytes, copied rather than serialised twice (hundreds of MB at ResNet-101).
             save_checkpoint(os.path.join(tcfg.out_dir, "last.pt"), checkpoint(epoch, val_maps, which, rng))
