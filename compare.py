@@ -7,6 +7,10 @@ one markdown table and paired tests of DR-MoE against the others. Three sets of 
               mixture matters, and whether the input-conditioned gate wins at any size
     balance   expert collapse and its remedy: dense and top-1 routing, each without and with the
               load-balancing loss (gating.py); the table adds the largest expert slot's share of the mass
+    routing   does routing find the scenes? dense and top-1, each plain / Switch loss / DivDR / both, and
+              the static gate (divdr.py); the table adds NMI and ARI with the scenes and distinct routes
+    sweetspot MoE inside a vit_tiny backbone: placements x experts x k with the linear head, and DR-MoE's
+              head on the dense backbone (backbone_moe.py)
 
     python compare.py                        # --set models: 8 configurations x 3 seeds, synthetic preset
                                              # (about 85 minutes on a 2-core CPU)
@@ -83,7 +87,28 @@ BALANCE = {DEFAULT: ABLATION[DEFAULT],
            f"{DEFAULT} aux=0.01": ABLATION[DEFAULT] + ["--aux-loss-coef", "0.01"],
            f"{DEFAULT} top1": ABLATION[DEFAULT] + ["--top-k", "1"],
            f"{DEFAULT} top1 aux=0.01": ABLATION[DEFAULT] + ["--top-k", "1", "--aux-loss-coef", "0.01"]}
-SETS = {"models": (MODELS, "drmoe"), "ablation": (ABLATION, DEFAULT), "balance": (BALANCE, DEFAULT)}
+# Does routing find the scenes (issue 18, divdr.py)? DR-MoE dense and top-1, each plain, with the Switch loss,
+# with DivDR and with both; the static gate (one route for every image) as the floor of structure.
+# DIVDR_COEF is not calibrated yet: the study's README says which value it ran with and why.
+DIVDR_COEF = "0.1"
+ROUTING = {}
+for _k, _flags in (("drmoe", []), ("drmoe top1", ["--top-k", "1"])):
+    for _extra, _more in (("", []), (" aux=0.01", ["--aux-loss-coef", "0.01"]), (" divdr", ["--divdr-coef", DIVDR_COEF]),
+                          (" aux=0.01 divdr", ["--aux-loss-coef", "0.01", "--divdr-coef", DIVDR_COEF])):
+        ROUTING[_k + _extra] = ["--model", "drmoe", *_flags, *_more]
+ROUTING["drmoe gate=static"] = ["--model", "drmoe", "--gate", "static"]
+# MoE inside the backbone (issue 17, backbone_moe.py) on vit_tiny: the linear head on the dense backbone and on
+# MoE at placements {last2, every2} x experts {4, 8} x k {1, 2}, and DR-MoE's head on the dense backbone.
+# The DR-MoE head on the two best MoE backbones is added once the linear rows are read (MoE in head and backbone).
+SWEETSPOT = {"vit_tiny dense": ["--backbone", "vit_tiny", "--model", "linear"],
+             "vit_tiny dense drmoe": ["--backbone", "vit_tiny", "--model", "drmoe"]}
+for _p in ("last2", "every2"):
+    for _n in (4, 8):
+        for _k in (1, 2):
+            SWEETSPOT[f"vit_tiny {_p} N={_n} k={_k}"] = ["--backbone", "vit_tiny", "--model", "linear", "--backbone-moe",
+                                                         _p, "--backbone-experts", str(_n), "--backbone-top-k", str(_k)]
+SETS = {"models": (MODELS, "drmoe"), "ablation": (ABLATION, DEFAULT), "balance": (BALANCE, DEFAULT),
+        "routing": (ROUTING, "drmoe"), "sweetspot": (SWEETSPOT, "vit_tiny dense")}
 
 
 def slug(name: str) -> str:
@@ -193,15 +218,21 @@ def bootstrap(ref: list, other: list, draws: int):
 def report(rows: dict, reference: str, draws: int = 1000) -> str:
     """The markdown table (one row per configuration) and the paired tests against `reference`."""
     gated = any("max_expert_mass" in r for runs in rows.values() for r in runs)
+    # Routing structure on test (divdr.structure, train.py's metrics.json): against the scenes, mean over seeds.
+    routed = any("nmi" in r.get("routing", {}) for runs in rows.values() for r in runs)
     lines = ["| model | test mAP (mean ± std) | CF1 | OF1 | params (M) | GFLOPs/img | train img/s (median) | "
-             + ("largest expert share | " if gated else "") + "seeds |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if gated else "")]
+             + ("largest expert share | " if gated else "")
+             + ("NMI with scenes | ARI | distinct routes | " if routed else "") + "seeds |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if gated else "") + ("---|---|---|" if routed else "")]
     for name, runs in rows.items():
         mean = lambda k: np.mean([r[k] for r in runs])
         share = f"{mean('max_expert_mass'):.2f} | " if "max_expert_mass" in runs[0] else "- | "
+        rt = [r["routing"] for r in runs if "nmi" in r.get("routing", {})]
+        routing = (f"{np.mean([r['nmi'] for r in rt]):.3f} | {np.mean([r['ari'] for r in rt]):.3f} | "
+                   f"{np.mean([r['distinct_routes'] for r in rt]):.0f} | " if rt else "- | - | - | ")
         lines.append(f"| {name} | {mean_std(runs)} | {mean('CF1'):.2f} | {mean('OF1'):.2f} | "
                      f"{runs[0]['parameters'] / 1e6:.2f} | {runs[0]['gflops']:.3f} | {np.median([r['img_per_s'] for r in runs]):.0f} | "
-                     + (share if gated else "") + f"{len(runs)} |")
+                     + (share if gated else "") + (routing if routed else "") + f"{len(runs)} |")
     tests = {name: paired(rows[reference], runs) for name, runs in rows.items() if name != reference} \
         if reference in rows else {}
     tests = {name: test for name, test in tests.items() if test is not None}

@@ -569,12 +569,17 @@ def main(argv=None):
     best["thresholds"] = best_f1_thresholds(*predict(model, eval_loaders["val"], device, amp_dtype, fmt)[:2]).tolist()
     if main_proc:
         save_checkpoint(os.path.join(tcfg.out_dir, "best.pt"), best)
-    scores, targets = predict(model, eval_loaders["test"], device, amp_dtype, fmt)[:2]
+    scores, targets, _, sigs, rows = predict(model, eval_loaders["test"], device, amp_dtype, fmt, routing=True)
     metrics = multilabel_metrics(scores, targets)
+    if sigs is not None:   # the routing structure on test, as evaluate.py reports it (divdr.structure)
+        ref = getattr(ds["test"], "scenes", None)
+        metrics["routing"] = structure(sigs, rows, ref.numpy() if ref is not None else dominant_label(targets),
+                                       tcfg.divdr_clusters, seed=0)
     # Each label's AP (which labels carry the seed noise, results/noise/) and the test scores themselves:
     # compare.py's paired bootstrap resamples the images of two runs together, which needs the per-image scores.
     ap = average_precision(scores, targets) * 100
-    metrics.update({"AP": {c: (None if np.isnan(a) else float(a)) for c, a in zip(ds["test"].classes, ap)},"checkpoint": "best.pt", "epoch": best["epoch"] + 1,
+    metrics.update({"AP": {c: (None if np.isnan(a) else float(a)) for c, a in zip(ds["test"].classes, ap)},
+                    "checkpoint": "best.pt", "epoch": best["epoch"] + 1,
                     "weights": best["eval_weights"], "val_mAP": best["best_map"], "gflops": gflops,
                     "parameters": sum(p.numel() for p in model.parameters()), "model": mcfg.model,
                     "best_epoch_chosen_on": tcfg.val_split, "split": tcfg.test_split, "world_size": world,
