@@ -458,7 +458,8 @@ def main(argv=None):
             x = x.to(device, non_blocking=True, memory_format=fmt)
             y = y.to(device, non_blocking=True)
             step += 1
-            loss_cls, info = train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg, amp_dtype, step, centroids)
+            loss_cls, info = train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg, amp_dtype, step,
+                                        centroids=centroids)
             scheduler.step()
             # Accumulate on the device; reading a value (.item()) every step would stall a GPU on each step.
             parts = torch.stack([loss_cls.detach().float(), info["aux_loss"].detach().float()])

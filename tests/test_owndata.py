@@ -313,8 +313,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_epoch(tmp_path, monkeypatch
     out = str(tmp_path / "run")
     real = train.train_step
 
-    def poisoned(*args):   # epoch 2's second step returns a NaN loss, as an absurd learning rate would
-        loss, info = real(*args)
+    def poisoned(*args, **kw):   # epoch 2's second step returns a NaN loss, as an absurd learning rate would
+        loss, info = real(*args, **kw)
         return (loss * float("nan"), info) if args[-1] == 4 else (loss, info)
     monkeypatch.setattr(train, "train_step", poisoned)
     with pytest.raises(train.Diverged, match=r"non-finite at step 4 \(epoch 2\): classification loss nan.*"
@@ -348,8 +348,8 @@ def test_nan_weights_after_an_epochs_last_step_are_caught_at_validation(tmp_path
     validation scores, which must stop the run the same way (not a traceback inside the metrics)."""
     real = train.train_step
 
-    def poison_weights(step_model, model, *rest):
-        out = real(step_model, model, *rest)
+    def poison_weights(step_model, model, *rest, **kw):
+        out = real(step_model, model, *rest, **kw)
         if rest[-1] == 2:                                   # the last step of epoch 1 (2 steps per epoch)
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
