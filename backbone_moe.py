@@ -37,11 +37,19 @@ are taken in pairs, V-MoE's unit (vmoe/configs/vmoe_paper/common.py: "Every-2" =
     stage      every block of the last stage             the last pair: B-2, B-1          10, 11
 
 Initialisation. With pretrained weights (upcycle=True) every expert starts as a copy of the dense MLP
-("sparse upcycling", Komatsuzaki et al. 2023) and the router at zero. Then G = 1/N for every expert and the
-first forward pass gives (k/N) * MLP(x) without renormalisation, MLP(x) exactly with --backbone-renorm (the
-choice to make when fine-tuning a pretrained dense model). From scratch each expert is initialised as the
-dense MLP would be, independently, and the router N(0, 0.02^2): identical experts behind a zero router
-would all see the same tokens and stay identical.
+("sparse upcycling", Komatsuzaki et al. 2023). The issue asks for the router at zero; exactly zero makes
+every token's top-k a tie, which topk breaks by expert index: every token goes to experts 0..k-1, and with a
+capacity all but C tokens overflow. So the router starts at N(0, 0.001^2) (UPCYCLE_ROUTER_STD), logits of
+order 0.001 * sqrt(D), G = 1/N to within a few percent, ties broken by the token. The first forward pass then
+equals the dense model's (all experts being the same MLP) exactly with --backbone-renorm and capacity 0,
+and gives about (k/N) * MLP(x) without renormalisation: --backbone-renorm is the choice to make when
+fine-tuning a pretrained dense model. One more reason not to use renorm with k = 1 from scratch: the one
+kept weight is then always 1, and the router learns only from the balance loss. From scratch each expert
+is initialised as the dense MLP would be, independently, and the router N(0, 0.02^2).
+
+A capacity makes a token's output depend on the rest of the batch (whether its expert was full), so with
+--backbone-capacity > 0 scores change a little with the batch size and with which images share a batch;
+with capacity 0 (the default) every image is routed on its own.
 
 Balance: the Switch / Shazeer loss of gating.py, N * sum_i f_i P_i over the layer's tokens (f_i: fraction
 of the T*k assignments going to expert i, P_i: mean router probability), each layer's value left on the
@@ -62,6 +70,7 @@ from torchvision.models.vision_transformer import EncoderBlock
 from gating import switch_balance
 
 PLACEMENTS = ("none", "last2", "last3", "every2", "stage")
+UPCYCLE_ROUTER_STD = 1e-3   # the upcycled router's start: near zero, but not tied (docstring, "Initialisation")
 
 
 @dataclass
@@ -104,20 +113,21 @@ class SparseMoE(nn.Module):
         return {**super().__getstate__(), "aux_loss": None, "stats": None, "image_probs": None}
 
     def upcycle(self, fc1: nn.Linear, fc2: nn.Linear):
-        """Every expert a copy of the dense MLP fc2(GELU(fc1(x))); router at zero (see the docstring)."""
+        """Every expert a copy of the dense MLP fc2(GELU(fc1(x))); router near zero (see the docstring)."""
         with torch.no_grad():
             self.w1.copy_(fc1.weight.T.expand_as(self.w1))   # Linear stores (out, in); experts (in, out)
             self.b1.copy_(fc1.bias.expand_as(self.b1))
             self.w2.copy_(fc2.weight.T.expand_as(self.w2))
             self.b2.copy_(fc2.bias.expand_as(self.b2))
-            self.router.weight.zero_()
+            self.router.weight.normal_(0.0, UPCYCLE_ROUTER_STD)
 
     def expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """E_i(x) for x (n, D) -> (n, D): the MLP's Linear, GELU, dropout, Linear, dropout."""
         return self.drop(self.drop(F.gelu(x @ self.w1[i] + self.b1[i])) @ self.w2[i] + self.b2[i])
 
     def route(self, x: torch.Tensor):
-        """x (T, D) -> (probs G (T, N) fp32, token (A,), expert (A,), weight (A,)): the A kept assignments."""
+        """x (T, D) -> (probs G (T, N) fp32, chosen (T, k) expert indices, token (A,), expert (A,), weight (A,)):
+        the A kept assignments."""
         T, N, k = x.shape[0], self.num_experts, self.top_k
         with torch.autocast(x.device.type, enabled=False):   # routers in fp32 (README: mixed precision)
             probs = F.softmax(x.float() @ self.router.weight.float().T, dim=-1)   # G(x), (T, N)
@@ -139,12 +149,12 @@ class SparseMoE(nn.Module):
             place = (F.one_hot(expert, N).cumsum(0) - 1).gather(1, expert[:, None])[:, 0]   # (T*k,)
             keep = place < cap
             token, expert, weight = token[keep], expert[keep], weight[keep]
-        return probs, token, expert, weight
+        return probs, top_i, token, expert, weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                                            # (..., D) -> (T, D)
-        probs, token, expert, weight = self.route(flat)
+        probs, chosen, token, expert, weight = self.route(flat)
         # Group the kept assignments by expert: one gather, one matmul pair per expert, one scatter back.
         by_expert = torch.argsort(expert, stable=True)
         token, expert, weight = token[by_expert], expert[by_expert], weight[by_expert]
@@ -154,15 +164,16 @@ class SparseMoE(nn.Module):
         out = torch.zeros_like(flat).index_add_(0, token, (out_rows * weight[:, None]).to(flat.dtype))
         # Balance (gating.switch_balance): f = share of the T*k assignments before overflow, P = mean G.
         T = flat.shape[0]
-        chosen = probs.topk(self.top_k, dim=-1).indices                            # (T, k)
         f = torch.bincount(chosen.reshape(-1), minlength=self.num_experts).float() / (T * self.top_k)
         self.aux_loss = switch_balance(probs.mean(0), f)
         # The image's routing signature for divdr.py: its tokens' mean router probability, (B, N), with grad.
         self.image_probs = probs.reshape(shape[0], -1, self.num_experts).mean(1)
-        # For the collapse watch and "experts used per image": tokens per expert, and per image (first dim).
-        per_image = F.one_hot(chosen[:, 0], self.num_experts).reshape(shape[0], -1, self.num_experts).sum(1)
+        # For the collapse watch and the log: f (share of assignments), the distinct experts an image's tokens
+        # chose among all their k choices (a ViT's class token included: it is routed like the patches), and
+        # the share of assignments that overflowed the capacity.
+        per_image = F.one_hot(chosen, self.num_experts).sum(1).reshape(shape[0], -1, self.num_experts).sum(1)
         self.stats = {"load": f.detach(), "used_per_image": (per_image > 0).sum(1).float().mean().detach(),
-                      "dropped": 1.0 - len(token) / (T * self.top_k)}
+                      "dropped": torch.tensor(1.0 - len(token) / (T * self.top_k), device=flat.device)}
         return out.reshape(shape)
 
     def extra_repr(self) -> str:

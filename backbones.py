@@ -49,7 +49,7 @@ SMALL = {
     # 64-image CPU training step (linear head: 116 img/s at depth 6, 60 at 12), and 6 is the shallowest
     # depth at which the backbone-MoE placements differ (at 4, last2 and every2 are both blocks 1 and 3).
     "vit_tiny": dict(kind="vit", patch_size=8, num_layers=6, num_heads=3, hidden_dim=192, mlp_dim=768),
-    # ConvNeXt's block and stem at a tenth of ConvNeXt-T's width, three stages (stride 4, 8, 16): at 64 px
+    # ConvNeXt's block and stem at half of ConvNeXt-T's width (96, 192, 384), three of its four stages (stride 4, 8, 16): at 64 px
     # the last map is 4 x 4, like ResNet-18's layer3. Stages 2, 2, 4 deep.
     "convnext_mini": dict(kind="convnext", stages=[(48, 2), (96, 2), (192, 4)]),
 }
@@ -186,14 +186,16 @@ def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer
     body, channels = cut(net, name, feature_layer)
     if weights.lower() != "none":
         load_backbone_weights(net, body, name, weights)
-    if moe is not None and moe.placement != "none":
-        add_moe(net, moe, upcycle=weights.lower() != "none")
     if channels is None:
-        # Read C off a dummy forward (eval mode, so BatchNorm statistics are not touched).
+        # Read C off a dummy forward (eval mode, so BatchNorm statistics are not touched). Before add_moe:
+        # the MoE does not change C, and its data-dependent dispatch cannot run on the meta device that
+        # backbone_channels builds on.
         body.eval()
         with torch.no_grad():
             channels = body(torch.zeros(1, 3, 64, 64)).shape[1]
         body.train()
+    if moe is not None and moe.placement != "none":
+        add_moe(net, moe, upcycle=weights.lower() != "none")
     return body, channels
 
 

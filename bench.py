@@ -24,9 +24,9 @@ What each part times:
   by the linear head's step time at the same settings: the cost of a head over the bare backbone.
 - experts: Experts.forward (stacked weights, four einsums) against Experts.forward_loop (one label and
   one expert at a time), forward + backward, B = 32, D = H = 256, S = 2, T = 1.
-- moe: the same train_step with the linear head (so the backbone is most of the cost) on --backbone
-  (default vit_tiny), dense against MoE inside the backbone (backbone_moe.py: last2, N = 8, k = 1 and 2,
-  no capacity limit), timed in rounds. "vs dense" is the cost of the router and the dispatch, plus the
+- moe: the same train_step with the linear head (so the backbone is most of the cost) on --backbone when
+  it is a ViT or ConvNeXt, else on vit_tiny; dense against MoE inside the backbone (backbone_moe.py:
+  last2, N = 8, k = 1 and 2, no capacity limit), timed in rounds. "vs dense" is the cost of the router and the dispatch, plus the
   k-th expert for k = 2; GFLOPs are the activated ones (the sparse path computes only the chosen experts).
 - loader: a DataLoader with N worker processes over JPEGs through the training transform (resize to 448,
   flip, Cutout, RandAugment, normalise): images per second once the first batch has arrived (worker
@@ -161,7 +161,12 @@ def bench_backbone_moe(args, device) -> list:
     built = {}
     for name, flags in variants.items():
         a = copy.copy(args)
-        a.backbone, a.extra = args.backbone or "vit_tiny", f"{args.extra} {flags}"
+        # Backbone MoE exists for ViT and ConvNeXt blocks only: any other --backbone (the ResNet-101 of the
+        # step part, say) measures this part on vit_tiny at the dataset preset's own size instead.
+        moe_capable = (args.backbone or "").startswith(("vit", "convnext"))
+        a.backbone = args.backbone if moe_capable else "vit_tiny"
+        a.image_size = args.image_size if moe_capable else None
+        a.extra = f"{args.extra} {flags}"
         fn, rec = make_step("linear", a, device, False, True, False)
         tcfg, mcfg = configs("linear", a)
         rec["gflops"] = flops_per_image(build_model(mcfg, verbose=False), tcfg.image_size) / 1e9

@@ -56,6 +56,12 @@ def routing_signature(info: dict, model):
     return (torch.cat(parts, 1), rows) if parts else (None, [])
 
 
+def sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Squared distances x (n, F), c (k, F) -> (n, k), as |x|^2 - 2 x.c + |c|^2: no (n, k, F) temporary,
+    which at tens of thousands of training signatures would be hundreds of MB per k-means iteration."""
+    return np.maximum((x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None], 0.0)
+
+
 def kmeans(x: np.ndarray, k: int, seed: int = 0, restarts: int = 4, iters: int = 100):
     """Lloyd's k-means, k-means++ starts, the best of `restarts` by inertia; deterministic by `seed` (its own
     numpy generator: no global random stream is touched). x (n, F) -> (centroids (k, F), assignment (n,))."""
@@ -67,16 +73,16 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, restarts: int = 4, iters: int =
         # k-means++ (Arthur & Vassilvitskii 2007): each next start drawn with probability ~ squared distance.
         c = x[[rng.integers(len(x))]]
         for _ in range(1, k):
-            d2 = ((x[:, None] - c[None]) ** 2).sum(-1).min(1)              # (n,)
+            d2 = sq_dist(x, c).min(1)                                       # (n,)
             p = d2 / d2.sum() if d2.sum() > 0 else np.full(len(x), 1 / len(x))
             c = np.vstack([c, x[rng.choice(len(x), p=p)]])
         for _ in range(iters):
-            a = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)            # (n,) nearest centroid
+            a = sq_dist(x, c).argmin(1)                                     # (n,) nearest centroid
             new = np.array([x[a == j].mean(0) if (a == j).any() else c[j] for j in range(k)])
             if np.allclose(new, c):
                 break
             c = new
-        a = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+        a = sq_dist(x, c).argmin(1)
         inertia = ((x - c[a]) ** 2).sum()
         if best is None or inertia < best[0]:
             best = (inertia, c, a)
@@ -85,7 +91,13 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, restarts: int = 4, iters: int =
 
 def divdr_loss(r: torch.Tensor, centroids: torch.Tensor, num_rows: int, margin: float):
     """r (B, F) signatures with gradient, centroids (K, F) of the last epoch -> (L_within + L_between,
-    L_within, L_between), the docstring's equations; d = squared distance / num_rows."""
+    L_within, L_between), the docstring's equations; d = squared distance / num_rows. Always in float32,
+    also under AMP: the distances are differences of numbers near each other (rows sum to 1)."""
+    with torch.autocast(r.device.type, enabled=False):
+        return _divdr_loss(r.float(), centroids.float(), num_rows, margin)
+
+
+def _divdr_loss(r, centroids, num_rows, margin):
     d = lambda u, v: ((u - v) ** 2).sum(-1) / num_rows
     a = torch.cdist(r.detach(), centroids.to(r)).argmin(1)                  # (B,) nearest last-epoch centroid
     present = torch.unique(a)                                               # partitions in this batch
@@ -139,6 +151,20 @@ def dominant_label(targets: np.ndarray) -> np.ndarray:
     freq = pos.sum(0)                                                       # (L,)
     ranked = np.where(pos, freq[None], -1)                                  # (n, L)
     return np.where(pos.any(1), ranked.argmax(1), -1)
+
+
+def split_structure(signatures, rows, dataset, targets, k: int = 8, seed: int = 0) -> dict:
+    """structure() of one split against its reference partition: the dataset's latent scenes where it has
+    them (the embedded benchmark's `scenes`, read here and never by the model or a loss), else each image's
+    most frequent label. Adds "reference" and "reference_names", the names of the classes present, in the
+    order of the contingency table's columns."""
+    scenes = getattr(dataset, "scenes", None)
+    ref = np.asarray(scenes) if scenes is not None else dominant_label(targets)
+    names = list(dataset.scene_names) if scenes is not None else list(dataset.classes)
+    out = structure(signatures, rows, ref, k, seed)
+    out["reference"] = "scene" if scenes is not None else "most frequent label"
+    out["reference_names"] = [names[i] for i in sorted(set(ref.tolist()) - {-1})]
+    return out
 
 
 def structure(signatures: np.ndarray, rows, reference=None, k: int = 8, seed: int = 0) -> dict:

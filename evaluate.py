@@ -67,7 +67,7 @@ import predictions
 from checkpoint import load_checkpoint_model, read_checkpoint
 from config import Parser, amp_dtype_for, check_device, pick_device
 from distributed import gather_rows, is_main
-from divdr import routing_signature
+from divdr import routing_signature, split_structure
 
 # Number of labels an image may predict in the "top-k" protocol. 3 is the
 # value used since CNN-RNN (COCO images carry ~2.9 labels on average).
@@ -441,15 +441,8 @@ def run_name(ckpt) -> str:
 
 
 def routing_structure(sigs, rows, targets, ds, ckpt) -> dict:
-    """divdr.structure on the split: k-means of the routing signatures against the reference partition."""
-    from divdr import dominant_label, structure
-    scenes = getattr(ds, "scenes", None)
-    ref = scenes.numpy() if scenes is not None else dominant_label(targets)
-    k = ckpt["train_config"].get("divdr_clusters", 8)
-    res = structure(sigs, rows, ref, k, seed=0)
-    res["reference"] = "scene" if scenes is not None else "most frequent label"
-    res["reference_names"] = (list(ds.scene_names) if scenes is not None else
-                              [ckpt["classes"][i] for i in sorted(set(ref.tolist()) - {-1})])
+    """divdr.split_structure on the split: k-means of the routing signatures against the reference partition."""
+    res = split_structure(sigs, rows, ds, targets, ckpt["train_config"].get("divdr_clusters", 8))
     print(f"\nrouting: {res['clusters']} k-means clusters of the routing vs the {res['reference']}: NMI {res['nmi']:.3f}, "
           f"ARI {res['ari']:.3f}; {res['distinct_routes']} distinct top-1 routes ({res['route_entropy_bits']:.2f} bits)")
     return res

@@ -112,8 +112,9 @@ class Gate(nn.Module):
 
 def switch_balance(P: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Switch Transformer's balance loss (Fedus et al. 2022, eq. 4), E * sum_e f_e * P_e, for P and f (..., E):
-    P the mean routing probability, f the fraction routed (no gradient through f, a count). Rows (the head
-    gate's labels) are averaged. At perfect balance (f = P = 1/E) it is 1; on one expert, E."""
+    P the mean routing probability, f the fraction routed: for a top-k router a count (detached by the
+    caller, as in Switch), for the dense gate f = P itself, so there the gradient flows through both and the
+    loss is E * sum_e P_e^2. Rows (the head gate's labels) are averaged. At perfect balance (f = P = 1/E) it is 1; on one expert, E."""
     return P.shape[-1] * (f * P).sum(dim=-1).mean()
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from backbone_moe import PLACEMENTS, parameter_split
+from backbone_moe import PLACEMENTS, moe_layers, parameter_split
 from backbones import backbone_from_config
 from baselines import MLGCN, LinearHead
 from experts import Experts
@@ -216,13 +216,12 @@ def describe(model: nn.Module, cfg: ModelConfig) -> str:
     """One line: the model's name, its parameter count split into backbone and head, and its key settings.
     With MoE in the backbone also the activated parameters: what one token runs (k of each layer's N experts),
     the count the sweet-spot paper plots accuracy against."""
-    n_all = sum(p.numel() for p in model.parameters())
+    n_all, active = parameter_split(model)   # all parameters, and those one token activates
     n_bb = sum(p.numel() for p in model.backbone.parameters())
-    total, active = parameter_split(model)
     if cfg.backbone_moe != "none":
-        n_moe = len([m for m in model.backbone.modules() if type(m).__name__ == "SparseMoE"])
+        n_moe = len(moe_layers(model.backbone))
         extra_bb = (f"; backbone MoE {cfg.backbone_moe}: {n_moe} layers x {cfg.backbone_experts} experts, top-{cfg.backbone_top_k}, "
-                    f"{active / 1e6:.2f}M of {total / 1e6:.2f}M parameters activated per token")
+                    f"{active / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters activated per token")
     else:
         extra_bb = ""
     extra = (f"gate={cfg.gate}, S={cfg.shared_experts}, T={cfg.task_experts}, moe_layers={cfg.moe_layers}"

@@ -57,7 +57,7 @@ from config import TrainConfig, amp_dtype_for, parse_args, pick_device
 from gating import expert_load, expert_names
 from backbone_moe import backbone_aux_loss, moe_layers
 from backbones import WeightsUnavailable
-from divdr import divdr_loss, dominant_label, kmeans, routing_signature, structure
+from divdr import divdr_loss, kmeans, routing_signature, split_structure
 from model import ModelConfig, build_model, flops_per_image, set_memory_format
 from predictions import best_f1_thresholds
 
@@ -443,7 +443,7 @@ def main(argv=None):
             train_sampler.set_epoch(epoch)   # a new shuffle (the same on every rank) each epoch
         sums = torch.zeros(4, device=device)   # running (classification, head aux, backbone aux, DivDR) losses
         signatures = []   # with --divdr-coef: this epoch's routing signatures, for the next epoch's k-means
-        bb_load, bb_used = 0.0, 0.0   # backbone MoE: per layer, tokens per expert (layers, N) and experts per image
+        bb_load, bb_used = 0.0, 0.0   # backbone MoE, per layer: token share per expert (layers, N), (experts/image, overflow)
         gate_mass = 0.0   # running sum over steps of each label's mean gate weight per expert, (L, E)
         t0, n_seen, wait = time.time(), 0, 0.0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True,
@@ -465,7 +465,7 @@ def main(argv=None):
             parts = torch.stack([loss_cls.detach().float(), info["aux_loss"].detach().float()])
             sums += torch.cat([parts, info["backbone_aux"].detach().float()[None], info["divdr"].detach().float()[None]])
             if info["signature"] is not None:
-                signatures.append(info["signature"].cpu())
+                signatures.append(info["signature"])   # stays on the device: .cpu() each step would sync a GPU
             fresh = ~torch.isfinite(parts).all() & (watch[0] < 0)
             watch = torch.where(fresh, torch.cat([parts.new_tensor([step]), parts]), watch)
             if world > 1:   # every rank stops together (else the others would wait in the next all-reduce)
@@ -476,8 +476,11 @@ def main(argv=None):
             if info["gate_weights"] is not None:   # the collapse watch: where the gate sent this batch
                 gate_mass = gate_mass + info["gate_weights"].detach().mean(0)   # (B, L, E) -> (L, E)
             if moe_blocks:   # the same watch for the backbone's experts: the share of tokens each one took
-                bb_load = bb_load + torch.stack([m.stats["load"] for m in moe_blocks])          # (layers, N)
-                bb_used = bb_used + torch.stack([m.stats["used_per_image"] for m in moe_blocks])  # (layers,)
+                # Per layer: share of the tokens reaching each expert, k * f (each token takes k distinct
+                # experts, so f <= 1/k and a watch on f alone could never fire at k >= 2); (layers, N).
+                bb_load = bb_load + torch.stack([m.top_k * m.stats["load"] for m in moe_blocks])
+                bb_used = bb_used + torch.stack([torch.stack([m.stats["used_per_image"], m.stats["dropped"]])
+                                                 for m in moe_blocks])   # (layers, 2): experts/image, overflow
             n_seen += x.shape[0] * world
             if i % 10 == 0 and main_proc:   # .item() syncs with the GPU: only at log points
                 bar.set_postfix(loss=f"{loss_cls.item():.4f}", img_s=f"{n_seen / (time.time() - t0):.0f}")
@@ -486,7 +489,7 @@ def main(argv=None):
         # Means over every step of every rank (the sums are reduced once per epoch, not per step).
         loss_avg, aux_avg, bb_aux_avg, divdr_avg = (distributed.all_sum(sums) / (len(train_loader) * world)).tolist()
         if signatures:   # DivDR: the partition the next epoch pulls toward (every rank computes the same one)
-            sig = torch.cat(signatures)
+            sig = torch.cat(signatures).cpu()   # one copy per epoch
             if world > 1:
                 gathered = [None] * world
                 torch.distributed.all_gather_object(gathered, sig)
@@ -500,8 +503,8 @@ def main(argv=None):
         bb = None
         if moe_blocks:
             bb_load, bb_used = (distributed.all_sum(t) / (len(train_loader) * world) for t in (bb_load, bb_used))
-            bb = {"aux_loss": bb_aux_avg, "expert_share": [[round(v, 4) for v in r] for r in bb_load.tolist()],
-                  "experts_used_per_image": bb_used.tolist()}
+            bb = {"aux_loss": bb_aux_avg, "token_share": [[round(v, 4) for v in r] for r in bb_load.tolist()],
+                  "experts_used_per_image": bb_used[:, 0].tolist(), "overflow": bb_used[:, 1].tolist()}
             top = bb_load.max().item()
             if top > tcfg.collapse_threshold:
                 warning = ((warning + "; ") if warning else "") + (
@@ -521,9 +524,7 @@ def main(argv=None):
                 raise Diverged(diverged_message([-1, loss_avg, aux_avg], epoch, tcfg))
             if net is model and out[3] is not None:
                 # The reference partition is read here, after training's step: never by the model or a loss.
-                ref = getattr(ds["val"], "scenes", None)
-                ref = ref.numpy() if ref is not None else dominant_label(targets)
-                routing = structure(out[3], out[4], ref, tcfg.divdr_clusters, seed=0)
+                routing = split_structure(out[3], out[4], ds["val"], targets, tcfg.divdr_clusters)
             return multilabel_metrics(scores, targets)["mAP"]
         val_maps = {"raw": val_map(model)}
         if ema is not None:
@@ -573,9 +574,7 @@ def main(argv=None):
     scores, targets, _, sigs, rows = predict(model, eval_loaders["test"], device, amp_dtype, fmt, routing=True)
     metrics = multilabel_metrics(scores, targets)
     if sigs is not None:   # the routing structure on test, as evaluate.py reports it (divdr.structure)
-        ref = getattr(ds["test"], "scenes", None)
-        metrics["routing"] = structure(sigs, rows, ref.numpy() if ref is not None else dominant_label(targets),
-                                       tcfg.divdr_clusters, seed=0)
+        metrics["routing"] = split_structure(sigs, rows, ds["test"], targets, tcfg.divdr_clusters)
     # Each label's AP (which labels carry the seed noise, results/noise/) and the test scores themselves:
     # compare.py's paired bootstrap resamples the images of two runs together, which needs the per-image scores.
     ap = average_precision(scores, targets) * 100
