@@ -40,7 +40,8 @@ more likely missed than found (80 % power at alpha 0.05), so "no" under it says 
 
 --budget study (config.BUDGETS) runs every configuration at the study preset, into runs/compare-study/:
     python compare.py --budget study --seeds 0 1 2 3 4     # the README's comparison
-Writes <out>/results_<set>.md (the table and the tests, as pasted into the README) and results_<set>.json.
+Writes <out>/results_<set>.md (the table and the tests, as pasted into the README), results_<set>.json and
+results_<set>.png (every run's test mAP, one dot per seed, coloured by seed).
 """
 import argparse
 import json
@@ -376,8 +377,11 @@ def main(argv=None):
         fh.write(table)
     with open(base + ".json", "w") as fh:   # the runs' metrics (scores_file: a path under runs/, not copied)
         json.dump(rows, fh, indent=2)
+    import plots   # the per-seed picture: where each configuration's seeds fall, and which seed is hard for all
+    plots.seed_dots(base + ".png", [(n, {r["seed"]: r["mAP"] for r in rows[n]}) for n in names if n in rows],
+                    f"--set {args.set}: test mAP of every run", f"{args.out}; one dot per seed, paired by colour")
     print(table)
-    print(f"wrote {base}.md and {base}.json")
+    print(f"wrote {base}.md, {base}.json and {base}.png")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ needs, each a function that takes numbers and writes one PNG.
     curves(path, log, ...)                                 per-epoch lines, one panel per quantity
     heterogeneity(path, test, ...)                         a labelled scatter around a zero line
     label_noise(path, classes, positives, series, ...)     per label, one bar per series (noise.py)
+    seed_dots(path, rows, ...)                             per configuration, one dot per seed (compare.py)
+    cost_scatter(path, points, ...)                        mean +- std against a cost, labelled (the sweet spot)
 
 Every chart has a title, axis labels, the label names and, where colour encodes a value, a colour scale.
 The scale is viridis (perceptually ordered, readable in grey and by colour-blind readers).
@@ -340,4 +342,58 @@ def routing_clusters(path, table, cluster_names, reference_names, title, subtitl
     d.text((left, y), "colour: share of the cluster's images in each column (rows sum to 1); number: images",
            fill=FG, font=font(12))
     d.text((left, y + 18), "a routing that found the columns has one bright cell per row", fill=MUTED, font=font(12))
+    img.save(path)
+
+
+def seed_dots(path, rows, title, subtitle=None, xlabel="test mAP"):
+    """One row per configuration: a dot per seed, coloured by seed (seed k has one colour in every row, so a
+    seed that is hard for every model shows as one colour at the left of each row: what pairing removes),
+    the mean as a black tick and mean +- std as a grey bar. rows [(name, {seed: value})]."""
+    seeds = sorted({s for _, v in rows for s in v})
+    vals = [x for _, v in rows for x in v.values()]
+    spread = [np.mean(list(v.values())) + sgn * (np.std(list(v.values()), ddof=1) if len(v) > 1 else 0)
+              for _, v in rows for sgn in (-1, 1)]   # the std bars must fit too
+    lo, hi = min(vals + spread), max(vals + spread)
+    pad = 0.08 * (hi - lo or 1)
+    left, top, width, rh = 190, 80, 520, 26
+    img = Image.new("RGB", (left + width + 210, top + rh * len(rows) + 70), "white")
+    to_px = axes(img, (left, top, left + width, top + rh * len(rows)), (lo - pad, hi + pad), (0, len(rows)),
+                 xlabel, "", title, yticks=[], subtitle=subtitle)
+    d = ImageDraw.Draw(img)
+    for i, (name, v) in enumerate(rows):
+        y = top + (i + 0.5) * rh
+        d.text((left - 8, y), name, fill=FG, font=font(12), anchor="rm")
+        x = np.array(list(v.values()))
+        m, sd = x.mean(), (x.std(ddof=1) if len(x) > 1 else 0.0)
+        d.rectangle([to_px(m - sd, 0)[0], y - 3, to_px(m + sd, 0)[0], y + 3], fill=GRID)
+        d.line([(to_px(m, 0)[0], y - 9), (to_px(m, 0)[0], y + 9)], fill=FG, width=2)
+        for s, val in v.items():
+            px = to_px(val, 0)[0]
+            d.ellipse([px - 4, y - 4, px + 4, y + 4], fill=SERIES[seeds.index(s) % len(SERIES)])
+    legend(d, (left + width + 20, top), [(f"seed {s}", SERIES[k % len(SERIES)]) for k, s in enumerate(seeds)]
+           + [("mean +- std", GRID)])
+    img.save(path)
+
+
+def cost_scatter(path, points, xlabel, ylabel, title, subtitle=None, log_x=False):
+    """Labelled points with vertical error bars: points [(x, y, yerr, label, series name)], one colour per
+    series (e.g. the placement). For "accuracy against activated parameters" pictures."""
+    series = list(dict.fromkeys(p[4] for p in points))
+    fx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
+    xs = [fx(p[0]) for p in points]
+    ys = [p[1] + sgn * p[2] for p in points for sgn in (-1, 1)]
+    xpad, ypad = 0.1 * (max(xs) - min(xs) or 1), 0.1 * (max(ys) - min(ys) or 1)
+    left, top, w, h = 90, 80, 620, 420
+    img = Image.new("RGB", (left + w + 230, top + h + 70), "white")
+    to_px = axes(img, (left, top, left + w, top + h), (min(xs) - xpad, max(xs) + xpad),
+                 (min(ys) - ypad, max(ys) + ypad), xlabel, ylabel, title, subtitle=subtitle)
+    d = ImageDraw.Draw(img)
+    for x, y, e, label, ser in points:
+        rgb = SERIES[series.index(ser) % len(SERIES)]
+        px, py = to_px(fx(x), y)
+        d.line([to_px(fx(x), y - e), to_px(fx(x), y + e)], fill=rgb, width=2)
+        d.ellipse([px - 5, py - 5, px + 5, py + 5], fill=rgb)
+        d.text((px + 8, py), label, fill=FG, font=font(11), anchor="lm")
+    legend(d, (left + w + 20, top), [(n, SERIES[k % len(SERIES)]) for k, n in enumerate(series)]
+           + [("bar: +- std over seeds", MUTED)])
     img.save(path)
