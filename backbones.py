@@ -100,7 +100,8 @@ class ViTMap(nn.Module):
 
 
 def load_state(name: str, weights: str) -> dict:
-    """The state_dict that --weights names: torchvision's ImageNet weights (DEFAULT) or a local file."""
+    """The state_dict that --weights names: torchvision's ImageNet weights (DEFAULT), a local state_dict file,
+    or a checkpoint of this project (its backbone part)."""
     if weights.upper() == "DEFAULT":
         if name in SMALL:
             raise WeightsUnavailable(f"--backbone {name} has no published weights (SMALL in backbones.py: it "
@@ -116,7 +117,22 @@ def load_state(name: str, weights: str) -> dict:
                 f"  or pass --weights PATH (a state_dict file) or --weights none (train from scratch).") from None
     if not os.path.isfile(weights):
         raise WeightsUnavailable(f"--weights {weights!r}: no such file (expected none, DEFAULT or a path)")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsUnavailable(f"--weights {weights!r}: not a torch state_dict or checkpoint torch can read "
+                                 f"({type(e).__name__}); pass a .pth state_dict or a best.pt of train.py") from None
+    if isinstance(state, dict) and "model_config" in state and "model" in state:
+        # A checkpoint of this project (train.py's best.pt / last.pt): its backbone's weights, the ones it
+        # was judged by (EMA or raw, checkpoint.judged_weights), under the cut backbone's own keys. This is
+        # the offline path to a pretrained backbone: pretrain on --dataset synthetic-pretrain, then point
+        # --weights at that run's best.pt.
+        trained = state["model_config"].get("backbone")
+        if trained != name:
+            raise WeightsUnavailable(f"--weights {weights}: a checkpoint of a {trained} backbone, not {name}; "
+                                     f"pass --backbone {trained} or another checkpoint")
+        src = state["ema"] if state.get("eval_weights") == "ema" else state["model"]
+        return {k[len("backbone."):]: v for k, v in src.items() if k.startswith("backbone.")}
     return state.get("state_dict", state)   # accept both a bare state_dict and {"state_dict": ...}
 
 

@@ -59,6 +59,10 @@ MODEL_PRESETS = {
                 asl_gamma_neg=2.0, asl_gamma_pos=0.0, asl_clip=0.0, asl_eps=1e-5, asl_detach_focusing=True),
     "mlgcn": dict(),
     "linear": dict(),
+    # ML-VPT's official configs: ASL with Q2L's settings (gamma- 2, gamma+ 0, clip 0, eps 1e-5, detached),
+    # the backbone frozen, prompts and head trained (mlvpt.py).
+    "mlvpt": dict(freeze_backbone=True, loss="asl", asl_gamma_neg=2.0, asl_gamma_pos=0.0, asl_clip=0.0,
+                  asl_eps=1e-5, asl_detach_focusing=True),
 }
 
 

@@ -2,6 +2,7 @@
 A run's checkpoint, read back: what train.py wrote (the raw module's state_dict, its EMA, both configs, the
 class names, the optimizer and RNG states to resume), checked and turned into a ready model again.
 
+    load_file(path)                  -> torch.load with weights_only=True (older files: a note, then False)
     read_checkpoint(path)            -> the dict, or a one-line ValueError saying what the file is not
     judged_weights(ckpt)             -> the state_dict the run was judged by (EMA or raw)
     load_checkpoint_model(path, dev) -> (model in eval mode, ckpt, memory format)
@@ -10,6 +11,8 @@ Writing lives in train.py (save_checkpoint: a temporary file, then an atomic ren
 predictions.py; knows no script.
 """
 import os
+import pickle
+import sys
 
 import torch
 
@@ -21,17 +24,27 @@ def judged_weights(ckpt) -> dict:
     return ckpt["ema"] if ckpt.get("eval_weights", "raw") == "ema" else ckpt["model"]
 
 
-def read_checkpoint(path: str) -> dict:
-    """torch.load of a train.py checkpoint, or a ValueError in one line saying what the file is not.
+def load_file(path: str) -> dict:
+    """torch.load(weights_only=True): tensors, numbers, strings and containers only, no pickled code. Every
+    checkpoint train.py writes loads this way (its numpy RNG state is stored as a tensor). A checkpoint of an
+    older train.py (numpy arrays inside) is read with weights_only=False after a note: trust only your own."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "numpy" not in str(e):   # not an older checkpoint: not a checkpoint at all (the caller says so)
+            raise
+        print(f"note: {path} was written by an older train.py (numpy arrays inside): loading it with "
+              "weights_only=False; do this only for files you trust", file=sys.stderr)
+        return torch.load(path, map_location="cpu", weights_only=False)
 
-    weights_only=False: the checkpoint holds the RNG states and configs as well as tensors; only load
-    checkpoints you trust (torch.load's own warning), as with any pickle.
-    """
+
+def read_checkpoint(path: str) -> dict:
+    """load_file of a train.py checkpoint, or a ValueError in one line saying what the file is not."""
     if not os.path.isfile(path):
         raise ValueError(f"--checkpoint {path}: no such file (train.py writes <out-dir>/best.pt and last.pt; "
                          "the run folder is printed at the start of training)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_file(path)
     except Exception as e:  # not a zip / pickle: a README, an image, a truncated download...
         raise ValueError(f"--checkpoint {path}: not a checkpoint torch can read ({type(e).__name__}); "
                          "pass a best.pt or last.pt written by train.py") from None

@@ -32,7 +32,8 @@ DESCRIPTION = "Train DR-MoE (or a variant of its gate, or a baseline) for multi-
 
 @dataclass
 class TrainConfig:
-    dataset: str = config_field("synthetic", "synthetic (embedded, no download) | voc | coco | csv | cocojson "
+    dataset: str = config_field("synthetic", "synthetic (embedded, no download) | synthetic-pretrain (its "
+                                "source task, for pretraining a backbone) | voc | coco | csv | cocojson "
                                 "(your own data, README 'Your own data')", "data")
     data_root: str = config_field(None, "folder holding the dataset (not needed for synthetic)", "data")
     download: bool = config_field(False, "voc: download VOC 2007 into --data-root first (coco: see README)", "data")
@@ -116,6 +117,10 @@ PRESETS = {
     "synthetic": dict(backbone="resnet18", weights="none", feature_layer="layer3", image_size=64,
                       epochs=8, batch_size=64, lr=1e-3, ema_decay=0.99, ema_warmup=True, num_workers=0,
                       train_split="train", val_split="val", test_split="test", cutout=0.0),
+    # The source task for pretraining a backbone offline (synthetic.py): the benchmark's recipe.
+    "synthetic-pretrain": dict(backbone="resnet18", weights="none", feature_layer="layer3", image_size=64,
+                               epochs=8, batch_size=64, lr=1e-3, ema_decay=0.99, ema_warmup=True, num_workers=0,
+                               train_split="train", val_split="val", test_split="test", cutout=0.0),
     # VOC and COCO have no separate validation set; like every paper in this line, the best epoch is
     # chosen on the evaluation split itself (metrics.json says so: "best_epoch_chosen_on"). For an honest model
     # selection on VOC pass --train-split train --val-split val --test-split test.
@@ -141,7 +146,7 @@ BUDGETS = {
     "demo": dict(),
     "study": dict(epochs=20, test_images=10000),
 }
-GROUPS = ("data", "model", "mixture of experts", "backbone MoE", "baselines", "training", "system")
+GROUPS = ("data", "model", "mixture of experts", "backbone MoE", "baselines", "ML-VPT", "training", "system")
 # Flags that change where or how fast a run runs, not what it learns: left out of the default run folder's name.
 SYSTEM = {"dataset", "data_root", "download", "device", "amp", "channels_last", "compile", "sync_bn",
           "num_workers", "out_dir", "resume", "describe", "collapse_threshold"}
@@ -258,18 +263,24 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         (mcfg, "backbone_experts", lambda v: v >= 2, "an integer >= 2"),
         (mcfg, "backbone_top_k", lambda v: 1 <= v <= mcfg.backbone_experts, f"in 1..{mcfg.backbone_experts} (the experts)"),
         (mcfg, "backbone_capacity", lambda v: v >= 0, "a number >= 0 (0 = no limit)"),
+        (mcfg, "mlvpt_groups", lambda v: v >= 0, "an integer >= 0 (0 = pick by the Calinski-Harabasz score)"),
+        (mcfg, "prompts_per_group", lambda v: v >= 1, "an integer >= 1"),
+        (mcfg, "adapter_dim", lambda v: v >= 1, "an integer >= 1"),
+        (mcfg, "mlvpt_tau", lambda v: v > 0, "a number > 0"),
+        (mcfg, "mlvpt_branches", lambda v: v.split(",") and set(v.split(",")) <= {"co", "dc"},
+         "co, dc or co,dc"),
     ]
     for cfg, name, ok, allowed in ranges:
         if not ok(getattr(cfg, name)):
             error(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(cfg, name)!r}")
     synthetic_only = [n for n in ("train_images", "val_images", "test_images") if getattr(tcfg, n) is not None]
-    if tcfg.dataset != "synthetic" and synthetic_only:
+    if not tcfg.dataset.startswith("synthetic") and synthetic_only:
         error(f"--{synthetic_only[0].replace('_', '-')} applies to the synthetic benchmark only (its splits are "
               f"drawn, yours are read from files); use --limit N on --dataset {tcfg.dataset}")
     for cfg, name, options in ((tcfg, "loss", ("bce", "asl")), (tcfg, "budget", tuple(BUDGETS)),
                                (tcfg, "difficult", ("positive", "ignore")),
                                (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS),
-                               (mcfg, "backbone_moe", PLACEMENTS)):
+                               (mcfg, "backbone_moe", PLACEMENTS), (mcfg, "mlvpt_grouping", ("label", "random", "none"))):
         if getattr(cfg, name) not in options:
             error(f"--{name.replace('_', '-')} must be one of {options}, got {getattr(cfg, name)!r}")
     experts = mcfg.shared_experts + mcfg.task_experts
@@ -281,8 +292,12 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
     if tcfg.divdr_coef > 0 and not routes:
         error(f"--divdr-coef trains routing, and --model {mcfg.model} here routes nothing: use --model drmoe or hsq "
               "(with --moe-layers >= 1) or --backbone-moe last2 on a vit_*/convnext_* backbone")
+    if mcfg.model == "mlvpt" and not mcfg.backbone.startswith("vit"):
+        error(f"--model mlvpt prompts a ViT: --backbone {mcfg.backbone} is not one (use vit_tiny, or vit_b_16 "
+              "--weights DEFAULT)")
     if mcfg.weights.lower() not in ("none", "default") and not os.path.isfile(mcfg.weights):
-        error(f"--weights {mcfg.weights!r}: no such file (allowed: none, DEFAULT or the path of a state_dict)")
+        error(f"--weights {mcfg.weights!r}: no such file (allowed: none, DEFAULT, the path of a state_dict or "
+              "a best.pt of this project)")
     if mcfg.word_vectors and not os.path.isfile(mcfg.word_vectors):
         error(f"--word-vectors {mcfg.word_vectors!r}: no such file (an .npz with names and vectors; see README)")
     if tcfg.train_split in (tcfg.val_split, tcfg.test_split):
@@ -318,7 +333,7 @@ def parse_args(argv=None):
         parser.error(f"--budget must be one of {list(BUDGETS)}, got {budget!r}")
     # Layers, later ones win: the dataset's preset, the budget, the model's settings (baselines.py).
     # On a dataset of files the split sizes are what the files hold: only the budget's training length applies.
-    layer = {k: v for k, v in BUDGETS[budget].items() if dataset == "synthetic" or not k.endswith("_images")}
+    layer = {k: v for k, v in BUDGETS[budget].items() if dataset.startswith("synthetic") or not k.endswith("_images")}
     preset = {**PRESETS[dataset], **layer, **MODEL_PRESETS[model]}
     if model == "q2l":
         # Q2L's width follows its backbone (its released commands pass --hidden_dim = the backbone's C), so no

@@ -35,12 +35,13 @@ from tqdm import tqdm
 
 from distributed import is_main
 from owndata import OWN_SPLITS, DatasetError, check_images, read_coco_json, read_own
-from synthetic import CLASSES, LABEL_GROUPS, SCENES, SPLIT_SIZES, SPLITS, labels_from_objects, render_synthetic
+from synthetic import (CLASSES, LABEL_GROUPS, SCENES, SOURCE_CLASSES, SOURCE_SEED, SPLIT_SIZES, SPLITS, labels_from_objects,
+                       render_synthetic, source_labels_from_objects)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DATASETS = ("synthetic", "voc", "coco", "csv", "cocojson")
-NUM_LABELS = {"synthetic": 20, "voc": 20, "coco": 80}   # L of each, known without reading any data
+DATASETS = ("synthetic", "synthetic-pretrain", "voc", "coco", "csv", "cocojson")
+NUM_LABELS = {"synthetic": 20, "synthetic-pretrain": len(SOURCE_CLASSES), "voc": 20, "coco": 80}   # L, without reading data
 
 # -----------------------------------------------------------------------------
 # datasets
@@ -65,16 +66,19 @@ class SyntheticMultiLabel(Dataset):
     are 98 MB of uint8). `size` overrides the split size for tests and
     previews: image i is the same whatever `size` is."""
 
-    def __init__(self, split="train", image_size=64, augment=None, seed=0, size=None, progress=True):
+    def __init__(self, split="train", image_size=64, augment=None, seed=0, size=None, progress=True, source=False):
+        # source=True: the pretraining task (synthetic.py, "source task"): SOURCE_SEED's images, SOURCE_CLASSES.
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         n = SPLIT_SIZES[split] if size is None else size
         self.split, self.image_size, self.seed = split, image_size, seed
         self.augment = (split == "train") if augment is None else augment
-        self.classes, self.scene_names = list(CLASSES), list(SCENES)
-        self.label_groups = {g: list(v) for g, v in LABEL_GROUPS.items()}
+        self.classes, self.scene_names = list(SOURCE_CLASSES if source else CLASSES), list(SCENES)
+        seed = SOURCE_SEED + seed if source else seed
+        to_target = source_labels_from_objects if source else labels_from_objects
+        self.label_groups = {} if source else {g: list(v) for g, v in LABEL_GROUPS.items()}
         self.images = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8)
-        self.targets = torch.zeros((n, len(CLASSES)), dtype=torch.float32)
+        self.targets = torch.zeros((n, len(self.classes)), dtype=torch.float32)
         self.scenes = torch.zeros(n, dtype=torch.long)  # latent scene, for analyses
         self.objects = []  # per image, the Obj list actually drawn
         # Under torchrun every rank renders the split; only rank 0 shows it.
@@ -82,10 +86,10 @@ class SyntheticMultiLabel(Dataset):
         for i in tqdm(range(n), desc=f"synthetic {split}", disable=not progress, mininterval=0.5):
             img, scene, objs = render_synthetic(seed, split, i, image_size)
             self.images[i] = torch.from_numpy(img).permute(2, 0, 1)
-            self.targets[i] = torch.from_numpy(labels_from_objects(objs))
+            self.targets[i] = torch.from_numpy(to_target(objs))
             self.scenes[i] = scene
             self.objects.append(objs)
-        self.ids = [f"synthetic-{split}-{i:06d}" for i in range(n)]
+        self.ids = [f"synthetic{'-pretrain' if source else ''}-{split}-{i:06d}" for i in range(n)]
 
     def __len__(self):
         return len(self.images)
@@ -293,15 +297,15 @@ def build_dataset(name, split, root=None, image_size=None, augment=None, seed=0,
     same image whatever the size, so a larger split extends the smaller one)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    splits = {"synthetic": SPLITS, "voc": VOC_SPLITS, "coco": COCO_SPLITS, "csv": OWN_SPLITS, "cocojson": OWN_SPLITS}[name]
+    splits = {"synthetic": SPLITS, "synthetic-pretrain": SPLITS, "voc": VOC_SPLITS, "coco": COCO_SPLITS, "csv": OWN_SPLITS, "cocojson": OWN_SPLITS}[name]
     if split not in splits:
         raise DatasetError(f"unknown {name} split {split!r}; expected one of {', '.join(splits)}")
     if augment is None:
         augment = split in ("train", "trainval")
-    if name == "synthetic":
+    if name.startswith("synthetic"):
         size = size or SPLIT_SIZES[split]
         size = size if limit is None else min(limit, size)
-        return SyntheticMultiLabel(split, image_size or 64, augment, seed, size=size)
+        return SyntheticMultiLabel(split, image_size or 64, augment, seed, size=size, source=name == "synthetic-pretrain")
     image_size = image_size or 448
     if name == "voc":
         paths, targets, ids = read_voc(root, split)
@@ -383,7 +387,7 @@ if __name__ == "__main__":
         args.preview = os.path.join("runs", f"preview_{args.dataset}.png")
     if not (args.preview is not None or args.stats or args.download):
         ap.error("nothing to do: pass --preview [PATH], --stats and/or --download")
-    standard = {"synthetic": ("train", "val", "test"), "voc": ("trainval", "test"), "coco": ("train", "val"),
+    standard = {"synthetic": SPLITS, "synthetic-pretrain": SPLITS, "voc": ("trainval", "test"), "coco": ("train", "val"),
                 "csv": OWN_SPLITS, "cocojson": OWN_SPLITS}
     try:
         if args.download:
@@ -392,8 +396,9 @@ if __name__ == "__main__":
             download_voc(args.data_root or ".")
         if args.preview is not None:
             split = args.split or standard[args.dataset][0]
-            if args.dataset == "synthetic":  # a preview needs 32 images, not the split
-                ds = SyntheticMultiLabel(split, args.image_size or 64, False, args.seed, size=32)
+            if args.dataset.startswith("synthetic"):  # a preview needs 32 images, not the split
+                ds = SyntheticMultiLabel(split, args.image_size or 64, False, args.seed, size=32,
+                                         source=args.dataset == "synthetic-pretrain")
             else:
                 ds = build_dataset(args.dataset, split, args.data_root, args.image_size or 128, False, limit=32)
             os.makedirs(os.path.dirname(args.preview) or ".", exist_ok=True)

@@ -41,6 +41,7 @@ import torch.nn as nn
 from backbone_moe import PLACEMENTS, moe_layers, parameter_split
 from backbones import backbone_from_config
 from baselines import MLGCN, LinearHead
+from mlvpt import MLVPT
 from experts import Experts
 from gating import Gate
 
@@ -52,7 +53,8 @@ def config_field(default, help: str, group: str = "model"):
 
 @dataclass
 class ModelConfig:
-    model: str = config_field("drmoe", "drmoe | hsq | q2l | mlgcn | linear (the baselines: baselines.py)")
+    model: str = config_field("drmoe", "drmoe | hsq | q2l | mlgcn | linear (the baselines: baselines.py) | mlvpt "
+                                       "(prompt tuning of a frozen ViT: mlvpt.py)")
     num_labels: int = config_field(20, "L, the number of labels (set from the dataset by train.py)")
     backbone: str = config_field("resnet18", "torchvision name (ResNet, ConvNeXt, Swin, ViT, EfficientNet, MobileNet) "
                                  "or a small from-scratch one: vit_tiny | convnext_mini (backbones.SMALL)")
@@ -83,6 +85,19 @@ class ModelConfig:
     expert_hidden: int = config_field(256, "H, hidden width of each expert", "mixture of experts")
     top_k: int = config_field(0, "0 = dense routing; k > 0 keeps each row's k largest gate logits", "mixture of experts")
     gate_temperature: float = config_field(1.0, "tau in softmax(gate logits / tau)", "mixture of experts")
+    freeze_backbone: bool = config_field(False, "no gradient to the backbone's weights and none of them in the "
+                                                "optimizer; BatchNorm statistics frozen too (mlvpt: on)")
+    mlvpt_groups: int = config_field(5, "ML-VPT: k label groups per branch (official configs: 5; 0 = pick by the "
+                                        "Calinski-Harabasz score from the training labels)", "ML-VPT")
+    prompts_per_group: int = config_field(3, "ML-VPT: m prompt tokens per group at every ViT block", "ML-VPT")
+    adapter_dim: int = config_field(5, "ML-VPT: r, bottleneck width of each prompt token's expert (official: 5)", "ML-VPT")
+    mlvpt_branches: str = config_field("co,dc", "ML-VPT: which groupings get prompts: co (co-occurrence) | dc "
+                                                "(exclusivity) | co,dc", "ML-VPT")
+    mlvpt_grouping: str = config_field("label", "ML-VPT: label (spectral, from the training labels) | random (same "
+                                                "sizes, shuffled) | none (VPT-deep: shared prompts, linear head)", "ML-VPT")
+    mlvpt_tau: float = config_field(2.0, "ML-VPT: tau, the root taken of P(j|i) before symmetrising", "ML-VPT")
+    mlvpt_gate_loss: bool = config_field(True, "ML-VPT: also train the two gate-only outputs (official)", "ML-VPT")
+    mlvpt_fused_loss: bool = config_field(False, "ML-VPT: also train the mean of the branches (official: no)", "ML-VPT")
     word_vectors: str = config_field(None, "ML-GCN: .npz of label word vectors (names, vectors); none = learned", "baselines")
     gcn_hidden: int = config_field(1024, "ML-GCN: hidden width of its two-layer GCN (300 -> hidden -> C)", "baselines")
     gcn_threshold: float = config_field(0.4, "ML-GCN: t, binarise P(j|i) at this value (paper eq. 7)", "baselines")
@@ -227,9 +242,14 @@ def describe(model: nn.Module, cfg: ModelConfig) -> str:
     extra = (f"gate={cfg.gate}, S={cfg.shared_experts}, T={cfg.task_experts}, moe_layers={cfg.moe_layers}"
              if cfg.model in ("drmoe", "hsq") else
              f"D={cfg.dim}, enc={cfg.enc_layers}, dec={cfg.layers}" if cfg.model == "q2l" else
-             f"gcn 300->{cfg.gcn_hidden}->C" if cfg.model == "mlgcn" else "GAP + linear")
+             f"gcn 300->{cfg.gcn_hidden}->C" if cfg.model == "mlgcn" else
+             f"{model.num_prompts} prompts x {len(model.prompts)} blocks, grouping {cfg.mlvpt_grouping}, "
+             f"branches {cfg.mlvpt_branches}" if cfg.model == "mlvpt" else "GAP + linear")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = (f"; {n_train / 1e6:.3f}M trainable ({100 * n_train / n_all:.2f} %), backbone frozen"
+               if cfg.freeze_backbone else "")
     return (f"{cfg.model}: {n_all / 1e6:.2f}M parameters ({n_bb / 1e6:.2f}M backbone {cfg.backbone}, "
-            f"{(n_all - n_bb) / 1e6:.2f}M head; {extra}{extra_bb})")
+            f"{(n_all - n_bb) / 1e6:.2f}M head; {extra}{extra_bb}{trained})")
 
 
 def build_model(cfg: ModelConfig, verbose: bool = True, classes=None) -> nn.Module:
@@ -243,8 +263,14 @@ def build_model(cfg: ModelConfig, verbose: bool = True, classes=None) -> nn.Modu
         model = LinearHead(cfg)
     elif cfg.model == "mlgcn":
         model = MLGCN(cfg, classes=classes)
+    elif cfg.model == "mlvpt":
+        model = MLVPT(cfg)
     else:
-        raise ValueError(f"unknown model {cfg.model!r}; choose drmoe | hsq | q2l | mlgcn | linear")
+        raise ValueError(f"unknown model {cfg.model!r}; choose drmoe | hsq | q2l | mlgcn | linear | mlvpt")
+    if cfg.freeze_backbone:
+        # Linear probing, prompt tuning, a head on a frozen backbone: the backbone gets no gradient, and
+        # train.py keeps it in eval mode (its BatchNorm statistics frozen too) and out of the optimizer.
+        model.backbone.requires_grad_(False)
     if verbose:
         print(describe(model, cfg))
     return model

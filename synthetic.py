@@ -31,6 +31,14 @@ masks at 2x and box-downsampled, then sensor noise. The target is derived from
 the objects actually drawn (object_label). Image i of a split depends only on
 (seed, split, i): the same on every machine. seed=0 is THE benchmark.
 
+The source task (--dataset synthetic-pretrain, for pretraining a backbone offline: ML-VPT's prompt
+tuning needs one): images of the same generator under another seed (SOURCE_SEED), so no image of the
+benchmark is among them, labelled by what they show in factorised form (SOURCE_CLASSES, 28 labels):
+the outline of every object drawn, distractors included (14 kinds: the 8 shapes, square, pentagon,
+blob, the 3 tiny kinds), its fill when textured (5), and the colour of every solid object (9). The
+benchmark's conjunctive labels (red_square = a square AND red) and its label set are not the source's:
+like ImageNet for VOC, the source shares the visual vocabulary, not the task.
+
 Splits: train 5000, val 1000, test 2000 images, rendered once at construction
 (~0.65 ms per 64-px image on 2 CPU cores: ~5 s for all three) into uint8
 (N, 3, S, S). Extras of the synthetic set: `scenes` (N,), `objects`, `label_groups`.
@@ -182,6 +190,25 @@ def object_label(o):
     if o.kind == "square":
         return f"{o.colours[0]}_square" if o.colours[0] in SQUARE_COLOURS else None
     return o.kind if o.kind in SHAPES else None
+
+
+SOURCE_SEED = 1009   # the source task's generator seed: any seed but the benchmark's 0 (README, ML-VPT)
+SOURCE_KINDS = (*SHAPES, "square", "pentagon", "blob", *TINY, "tiny_dot")
+SOURCE_CLASSES = ([f"kind_{k}" for k in SOURCE_KINDS] + [f"fill_{t}" for t in TEXTURES]
+                  + [f"colour_{c}" for c in COLOURS])
+SOURCE_INDEX = {c: i for i, c in enumerate(SOURCE_CLASSES)}
+
+
+def source_labels_from_objects(objs):
+    """The source task's target: every drawn object's outline, its texture, the colour of solid ones."""
+    y = np.zeros(len(SOURCE_CLASSES), dtype=np.float32)
+    for o in objs:
+        y[SOURCE_INDEX[f"kind_{o.kind}"]] = 1.0
+        if o.fill in TEXTURES:
+            y[SOURCE_INDEX[f"fill_{o.fill}"]] = 1.0
+        else:
+            y[SOURCE_INDEX[f"colour_{o.colours[0]}"]] = 1.0
+    return y
 
 
 def labels_from_objects(objs):

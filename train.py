@@ -32,7 +32,9 @@ and the resolution order). The resolved config is printed at start and saved in 
 evaluate.py can rebuild the model from the checkpoint alone.
 Shapes (legend in experts.py): images (B, 3, S_img, S_img), targets (B, L) in {1, 0, -1}, logits (B, L).
 """
+import contextlib
 import copy
+import io
 import json
 import os
 import random
@@ -50,7 +52,7 @@ from tqdm import tqdm
 
 import distributed
 from data import NUM_LABELS, DatasetError, build_dataset, download_voc
-from checkpoint import judged_weights
+from checkpoint import judged_weights, load_file
 from evaluate import average_precision, multilabel_metrics, predict
 from baselines import asymmetric_loss
 from config import TrainConfig, amp_dtype_for, parse_args, pick_device
@@ -58,6 +60,7 @@ from gating import expert_load, expert_names
 from backbone_moe import backbone_aux_loss, moe_layers
 from backbones import WeightsUnavailable
 from divdr import divdr_loss, kmeans, routing_signature, split_structure
+from mlvpt import affinities, pick_k
 from model import ModelConfig, build_model, flops_per_image, set_memory_format
 from predictions import best_f1_thresholds
 
@@ -102,6 +105,8 @@ def decay_roles(model: torch.nn.Module):
     for module_name, module in model.named_modules():
         exempt = getattr(module, "no_weight_decay", ())
         for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:   # a frozen backbone (--freeze-backbone) is not in the optimizer at all
+                continue
             full = f"{module_name}.{name}" if module_name else name
             is_kept = isinstance(module, NORMS) or name.endswith("bias") or name in exempt
             (keep if is_kept else decay)[full] = p
@@ -130,9 +135,10 @@ def train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg: TrainConfi
     # Mixed precision for the forward pass only; the gate's softmax and the loss run in fp32 inside.
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits, info = step_model(x)
-        loss_cls = (asymmetric_loss(logits, y, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip,
-                                    tcfg.asl_eps, tcfg.asl_detach_focusing)
-                    if tcfg.loss == "asl" else masked_bce(logits, y))
+        # The loss is on the logits, or on the outputs a model lists (ML-VPT: each branch and each gate alone).
+        loss_cls = sum(asymmetric_loss(out, y, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip, tcfg.asl_eps,
+                                       tcfg.asl_detach_focusing) if tcfg.loss == "asl" else masked_bce(out, y)
+                       for out in info.get("loss_logits", [logits]))
         # MoE inside the backbone leaves each layer's balance loss on the layer (backbone_moe.py); the one
         # --aux-loss-coef weighs head and backbone alike, and the two are logged apart.
         bb_aux = backbone_aux_loss(model)
@@ -170,13 +176,17 @@ def ema_decay_at(tcfg: TrainConfig, step: int) -> float:
 
 def rng_state(device: torch.device) -> dict:
     """Every random stream the run draws from, so a resumed run continues them instead of restarting them."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    # numpy's state as plain values and a tensor, not its ndarray: the checkpoint then loads with
+    # torch.load(weights_only=True), which refuses numpy arrays (and so arbitrary pickled code).
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def set_rng_state(state: dict, device: torch.device):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if state.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -259,7 +269,7 @@ def main(argv=None):
     if tcfg.resume:
         path = os.path.join(tcfg.out_dir, "last.pt") if tcfg.resume == "auto" else tcfg.resume
         # Every rank reads the file: on several nodes OUT_DIR must be on a shared filesystem.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_file(path)
         # A resumed run is the run that was started: its configs come from the checkpoint. Only where it
         # runs (device, workers) and where it writes may change, and the worker count only when given:
         # the augmentations are drawn from the workers' seeds, so another count continues the run but
@@ -334,6 +344,15 @@ def main(argv=None):
         ds["train"].targets[ds["train"].targets == -1] = 1.0
     mcfg.num_labels = len(ds["train"].classes)   # L comes from the data, so one config serves any dataset
     mcfg.image_size = tcfg.image_size   # a ViT's position embeddings are made for this grid (backbones.py)
+    if mcfg.model == "mlvpt" and mcfg.mlvpt_groups == 0:
+        # --mlvpt-groups 0: k from the training labels (Calinski-Harabasz), fixed in the config before the
+        # model is built (the prompt count depends on it), so the checkpoint rebuilds the same model.
+        mcfg.mlvpt_groups = pick_k(affinities(graph_targets.numpy(), mcfg.mlvpt_tau)[0], seed=0)
+        say(f"ML-VPT: k = {mcfg.mlvpt_groups} groups, chosen by the Calinski-Harabasz score")
+    if mcfg.freeze_backbone and mcfg.weights.lower() == "none":
+        say("  warning: --freeze-backbone with --weights none: the frozen backbone stays random. Pass --weights "
+            "DEFAULT (ImageNet), or pretrain offline: python train.py --dataset synthetic-pretrain --backbone "
+            f"{mcfg.backbone} --model linear, then --weights <that run>/best.pt")
     say("model config:", json.dumps(asdict(mcfg)))
     # The shuffling generator is re-seeded with (seed, epoch) each epoch, so a resumed run sees the same
     # data order as an uninterrupted one; it also seeds the workers' augmentation RNGs. Under torchrun the
@@ -363,6 +382,9 @@ def main(argv=None):
         model = build_model(mcfg, verbose=main_proc, classes=ds["train"].classes).to(device)
     if mcfg.model == "mlgcn":
         model.set_label_graph(graph_targets)   # ML-GCN's graph: co-occurrence in the training labels
+    if mcfg.model == "mlvpt":   # ML-VPT's label groups, from the training labels too (mlvpt.label_groups)
+        with contextlib.redirect_stdout(sys.stdout if main_proc else io.StringIO()):
+            model.set_label_groups(graph_targets.numpy(), ds["train"].classes, seed=tcfg.seed)
     if tcfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # same state_dict keys as BatchNorm
     # channels_last (NHWC) is the layout oneDNN and cuDNN convolutions run fastest on; the transformer
@@ -372,7 +394,7 @@ def main(argv=None):
     moe_blocks = moe_layers(model)   # the backbone's MoE layers, if any (their routing is logged per epoch)
     gflops = flops_per_image(model, tcfg.image_size, device) / 1e9
     say(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px")
-    if device.type == "cpu" and tcfg.dataset != "synthetic" and main_proc:
+    if device.type == "cpu" and not tcfg.dataset.startswith("synthetic") and main_proc:
         say(cpu_warning(model, tcfg, device, fmt, len(ds["train"]), len(ds["val"])))
     # `model` stays the raw module: it is what is saved, evaluated and averaged into the EMA. The step runs
     # through `step_model`, which may be compiled and wrapped in DDP (their state_dict keys differ).
@@ -438,6 +460,8 @@ def main(argv=None):
     for epoch in range(start_epoch, tcfg.epochs):
         # ---- one epoch of training
         step_model.train()
+        if mcfg.freeze_backbone:
+            model.backbone.eval()   # frozen means frozen: no BatchNorm statistics or dropout in it either
         order.manual_seed((tcfg.seed * 1000 + epoch) * world + rank)
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)   # a new shuffle (the same on every rank) each epoch
@@ -564,7 +588,7 @@ def main(argv=None):
         distributed.barrier()   # best.pt is on disk before any rank may read it
 
     # ---- test: the best checkpoint's chosen weights, on the test split
-    best = torch.load(os.path.join(tcfg.out_dir, "best.pt"), map_location="cpu", weights_only=False)
+    best = load_file(os.path.join(tcfg.out_dir, "best.pt"))
     model.load_state_dict(judged_weights(best))
     # Per-label thresholds that maximise F1 on val (predictions.py), saved in best.pt for evaluate.py
     # --thresholds best: chosen on val, never on test.

@@ -39,8 +39,9 @@ SMALL = dict(num_labels=20, feature_layer="layer2", dim=32, heads=2, ff_dim=64, 
 
 def model_config(name: str, **kw) -> ModelConfig:
     """The model as train.py would configure it on the synthetic benchmark, shrunk to test size."""
-    tcfg, mcfg, _ = train.parse_args(["--model", name])
-    return ModelConfig(**{**mcfg.__dict__, **SMALL, **kw})
+    vit = ["--backbone", "vit_tiny"] if name == "mlvpt" else []   # ML-VPT prompts a ViT
+    tcfg, mcfg, _ = train.parse_args(["--model", name] + vit)
+    return ModelConfig(**{**mcfg.__dict__, **SMALL, **(dict(image_size=32) if vit else {}), **kw})
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -56,7 +56,7 @@ def test_amp_train_step(dtype):
 def test_compiled_cuda_run_saves_raw_keys_and_evaluates_on_cpu(tmp_path):
     out = str(tmp_path / "run")
     metrics = train.main(TINY + ["--epochs", "1", "--device", "cuda", "--compile", "--out-dir", out])
-    ckpt = torch.load(os.path.join(out, "best.pt"), map_location="cpu", weights_only=False)
+    ckpt = torch.load(os.path.join(out, "best.pt"), map_location="cpu", weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     cpu = evaluate.main(["--checkpoint", os.path.join(out, "best.pt"), "--device", "cpu"])
     assert json.load(open(os.path.join(out, "metrics.json")))["mAP"] == metrics["mAP"]

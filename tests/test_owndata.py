@@ -246,7 +246,7 @@ def test_train_evaluate_and_predict_a_folder(tmp_path, capsys):
     out = str(tmp_path / "run")
     metrics = train.main(TINY + ["--dataset", "csv", "--data-root", str(root), "--out-dir", out])
     assert metrics["split"] == "test" and metrics["best_epoch_chosen_on"] == "val"
-    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     assert ckpt["classes"] == CLASSES and len(ckpt["thresholds"]) == 3
     # the saved thresholds are best_f1_thresholds of the val split's scores (not test's)
     val_scores, val_targets = evaluate.score_split(os.path.join(out, "best.pt"), "val", None, torch.device("cpu"))[:2]
@@ -320,7 +320,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_epoch(tmp_path, monkeypatch
     with pytest.raises(train.Diverged, match=r"non-finite at step 4 \(epoch 2\): classification loss nan.*"
                                              r"last.pt holds epoch 1.*new run.*--lr.*--no-amp.*--grad-clip"):
         train.main(tiny + ["--out-dir", out])
-    last = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    last = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert last["epoch"] == 0                                                   # epoch 1, as it wrote it
     assert [json.loads(r)["epoch"] for r in open(os.path.join(out, "log.jsonl"))] == [1]
     assert np.isfinite(evaluate.main(["--checkpoint", os.path.join(out, "last.pt"), "--json", str(tmp_path / "e.json")])["mAP"])

@@ -86,12 +86,12 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers):
         run(tmp_path, "killed", "--epochs", "3", "--num-workers", str(workers))
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     out_b = str(tmp_path / "killed")
-    assert torch.load(os.path.join(out_b, "last.pt"), weights_only=False)["epoch"] == 0
+    assert torch.load(os.path.join(out_b, "last.pt"), weights_only=True)["epoch"] == 0
     assert len(open(os.path.join(out_b, "log.jsonl")).readlines()) == 2   # epoch 2 logged, not checkpointed
     metrics_b = train.main(["--out-dir", out_b, "--resume"])   # the worker count comes from the checkpoint
 
-    a = torch.load(os.path.join(out_a, "last.pt"), weights_only=False)
-    b = torch.load(os.path.join(out_b, "last.pt"), weights_only=False)
+    a = torch.load(os.path.join(out_a, "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(out_b, "last.pt"), weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -136,7 +136,7 @@ def test_study_budget_is_saved_and_reproduced(tmp_path):
     out = str(tmp_path / "study")
     train.main(flags + ["--budget", "study", "--epochs", "1", "--train-images", "48", "--val-images", "32",
                         "--test-images", "40", "--out-dir", out])
-    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     assert ckpt["train_config"]["budget"] == "study" and ckpt["train_config"]["test_images"] == 40
     saved = json.load(open(os.path.join(out, "metrics.json")))
     result = evaluate.main(["--checkpoint", os.path.join(out, "best.pt")])
@@ -151,7 +151,7 @@ def test_init_seed_moves_the_weights_only(tmp_path):
     """--init-seed k --seed s: the weights come from k, the data order from s (results/noise/)."""
     first_batch = {}
     real = train.train_step
-    def spy(step_model, model, ema, optimizer, scaler, x, y, *rest):
+    def spy(step_model, model, ema, optimizer, scaler, x, y, *rest, **kw):
         first_batch.setdefault(len(first_batch), (x.clone(), {k: v.clone() for k, v in model.state_dict().items()}))
         raise KeyboardInterrupt   # one step is enough to see the batch and the initial weights
     train.train_step = spy

@@ -1,0 +1,293 @@
+"""
+ML-VPT: label groups by co-occurrence and by exclusivity, prompt tokens per group inside a frozen ViT, and a
+mixture of experts from the groups' prompt outputs to one feature per label (--model mlvpt).
+
+Paper: Ma, Xu, Xie, Wang, Sun, Zhao, "Correlative and Discriminative Label Grouping for Multi-Label Visual
+Prompt Tuning", CVPR 2025 (arXiv 2504.09990). Official code: github.com/yu-gi-oh-leilei/ML-VPT (read for
+its facts, commit 4fd40e4; none of it is copied). Only the paper's abstract and a summary of its grouping
+equation could be read here; where a step below says "official" it was checked in that code
+(code/MLIC-MoE/models/builder_network.py and models/timm_models/vision_transformer.py), and where it says
+"our reading" neither source fixes it.
+
+1. Label groups (label_groups). The official repository ships its groups as precomputed JSON files and no
+   grouping code, so this follows the issue's reading of the paper's equation. From the training labels
+   (positives only; baselines.label_cooccurrence): S_ij = images with labels i and j, A_ij = S_ij / N_i
+   (= P(j | i)), the tau-th root with tau = 2 (--mlvpt-tau), symmetrised:
+       M+ = (A^(1/tau) + (A^(1/tau))^T) / 2        correlative (CO) affinity: labels that appear together
+       M- = 1 - M+                                 discriminative (DC) affinity: labels that exclude each other
+   both with a zero diagonal (our choice: a self-loop only adds a constant to a node's degree). Spectral
+   clustering on each (Ng, Jordan & Weiss 2001): normalised Laplacian I - D^-1/2 M D^-1/2, its k smallest
+   eigenvectors, rows normalised to unit length, k-means with restarts (divdr.kmeans), deterministic by
+   seed. k = 5 (--mlvpt-groups; the official configs' aux_tokens: 5 for VOC at 448 px, COCO, NUS);
+   --mlvpt-groups 0 picks k in 2..10 by the Calinski-Harabasz score of the spectral embedding.
+2. Deep visual prompt tuning (Jia et al., ECCV 2022, "VPT-deep"): at every block of the ViT a fresh set of P
+   learnable tokens, P = m * k per branch (--prompts-per-group m = 3: 30 tokens at k = 5 with both
+   branches, as the official scale_tokens 3 x 2 x aux_tokens 5). Official, checked: the tokens sit right
+   after the class token, [cls, prompts, patches]; block 0 inserts them after the position embedding, every
+   later block replaces the previous block's prompt outputs by its own; VPT's initialisation, uniform in
+   +- sqrt(6 / (3 p^2 + D)) for patch size p; an attention mask by which a prompt token attends to itself,
+   the class token and the patches but to no other prompt token, while the class token and the patches
+   attend to everything. The backbone is frozen (--freeze-backbone, on for mlvpt): only the prompts and
+   the head below train. The prompt outputs are read after the ViT's final LayerNorm (official for its
+   ImageNet-1k and DINOv2 backbones; its ImageNet-21k path reads them before that norm).
+3. The group-to-label mixture, per branch (CO, DC), official (builder_network.py Adapt_Experts, Gate_MOE,
+   GroupFCWiseLinear), for label l in group G(l) whose m prompt outputs are z_{l,1..m} (B, m, D):
+       expert_e(z)  = z + W2_e GELU(W1_e z + b1_e) + b2_e       one residual bottleneck adapter per prompt
+                                                                token, D -> r -> D, r = 5 (--adapter-dim)
+       g_{l,s}      = <W_{l,s}, z_{l,s}>                        gate logit from the RAW prompt output, no bias
+       w_{l,s}      = softmax_s(g_{l,s})                        over the m tokens of l's group
+       f_l          = sum_s w_{l,s} expert(z_{l,s})            label-aware feature
+       logit_l      = <V_l, f_l> + c_l                          a linear classifier per label per branch
+       gate_logit_l = sum_s w_{l,s} g_{l,s}                     the official "moe" output: the gate alone
+   Prediction: (logit_CO + logit_DC) / 2 (official). Loss, official: ASL (gamma- 2, gamma+ 0, clip 0, eps
+   1e-5, focusing detached) on logit_CO, logit_DC, gate_logit_CO and gate_logit_DC, each weight 1, and not
+   on the mean (--mlvpt-gate-loss drops the two gate terms, --mlvpt-fused-loss adds the mean's); our ASL
+   is a mean over entries where the official one is a sum / (B L) * 1000 (baselines.py: --lr keeps its
+   meaning across label counts).
+Ablations (compare.py --set mlvpt): --mlvpt-branches co | dc | co,dc; --mlvpt-grouping label | random (the
+CO groups' sizes, labels shuffled: does the grouping matter?) | none (VPT-deep: the same 2 m k prompts shared
+by all labels, one linear head on the class token).
+
+Shapes (legend in experts.py; here P prompt tokens, m per group, k groups, r adapter width, T = 1 + P + N):
+    images (B, 3, H, W) -> tokens (B, T, D) -> prompt outputs z (B, P, D), class token (B, D) -> logits (B, L)
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backbones import ViTMap, backbone_from_config
+from baselines import label_cooccurrence
+from divdr import kmeans
+
+BRANCHES = ("co", "dc")
+GROUPINGS = ("label", "random", "none")
+
+
+# --------------------------------------------------------------------------------------------------------
+# 1. label groups
+
+
+def affinities(targets, tau: float = 2.0):
+    """targets (N, L) in {1, 0, -1} -> (M+ (L, L), M- (L, L)) float64, zero diagonals (docstring, step 1)."""
+    counts, nums = label_cooccurrence(targets)
+    A = counts / np.maximum(nums, 1)[:, None]                              # (L, L) P(j | i); 0 for unseen i
+    R = A ** (1.0 / tau)                                                   # tau-th root
+    plus = (R + R.T) / 2
+    minus = 1.0 - plus
+    np.fill_diagonal(plus, 0.0)
+    np.fill_diagonal(minus, 0.0)
+    return plus, minus
+
+
+def spectral_embedding(M: np.ndarray, k: int) -> np.ndarray:
+    """Affinity (L, L) -> the rows of its k smallest normalised-Laplacian eigenvectors, unit length (L, k)."""
+    d = M.sum(1)
+    inv = 1.0 / np.sqrt(np.maximum(d, 1e-12))                              # an isolated label: degree 0
+    lap = np.eye(len(M)) - inv[:, None] * M * inv[None, :]                 # I - D^-1/2 M D^-1/2
+    _, vecs = np.linalg.eigh(lap)                                          # ascending eigenvalues
+    U = vecs[:, :k]                                                        # (L, k)
+    return U / np.maximum(np.linalg.norm(U, axis=1, keepdims=True), 1e-12)
+
+
+def calinski_harabasz(X: np.ndarray, assign: np.ndarray) -> float:
+    """(between-cluster dispersion / (k - 1)) / (within-cluster dispersion / (n - k)) (Calinski & Harabasz
+    1974; scikit-learn's calinski_harabasz_score). Higher = tighter, better separated clusters."""
+    n, labels = len(X), np.unique(assign)
+    k, mean = len(labels), X.mean(0)
+    if k < 2 or k >= n:
+        return 0.0
+    between = sum((assign == j).sum() * ((X[assign == j].mean(0) - mean) ** 2).sum() for j in labels)
+    within = sum(((X[assign == j] - X[assign == j].mean(0)) ** 2).sum() for j in labels)
+    return float(between * (n - k) / (within * (k - 1))) if within > 0 else float("inf")
+
+
+def no_empty_groups(assign: np.ndarray, X: np.ndarray, k: int) -> np.ndarray:
+    """k-means can leave a cluster empty; move into each empty one the label farthest from its own centre,
+    taken from the largest group (never emptying a group). assign (L,) -> (L,) with all k groups used."""
+    assign = assign.copy()
+    for j in range(k):
+        if (assign == j).any():
+            continue
+        big = np.bincount(assign, minlength=k).argmax()
+        members = np.flatnonzero(assign == big)
+        far = members[((X[members] - X[members].mean(0)) ** 2).sum(1).argmax()]
+        assign[far] = j
+    return assign
+
+
+def spectral_groups(M: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Affinity (L, L), k -> group index per label (L,), every group non-empty."""
+    U = spectral_embedding(M, k)
+    _, assign = kmeans(U, k, seed=seed, restarts=10)
+    return no_empty_groups(assign, U, k)
+
+
+def pick_k(M: np.ndarray, seed: int = 0, ks=range(2, 11)) -> int:
+    """The k of spectral_groups with the best Calinski-Harabasz score on its own spectral embedding."""
+    ks = [k for k in ks if k < len(M)]
+    scores = [calinski_harabasz(spectral_embedding(M, k), spectral_groups(M, k, seed)) for k in ks]
+    return ks[int(np.argmax(scores))]
+
+
+def label_groups(targets, k: int, kind: str, seed: int = 0, tau: float = 2.0):
+    """The training labels (N, L) -> k lists of label indices: kind "co" groups labels that co-occur,
+    "dc" labels that exclude each other. k = 0 picks k by the Calinski-Harabasz score."""
+    if kind not in BRANCHES:
+        raise ValueError(f"kind must be one of {BRANCHES}, got {kind!r}")
+    M = affinities(targets, tau)[BRANCHES.index(kind)]
+    if not 0 <= k <= len(M):
+        raise ValueError(f"--mlvpt-groups {k}: must be between 1 and the {len(M)} labels (0 = pick by score)")
+    k = k or pick_k(M, seed)
+    assign = spectral_groups(M, k, seed)
+    return [np.flatnonzero(assign == j).tolist() for j in range(k)]
+
+
+def random_groups_like(groups, num_labels: int, seed: int = 0):
+    """Groups of the same sizes as `groups`, filled with a random permutation of the labels."""
+    perm = np.random.default_rng(seed).permutation(num_labels).tolist()
+    out, start = [], 0
+    for g in groups:
+        out.append(sorted(perm[start:start + len(g)]))
+        start += len(g)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. deep prompts inside torchvision's ViT
+
+
+def prompt_mask(num_prompts: int, num_tokens: int, device=None) -> torch.Tensor:
+    """(T, T) bool for nn.MultiheadAttention, True = may NOT attend: prompt tokens (positions 1..P) do not
+    attend to each other, only to themselves, the class token and the patches (official, see docstring)."""
+    mask = torch.zeros(num_tokens, num_tokens, dtype=torch.bool, device=device)
+    mask[1:num_prompts + 1, 1:num_prompts + 1] = True
+    idx = torch.arange(1, num_prompts + 1, device=device)
+    mask[idx, idx] = False                                                 # each prompt sees itself
+    return mask
+
+
+def block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """torchvision's EncoderBlock.forward with an attention mask: pre-norm attention, residual, pre-norm MLP
+    (the MLP may be backbone_moe.SparseMoE), residual. x (B, T, D) -> (B, T, D)."""
+    h = block.ln_1(x)
+    h, _ = block.self_attention(h, h, h, attn_mask=mask, need_weights=False)
+    x = x + block.dropout(h)
+    return x + block.mlp(block.ln_2(x))
+
+
+def prompted_tokens(vit: ViTMap, x: torch.Tensor, prompts: torch.Tensor):
+    """ViTMap.forward_tokens with VPT-deep prompts (L_blocks, P, D) -> (class token (B, D), prompt outputs
+    (B, P, D)), both after the final LayerNorm. With P = 0 it is ViTMap.forward_tokens (tested)."""
+    t = vit.conv_proj(x)                                                   # (B, D, h, w)
+    B, D, h, w = t.shape
+    t = t.flatten(2).transpose(1, 2)                                       # (B, N, D)
+    t = torch.cat([vit.class_token.expand(B, -1, -1), t], dim=1) + vit.position_embedding(h, w)   # (B, 1+N, D)
+    t = vit.encoder.dropout(t)
+    P = prompts.shape[1]
+    mask = prompt_mask(P, 1 + P + h * w, x.device)                         # (T, T)
+    for i, block in enumerate(vit.encoder.layers):
+        p = prompts[i].expand(B, -1, -1).to(t.dtype)                       # (B, P, D) this block's own prompts
+        rest = t[:, 1:] if i == 0 else t[:, 1 + P:]                        # block 0 inserts, later ones replace
+        t = block_forward(block, torch.cat([t[:, :1], p, rest], dim=1), mask)   # (B, 1+P+N, D)
+    t = vit.encoder.ln(t)
+    return t[:, 0], t[:, 1:1 + P]
+
+
+# --------------------------------------------------------------------------------------------------------
+# 3. the model
+
+
+class MLVPT(nn.Module):
+    """Frozen ViT + deep prompts per label group + the group-to-label mixture (docstring). x -> (logits (B, L),
+    info); info["loss_logits"] lists the outputs the loss is taken on (train.train_step)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, D = backbone_from_config(cfg)
+        if not isinstance(self.backbone, ViTMap):
+            raise ValueError(f"--model mlvpt prompts a ViT: --backbone {cfg.backbone} is not one "
+                             "(use vit_tiny, vit_b_16, vit_l_16, ...)")
+        L, k, m = cfg.num_labels, cfg.mlvpt_groups, cfg.prompts_per_group
+        if k < 1:   # train.py resolves --mlvpt-groups 0 from the training labels before building the model
+            raise ValueError("MLVPT needs the number of groups: --mlvpt-groups 0 is resolved by train.py")
+        self.branches = [b for b in cfg.mlvpt_branches.split(",") if b]
+        self.grouped = cfg.mlvpt_grouping != "none"
+        # "none" (VPT-deep) gets as many prompts as ML-VPT with both branches: the same prompt budget.
+        P = m * k * (len(self.branches) if self.grouped else 2)
+        self.k, self.m, self.num_prompts = k, m, P
+        val = math.sqrt(6.0 / (3 * self.backbone.patch_size ** 2 + D))     # VPT's (and ML-VPT's) bound
+        self.prompts = nn.Parameter(torch.empty(len(self.backbone.encoder.layers), P, D).uniform_(-val, val))
+        self.no_weight_decay = ("prompts",)   # train.decay_roles: learned inputs, not weights to shrink
+        if not self.grouped:
+            self.head = nn.Linear(D, L)                                    # VPT: a linear head on the class token
+            return
+        r, bound = cfg.adapter_dim, D ** -0.5
+        # One bottleneck adapter per prompt token, stacked: (P, D, r), (P, r), (P, r, D), (P, D); nn.Linear's init.
+        self.w1 = nn.Parameter(torch.empty(P, D, r).uniform_(-bound, bound))
+        self.b1 = nn.Parameter(torch.empty(P, r).uniform_(-bound, bound))
+        self.w2 = nn.Parameter(torch.empty(P, r, D).uniform_(-r ** -0.5, r ** -0.5))
+        self.b2 = nn.Parameter(torch.empty(P, D).uniform_(-r ** -0.5, r ** -0.5))
+        nb = len(self.branches)
+        self.gate = nn.Parameter(torch.empty(nb, L, m, D).uniform_(-bound, bound))   # W_{l,s} per branch
+        self.cls_weight = nn.Parameter(torch.empty(nb, L, D).uniform_(-bound, bound))  # V_l per branch
+        self.cls_bias = nn.Parameter(torch.zeros(nb, L))
+        # Each label's group per branch; set from the training labels by set_label_groups and saved with the
+        # weights, so a checkpoint rebuilds the groups without the data. Until then: label l in group l % k.
+        self.register_buffer("groups", (torch.arange(L) % k).repeat(nb, 1))   # (branches, L)
+
+    def set_label_groups(self, targets, classes=None, seed: int = 0):
+        """Group the labels from the training targets (N, L) for each branch; print the groups by name."""
+        if not self.grouped:
+            return
+        cfg, L = self.cfg, self.cfg.num_labels
+        for j, kind in enumerate(self.branches):
+            groups = label_groups(targets, self.k, kind, seed, cfg.mlvpt_tau)
+            if cfg.mlvpt_grouping == "random":   # the same sizes, labels shuffled
+                groups = random_groups_like(groups, L, seed + 1 + j)
+            for g, members in enumerate(groups):
+                self.groups[j, members] = g
+            names = classes or [str(i) for i in range(L)]
+            print(f"ML-VPT {kind.upper()} groups ({cfg.mlvpt_grouping}): "
+                  + " | ".join(", ".join(names[i] for i in members) for members in groups))
+
+    def label_groups_of(self, branch: int):
+        """The groups of one branch as k lists of label indices (read back from the buffer)."""
+        g = self.groups[branch].tolist()
+        return [[l for l, gl in enumerate(g) if gl == j] for j in range(self.k)]
+
+    def adapters(self, z: torch.Tensor) -> torch.Tensor:
+        """expert_e(z_e) = z_e + W2_e GELU(W1_e z_e + b1_e) + b2_e for every prompt token e: (B, P, D) -> (B, P, D)."""
+        h = F.gelu(torch.einsum("bpd,pdr->bpr", z, self.w1) + self.b1)     # (B, P, r)
+        return z + torch.einsum("bpr,prd->bpd", h, self.w2) + self.b2      # (B, P, D)
+
+    def forward(self, x: torch.Tensor):
+        cls, z = prompted_tokens(self.backbone, x, self.prompts)           # (B, D), (B, P, D)
+        info = {"gate_weights": None, "aux_loss": torch.zeros((), device=x.device), "image_feature": cls.detach()}
+        if not self.grouped:
+            with torch.autocast(x.device.type, enabled=False):            # fp32 logits, as every model's
+                logits = self.head(cls.float())
+            info["loss_logits"] = [logits]
+            return logits, info
+        e = self.adapters(z)                                               # (B, P, D)
+        km = self.k * self.m                                               # prompts per branch
+        outs, gate_outs, weights = [], [], []
+        for j in range(len(self.branches)):
+            # Token index of label l's group's s-th prompt: branch j's block, then group, then s -> (L, m).
+            idx = j * km + self.groups[j][:, None] * self.m + torch.arange(self.m, device=x.device)[None]
+            zl, el = z[:, idx], e[:, idx]                                  # (B, L, m, D) raw, through experts
+            with torch.autocast(x.device.type, enabled=False):            # the gate in fp32, as every router here
+                g = torch.einsum("blmd,lmd->blm", zl.float(), self.gate[j].float())   # (B, L, m) gate logits
+                w = g.softmax(-1)                                          # (B, L, m) over the group's tokens
+                f = torch.einsum("blm,blmd->bld", w, el.float())           # (B, L, D) label-aware features
+                outs.append(torch.einsum("bld,ld->bl", f, self.cls_weight[j].float()) + self.cls_bias[j].float())
+                gate_outs.append((w * g).sum(-1))                          # (B, L) the gate alone
+            weights.append(w)
+        logits = torch.stack(outs).mean(0)                                 # (B, L) mean of the branches
+        info["branch_gates"] = torch.stack(weights, 1)                     # (B, branches, L, m), rows sum to 1
+        info["loss_logits"] = (outs + (gate_outs if self.cfg.mlvpt_gate_loss else [])
+                               + ([logits] if self.cfg.mlvpt_fused_loss else []))
+        return logits, info
