@@ -11,6 +11,9 @@ one markdown table and paired tests of DR-MoE against the others. Three sets of 
               the static gate (divdr.py); the table adds NMI and ARI with the scenes and distinct routes
     sweetspot MoE inside a vit_tiny backbone: placements x experts x k with the linear head, and DR-MoE's
               head on the dense backbone (backbone_moe.py)
+    mlvpt     transfer from the source task (synthetic-pretrain, trained first into <out>/pretrain/):
+              linear probe, VPT-deep, ML-VPT with CO / DC / both / random groups, full fine-tuning and
+              DR-MoE on the frozen backbone (mlvpt.py); the table adds trainable parameters and peak memory
 
     python compare.py                        # --set models: 8 configurations x 3 seeds, synthetic preset
                                              # (about 85 minutes on a 2-core CPU)
@@ -108,8 +111,22 @@ for _p in ("last2", "every2"):
         for _k in (1, 2):
             SWEETSPOT[f"vit_tiny {_p} N={_n} k={_k}"] = ["--backbone", "vit_tiny", "--model", "linear", "--backbone-moe",
                                                          _p, "--backbone-experts", str(_n), "--backbone-top-k", str(_k)]
+# ML-VPT (issue 20, mlvpt.py) in a transfer setting: vit_tiny pretrained on the source task (synthetic-pretrain,
+# PRETRAIN below, run first by main()), then adapted to the benchmark. Each row names its own head and what
+# trains; main() adds --weights <out>/pretrain/best.pt to every row.
+VIT = ["--backbone", "vit_tiny"]
+MLVPT_SET = {"linear probe": VIT + ["--model", "linear", "--freeze-backbone"],
+             "vpt-deep": VIT + ["--model", "mlvpt", "--mlvpt-grouping", "none"],
+             "mlvpt co": VIT + ["--model", "mlvpt", "--mlvpt-branches", "co"],
+             "mlvpt dc": VIT + ["--model", "mlvpt", "--mlvpt-branches", "dc"],
+             "mlvpt": VIT + ["--model", "mlvpt"],
+             "mlvpt random groups": VIT + ["--model", "mlvpt", "--mlvpt-grouping", "random"],
+             "full fine-tuning": VIT + ["--model", "linear"],
+             "drmoe frozen": VIT + ["--model", "drmoe", "--freeze-backbone"]}
+# The source-task run every ML-VPT row starts from: the linear head on vit_tiny, seed 0, the set's budget.
+PRETRAIN = VIT + ["--dataset", "synthetic-pretrain", "--model", "linear"]
 SETS = {"models": (MODELS, "drmoe"), "ablation": (ABLATION, DEFAULT), "balance": (BALANCE, DEFAULT),
-        "routing": (ROUTING, "drmoe"), "sweetspot": (SWEETSPOT, "vit_tiny dense")}
+        "routing": (ROUTING, "drmoe"), "sweetspot": (SWEETSPOT, "vit_tiny dense"), "mlvpt": (MLVPT_SET, "mlvpt")}
 
 
 def slug(name: str) -> str:
@@ -221,10 +238,21 @@ def report(rows: dict, reference: str, draws: int = 1000) -> str:
     gated = any("max_expert_mass" in r for runs in rows.values() for r in runs)
     # Routing structure on test (divdr.structure, train.py's metrics.json): against the scenes, mean over seeds.
     routed = any("nmi" in r.get("routing", {}) for runs in rows.values() for r in runs)
-    lines = ["| model | test mAP (mean ± std) | CF1 | OF1 | params (M) | GFLOPs/img | train img/s (median) | "
+    # Parameter-efficient rows (a frozen backbone) show what trains; sparse ones (backbone MoE) what one
+    # token activates; both show the step's peak memory (train.py's metrics: CUDA allocator, else process RSS).
+    every = [r for runs in rows.values() for r in runs]
+    frozen = any(r.get("trainable_parameters", r["parameters"]) < r["parameters"] for r in every)
+    sparse = any(r.get("activated_parameters", r["parameters"]) < r["parameters"] for r in every)
+    extra_cols = ([("trainable (M)", lambda r: f"{r.get('trainable_parameters', r['parameters']) / 1e6:.3f}")] if frozen else []) \
+        + ([("activated (M)", lambda r: f"{r.get('activated_parameters', r['parameters']) / 1e6:.2f}")] if sparse else []) \
+        + ([("peak memory (MB)", lambda r: f"{r['peak_memory_mb']:.0f}" if "peak_memory_mb" in r else "-")]
+           if frozen or sparse else [])
+    lines = ["| model | test mAP (mean ± std) | CF1 | OF1 | params (M) | "
+             + "".join(f"{c} | " for c, _ in extra_cols) + "GFLOPs/img | train img/s (median) | "
              + ("largest expert share | " if gated else "")
              + ("NMI with scenes | ARI | distinct routes | " if routed else "") + "seeds |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if gated else "") + ("---|---|---|" if routed else "")]
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(extra_cols) + ("---|" if gated else "")
+             + ("---|---|---|" if routed else "")]
     for name, runs in rows.items():
         mean = lambda k: np.mean([r[k] for r in runs])
         share = f"{mean('max_expert_mass'):.2f} | " if "max_expert_mass" in runs[0] else "- | "
@@ -232,7 +260,8 @@ def report(rows: dict, reference: str, draws: int = 1000) -> str:
         routing = (f"{np.mean([r['nmi'] for r in rt]):.3f} | {np.mean([r['ari'] for r in rt]):.3f} | "
                    f"{np.mean([r['distinct_routes'] for r in rt]):.0f} | " if rt else "- | - | - | ")
         lines.append(f"| {name} | {mean_std(runs)} | {mean('CF1'):.2f} | {mean('OF1'):.2f} | "
-                     f"{runs[0]['parameters'] / 1e6:.2f} | {runs[0]['gflops']:.3f} | {np.median([r['img_per_s'] for r in runs]):.0f} | "
+                     f"{runs[0]['parameters'] / 1e6:.2f} | " + "".join(f"{fn(runs[0])} | " for _, fn in extra_cols)
+                     + f"{runs[0]['gflops']:.3f} | {np.median([r['img_per_s'] for r in runs]):.0f} | "
                      + (share if gated else "") + (routing if routed else "") + f"{len(runs)} |")
     tests = {name: paired(rows[reference], runs) for name, runs in rows.items() if name != reference} \
         if reference in rows else {}
@@ -361,6 +390,13 @@ def main(argv=None):
     unknown = [n for n in names if n not in runs]
     if unknown:
         p.error(f"unknown configuration(s) {unknown} in --set {args.set}; choose from {list(runs)}")
+    if args.set == "mlvpt":
+        # The transfer experiment's first step: pretrain on the source task (once, seed 0), then every row
+        # starts from its backbone. Skipped when finished, resumed when interrupted, like every run.
+        pre = os.path.join(args.out, "pretrain")
+        if not args.report and not train_one("pretrain", PRETRAIN, 0, pre, extra):
+            sys.exit(f"the pretraining run failed: see {run_dir(pre, 'pretrain', 0)}/stdout.log")
+        extra = extra + ["--weights", os.path.join(run_dir(pre, "pretrain", 0), "best.pt")]
     if not args.report:
         jobs = [(n, s) for s in args.seeds for n in names]   # seed-major: an early stop leaves whole seeds
         print(f"{len(jobs)} runs into {args.out}/ (finished ones are skipped)", flush=True)

@@ -57,7 +57,7 @@ from evaluate import average_precision, multilabel_metrics, predict
 from baselines import asymmetric_loss
 from config import TrainConfig, amp_dtype_for, parse_args, pick_device
 from gating import expert_load, expert_names
-from backbone_moe import backbone_aux_loss, moe_layers
+from backbone_moe import backbone_aux_loss, moe_layers, parameter_split
 from backbones import WeightsUnavailable
 from divdr import divdr_loss, kmeans, routing_signature, split_structure
 from mlvpt import affinities, pick_k
@@ -190,6 +190,19 @@ def set_rng_state(state: dict, device: torch.device):
     random.setstate(state["python"])
     if state.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The run's peak memory in MB, and what was measured: the CUDA allocator's peak (the model's tensors)
+    on a GPU; elsewhere the process's peak resident set (the data in memory included)."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20, "peak_memory_of": "cuda allocator"}
+    try:
+        import resource   # Unix; ru_maxrss is in kB on Linux, bytes on macOS
+    except ImportError:   # Windows
+        return {}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+    return {"peak_memory_mb": rss, "peak_memory_of": "process resident set"}
 
 
 def save_checkpoint(path: str, state: dict):
@@ -606,6 +619,8 @@ def main(argv=None):
                     "checkpoint": "best.pt", "epoch": best["epoch"] + 1,
                     "weights": best["eval_weights"], "val_mAP": best["best_map"], "gflops": gflops,
                     "parameters": sum(p.numel() for p in model.parameters()), "model": mcfg.model,
+                    "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    "activated_parameters": parameter_split(model)[1], **peak_memory(device),
                     "best_epoch_chosen_on": tcfg.val_split, "split": tcfg.test_split, "world_size": world,
                     "train_minutes_this_session": (time.time() - run_start) / 60})
     if main_proc:
