@@ -222,16 +222,23 @@ def backbone_from_config(cfg):
     return build_backbone(cfg.backbone, cfg.weights, cfg.feature_layer, cfg.image_size, moe)
 
 
+_CHANNELS = {}   # (name, feature_layer, moe settings) -> C: --help asks for the same backbones many times
+
+
 def backbone_channels(name: str, feature_layer: str = "layer4", moe=None) -> int:
     """C of build_backbone(name, feature_layer) without building it for real: on the meta device no memory is
     allocated and no weight is initialised, so config.py can ask it at parse time (ResNet-101 in ~0.1 s).
     Raises ValueError for a model that is not a torchvision classifier of a supported kind."""
     # Some torchvision builders warn (googlenet, inception_v3) or cannot run on meta tensors (regnet's
     # init copies values): at parse time either must still end in one line, never a traceback.
+    key = (name, feature_layer, None if moe is None else tuple(vars(moe).values()))
+    if key in _CHANNELS:
+        return _CHANNELS[key]
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return build_backbone(name, "none", feature_layer, moe=moe)[1]
+            _CHANNELS[key] = build_backbone(name, "none", feature_layer, moe=moe)[1]
+            return _CHANNELS[key]
         except ValueError:
             raise
         except Exception as e:

@@ -1,7 +1,7 @@
 """
 The first hour of a new user, as behaviour (issue "a first hour without surprises"): the command lines
-answer a typo in one line, keep runs apart, and say what they do (CPU, seconds; the subprocess cases pay
-one torch import each, about 15 s in all).
+answer a typo in one line, keep runs apart, and say what they do (CPU, seconds; the two subprocess cases
+pay one torch import each).
 
 - each bad value (train.py and evaluate.py) exits with code 2 and ONE stderr line naming the flag, no
   traceback, before any data is generated;
@@ -55,18 +55,31 @@ if not torch.cuda.is_available():   # on a GPU machine --device cuda is a valid 
             ("evaluate.py", ["--checkpoint", "README.md", "--device", "cuda"], "--device")]
 
 
-def test_each_bad_value_is_one_line_exit_2(tmp_path):
-    # All at once (each pays its own torch import); nothing may be written: the checks come before any data.
+@pytest.mark.parametrize("script,flags,word", BAD)
+def test_each_bad_value_is_one_line_exit_2(script, flags, word, tmp_path, capsys):
+    # In this process (a torch import per case would cost a minute); nothing may be written: the checks
+    # come before any data. The command line itself is checked by the subprocess test below.
+    main = train.main if script == "train.py" else evaluate.main
+    with pytest.raises(SystemExit) as e:
+        main([*flags, "--out-dir" if script == "train.py" else "--json", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2, (script, flags, e.value.code, lines)
+    assert len(lines) == 1 and word in lines[0], (script, flags, lines)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_values_from_the_command_line(tmp_path):
+    """Two of the cases as a user types them: exit 2, one stderr line, no traceback."""
+    cases = [BAD[0], ("evaluate.py", ["--checkpoint", "README.md"], "README.md")]
     procs = [(case, subprocess.Popen([sys.executable, os.path.join(ROOT, case[0]), *case[1],
                                       "--out-dir" if case[0] == "train.py" else "--json", str(tmp_path / "out")],
                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-             for case in BAD]
+             for case in cases]
     for (script, flags, word), p in procs:
         out, err = p.communicate(timeout=120)
         lines = err.strip().splitlines()
-        assert p.returncode == 2, (script, flags, p.returncode, err[-500:])
-        assert len(lines) == 1 and "Traceback" not in err, (script, flags, err)
-        assert word in lines[0], (script, flags, lines[0])
+        assert p.returncode == 2 and "Traceback" not in err, (script, flags, p.returncode, err[-500:])
+        assert len(lines) == 1 and word in lines[0], (script, flags, err)
     assert not (tmp_path / "out").exists()
 
 
