@@ -220,12 +220,17 @@ def test_script_errors_without_traceback(tmp_path):
         assert out.returncode != 0 and expect in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("model", ["mlgcn", "q2l"])
-def test_baselines_train_on_voc(tmp_path, model):
+@pytest.mark.parametrize("model,flags", [("mlgcn", []), ("q2l", []),
+                                         ("mlvpt", ["--backbone", "vit_tiny"]),
+                                         ("drmoe", ["--divdr-coef", "0.1", "--epochs", "2"])])   # DivDR from epoch 2
+def test_models_train_on_voc(tmp_path, model, flags):
     make_voc(tmp_path / "voc")
     metrics = train.main(VOC_RUN + ["--model", model, "--gcn-hidden", "16", "--data-root", str(tmp_path / "voc"),
-                                    "--out-dir", str(tmp_path / "run")])
+                                    "--out-dir", str(tmp_path / "run")] + flags)
     assert metrics["model"] == model and 0 <= metrics["mAP"] <= 100
+    if "--divdr-coef" in flags:   # on photos the routing is measured against each image's most frequent label
+        log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+        assert log[1]["divdr_loss"] != 0 and metrics["routing"]["clusters"] >= 1
 
 
 def test_download_offline_and_stats_cli(tmp_path, monkeypatch):
