@@ -11,7 +11,8 @@ crowd annotation and an image with no annotation. Checked:
 - clear errors naming the problem: missing root, missing split, missing or corrupt image, unknown
   class name, unknown category id, truncated json;
 - train.py trains and evaluates end to end on the tiny VOC tree (on a CPU it first warns with the
-  expected minutes per epoch and what to change), and a corrupt image met inside a
+  expected minutes per epoch and what to change), and so do ML-GCN, Q2L, ML-VPT (vit_tiny) and DR-MoE
+  with DivDR (its routing measured against each photo's most frequent label); a corrupt image met inside a
   DataLoader worker ends the script with one line naming the file, not a traceback.
 
 Run: python -m pytest -q tests/test_real_data.py
