@@ -360,6 +360,20 @@ def heterogeneity(out: str, a: str, b: str, seeds) -> str:
     return table
 
 
+def sweet_spot_points(rows: dict) -> list:
+    """Sweet-spot rows -> (activated M, mean mAP, std, short label, series) for plots.cost_scatter: one
+    colour per placement, the head in the series name."""
+    points = []
+    for name, runs in rows.items():
+        maps = np.array([r["mAP"] for r in runs])
+        place = next((p for p in ("last2", "every2") if p in name), "dense")
+        head = "DR-MoE head" if "drmoe" in name else "linear head"
+        label = " ".join(w for w in name.split()[1:] if w not in ("drmoe", place)) or "dense"
+        points.append((runs[0].get("activated_parameters", runs[0]["parameters"]) / 1e6, maps.mean(),
+                       maps.std(ddof=1) if len(maps) > 1 else 0.0, label, f"{place}, {head}"))
+    return points
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--set", default="models", choices=list(SETS), help="which configurations [models]")
@@ -416,6 +430,11 @@ def main(argv=None):
     import plots   # the per-seed picture: where each configuration's seeds fall, and which seed is hard for all
     plots.seed_dots(base + ".png", [(n, {r["seed"]: r["mAP"] for r in rows[n]}) for n in names if n in rows],
                     f"--set {args.set}: test mAP of every run", f"{args.out}; one dot per seed, paired by colour")
+    if args.set == "sweetspot" and rows:   # the sweet-spot paper's picture: accuracy against activated parameters
+        plots.cost_scatter(os.path.join(args.out, "sweet_spot.png"), sweet_spot_points(rows),
+                           "activated parameters per token (M)", "test mAP (mean +- std over seeds)",
+                           "MoE inside the backbone: test mAP against activated parameters",
+                           f"vit_tiny on the embedded benchmark; {args.out}")
     print(table)
     print(f"wrote {base}.md, {base}.json and {base}.png")
 

@@ -388,12 +388,15 @@ def cost_scatter(path, points, xlabel, ylabel, title, subtitle=None, log_x=False
     to_px = axes(img, (left, top, left + w, top + h), (min(xs) - xpad, max(xs) + xpad),
                  (min(ys) - ypad, max(ys) + ypad), xlabel, ylabel, title, subtitle=subtitle)
     d = ImageDraw.Draw(img)
+    seen = {}   # points that share an x (every top-1 MoE activates what the dense model does) are dodged
     for x, y, e, label, ser in points:
         rgb = SERIES[series.index(ser) % len(SERIES)]
         px, py = to_px(fx(x), y)
-        d.line([to_px(fx(x), y - e), to_px(fx(x), y + e)], fill=rgb, width=2)
+        px += 9 * seen.get(round(fx(x), 6), 0)                            # sideways, 9 px per earlier point
+        seen[round(fx(x), 6)] = seen.get(round(fx(x), 6), 0) + 1
+        d.line([(px, to_px(fx(x), y - e)[1]), (px, to_px(fx(x), y + e)[1])], fill=rgb, width=2)
         d.ellipse([px - 5, py - 5, px + 5, py + 5], fill=rgb)
         d.text((px + 8, py), label, fill=FG, font=font(11), anchor="lm")
     legend(d, (left + w + 20, top), [(n, SERIES[k % len(SERIES)]) for k, n in enumerate(series)]
-           + [("bar: +- std over seeds", MUTED)])
+           + [("bar: +- std over seeds", MUTED), ("(equal x: dodged sideways)", (255, 255, 255))])
     img.save(path)
