@@ -48,6 +48,9 @@ Ablations (compare.py --set mlvpt): --mlvpt-branches co | dc | co,dc; --mlvpt-gr
 CO groups' sizes, labels shuffled: does the grouping matter?) | none (VPT-deep: the same 2 m k prompts shared
 by all labels, one linear head on the class token).
 
+    python mlvpt.py --dataset voc --data-root DIR     # the groups of VOC's trainval labels, and how their
+                                                      # within-group co-occurrence compares with random ones
+
 Shapes (legend in experts.py; here P prompt tokens, m per group, k groups, r adapter width, T = 1 + P + N):
     images (B, 3, H, W) -> tokens (B, T, D) -> prompt outputs z (B, P, D), class token (B, D) -> logits (B, L)
 """
@@ -153,6 +156,50 @@ def random_groups_like(groups, num_labels: int, seed: int = 0):
         out.append(sorted(perm[start:start + len(g)]))
         start += len(g)
     return out
+
+
+def within_group_cooccurrence(targets, groups) -> float:
+    """Mean over the pairs of labels that share a group of (P(j|i) + P(i|j)) / 2: high for groups of labels
+    that appear together, low for groups of labels that exclude each other (singletons have no pair)."""
+    counts, nums = label_cooccurrence(targets)
+    A = counts / np.maximum(nums, 1)[:, None]
+    sym = (A + A.T) / 2
+    pairs = [sym[a, b] for g in groups for i, a in enumerate(g) for b in g[i + 1:]]
+    return float(np.mean(pairs)) if pairs else float("nan")
+
+
+def grouping_report(targets, classes, k: int = 5, seed: int = 0, draws: int = 1000) -> str:
+    """The CO and DC groups of a label set, and their within-group co-occurrence against random partitions
+    of the same sizes (the share of random partitions below it: near 1 for CO, near 0 for DC)."""
+    lines = []
+    for kind in BRANCHES:
+        groups = label_groups(targets, k, kind, seed)
+        got = within_group_cooccurrence(targets, groups)
+        rand = np.array([within_group_cooccurrence(targets, random_groups_like(groups, len(classes), seed + d))
+                         for d in range(draws)])
+        lines.append(f"{kind.upper()} groups (sizes {[len(g) for g in groups]}): within-group co-occurrence "
+                     f"{got:.3f}; random partitions of the same sizes {np.nanmean(rand):.3f} "
+                     f"[5-95 %: {np.nanpercentile(rand, 5):.3f}-{np.nanpercentile(rand, 95):.3f}], "
+                     f"{100 * np.mean(rand < got):.1f} % of them below")
+        lines += ["  " + ", ".join(classes[i] for i in g) for g in groups]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """python mlvpt.py --dataset voc --data-root DIR: the label groups of a dataset's training labels."""
+    import argparse
+    from data import build_dataset
+    p = argparse.ArgumentParser(description="ML-VPT's CO and DC label groups of a dataset's training split")
+    p.add_argument("--dataset", default="synthetic", help="synthetic | voc | coco | csv | cocojson")
+    p.add_argument("--data-root", default=None, help="the dataset's folder (not for synthetic)")
+    p.add_argument("--split", default=None, help="the split whose labels are grouped [the training split]")
+    p.add_argument("--groups", type=int, default=5, help="k groups per kind [5]")
+    p.add_argument("--seed", type=int, default=0, help="k-means and random-partition seed [0]")
+    args = p.parse_args(argv)
+    split = args.split or {"voc": "trainval"}.get(args.dataset, "train")
+    ds = build_dataset(args.dataset, split, args.data_root, augment=False)
+    print(f"{args.dataset} {split}: {len(ds)} images, {len(ds.classes)} labels")
+    print(grouping_report(ds.targets.numpy(), ds.classes, args.groups, args.seed))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -291,3 +338,7 @@ class MLVPT(nn.Module):
         info["loss_logits"] = (outs + (gate_outs if self.cfg.mlvpt_gate_loss else [])
                                + ([logits] if self.cfg.mlvpt_fused_loss else []))
         return logits, info
+
+
+if __name__ == "__main__":
+    main()

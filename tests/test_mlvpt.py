@@ -1,7 +1,7 @@
 """
 ML-VPT (mlvpt.py) and its offline pretraining path (--dataset synthetic-pretrain, --weights best.pt).
 
-Covers: label_groups recovers the blocks of a block-structured co-occurrence ("co"), puts labels that never
+Covers: the affinities and the within-group co-occurrence by hand; label_groups recovers the blocks of a block-structured co-occurrence ("co"), puts labels that never
 co-occur together ("dc"), never returns an empty group, and k = 0 picks the block count; the
 Calinski-Harabasz score equals a hand computation (and scikit-learn's where installed); the attention mask
 keeps one prompt token's change out of the other prompt tokens' outputs of that block, not out of the
@@ -50,6 +50,15 @@ def test_affinities_by_hand():
                      [0, (np.sqrt(1 / 3) + 1) / 2, 0]])
     np.testing.assert_allclose(plus, want)
     np.testing.assert_allclose(minus, (1 - want) * (1 - np.eye(3)))
+
+
+def test_within_group_cooccurrence_by_hand_and_against_random():
+    y = np.array([[1, 1, 0], [1, 0, 0], [1, 1, -1], [0, 1, 1]])
+    # (P(j|i) + P(i|j)) / 2: pair (0, 1) = 2/3, pair (0, 2) = 0; a singleton has no pair
+    assert mlvpt.within_group_cooccurrence(y, [[0, 1], [2]]) == pytest.approx(2 / 3)
+    assert mlvpt.within_group_cooccurrence(y, [[0, 2], [1]]) == 0
+    report = mlvpt.grouping_report(block_targets(BLOCKS), [str(i) for i in range(12)], k=3, draws=200)
+    assert "CO groups (sizes [4, 4, 4])" in report and "100.0 % of them below" in report.splitlines()[0]
 
 
 def test_co_groups_recover_the_blocks():
