@@ -206,15 +206,18 @@ def main(argv=None):
     if args.plot:
         from evaluate import average_precision
         import plots
-        std, classes, positives = {}, None, None
+        std, runs, classes, positives = {}, {}, None, None
         for name, folder in groups.items():
             scores, targets, classes, _ = load_group(folder)
+            runs[name] = len(scores)
             if len(scores) > 1:
                 std[name] = (np.array([average_precision(s, targets) for s in scores]) * 100).std(0, ddof=1)
             positives = (targets == 1).sum(0)
+        # One short line (the legend names the series): the run count once when every series has the same.
+        counts = (f"{next(iter(runs.values()))} runs per series" if len(set(runs.values())) == 1
+                  else "runs per series: " + ", ".join(map(str, runs.values())))
         plots.label_noise(args.plot, classes, positives, std, "Where the seed noise sits: each label's AP std over runs",
-                          subtitle=f"{len(targets)} test images; " + ", ".join(f"{n}: {len(load_group(f)[0])} runs"
-                                                                            for n, f in groups.items()))
+                          subtitle=f"{len(targets)} test images; {counts}")
         print(f"wrote {args.plot}")
 
 
