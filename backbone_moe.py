@@ -99,6 +99,7 @@ class SparseMoE(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(experts, hidden))
         self.w2 = nn.Parameter(torch.empty(experts, hidden, dim))
         self.b2 = nn.Parameter(torch.zeros(experts, dim))
+        self.no_weight_decay = ("b1", "b2")   # biases, stacked: train.decay_roles tells them by this list
         self.drop = nn.Dropout(dropout)
         for i in range(experts):   # as a dense Linear would be; the callers re-initialise as their MLP does
             nn.init.xavier_uniform_(self.w1[i].T)
@@ -171,6 +172,7 @@ class SparseMoE(nn.Module):
         # For the collapse watch and the log: f (share of assignments), the distinct experts an image's tokens
         # chose among all their k choices (a ViT's class token included: it is routed like the patches), and
         # the share of assignments that overflowed the capacity.
+        # (T, k, N) -> (T, N) -> (B, T/B, N) -> (B, N): how many of the image's tokens chose each expert
         per_image = F.one_hot(chosen, self.num_experts).sum(1).reshape(shape[0], -1, self.num_experts).sum(1)
         self.stats = {"load": f.detach(), "used_per_image": (per_image > 0).sum(1).float().mean().detach(),
                       "dropped": torch.tensor(1.0 - len(token) / (T * self.top_k), device=flat.device)}

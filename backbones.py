@@ -38,6 +38,7 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
 from backbone_moe import MoEConfig, add_moe
+from checkpoint import load_file
 
 # From-scratch backbones small enough to train on the embedded benchmark on two CPU cores. Not in
 # torchvision's model list; built from torchvision's own classes, so the code paths (and backbone MoE)
@@ -118,7 +119,7 @@ def load_state(name: str, weights: str) -> dict:
     if not os.path.isfile(weights):
         raise WeightsUnavailable(f"--weights {weights!r}: no such file (expected none, DEFAULT or a path)")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_file(weights)   # weights_only=True (checkpoint.py)
     except Exception as e:
         raise WeightsUnavailable(f"--weights {weights!r}: not a torch state_dict or checkpoint torch can read "
                                  f"({type(e).__name__}); pass a .pth state_dict or a best.pt of train.py") from None

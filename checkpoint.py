@@ -2,21 +2,20 @@
 A run's checkpoint, read back: what train.py wrote (the raw module's state_dict, its EMA, both configs, the
 class names, the optimizer and RNG states to resume), checked and turned into a ready model again.
 
-    load_file(path)                  -> torch.load with weights_only=True (older files: a note, then False)
+    load_file(path)                  -> torch.load with weights_only=True (older files: numpy arrays allowed)
     read_checkpoint(path)            -> the dict, or a one-line ValueError saying what the file is not
     judged_weights(ckpt)             -> the state_dict the run was judged by (EMA or raw)
     load_checkpoint_model(path, dev) -> (model in eval mode, ckpt, memory format)
 
 Writing lives in train.py (save_checkpoint: a temporary file, then an atomic rename). Used by evaluate.py,
-predictions.py; knows no script.
+predictions.py, and backbones.py (--weights best.pt); knows no script, and imports the models only inside
+load_checkpoint_model, so that a part (backbones.py) may use load_file.
 """
 import os
 import pickle
-import sys
 
+import numpy as np
 import torch
-
-from model import ModelConfig, build_model, set_memory_format
 
 
 def judged_weights(ckpt) -> dict:
@@ -24,18 +23,26 @@ def judged_weights(ckpt) -> dict:
     return ckpt["ema"] if ckpt.get("eval_weights", "raw") == "ema" else ckpt["model"]
 
 
+def numpy_globals():
+    """What an older checkpoint's numpy RNG state needs to be unpickled: arrays and their dtypes, nothing
+    that can run code. Allowed only for the second try of load_file."""
+    core = getattr(np, "_core", None) or np.core   # numpy 2 renamed the module the pickles name
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype] + [type(np.dtype(t)) for t in
+                                                                   ("uint32", "int64", "float64", "float32")]
+
+
 def load_file(path: str) -> dict:
     """torch.load(weights_only=True): tensors, numbers, strings and containers only, no pickled code. Every
-    checkpoint train.py writes loads this way (its numpy RNG state is stored as a tensor). A checkpoint of an
-    older train.py (numpy arrays inside) is read with weights_only=False after a note: trust only your own."""
+    checkpoint train.py writes loads this way (its numpy RNG state is stored as a tensor). One of an older
+    train.py (a numpy array inside) loads on a second try with numpy's array types allowed, still with
+    weights_only=True: nothing in the file can run code either way."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "numpy" not in str(e):   # not an older checkpoint: not a checkpoint at all (the caller says so)
             raise
-        print(f"note: {path} was written by an older train.py (numpy arrays inside): loading it with "
-              "weights_only=False; do this only for files you trust", file=sys.stderr)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_checkpoint(path: str) -> dict:
@@ -59,6 +66,7 @@ def load_checkpoint_model(path: str, device, ckpt=None):
 
     `ckpt`: the file's contents when the caller has already read them (evaluate.main checks them first).
     """
+    from model import ModelConfig, build_model, set_memory_format   # here: backbones.py imports this file
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     # The backbone's ImageNet weights are about to be overwritten: do not download them again.
     mcfg = ModelConfig(**{**ckpt["model_config"], "weights": "none"})

@@ -239,7 +239,8 @@ def report(rows: dict, reference: str, draws: int = 1000) -> str:
     # Routing structure on test (divdr.structure, train.py's metrics.json): against the scenes, mean over seeds.
     routed = any("nmi" in r.get("routing", {}) for runs in rows.values() for r in runs)
     # Parameter-efficient rows (a frozen backbone) show what trains; sparse ones (backbone MoE) what one
-    # token activates; both show the step's peak memory (train.py's metrics: CUDA allocator, else process RSS).
+    # token activates; both show the run's peak memory (train.peak_memory: on CUDA the allocator's peak over
+    # the whole run, EMA and evaluation included; on a CPU the process's resident set, the data included).
     every = [r for runs in rows.values() for r in runs]
     frozen = any(r.get("trainable_parameters", r["parameters"]) < r["parameters"] for r in every)
     sparse = any(r.get("activated_parameters", r["parameters"]) < r["parameters"] for r in every)
@@ -408,7 +409,9 @@ def main(argv=None):
         # The transfer experiment's first step: pretrain on the source task (once, seed 0), then every row
         # starts from its backbone. Skipped when finished, resumed when interrupted, like every run.
         pre = os.path.join(args.out, "pretrain")
-        if not args.report and not train_one("pretrain", PRETRAIN, 0, pre, extra):
+        # The dataset last: a --dataset in --extra (meant for the rows) must never turn the source run
+        # into training on the target.
+        if not args.report and not train_one("pretrain", PRETRAIN, 0, pre, extra + ["--dataset", "synthetic-pretrain"]):
             sys.exit(f"the pretraining run failed: see {run_dir(pre, 'pretrain', 0)}/stdout.log")
         extra = extra + ["--weights", os.path.join(run_dir(pre, "pretrain", 0), "best.pt")]
     if not args.report:

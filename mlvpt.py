@@ -29,7 +29,7 @@ equation could be read here; where a step below says "official" it was checked i
    the class token and the patches but to no other prompt token, while the class token and the patches
    attend to everything. The backbone is frozen (--freeze-backbone, on for mlvpt): only the prompts and
    the head below train. The prompt outputs are read after the ViT's final LayerNorm (official for its
-   ImageNet-1k and DINOv2 backbones; its ImageNet-21k path reads them before that norm).
+   ImageNet-1k and DINOv2 backbones; its ImageNet-21k, MAE and MoCo paths read them before that norm).
 3. The group-to-label mixture, per branch (CO, DC), official (builder_network.py Adapt_Experts, Gate_MOE,
    GroupFCWiseLinear), for label l in group G(l) whose m prompt outputs are z_{l,1..m} (B, m, D):
        expert_e(z)  = z + W2_e GELU(W1_e z + b1_e) + b2_e       one residual bottleneck adapter per prompt
@@ -41,12 +41,12 @@ equation could be read here; where a step below says "official" it was checked i
        gate_logit_l = sum_s w_{l,s} g_{l,s}                     the official "moe" output: the gate alone
    Prediction: (logit_CO + logit_DC) / 2 (official). Loss, official: ASL (gamma- 2, gamma+ 0, clip 0, eps
    1e-5, focusing detached) on logit_CO, logit_DC, gate_logit_CO and gate_logit_DC, each weight 1, and not
-   on the mean (--mlvpt-gate-loss drops the two gate terms, --mlvpt-fused-loss adds the mean's); our ASL
+   on the mean (--no-mlvpt-gate-loss drops the two gate terms, --mlvpt-fused-loss adds the mean's); our ASL
    is a mean over entries where the official one is a sum / (B L) * 1000 (baselines.py: --lr keeps its
    meaning across label counts).
-Ablations (compare.py --set mlvpt): --mlvpt-branches co | dc | co,dc; --mlvpt-grouping label | random (the
-CO groups' sizes, labels shuffled: does the grouping matter?) | none (VPT-deep: the same 2 m k prompts shared
-by all labels, one linear head on the class token).
+Ablations (compare.py --set mlvpt): --mlvpt-branches co | dc | co,dc; --mlvpt-grouping label | random (each
+branch's groups keep their sizes, the labels are shuffled: does the grouping matter?) | none (plain VPT-deep:
+the same 2 m k prompts shared by all labels, no attention mask, one linear head on the class token).
 
     python mlvpt.py --dataset voc --data-root DIR     # the groups of VOC's trainval labels, and how their
                                                       # within-group co-occurrence compares with random ones
@@ -131,6 +131,8 @@ def spectral_groups(M: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 def pick_k(M: np.ndarray, seed: int = 0, ks=range(2, 11)) -> int:
     """The k of spectral_groups with the best Calinski-Harabasz score on its own spectral embedding."""
     ks = [k for k in ks if k < len(M)]
+    if not ks:   # two labels or fewer: nothing to choose between
+        return max(1, min(2, len(M)))
     scores = [calinski_harabasz(spectral_embedding(M, k), spectral_groups(M, k, seed)) for k in ks]
     return ks[int(np.argmax(scores))]
 
@@ -225,16 +227,17 @@ def block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torc
     return x + block.mlp(block.ln_2(x))
 
 
-def prompted_tokens(vit: ViTMap, x: torch.Tensor, prompts: torch.Tensor):
+def prompted_tokens(vit: ViTMap, x: torch.Tensor, prompts: torch.Tensor, masked: bool = True):
     """ViTMap.forward_tokens with VPT-deep prompts (L_blocks, P, D) -> (class token (B, D), prompt outputs
-    (B, P, D)), both after the final LayerNorm. With P = 0 it is ViTMap.forward_tokens (tested)."""
+    (B, P, D)), both after the final LayerNorm. With P = 0 it is ViTMap.forward_tokens (tested). masked:
+    ML-VPT's mask (prompts blind to each other); False is plain VPT-deep, where every token sees all."""
     t = vit.conv_proj(x)                                                   # (B, D, h, w)
     B, D, h, w = t.shape
     t = t.flatten(2).transpose(1, 2)                                       # (B, N, D)
     t = torch.cat([vit.class_token.expand(B, -1, -1), t], dim=1) + vit.position_embedding(h, w)   # (B, 1+N, D)
     t = vit.encoder.dropout(t)
     P = prompts.shape[1]
-    mask = prompt_mask(P, 1 + P + h * w, x.device)                         # (T, T)
+    mask = prompt_mask(P, 1 + P + h * w, x.device) if masked else None     # (T, T)
     for i, block in enumerate(vit.encoder.layers):
         p = prompts[i].expand(B, -1, -1).to(t.dtype)                       # (B, P, D) this block's own prompts
         rest = t[:, 1:] if i == 0 else t[:, 1 + P:]                        # block 0 inserts, later ones replace
@@ -268,7 +271,7 @@ class MLVPT(nn.Module):
         self.k, self.m, self.num_prompts = k, m, P
         val = math.sqrt(6.0 / (3 * self.backbone.patch_size ** 2 + D))     # VPT's (and ML-VPT's) bound
         self.prompts = nn.Parameter(torch.empty(len(self.backbone.encoder.layers), P, D).uniform_(-val, val))
-        self.no_weight_decay = ("prompts",)   # train.decay_roles: learned inputs, not weights to shrink
+        self.no_weight_decay = ("prompts", "b1", "b2")   # train.decay_roles: learned inputs and biases
         if not self.grouped:
             self.head = nn.Linear(D, L)                                    # VPT: a linear head on the class token
             return
@@ -281,7 +284,7 @@ class MLVPT(nn.Module):
         nb = len(self.branches)
         self.gate = nn.Parameter(torch.empty(nb, L, m, D).uniform_(-bound, bound))   # W_{l,s} per branch
         self.cls_weight = nn.Parameter(torch.empty(nb, L, D).uniform_(-bound, bound))  # V_l per branch
-        self.cls_bias = nn.Parameter(torch.zeros(nb, L))
+        self.cls_bias = nn.Parameter(torch.empty(nb, L).uniform_(-bound, bound))   # GroupFCWiseLinear's init
         # Each label's group per branch; set from the training labels by set_label_groups and saved with the
         # weights, so a checkpoint rebuilds the groups without the data. Until then: label l in group l % k.
         self.register_buffer("groups", (torch.arange(L) % k).repeat(nb, 1))   # (branches, L)
@@ -312,7 +315,7 @@ class MLVPT(nn.Module):
         return z + torch.einsum("bpr,prd->bpd", h, self.w2) + self.b2      # (B, P, D)
 
     def forward(self, x: torch.Tensor):
-        cls, z = prompted_tokens(self.backbone, x, self.prompts)           # (B, D), (B, P, D)
+        cls, z = prompted_tokens(self.backbone, x, self.prompts, masked=self.grouped)   # (B, D), (B, P, D)
         info = {"gate_weights": None, "aux_loss": torch.zeros((), device=x.device), "image_feature": cls.detach()}
         if not self.grouped:
             with torch.autocast(x.device.type, enabled=False):            # fp32 logits, as every model's
@@ -330,7 +333,7 @@ class MLVPT(nn.Module):
                 g = torch.einsum("blmd,lmd->blm", zl.float(), self.gate[j].float())   # (B, L, m) gate logits
                 w = g.softmax(-1)                                          # (B, L, m) over the group's tokens
                 f = torch.einsum("blm,blmd->bld", w, el.float())           # (B, L, D) label-aware features
-                outs.append(torch.einsum("bld,ld->bl", f, self.cls_weight[j].float()) + self.cls_bias[j].float())
+                outs.append(torch.einsum("bld,ld->bl", f, self.cls_weight[j].float()) + self.cls_bias[j].float())   # (B, L)
                 gate_outs.append((w * g).sum(-1))                          # (B, L) the gate alone
             weights.append(w)
         logits = torch.stack(outs).mean(0)                                 # (B, L) mean of the branches

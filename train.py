@@ -360,7 +360,8 @@ def main(argv=None):
     if mcfg.model == "mlvpt" and mcfg.mlvpt_groups == 0:
         # --mlvpt-groups 0: k from the training labels (Calinski-Harabasz), fixed in the config before the
         # model is built (the prompt count depends on it), so the checkpoint rebuilds the same model.
-        mcfg.mlvpt_groups = pick_k(affinities(graph_targets.numpy(), mcfg.mlvpt_tau)[0], seed=0)
+        kind = mcfg.mlvpt_branches.split(",")[0]   # one k for both branches: the first branch's choice
+        mcfg.mlvpt_groups = pick_k(affinities(graph_targets.numpy(), mcfg.mlvpt_tau)[kind == "dc"], seed=0)
         say(f"ML-VPT: k = {mcfg.mlvpt_groups} groups, chosen by the Calinski-Harabasz score")
     if mcfg.freeze_backbone and mcfg.weights.lower() == "none":
         say("  warning: --freeze-backbone with --weights none: the frozen backbone stays random. Pass --weights "
@@ -542,7 +543,10 @@ def main(argv=None):
             bb_load, bb_used = (distributed.all_sum(t) / (len(train_loader) * world) for t in (bb_load, bb_used))
             bb = {"aux_loss": bb_aux_avg, "token_share": [[round(v, 4) for v in r] for r in bb_load.tolist()],
                   "experts_used_per_image": bb_used[:, 0].tolist(), "overflow": bb_used[:, 1].tolist()}
-            top = bb_load.max().item()
+            # A layer whose k covers most of its N experts takes k/N of the tokens per expert even when
+            # perfectly balanced: it is watched only where balance sits below the threshold.
+            watched = [i for i, m in enumerate(moe_blocks) if m.top_k / m.num_experts < tcfg.collapse_threshold]
+            top = bb_load[watched].max().item() if watched else 0.0
             if top > tcfg.collapse_threshold:
                 warning = ((warning + "; ") if warning else "") + (
                     f"backbone expert collapse: one expert takes {100 * top:.0f}% of a layer's tokens; "

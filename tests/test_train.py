@@ -181,3 +181,17 @@ def test_offline_weights_error_says_where(tmp_path, monkeypatch):
     assert "--weights none" in msg
     with pytest.raises(WeightsUnavailable):
         build_backbone("resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_older_checkpoints_load_without_running_code(tmp_path):
+    """A checkpoint with numpy's RNG state inside (as train.py wrote before) loads with weights_only=True and
+    numpy's array types allowed; any other global is still refused."""
+    import datetime
+    import pickle
+    from checkpoint import load_file
+    torch.save({"rng": np.random.get_state(), "model_config": {}}, tmp_path / "old.pt")
+    state = load_file(str(tmp_path / "old.pt"))["rng"]
+    assert state[0] == "MT19937" and (state[1] == np.random.get_state()[1]).all()
+    torch.save({"when": datetime.date(2020, 1, 1)}, tmp_path / "other.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_file(str(tmp_path / "other.pt"))
