@@ -10,7 +10,8 @@ The training loop and the checkpoint contract, on tiny models and a few dozen sy
 - --budget study: its settings (config.BUDGETS: more epochs, 10,000 test images) resolve from the flag,
   are saved in the checkpoint, and evaluate.py re-scores the same test images to the same mAP (and the
   same scores as test_scores.npz); --init-seed changes the initial weights only, not the data order;
-- asking for pretrained weights offline gives a message that says where to put the file.
+- asking for pretrained weights offline gives a message that says where to put the file;
+- checkpoints load with weights_only=True, an older one (numpy RNG state inside) too, other globals never.
 
 Run: python -m pytest -q tests/test_train.py
 """
