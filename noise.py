@@ -136,15 +136,17 @@ def read_scores(path: str):
 
 
 def load_group(folder: str):
-    """A folder of runs (compare.py's seed*/, or any run folders) -> (scores list, targets, classes, names)."""
-    runs = sorted(glob.glob(os.path.join(folder, "*", "test_scores.npz")) or
-                  glob.glob(os.path.join(folder, "*", "test_logits.npz")))
+    """A folder of runs (compare.py's seed*/, or any run folders), or a glob of run folders such as
+    results/noise/initorder/init0-order* -> (scores list, targets, classes, run folders)."""
+    runs_glob = folder if any(c in folder for c in "*?[") else os.path.join(folder, "*")
+    runs = sorted(glob.glob(os.path.join(runs_glob, "test_scores.npz")) or
+                  glob.glob(os.path.join(runs_glob, "test_logits.npz")))
     if not runs:
         raise SystemExit(f"error: no */test_scores.npz (or test_logits.npz) under {folder}; this code's "
                          "train.py writes the first, noise.py --compact the second")
     data = [read_scores(p) for p in runs]
     classes = list(json.load(open(os.path.join(os.path.dirname(runs[0]), "metrics.json")))["AP"])
-    return [d[0] for d in data], data[0][1], classes, [os.path.basename(os.path.dirname(p)) for p in runs]
+    return [d[0] for d in data], data[0][1], classes, [os.path.dirname(p) for p in runs]
 
 
 def variance_table(groups: dict, subset: int = 2000, draws: int = 1000) -> str:
@@ -156,8 +158,8 @@ def variance_table(groups: dict, subset: int = 2000, draws: int = 1000) -> str:
              "of the seed variance |", "|---|---|---|---|---|---|---|"]
     for name, folder in groups.items():
         scores, targets, classes, names = load_group(folder)
-        minutes = np.median([json.load(open(os.path.join(folder, n, "metrics.json")))["train_minutes_this_session"]
-                             for n in names])   # the median: a run that shared the machine does not drag it
+        minutes = np.median([json.load(open(os.path.join(d, "metrics.json")))["train_minutes_this_session"]
+                             for d in names])   # the median: a run that shared the machine does not drag it
         ones = np.ones((1, len(targets)))
         full = np.array([weighted_map(s, targets, ones)[0] for s in scores])
         sub = np.array([weighted_map(s[:subset], targets[:subset], ones[:, :subset])[0] for s in scores])
@@ -180,7 +182,7 @@ def main(argv=None):
     p.add_argument("--compact", nargs=2, metavar=("RUNS", "RESULTS"), default=None,
                    help="only copy every RUNS/**/test_scores.npz to RESULTS/**/test_logits.npz (compact())")
     p.add_argument("--groups", nargs="+", default=None, metavar="NAME=FOLDER",
-                   help="configurations to measure: a name, '=', a folder of seed*/ runs")
+                   help="configurations to measure: a name, '=', a folder of seed*/ runs (or a glob of run folders)")
     p.add_argument("--subset", type=int, default=2000, help="also measure on the first N test images [2000]")
     p.add_argument("--draws", type=int, default=1000, help="bootstrap resamples [1000]")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
