@@ -2,17 +2,22 @@
 A run's checkpoint, read back: what train.py wrote (the raw module's state_dict, its EMA, both configs, the
 class names, the optimizer and RNG states to resume), checked and turned into a ready model again.
 
+    save_checkpoint(path, state)     atomic write; copy_atomically(src, dst) the same for a copy
+    rng_state(device) / set_rng_state every random stream of a run, stored as tensors and plain values
     load_file(path)                  -> torch.load with weights_only=True (older files: numpy arrays allowed)
     read_checkpoint(path)            -> the dict, or a one-line ValueError saying what the file is not
     judged_weights(ckpt)             -> the state_dict the run was judged by (EMA or raw)
     load_checkpoint_model(path, dev) -> (model in eval mode, ckpt, memory format)
 
-Writing lives in train.py (save_checkpoint: a temporary file, then an atomic rename). Used by evaluate.py,
+Written by train.py through save_checkpoint (a temporary file, then an atomic rename), with rng_state's
+random streams so that --resume continues them. Used by train.py, evaluate.py,
 predictions.py, and backbones.py (--weights best.pt); knows no script, and imports the models only inside
 load_checkpoint_model, so that a part (backbones.py) may use load_file.
 """
 import os
 import pickle
+import random
+import shutil
 
 import numpy as np
 import torch
@@ -23,6 +28,38 @@ def judged_weights(ckpt) -> dict:
     return ckpt["ema"] if ckpt.get("eval_weights", "raw") == "ema" else ckpt["model"]
 
 
+def rng_state(device: torch.device) -> dict:
+    """Every random stream the run draws from, so a resumed run continues them instead of restarting them."""
+    # numpy's state as plain values and a tensor, not its ndarray: the checkpoint then loads with
+    # torch.load(weights_only=True), which refuses numpy arrays (and so arbitrary pickled code).
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(path: str, state: dict):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def copy_atomically(src: str, dst: str):
+    """The same temporary-file-then-rename rule for a copy."""
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+
+
+@torch.no_grad()
 def numpy_globals():
     """What an older checkpoint's numpy RNG state needs to be unpickled: arrays and their dtypes, nothing
     that can run code. Allowed only for the second try of load_file."""

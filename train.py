@@ -38,7 +38,6 @@ import io
 import json
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
@@ -52,7 +51,7 @@ from tqdm import tqdm
 
 import distributed
 from data import NUM_LABELS, DatasetError, build_dataset, download_voc
-from checkpoint import judged_weights, load_file
+from checkpoint import copy_atomically, judged_weights, load_file, rng_state, save_checkpoint, set_rng_state
 from evaluate import average_precision, multilabel_metrics, predict
 from baselines import asymmetric_loss
 from config import TrainConfig, amp_dtype_for, parse_args, pick_device
@@ -174,24 +173,6 @@ def ema_decay_at(tcfg: TrainConfig, step: int) -> float:
     return min(tcfg.ema_decay, (1 + step) / (10 + step)) if tcfg.ema_warmup else tcfg.ema_decay
 
 
-def rng_state(device: torch.device) -> dict:
-    """Every random stream the run draws from, so a resumed run continues them instead of restarting them."""
-    # numpy's state as plain values and a tensor, not its ndarray: the checkpoint then loads with
-    # torch.load(weights_only=True), which refuses numpy arrays (and so arbitrary pickled code).
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "python": random.getstate(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def peak_memory(device: torch.device) -> dict:
     """The run's peak memory in MB, and what was measured: the CUDA allocator's peak (the model's tensors)
     on a GPU; elsewhere the process's peak resident set (the data in memory included)."""
@@ -205,20 +186,6 @@ def peak_memory(device: torch.device) -> dict:
     return {"peak_memory_mb": rss, "peak_memory_of": "process resident set"}
 
 
-def save_checkpoint(path: str, state: dict):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a half-written checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def copy_atomically(src: str, dst: str):
-    """The same temporary-file-then-rename rule for a copy."""
-    shutil.copyfile(src, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
-
-
-@torch.no_grad()
 def cpu_warning(model, tcfg: TrainConfig, device, fmt, n_train: int, n_val: int) -> str:
     """The papers' presets without a GPU: one timed forward pass, turned into the expected time per epoch.
 
