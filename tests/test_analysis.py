@@ -27,9 +27,9 @@ import analysis
 import evaluate
 import train
 from gating import expert_load
+from tiny import TINY_MODEL
 
-TINY = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",
-        "--expert-hidden", "32", "--limit", "64", "--batch-size", "16", "--ema-decay", "0.9", "--epochs", "2"]
+TINY = TINY_MODEL + ["--limit", "64", "--batch-size", "16", "--ema-decay", "0.9", "--epochs", "2"]
 
 
 def test_context_heterogeneity_by_hand():

@@ -29,10 +29,10 @@ from PIL import Image
 import config
 import evaluate
 import train
+from tiny import TINY_MODEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",
-        "--expert-hidden", "32", "--limit", "48", "--batch-size", "16"]
+TINY = TINY_MODEL + ["--limit", "48", "--batch-size", "16"]
 
 BAD = [  # (script, flags, a word the one line must contain)
     ("train.py", ["--backbone", "resnet1000"], "--backbone"),

@@ -27,6 +27,7 @@ import analysis
 import compare
 import train
 from gating import GATE_KINDS
+from tiny import TINY_MODEL
 
 
 def fake_run(out, name, seed, m_ap, share=0.5):
@@ -97,8 +98,7 @@ def test_holm_by_hand():
 
 
 def test_heterogeneity_pooled_over_seeds(tmp_path):
-    tiny = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",
-            "--expert-hidden", "32", "--limit", "48", "--batch-size", "16", "--ema-decay", "0.9", "--epochs", "1"]
+    tiny = TINY_MODEL + ["--limit", "48", "--batch-size", "16", "--ema-decay", "0.9", "--epochs", "1"]
     a, b = "dynamic S=2 T=1", "static S=2 T=1"
     for seed in (0, 1):
         for name in (a, b):

@@ -26,6 +26,7 @@ from data import build_dataset  # noqa: E402
 from evaluate import multilabel_metrics, predict  # noqa: E402
 from model import ModelConfig, build_model  # noqa: E402
 from train import masked_bce  # noqa: E402
+from tiny import TINY_MODEL
 
 CFG = dict(num_labels=20, feature_layer="layer2", dim=32, heads=2, ff_dim=64, expert_hidden=32, dropout=0.0)
 
@@ -99,8 +100,7 @@ def test_ddp_steps_sync_ranks_and_evaluation_gathers_exactly(tmp_path):
 def test_torchrun_train_matches_single_process_evaluation(tmp_path):
     import evaluate
     out = str(tmp_path / "run")
-    tiny = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",
-            "--expert-hidden", "32", "--limit", "40", "--batch-size", "8", "--ema-decay", "0.9", "--epochs", "2"]
+    tiny = TINY_MODEL + ["--limit", "40", "--batch-size", "8", "--ema-decay", "0.9", "--epochs", "2"]
     done = torchrun("train.py", *tiny, "--out-dir", out, "--device", "cpu")   # gloo, even where a GPU exists
     assert "Traceback" not in done.stderr and "cpu x 2 processes" in done.stdout
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]

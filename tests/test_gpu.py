@@ -20,11 +20,11 @@ import torch
 import evaluate
 import train
 from model import ModelConfig, build_model, set_memory_format
+from tiny import TINY_MODEL
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TINY = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",
-        "--expert-hidden", "32", "--limit", "64", "--batch-size", "16", "--ema-decay", "0.9"]
+TINY = TINY_MODEL + ["--limit", "64", "--batch-size", "16", "--ema-decay", "0.9"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

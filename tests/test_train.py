@@ -31,10 +31,10 @@ from data import build_dataset
 from gating import GATE_KINDS
 from backbones import WeightsUnavailable, build_backbone
 from model import ModelConfig, build_model
+from tiny import TINY_MODEL
 
 # A model small enough to train in seconds: 32-px images, ResNet-18 cut after layer2 (4x4 tokens), D = 32.
-TINY = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",
-        "--expert-hidden", "32", "--limit", "48", "--batch-size", "16", "--ema-decay", "0.9"]
+TINY = TINY_MODEL + ["--limit", "48", "--batch-size", "16", "--ema-decay", "0.9"]
 
 
 @pytest.mark.parametrize("gate", GATE_KINDS)
