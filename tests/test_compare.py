@@ -12,7 +12,9 @@ compare.py: the sets of configurations, the tables built from finished runs, and
   noise's formulas on the observed spread;
 - --heterogeneity on tiny trained runs for 2 seeds: the pooled Spearman correlations equal scipy's on
   the per-label gains averaged over the seeds' analysis.json files (context and visual heterogeneity,
-  plain and with headroom held fixed).
+  plain and with headroom held fixed);
+- the transfer sets (mlvpt, sweetspot) pretrain on the source task first, whatever --extra says, and
+  every row starts from that run's best.pt.
 
 Run: python -m pytest -q tests/test_compare.py
 """
@@ -122,3 +124,18 @@ def test_heterogeneity_pooled_over_seeds(tmp_path):
         fixed = analysis.partial_spearman(score, np.array(mean_gain), np.array(room))
         assert f"{fixed['spearman_rho']:+.2f} (p = {fixed['p_value']:.3f})" in pooled
     assert (folder / "seed1" / "heterogeneity.png").exists()
+
+
+def test_transfer_sets_pretrain_on_the_source_task_first(tmp_path):
+    """--set mlvpt (and sweetspot): the source-task run comes first, on synthetic-pretrain even when --extra
+    names another dataset for the rows, and every row starts from its best.pt."""
+    from checkpoint import load_file
+    small = "--epochs 1 --limit 16 --batch-size 16 --image-size 32 --num-workers 0"
+    compare.main(["--set", "mlvpt", "--only", "linear probe", "--seeds", "0", "--out", str(tmp_path), "--draws", "0",
+                  "--extra", small + " --dataset synthetic", "--pretrain-extra", small])
+    pre = os.path.join(compare.run_dir(str(tmp_path / "pretrain"), "pretrain", 0), "best.pt")
+    assert load_file(pre)["train_config"]["dataset"] == "synthetic-pretrain"
+    row = load_file(os.path.join(compare.run_dir(str(tmp_path), "linear probe", 0), "best.pt"))
+    assert row["model_config"]["weights"] == pre and row["model_config"]["freeze_backbone"]
+    assert row["train_config"]["dataset"] == "synthetic"
+    assert os.path.exists(tmp_path / "results_mlvpt.png")
