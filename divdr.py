@@ -24,7 +24,10 @@ in issue 18, implemented as written and to be corrected if the official text tur
         L_between = - mean_{i != j, both in the batch} min(d(c_i, c_j), m)  pushes partitions apart, up to m
         loss     += --divdr-coef * (L_within + L_between)                   (m: --divdr-margin)
   The batch means c_j, not the centroids C: C is a constant of the epoch, so a between-term on C would
-  have no gradient. The first epoch has no centroids and trains without the term.
+  have no gradient. The first epoch has no centroids and trains without the term. The gradient reaches the
+  gates' weights and, through the gates' inputs (label features, image feature), the decoder and the
+  backbone too: the network is trained to make its routing clusterable, not only the gates (calibration
+  in results/routing/README.md: from --divdr-coef 0.3 on this overwhelms the classification loss).
 
 Measures of structure (structure()), on any split, against a reference partition the model never sees
 (the embedded benchmark's latent scene; on photos, each image's most frequent label): k-means of the
