@@ -25,6 +25,7 @@ from baselines import MODEL_PRESETS, q2l_width
 from gating import GATE_KINDS
 from backbone_moe import PLACEMENTS, MoEConfig
 from backbones import backbone_channels
+from mlvpt import GROUPINGS
 from model import ModelConfig, config_field
 
 DESCRIPTION = "Train DR-MoE (or a variant of its gate, or a baseline) for multi-label image classification."
@@ -280,7 +281,7 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
     for cfg, name, options in ((tcfg, "loss", ("bce", "asl")), (tcfg, "budget", tuple(BUDGETS)),
                                (tcfg, "difficult", ("positive", "ignore")),
                                (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS),
-                               (mcfg, "backbone_moe", PLACEMENTS), (mcfg, "mlvpt_grouping", ("label", "random", "none"))):
+                               (mcfg, "backbone_moe", PLACEMENTS), (mcfg, "mlvpt_grouping", GROUPINGS)):
         if getattr(cfg, name) not in options:
             error(f"--{name.replace('_', '-')} must be one of {options}, got {getattr(cfg, name)!r}")
     experts = mcfg.shared_experts + mcfg.task_experts

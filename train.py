@@ -59,7 +59,7 @@ from gating import expert_load, expert_names
 from backbone_moe import backbone_aux_loss, moe_layers, parameter_split
 from backbones import WeightsUnavailable
 from divdr import divdr_loss, kmeans, routing_signature, split_structure
-from mlvpt import affinities, pick_k
+from mlvpt import BRANCHES, affinities, pick_k
 from model import ModelConfig, build_model, flops_per_image, set_memory_format
 from predictions import best_f1_thresholds
 
@@ -328,7 +328,7 @@ def main(argv=None):
         # --mlvpt-groups 0: k from the training labels (Calinski-Harabasz), fixed in the config before the
         # model is built (the prompt count depends on it), so the checkpoint rebuilds the same model.
         kind = mcfg.mlvpt_branches.split(",")[0]   # one k for both branches: the first branch's choice
-        mcfg.mlvpt_groups = pick_k(affinities(graph_targets.numpy(), mcfg.mlvpt_tau)[kind == "dc"], seed=0)
+        mcfg.mlvpt_groups = pick_k(affinities(graph_targets.numpy(), mcfg.mlvpt_tau)[BRANCHES.index(kind)], seed=0)
         say(f"ML-VPT: k = {mcfg.mlvpt_groups} groups, chosen by the Calinski-Harabasz score")
     if mcfg.freeze_backbone and mcfg.weights.lower() == "none":
         say("  warning: --freeze-backbone with --weights none: the frozen backbone stays random. Pass --weights "
