@@ -104,6 +104,8 @@ for _k, _flags in (("drmoe", []), ("drmoe top1", ["--top-k", "1"])):
 ROUTING["drmoe gate=static"] = ["--model", "drmoe", "--gate", "static"]
 # MoE inside the backbone (issue 17, backbone_moe.py) on vit_tiny: the linear head on the dense backbone and on
 # MoE at placements {last2, every2} x experts {4, 8} x k {1, 2}, and DR-MoE's head on the dense backbone.
+# The MoE rows train with the Switch balance loss at 0.01 (Switch Transformer's coefficient, as in BALANCE): without it the first row (last2 N=8 k=1, seed 0) sent 99.6 % / 100 % of the tokens of its two
+# MoE layers to one expert (results/sweetspot/README.md), so it measured a dense model with extra weights.
 # The DR-MoE head on the two best MoE backbones is added once the linear rows are read (MoE in head and backbone).
 SWEETSPOT = {"vit_tiny dense": ["--backbone", "vit_tiny", "--model", "linear"],
              "vit_tiny dense drmoe": ["--backbone", "vit_tiny", "--model", "drmoe"]}
@@ -111,7 +113,8 @@ for _p in ("last2", "every2"):
     for _n in (4, 8):
         for _k in (1, 2):
             SWEETSPOT[f"vit_tiny {_p} N={_n} k={_k}"] = ["--backbone", "vit_tiny", "--model", "linear", "--backbone-moe",
-                                                         _p, "--backbone-experts", str(_n), "--backbone-top-k", str(_k)]
+                                                         _p, "--backbone-experts", str(_n), "--backbone-top-k", str(_k),
+                                                         "--aux-loss-coef", "0.01"]
 # ML-VPT (issue 20, mlvpt.py) in a transfer setting: vit_tiny pretrained on the source task (synthetic-pretrain,
 # PRETRAIN below, run first by main()), then adapted to the benchmark. Each row names its own head and what
 # trains; main() adds --weights <out>/pretrain/best.pt to every row.
