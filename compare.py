@@ -1,6 +1,6 @@
 """
 One command for each comparison: configurations trained with the same settings and several seeds, then
-one markdown table and paired tests of DR-MoE against the others. Three sets of configurations (--set):
+one markdown table and paired tests of DR-MoE against the others. The sets of configurations (--set):
 
     models    every model, and DR-MoE with every gate kind (the README's "comparison")
     ablation  gate kind x S shared experts in {0, 1, 2, 4} x T own experts in {1, 2}: which part of the
@@ -9,6 +9,8 @@ one markdown table and paired tests of DR-MoE against the others. Three sets of 
               load-balancing loss (gating.py); the table adds the largest expert slot's share of the mass
     routing   does routing find the scenes? dense and top-1, each plain / Switch loss / DivDR / both, and
               the static gate (divdr.py); the table adds NMI and ARI with the scenes and distinct routes
+    routing-backbone  the same question for the routers of MoE layers inside the backbone: vit_tiny (as
+              sweetspot) with last2 N=8 top-1, each plain / Switch loss / DivDR / both
     sweetspot MoE inside a vit_tiny backbone pretrained on the source task (as mlvpt below): placements x
               experts x k with the linear head, and DR-MoE's head on the dense backbone (backbone_moe.py)
     mlvpt     transfer from the source task (synthetic-pretrain, trained first into <out>/pretrain/):
@@ -134,9 +136,20 @@ MLVPT_SET = {"linear probe": VIT + ["--model", "linear", "--freeze-backbone"],
 # the slope. From the pretrained backbone the MoE layers are upcycled (backbone_moe.py: experts start as
 # copies of its MLP).
 PRETRAIN = VIT + ["--dataset", "synthetic-pretrain", "--model", "linear"]
-FROM_PRETRAINED = ("mlvpt", "sweetspot")
+# Does routing find the scenes inside the backbone (issue 18 on issue 17's routers)? The sweet-spot paper's
+# default placement on the pretrained vit_tiny, top-1 over 8 experts, each plain / Switch loss / DivDR / both.
+# The DivDR coefficient is the head's (DIVDR_COEF), not calibrated for backbone routers: the signature's
+# distance is the mean over rows, so a margin means the same, but the gradient now reaches the patch tokens.
+# The "aux=0.01" row has the flags of the sweet-spot row "vit_tiny last2 N=8 k=1".
+ROUTING_BACKBONE = {}
+for _extra, _more in (("", []), (" aux=0.01", ["--aux-loss-coef", "0.01"]), (" divdr", ["--divdr-coef", DIVDR_COEF]),
+                      (" aux=0.01 divdr", ["--aux-loss-coef", "0.01", "--divdr-coef", DIVDR_COEF])):
+    ROUTING_BACKBONE["vit_tiny last2 N=8 k=1" + _extra] = VIT + ["--model", "linear", "--backbone-moe", "last2",
+                                                                "--backbone-experts", "8", "--backbone-top-k", "1", *_more]
+FROM_PRETRAINED = ("mlvpt", "sweetspot", "routing-backbone")
 SETS = {"models": (MODELS, "drmoe"), "ablation": (ABLATION, DEFAULT), "balance": (BALANCE, DEFAULT),
-        "routing": (ROUTING, "drmoe"), "sweetspot": (SWEETSPOT, "vit_tiny dense"), "mlvpt": (MLVPT_SET, "mlvpt")}
+        "routing": (ROUTING, "drmoe"), "routing-backbone": (ROUTING_BACKBONE, "vit_tiny last2 N=8 k=1"),
+        "sweetspot": (SWEETSPOT, "vit_tiny dense"), "mlvpt": (MLVPT_SET, "mlvpt")}
 
 
 def slug(name: str) -> str:
@@ -392,7 +405,7 @@ def main(argv=None):
                    help="run only these configurations of the set (names as in its table)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per configuration [0 1 2]")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. --extra='--epochs 2'")
-    p.add_argument("--pretrain-extra", default="", help="--set mlvpt / sweetspot: more train.py flags for the "
+    p.add_argument("--pretrain-extra", default="", help="--set mlvpt / sweetspot / routing-backbone: more train.py flags for the "
                                                         "source-task pretraining run only (--extra is for the rows)")
     p.add_argument("--budget", default="demo", choices=["demo", "study"],
                    help="train.py --budget for every run (config.BUDGETS) [demo]")
@@ -433,6 +446,9 @@ def main(argv=None):
             print(f"[{i + 1}/{len(jobs)}]", end="", flush=True)
             train_one(name, runs[name], seed, args.out, extra)
     rows = collect(args.out, names, args.seeds)   # read every run's files once
+    if not rows:
+        sys.exit(f"no finished runs of --set {args.set} under {args.out}/ (seeds {args.seeds}): "
+                 "train them first (the same command without --report), or point --out at their folder")
     table = report(rows, reference, args.draws)
     if args.set == "ablation":
         table = report_grid(rows) + "\n" + table

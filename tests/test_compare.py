@@ -13,8 +13,9 @@ compare.py: the sets of configurations, the tables built from finished runs, and
 - --heterogeneity on tiny trained runs for 2 seeds: the pooled Spearman correlations equal scipy's on
   the per-label gains averaged over the seeds' analysis.json files (context and visual heterogeneity,
   plain and with headroom held fixed);
-- the transfer sets (mlvpt, sweetspot) pretrain on the source task first, whatever --extra says, and
-  every row starts from that run's best.pt.
+- the transfer sets (mlvpt, sweetspot, routing-backbone) pretrain on the source task first, whatever
+  --extra says, and every row starts from that run's best.pt;
+- --report over a folder without runs of the set stops with one line that says so.
 
 Run: python -m pytest -q tests/test_compare.py
 """
@@ -139,3 +140,12 @@ def test_transfer_sets_pretrain_on_the_source_task_first(tmp_path):
     assert row["model_config"]["weights"] == pre and row["model_config"]["freeze_backbone"]
     assert row["train_config"]["dataset"] == "synthetic"
     assert os.path.exists(tmp_path / "results_mlvpt.png")
+
+
+def test_report_without_runs_says_so(tmp_path):
+    """--report over a folder with no finished run of the set: one line naming the set and the folder."""
+    with pytest.raises(SystemExit, match=r"no finished runs of --set routing-backbone under .*train them first"):
+        compare.main(["--set", "routing-backbone", "--report", "--out", str(tmp_path), "--draws", "0"])
+    # the backbone-router set: the four objectives on one MoE placement, the Switch row equal to sweetspot's
+    assert len(compare.ROUTING_BACKBONE) == 4 and "routing-backbone" in compare.FROM_PRETRAINED
+    assert compare.ROUTING_BACKBONE["vit_tiny last2 N=8 k=1 aux=0.01"] == compare.SWEETSPOT["vit_tiny last2 N=8 k=1"]

@@ -3,7 +3,8 @@ DivDR and the routing-structure measures (divdr.py).
 
 Covers: the two DivDR terms on hand-made routing vectors (two tight, far clusters: L_within ~ 0 and
 L_between at its bound -m; one blob: a larger L_within); the DivDR loss's gradient reaches the gate and
-not the classifier; NMI and ARI equal a hand computation on a small contingency table (and scikit-learn's
+not the classifier, and reaches the routers of MoE backbone layers (a linear head on a MoE ViT trains
+with it and logs the backbone's routing structure); NMI and ARI equal a hand computation on a small contingency table (and scikit-learn's
 where it is installed); k-means recovers separated clusters, deterministically; the synthetic scenes are
 never read by the model or a loss (a run with the scenes shuffled trains identically, only the logged
 NMI differs); evaluate.py reports the routing structure and draws routing_clusters.png.
@@ -71,6 +72,36 @@ def test_divdr_gradient_reaches_the_gate_not_the_classifier():
     gate_grads = [p.grad for n, p in model.named_parameters() if "gate" in n]
     assert gate_grads and all(g is not None and g.abs().sum() > 0 for g in gate_grads)
     assert model.cls_weight.grad is None and model.cls_bias.grad is None   # routing only
+
+
+def test_divdr_reaches_backbone_routers_and_a_run_logs_their_structure(tmp_path):
+    """Backbone MoE routers (backbone_moe.py) route too: the signature holds one row of N per MoE layer (the
+    image's mean router probability), DivDR's gradient reaches the routers, and a linear head on a MoE ViT
+    trains with --divdr-coef and logs the backbone's routing structure."""
+    import train
+    from baselines import LinearHead
+    from model import ModelConfig
+    torch.manual_seed(0)
+    model = LinearHead(ModelConfig(num_labels=5, backbone="vit_tiny", backbone_moe="last2", backbone_experts=4,
+                                   image_size=32))
+    for m in model.modules():   # routers start near zero (upcycling): give them something to move
+        if type(m).__name__ == "SparseMoE":
+            torch.nn.init.normal_(m.router.weight, std=0.5)
+    logits, info = model(torch.randn(6, 3, 32, 32))
+    sig, rows = routing_signature(info, model)
+    assert sig.shape == (6, 2 * 4) and rows == [("backbone", 4)] * 2
+    assert torch.allclose(sig.sum(1), torch.full((6,), 2.0))   # two rows, each a distribution
+    centroids = torch.stack([sig[0].detach(), sig[3].detach()])
+    divdr_loss(sig, centroids, len(rows), 1.0)[0].backward()
+    router = [p.grad for n, p in model.named_parameters() if n.endswith("router.weight")]
+    assert len(router) == 2 and all(g is not None and g.abs().sum() > 0 for g in router)
+    out = tmp_path / "run"
+    train.main(["--backbone", "vit_tiny", "--backbone-moe", "last2", "--backbone-experts", "4", "--model", "linear",
+                "--image-size", "32", "--divdr-coef", "0.5", "--divdr-clusters", "3", "--epochs", "2", "--limit", "48",
+                "--batch-size", "16", "--num-workers", "0", "--out-dir", str(out)])
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert log[1]["divdr_loss"] != 0 and "nmi" in log[-1]["routing"]
+    assert "backbone_largest_expert_share" in log[-1]["routing"]
 
 
 def test_nmi_and_ari_by_hand():
