@@ -36,6 +36,8 @@ default) and the adjusted Rand index (Hubert & Arabie 1985) of clusters vs refer
 distinct top-1 routes (the tuple of each row's arg-max expert) and their entropy in bits; the head's
 experts per image (distinct arg-max experts over its labels); the largest share of the images that one
 expert takes as some row's top-1 choice (head and backbone apart: their expert indices are unrelated).
+For scale (agreement()): the same k-means and NMI / ARI on the image feature the gate reads and on the
+label vectors (evaluate.py prints them beside the routing's).
 
 Shapes (legend in experts.py): gate weights (B, L, E), backbone rows (B, N) -> signature (B, F), F = L*E + sum N.
 """
@@ -168,6 +170,22 @@ def split_structure(signatures, rows, dataset, targets, k: int = 8, seed: int = 
     out["reference"] = "scene" if scenes is not None else "most frequent label"
     out["reference_names"] = [names[i] for i in sorted(set(ref.tolist()) - {-1})]
     return out
+
+
+def agreement(points: np.ndarray, reference: np.ndarray, k: int = 8, seed: int = 0) -> dict:
+    """k-means of any points (n, F) into k clusters vs a reference partition (n,): {"nmi", "ari"}. For scale
+    beside the routing's numbers: what the same clustering finds in the image feature the gate reads (can
+    routing find scenes its input does not carry?) and in the label vectors (how much of the scene the labels
+    alone give away). Each dimension is standardised first (a constant one is left at 0), so the clusters are
+    not decided by the few feature dimensions with the largest scale; binary labels are clustered as given."""
+    x = np.asarray(points, dtype=np.float64)
+    if not np.isin(x, (0.0, 1.0)).all():
+        sd = x.std(0)
+        x = (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)                      # (n, F) z-scores per dimension
+    keep = np.asarray(reference) >= 0
+    _, clusters = kmeans(x[keep], k, seed)
+    table = contingency(clusters, np.asarray(reference)[keep])
+    return {"nmi": nmi(table), "ari": ari(table)}
 
 
 def structure(signatures: np.ndarray, rows, reference=None, k: int = 8, seed: int = 0) -> dict:

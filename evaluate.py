@@ -67,7 +67,7 @@ import predictions
 from checkpoint import load_checkpoint_model, read_checkpoint
 from config import Parser, amp_dtype_for, check_device, pick_device
 from distributed import gather_rows, is_main
-from divdr import routing_signature, split_structure
+from divdr import agreement, dominant_label, routing_signature, split_structure
 
 # Number of labels an image may predict in the "top-k" protocol. 3 is the
 # value used since CNN-RNN (COCO images carry ~2.9 labels on average).
@@ -420,7 +420,7 @@ def main(argv=None):
               f"{o['num_multi_label_images']} multi-label images; variability across images {o['variability']:.4f}")
         print("      mean weight per expert (shared first): " + ", ".join(f"{w:.3f}" for w in o["mean_weight_per_expert"]))
     if sigs is not None:   # does routing follow the images' scenes (synthetic) or their most frequent label?
-        result["routing"] = routing_structure(sigs, rows, targets, ds, ckpt)
+        result["routing"] = routing_structure(sigs, rows, targets, ds, ckpt, feats)
     if args.analysis:
         result["analysis"] = run_analysis(args, targets, gates, feats, ckpt, ds, ap, result.get("gate"), device)
         if sigs is not None:
@@ -440,11 +440,20 @@ def run_name(ckpt) -> str:
     return f"{mc.get('model', 'drmoe')} gate={mc['gate']} S={mc['shared_experts']} T={mc['task_experts']}"
 
 
-def routing_structure(sigs, rows, targets, ds, ckpt) -> dict:
-    """divdr.split_structure on the split: k-means of the routing signatures against the reference partition."""
-    res = split_structure(sigs, rows, ds, targets, ckpt["train_config"].get("divdr_clusters", 8))
+def routing_structure(sigs, rows, targets, ds, ckpt, feats=None) -> dict:
+    """divdr.split_structure on the split: k-means of the routing signatures against the reference partition;
+    for scale, the same clustering of the image features the gate reads and of the label vectors."""
+    k = ckpt["train_config"].get("divdr_clusters", 8)
+    res = split_structure(sigs, rows, ds, targets, k)
     print(f"\nrouting: {res['clusters']} k-means clusters of the routing vs the {res['reference']}: NMI {res['nmi']:.3f}, "
           f"ARI {res['ari']:.3f}; {res['distinct_routes']} distinct top-1 routes ({res['route_entropy_bits']:.2f} bits)")
+    scenes = getattr(ds, "scenes", None)
+    ref = np.asarray(scenes) if scenes is not None else dominant_label(targets)   # split_structure's reference
+    res["for_scale"] = {"labels": agreement((targets == 1).astype(np.float64), ref, k)}
+    if feats is not None:
+        res["for_scale"]["image_feature"] = agreement(feats, ref, k)
+    print("         for scale, the same k-means of " + "; of ".join(
+        f"the {name.replace('_', ' ')}s: NMI {v['nmi']:.3f}, ARI {v['ari']:.3f}" for name, v in res["for_scale"].items()))
     return res
 
 

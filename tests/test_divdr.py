@@ -7,7 +7,10 @@ not the classifier, and reaches the routers of MoE backbone layers (a linear hea
 with it and logs the backbone's routing structure); NMI and ARI equal a hand computation on a small contingency table (and scikit-learn's
 where it is installed); k-means recovers separated clusters, deterministically; the synthetic scenes are
 never read by the model or a loss (a run with the scenes shuffled trains identically, only the logged
-NMI differs); evaluate.py reports the routing structure and draws routing_clusters.png.
+NMI differs); evaluate.py reports the routing structure and draws routing_clusters.png, and for scale
+the same clustering of the label vectors (recomputed from the split) and of the image features; that
+clustering standardises feature dimensions (a planted partition at a tiny scale beside a loud noise
+dimension is found) and leaves out images without a reference.
 
     python -m pytest -q tests/test_divdr.py
 """
@@ -21,7 +24,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from divdr import ari, contingency, divdr_loss, dominant_label, kmeans, nmi, routing_signature  # noqa: E402
+from divdr import agreement, ari, contingency, divdr_loss, dominant_label, kmeans, nmi, routing_signature  # noqa: E402
 
 
 def two_clusters(n=8, rows=4, E=3, noise=1e-3):
@@ -178,3 +181,26 @@ def test_evaluate_reports_routing_and_draws_the_picture(tmp_path):
     r = res["routing"]
     assert r["reference"] == "scene" and 0 <= r["nmi"] <= 1 and sum(map(sum, r["contingency"])) == 48
     assert (tmp_path / "an" / "routing_clusters.png").stat().st_size > 1000
+    # for scale: the same clustering of the label vectors, recomputed here from the split's files
+    from data import build_dataset
+    ds = build_dataset("synthetic", "test", None, 64, augment=False, limit=48)
+    labels = np.stack([ds[i][1].numpy() for i in range(len(ds))]) == 1
+    assert r["for_scale"]["labels"] == agreement(labels.astype(float), np.asarray(ds.scenes), 8)
+    assert set(r["for_scale"]) == {"labels", "image_feature"}
+
+
+def test_agreement_standardises_features_and_finds_a_planted_partition():
+    """Five groups planted at a tiny scale in five dimensions, one loud noise dimension: standardised per
+    dimension, k-means finds the groups (NMI = ARI = 1); unscaled, it would split on the noise."""
+    rng = np.random.default_rng(0)
+    ref = np.repeat(np.arange(5), 40)
+    x = np.concatenate([0.01 * np.eye(5)[ref] + 1e-4 * rng.standard_normal((200, 5)),
+                        100 * rng.standard_normal((200, 1))], 1)
+    got = agreement(x, ref, k=5)
+    assert got["nmi"] == pytest.approx(1.0) and got["ari"] == pytest.approx(1.0)
+    _, raw = kmeans(x, 5, 0)
+    assert nmi(contingency(raw, ref)) < 0.5   # the scale really would have misled it
+    # images without a reference (-1, photos with no positive label) are left out, not a sixth class
+    ref2 = ref.copy()
+    ref2[:3] = -1
+    assert agreement(x, ref2, k=5)["nmi"] == pytest.approx(1.0)
