@@ -452,8 +452,9 @@ def routing_structure(sigs, rows, targets, ds, ckpt, feats=None) -> dict:
     res["for_scale"] = {"labels": agreement((targets == 1).astype(np.float64), ref, k)}
     if feats is not None:
         res["for_scale"]["image_feature"] = agreement(feats, ref, k)
+    shown = {"labels": "label vectors", "image_feature": "image features"}
     print("         for scale, the same k-means of " + "; of ".join(
-        f"the {name.replace('_', ' ')}s: NMI {v['nmi']:.3f}, ARI {v['ari']:.3f}" for name, v in res["for_scale"].items()))
+        f"the {shown[name]}: NMI {v['nmi']:.3f}, ARI {v['ari']:.3f}" for name, v in res["for_scale"].items()))
     return res
 
 
