@@ -187,6 +187,13 @@ def test_evaluate_reports_routing_and_draws_the_picture(tmp_path):
     labels = np.stack([ds[i][1].numpy() for i in range(len(ds))]) == 1
     assert r["for_scale"]["labels"] == agreement(labels.astype(float), np.asarray(ds.scenes), 8)
     assert set(r["for_scale"]) == {"labels", "image_feature"}
+    # the checkpoint's NMI, independently: its table's columns are the split's scenes, and the NMI from
+    # entropies, I = H(A) + H(B) - H(A, B) (scipy), over their mean equals the reported one
+    from scipy.stats import entropy
+    t = np.array(r["contingency"])
+    assert t.sum(0).tolist() == [c for c in np.bincount(np.asarray(ds.scenes)).tolist() if c]
+    ha, hb, hab = entropy(t.sum(1)), entropy(t.sum(0)), entropy(t.ravel())
+    assert r["nmi"] == pytest.approx((ha + hb - hab) / ((ha + hb) / 2))
 
 
 def test_agreement_standardises_features_and_finds_a_planted_partition():
