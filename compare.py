@@ -106,8 +106,9 @@ for _k, _flags in (("drmoe", []), ("drmoe top1", ["--top-k", "1"])):
 ROUTING["drmoe gate=static"] = ["--model", "drmoe", "--gate", "static"]
 # MoE inside the backbone (issue 17, backbone_moe.py) on vit_tiny: the linear head on the dense backbone and on
 # MoE at placements {last2, every2} x experts {4, 8} x k {1, 2}, and DR-MoE's head on the dense backbone.
-# The MoE rows train with the Switch balance loss at 0.01 (Switch Transformer's coefficient, as in BALANCE): without it the first row (last2 N=8 k=1, seed 0) sent 99.6 % / 100 % of the tokens of its two
-# MoE layers to one expert (results/sweetspot/README.md), so it measured a dense model with extra weights.
+# The MoE rows train with the Switch balance loss at 0.01 (Switch Transformer's coefficient, as in BALANCE):
+# without it the first row (last2 N=8 k=1, seed 0) sent 99.6 % / 100 % of the tokens of its two MoE layers to
+# one expert (results/sweetspot/README.md), so it measured a dense model with extra weights.
 # The DR-MoE head on the two best MoE backbones is added once the linear rows are read (MoE in head and backbone).
 SWEETSPOT = {"vit_tiny dense": ["--backbone", "vit_tiny", "--model", "linear"],
              "vit_tiny dense drmoe": ["--backbone", "vit_tiny", "--model", "drmoe"]}
@@ -145,7 +146,8 @@ ROUTING_BACKBONE = {}
 for _extra, _more in (("", []), (" aux=0.01", ["--aux-loss-coef", "0.01"]), (" divdr", ["--divdr-coef", DIVDR_COEF]),
                       (" aux=0.01 divdr", ["--aux-loss-coef", "0.01", "--divdr-coef", DIVDR_COEF])):
     ROUTING_BACKBONE["vit_tiny last2 N=8 k=1" + _extra] = VIT + ["--model", "linear", "--backbone-moe", "last2",
-                                                                "--backbone-experts", "8", "--backbone-top-k", "1", *_more]
+                                                                "--backbone-experts", "8", "--backbone-top-k", "1",
+                                                                *_more]
 FROM_PRETRAINED = ("mlvpt", "sweetspot", "routing-backbone")
 SETS = {"models": (MODELS, "drmoe"), "ablation": (ABLATION, DEFAULT), "balance": (BALANCE, DEFAULT),
         "routing": (ROUTING, "drmoe"), "routing-backbone": (ROUTING_BACKBONE, "vit_tiny last2 N=8 k=1"),
@@ -405,8 +407,9 @@ def main(argv=None):
                    help="run only these configurations of the set (names as in its table)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per configuration [0 1 2]")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. --extra='--epochs 2'")
-    p.add_argument("--pretrain-extra", default="", help="--set mlvpt / sweetspot / routing-backbone: more train.py flags for the "
-                                                        "source-task pretraining run only (--extra is for the rows)")
+    p.add_argument("--pretrain-extra", default="", help="--set mlvpt / sweetspot / routing-backbone: more train.py "
+                                                        "flags for the source-task pretraining run only (--extra is "
+                                                        "for the rows)")
     p.add_argument("--budget", default="demo", choices=["demo", "study"],
                    help="train.py --budget for every run (config.BUDGETS) [demo]")
     p.add_argument("--out", default=None, help="where the runs and results go [runs/compare, or "

@@ -163,13 +163,20 @@ def split_structure(signatures, rows, dataset, targets, k: int = 8, seed: int = 
     them (the embedded benchmark's `scenes`, read here and never by the model or a loss), else each image's
     most frequent label. Adds "reference" and "reference_names", the names of the classes present, in the
     order of the contingency table's columns."""
-    scenes = getattr(dataset, "scenes", None)
-    ref = np.asarray(scenes) if scenes is not None else dominant_label(targets)
-    names = list(dataset.scene_names) if scenes is not None else list(dataset.classes)
+    ref, kind, names = reference_partition(dataset, targets)
     out = structure(signatures, rows, ref, k, seed)
-    out["reference"] = "scene" if scenes is not None else "most frequent label"
+    out["reference"] = kind
     out["reference_names"] = [names[i] for i in sorted(set(ref.tolist()) - {-1})]
     return out
+
+
+def reference_partition(dataset, targets):
+    """-> (reference (n,) with -1 for "none", its kind, the names of its classes): the dataset's latent scenes
+    where it has them, else each image's most frequent label (dominant_label)."""
+    scenes = getattr(dataset, "scenes", None)
+    if scenes is not None:
+        return np.asarray(scenes), "scene", list(dataset.scene_names)
+    return dominant_label(targets), "most frequent label", list(dataset.classes)
 
 
 def agreement(points: np.ndarray, reference: np.ndarray, k: int = 8, seed: int = 0) -> dict:

@@ -67,7 +67,7 @@ import predictions
 from checkpoint import load_checkpoint_model, read_checkpoint
 from config import Parser, amp_dtype_for, check_device, pick_device
 from distributed import gather_rows, is_main
-from divdr import agreement, dominant_label, routing_signature, split_structure
+from divdr import agreement, reference_partition, routing_signature, split_structure
 
 # Number of labels an image may predict in the "top-k" protocol. 3 is the
 # value used since CNN-RNN (COCO images carry ~2.9 labels on average).
@@ -447,8 +447,7 @@ def routing_structure(sigs, rows, targets, ds, ckpt, feats=None) -> dict:
     res = split_structure(sigs, rows, ds, targets, k)
     print(f"\nrouting: {res['clusters']} k-means clusters of the routing vs the {res['reference']}: NMI {res['nmi']:.3f}, "
           f"ARI {res['ari']:.3f}; {res['distinct_routes']} distinct top-1 routes ({res['route_entropy_bits']:.2f} bits)")
-    scenes = getattr(ds, "scenes", None)
-    ref = np.asarray(scenes) if scenes is not None else dominant_label(targets)   # split_structure's reference
+    ref = reference_partition(ds, targets)[0]
     res["for_scale"] = {"labels": agreement((targets == 1).astype(np.float64), ref, k)}
     if feats is not None:
         res["for_scale"]["image_feature"] = agreement(feats, ref, k)

@@ -4,8 +4,9 @@ DivDR and the routing-structure measures (divdr.py).
 Covers: the two DivDR terms on hand-made routing vectors (two tight, far clusters: L_within ~ 0 and
 L_between at its bound -m; one blob: a larger L_within); the DivDR loss's gradient reaches the gate and
 not the classifier, and reaches the routers of MoE backbone layers (a linear head on a MoE ViT trains
-with it and logs the backbone's routing structure); NMI and ARI equal a hand computation on a small contingency table (and scikit-learn's
-where it is installed); k-means recovers separated clusters, deterministically; the synthetic scenes are
+with it and logs the backbone's routing structure); NMI and ARI equal a hand computation on a small
+contingency table (and scikit-learn's where it is installed), and a checkpoint's NMI equals the entropy
+formula on its table; k-means recovers separated clusters, deterministically; the synthetic scenes are
 never read by the model or a loss (a run with the scenes shuffled trains identically, only the logged
 NMI differs); evaluate.py reports the routing structure and draws routing_clusters.png, and for scale
 the same clustering of the label vectors (recomputed from the split) and of the image features; that
