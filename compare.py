@@ -209,9 +209,10 @@ def collect(out: str, names, seeds) -> dict:
     return rows
 
 
-def paired(ref: list, other: list):
-    """Seed-paired difference ref - other in test mAP -> (seeds, differences, t, p), or None below 2 pairs."""
-    a, b = {r["seed"]: r["mAP"] for r in ref}, {r["seed"]: r["mAP"] for r in other}
+def paired(ref: list, other: list, value=lambda r: r["mAP"]):
+    """Seed-paired difference ref - other in value (test mAP) -> (seeds, differences, t, p), or None below
+    2 pairs."""
+    a, b = {r["seed"]: value(r) for r in ref}, {r["seed"]: value(r) for r in other}
     common = sorted(set(a) & set(b))
     if len(common) < 2:
         return None
@@ -283,7 +284,8 @@ def report(rows: dict, reference: str, draws: int = 1000) -> str:
         mean = lambda k: np.mean([r[k] for r in runs])
         share = f"{mean('max_expert_mass'):.2f} | " if "max_expert_mass" in runs[0] else "- | "
         rt = [r["routing"] for r in runs if "nmi" in r.get("routing", {})]
-        routing = (f"{np.mean([r['nmi'] for r in rt]):.3f} | {np.mean([r['ari'] for r in rt]):.3f} | "
+        spread = lambda v: f"{np.mean(v):.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
+        routing = (f"{spread([r['nmi'] for r in rt])} | {spread([r['ari'] for r in rt])} | "
                    f"{np.mean([r['distinct_routes'] for r in rt]):.0f} | " if rt else "- | - | - | ")
         lines.append(f"| {name} | {mean_std(runs)} | {mean('CF1'):.2f} | {mean('OF1'):.2f} | "
                      f"{runs[0]['parameters'] / 1e6:.2f} | " + "".join(f"{fn(runs[0])} | " for _, fn in extra_cols)
@@ -308,7 +310,27 @@ def report(rows: dict, reference: str, draws: int = 1000) -> str:
             mdd = f"{detectable_t(diff.std(ddof=1), len(diff)):.2f} / " + (f"{detectable_z(boot['se']):.2f}" if boot else "-")
             lines.append(f"| {name} | {diff.mean():+.2f} | {', '.join(f'{d:+.2f}' for d in diff)} | {t:.2f} | "
                          f"{p:.3f} | {adjusted[name]:.3f} | {'yes' if adjusted[name] < 0.05 else 'no'} | {ci} | {mdd} |")
+    if routed and reference in rows:
+        lines += routing_tests(rows, reference)
     return "\n".join(lines) + "\n"
+
+
+def routing_tests(rows: dict, reference: str) -> list:
+    """Does an objective change how well routing follows the scenes? Each configuration's NMI minus the
+    reference's, paired over seeds (t-test, Holm over the table's tests): lines of a markdown table."""
+    nmi_of = lambda r: r["routing"]["nmi"] if "nmi" in r.get("routing", {}) else np.nan
+    tests = {name: paired(rows[reference], runs, nmi_of) for name, runs in rows.items() if name != reference}
+    tests = {n: t for n, t in tests.items() if t is not None and np.isfinite(t[1]).all() and np.isfinite(t[3])}
+    if not tests:
+        return []
+    adjusted = dict(zip(tests, holm([t[3] for t in tests.values()])))
+    lines = ["", f"NMI with the reference partition, each configuration minus {reference} (positive = its routing "
+             f"follows the scenes more), paired t-test over seeds, Holm's adjustment over {len(tests)} tests:", "",
+             "| vs | NMI difference | per seed | p | p (Holm) | more than noise? |", "|---|---|---|---|---|---|"]
+    for name, (seeds, diff, t, p) in tests.items():   # paired() gives reference - other: flip the sign
+        lines.append(f"| {name} | {-diff.mean():+.3f} | {', '.join(f'{-d:+.3f}' for d in diff)} | {p:.3f} | "
+                     f"{adjusted[name]:.3f} | {'yes' if adjusted[name] < 0.05 else 'no'} |")
+    return lines
 
 
 def report_grid(rows: dict) -> str:

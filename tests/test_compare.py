@@ -15,7 +15,8 @@ compare.py: the sets of configurations, the tables built from finished runs, and
   plain and with headroom held fixed);
 - the transfer sets (mlvpt, sweetspot, routing-backbone) pretrain on the source task first, whatever
   --extra says, and every row starts from that run's best.pt;
-- --report over a folder without runs of the set stops with one line that says so.
+- --report over a folder without runs of the set stops with one line that says so;
+- the routing table: NMI / ARI as mean ± sample std, and the paired NMI tests equal scipy's with Holm's.
 
 Run: python -m pytest -q tests/test_compare.py
 """
@@ -33,10 +34,11 @@ from gating import GATE_KINDS
 from tiny import TINY_MODEL
 
 
-def fake_run(out, name, seed, m_ap, share=0.5):
+def fake_run(out, name, seed, m_ap, share=0.5, nmi=None):
     d = compare.run_dir(str(out), name, seed)
     os.makedirs(d)
-    json.dump({"mAP": m_ap, "CF1": m_ap - 5, "OF1": m_ap - 4, "parameters": 6.77e6, "gflops": 0.286},
+    routing = {"routing": {"nmi": nmi, "ari": nmi / 2, "distinct_routes": 10}} if nmi is not None else {}
+    json.dump({"mAP": m_ap, "CF1": m_ap - 5, "OF1": m_ap - 4, "parameters": 6.77e6, "gflops": 0.286, **routing},
               open(os.path.join(d, "metrics.json"), "w"))
     with open(os.path.join(d, "log.jsonl"), "w") as fh:
         for epoch in (1, 2):
@@ -149,3 +151,25 @@ def test_report_without_runs_says_so(tmp_path):
     # the backbone-router set: the four objectives on one MoE placement, the Switch row equal to sweetspot's
     assert len(compare.ROUTING_BACKBONE) == 4 and "routing-backbone" in compare.FROM_PRETRAINED
     assert compare.ROUTING_BACKBONE["vit_tiny last2 N=8 k=1 aux=0.01"] == compare.SWEETSPOT["vit_tiny last2 N=8 k=1"]
+
+
+def test_routing_table_tests_nmi_paired_over_seeds(tmp_path):
+    """--set routing: NMI and ARI as mean ± sample std, and each configuration's NMI minus the reference's
+    with scipy's paired t-test and Holm's adjustment."""
+    nmis = {"drmoe": [0.20, 0.18, 0.21], "drmoe divdr": [0.30, 0.25, 0.33], "drmoe gate=static": [0.0, 0.0, 0.01]}
+    for name, values in nmis.items():
+        for seed, v in enumerate(values):
+            fake_run(tmp_path, name, seed, 80.0 + seed, nmi=v)
+    compare.main(["--set", "routing", "--report", "--out", str(tmp_path), "--draws", "0"])
+    md = open(tmp_path / "results_routing.md").read().splitlines()
+    row = next(line for line in md if line.startswith("| drmoe divdr |") and "±" in line)
+    v = nmis["drmoe divdr"]
+    assert f"| {np.mean(v):.3f} ± {np.std(v, ddof=1):.3f} | {np.mean(v) / 2:.3f} ± {np.std(v, ddof=1) / 2:.3f} |" in row
+    p = {n: stats.ttest_rel(nmis["drmoe"], nmis[n]).pvalue for n in ("drmoe divdr", "drmoe gate=static")}
+    p_holm = dict(zip(p, compare.holm(list(p.values()))))
+    for name in p:
+        test = next(line for line in md if line.startswith(f"| {name} |") and "±" not in line and "|---" not in line
+                    and line.count("|") == 7)
+        diff = np.subtract(nmis[name], nmis["drmoe"])
+        assert test.startswith(f"| {name} | {diff.mean():+.3f} | " + ", ".join(f"{d:+.3f}" for d in diff) +
+                               f" | {p[name]:.3f} | {p_holm[name]:.3f} |")
