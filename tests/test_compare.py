@@ -29,6 +29,7 @@ from scipy import stats
 
 import analysis
 import compare
+import studies
 import train
 from gating import GATE_KINDS
 from tiny import TINY_MODEL
@@ -47,9 +48,9 @@ def fake_run(out, name, seed, m_ap, share=0.5, nmi=None):
 
 
 def test_ablation_set_is_the_full_grid():
-    assert len(compare.ABLATION) == 4 * 4 * 2 - 3                 # S + T = 1: one run, not four
-    assert "dynamic S=0 T=1" in compare.ABLATION and "static S=0 T=1" not in compare.ABLATION
-    assert compare.ABLATION["label S=4 T=2"] == ["--gate", "label", "--shared-experts", "4", "--task-experts", "2"]
+    assert len(studies.ABLATION) == 4 * 4 * 2 - 3                 # S + T = 1: one run, not four
+    assert "dynamic S=0 T=1" in studies.ABLATION and "static S=0 T=1" not in studies.ABLATION
+    assert studies.ABLATION["label S=4 T=2"] == ["--gate", "label", "--shared-experts", "4", "--task-experts", "2"]
 
 
 def test_grid_and_paired_tests_from_finished_runs(tmp_path):
@@ -107,7 +108,7 @@ def test_heterogeneity_pooled_over_seeds(tmp_path):
     a, b = "dynamic S=2 T=1", "static S=2 T=1"
     for seed in (0, 1):
         for name in (a, b):
-            train.main(tiny + compare.ABLATION[name] + ["--seed", str(seed),
+            train.main(tiny + studies.ABLATION[name] + ["--seed", str(seed),
                                                         "--out-dir", compare.run_dir(str(tmp_path), name, seed)])
     table = compare.heterogeneity(str(tmp_path), a, b, [0, 1])
     folder = tmp_path / "heterogeneity" / "dynamic-S-2-T-1-vs-static-S-2-T-1"
@@ -149,8 +150,8 @@ def test_report_without_runs_says_so(tmp_path):
     with pytest.raises(SystemExit, match=r"no finished runs of --set routing-backbone under .*train them first"):
         compare.main(["--set", "routing-backbone", "--report", "--out", str(tmp_path), "--draws", "0"])
     # the backbone-router set: the four objectives on one MoE placement, the Switch row equal to sweetspot's
-    assert len(compare.ROUTING_BACKBONE) == 4 and "routing-backbone" in compare.FROM_PRETRAINED
-    assert compare.ROUTING_BACKBONE["vit_tiny last2 N=8 k=1 aux=0.01"] == compare.SWEETSPOT["vit_tiny last2 N=8 k=1"]
+    assert len(studies.ROUTING_BACKBONE) == 4 and "routing-backbone" in studies.FROM_PRETRAINED
+    assert studies.ROUTING_BACKBONE["vit_tiny last2 N=8 k=1 aux=0.01"] == studies.SWEETSPOT["vit_tiny last2 N=8 k=1"]
 
 
 def test_routing_table_tests_nmi_paired_over_seeds(tmp_path):
@@ -173,3 +174,26 @@ def test_routing_table_tests_nmi_paired_over_seeds(tmp_path):
         diff = np.subtract(nmis[name], nmis["drmoe"])
         assert test.startswith(f"| {name} | {diff.mean():+.3f} | " + ", ".join(f"{d:+.3f}" for d in diff) +
                                f" | {p[name]:.3f} | {p_holm[name]:.3f} |")
+
+
+def test_sweetspot_table_counts_backbone_experts_per_image(tmp_path):
+    """--set sweetspot: the sparse rows show activated parameters and the backbone experts an image uses, the
+    mean over seeds and MoE layers of the last epoch's log (dense rows: "-")."""
+    used = {0: [3.0, 5.0], 1: [4.0, 6.5]}                        # per seed, per MoE layer
+    for seed in (0, 1):
+        fake_run(tmp_path, "vit_tiny dense", seed, 63.0 + seed)
+        fake_run(tmp_path, "vit_tiny last2 N=8 k=1", seed, 62.0 + seed)
+        d = compare.run_dir(str(tmp_path), "vit_tiny last2 N=8 k=1", seed)
+        m = json.load(open(os.path.join(d, "metrics.json")))
+        json.dump({**m, "activated_parameters": 2.7e6}, open(os.path.join(d, "metrics.json"), "w"))
+        with open(os.path.join(d, "log.jsonl"), "a") as fh:       # the last epoch carries the backbone's routing
+            fh.write(json.dumps({"epoch": 3, "img_per_s": 90.0, "backbone_moe": {
+                "token_share": [[1 / 8] * 8] * 2, "experts_used_per_image": used[seed]}}) + "\n")
+    compare.main(["--set", "sweetspot", "--report", "--out", str(tmp_path), "--seeds", "0", "1", "--draws", "0"])
+    md = open(tmp_path / "results_sweetspot.md").read().splitlines()
+    header = md[0].split(" | ")
+    col = header.index("backbone experts/image")
+    moe = next(l for l in md if l.startswith("| vit_tiny last2 N=8 k=1 |")).split(" | ")
+    dense = next(l for l in md if l.startswith("| vit_tiny dense |")).split(" | ")
+    assert moe[col] == f"{np.mean([np.mean(v) for v in used.values()]):.1f} of 8" and dense[col] == "-"
+    assert moe[header.index("activated (M)")] == "2.70"

@@ -1,0 +1,117 @@
+"""
+The studies: which configurations each `python compare.py --set NAME` trains, and why each row is there.
+A configuration is a name and the train.py flags that make it; everything else (backbone, epochs, lr,
+image size, ...) is the dataset preset and --budget, the same for every row of a set, so the rows differ
+only in what their names say. compare.py trains them over seeds and builds the tables; this file is the
+design of the experiments, with the calibration behind each choice (the write-ups in results/<study>/).
+
+    models            every model, and DR-MoE with every gate kind (the README's "comparison")
+    ablation          gate kind x S shared experts {0, 1, 2, 4} x T own experts {1, 2}: which part of the
+                      mixture matters, and whether the input-conditioned gate wins at any size
+    balance           expert collapse and its remedy: dense and top-1 routing, each without and with the
+                      load-balancing loss (gating.py)
+    routing           does routing find the scenes? dense and top-1, each plain / Switch loss / DivDR /
+                      both, and the static gate (divdr.py)
+    routing-backbone  the same question for the routers of MoE layers inside the backbone: vit_tiny (as
+                      sweetspot) with last2 N=8 top-1, each plain / Switch loss / DivDR / both
+    sweetspot         MoE inside a vit_tiny pretrained on the source task: placements x experts x k with the
+                      linear head, and DR-MoE's head on the dense and the best MoE backbones (backbone_moe.py)
+    mlvpt             transfer from the source task: linear probe, VPT-deep, ML-VPT with CO / DC / both /
+                      random groups, full fine-tuning and DR-MoE on the frozen backbone (mlvpt.py)
+
+SETS maps each name to (its configurations, the reference row its paired tests compare against). The sets in
+FROM_PRETRAINED start from PRETRAIN's backbone, which compare.py trains first into <out>/pretrain/.
+Nothing here runs anything: `python -c "import studies; print(studies.SWEETSPOT)"` shows a set.
+"""
+from gating import GATE_KINDS
+
+# name -> train.py flags. Everything else (backbone, epochs, lr, image size, ...) is the dataset preset,
+# the same for all: the rows differ only in their model (and its paper's loss, see baselines.py).
+MODELS = {
+    "linear": ["--model", "linear"],
+    "mlgcn": ["--model", "mlgcn"],
+    "q2l": ["--model", "q2l"],
+    "hsq": ["--model", "hsq"],
+    "drmoe": ["--model", "drmoe"],
+    "drmoe gate=static": ["--model", "drmoe", "--gate", "static"],
+    "drmoe gate=label": ["--model", "drmoe", "--gate", "label"],
+    "drmoe gate=image": ["--model", "drmoe", "--gate", "image"],
+}
+SHARED, OWN = (0, 1, 2, 4), (1, 2)
+
+
+def ablation_name(gate: str, s: int, t: int) -> str:
+    return f"{gate} S={s} T={t}"
+
+
+# With S + T = 1 the gate has one expert to weigh: softmax over one logit is the constant 1 and its
+# gradient is 0, so all four kinds are the same model, trained identically. One run stands for all four.
+ABLATION = {ablation_name(g, s, t): ["--gate", g, "--shared-experts", str(s), "--task-experts", str(t)]
+            for s in SHARED for t in OWN for g in GATE_KINDS if s + t > 1 or g == "dynamic"}
+# The collapse study. Dense routing rarely starves an expert; top-1 routing (each label's feature goes
+# to one expert) is where collapse is known to bite. Switch Transformer's coefficient, 0.01.
+DEFAULT = ablation_name("dynamic", 2, 1)   # DR-MoE's defaults: the ablation cell and the balance reference
+BALANCE = {DEFAULT: ABLATION[DEFAULT],
+           f"{DEFAULT} aux=0.01": ABLATION[DEFAULT] + ["--aux-loss-coef", "0.01"],
+           f"{DEFAULT} top1": ABLATION[DEFAULT] + ["--top-k", "1"],
+           f"{DEFAULT} top1 aux=0.01": ABLATION[DEFAULT] + ["--top-k", "1", "--aux-loss-coef", "0.01"]}
+# Does routing find the scenes (issue 18, divdr.py)? DR-MoE dense and top-1, each plain, with the Switch loss,
+# with DivDR and with both; the static gate (one route for every image) as the floor of structure.
+# DIVDR_COEF by calibration (results/routing/README.md: demo budget, seed 0): 0.03 trains (mAP -3.7, routing
+# clusters but loses the scenes), 0.3 and 3 collapse training after the first epoch.
+DIVDR_COEF = "0.03"
+ROUTING = {}
+for _k, _flags in (("drmoe", []), ("drmoe top1", ["--top-k", "1"])):
+    for _extra, _more in (("", []), (" aux=0.01", ["--aux-loss-coef", "0.01"]), (" divdr", ["--divdr-coef", DIVDR_COEF]),
+                          (" aux=0.01 divdr", ["--aux-loss-coef", "0.01", "--divdr-coef", DIVDR_COEF])):
+        ROUTING[_k + _extra] = ["--model", "drmoe", *_flags, *_more]
+ROUTING["drmoe gate=static"] = ["--model", "drmoe", "--gate", "static"]
+# MoE inside the backbone (issue 17, backbone_moe.py) on vit_tiny: the linear head on the dense backbone and on
+# MoE at placements {last2, every2} x experts {4, 8} x k {1, 2}, and DR-MoE's head on the dense backbone.
+# The MoE rows train with the Switch balance loss at 0.01 (Switch Transformer's coefficient, as in BALANCE):
+# without it the first row (last2 N=8 k=1, seed 0) sent 99.6 % / 100 % of the tokens of its two MoE layers to
+# one expert (results/sweetspot/README.md), so it measured a dense model with extra weights.
+# The DR-MoE head on the two best MoE backbones is added once the linear rows are read (MoE in head and backbone).
+SWEETSPOT = {"vit_tiny dense": ["--backbone", "vit_tiny", "--model", "linear"],
+             "vit_tiny dense drmoe": ["--backbone", "vit_tiny", "--model", "drmoe"]}
+for _p in ("last2", "every2"):
+    for _n in (4, 8):
+        for _k in (1, 2):
+            SWEETSPOT[f"vit_tiny {_p} N={_n} k={_k}"] = ["--backbone", "vit_tiny", "--model", "linear", "--backbone-moe",
+                                                         _p, "--backbone-experts", str(_n), "--backbone-top-k", str(_k),
+                                                         "--aux-loss-coef", "0.01"]
+# ML-VPT (issue 20, mlvpt.py) in a transfer setting: vit_tiny pretrained on the source task (synthetic-pretrain,
+# PRETRAIN below, run first by main()), then adapted to the benchmark. Each row names its own head and what
+# trains; main() adds --weights <out>/pretrain/best.pt to every row.
+VIT = ["--backbone", "vit_tiny"]
+MLVPT_SET = {"linear probe": VIT + ["--model", "linear", "--freeze-backbone"],
+             "vpt-deep": VIT + ["--model", "mlvpt", "--mlvpt-grouping", "none"],
+             "mlvpt co": VIT + ["--model", "mlvpt", "--mlvpt-branches", "co"],
+             "mlvpt dc": VIT + ["--model", "mlvpt", "--mlvpt-branches", "dc"],
+             "mlvpt": VIT + ["--model", "mlvpt"],
+             "mlvpt random groups": VIT + ["--model", "mlvpt", "--mlvpt-grouping", "random"],
+             "full fine-tuning": VIT + ["--model", "linear"],
+             "drmoe frozen": VIT + ["--model", "drmoe", "--freeze-backbone"]}
+# The source-task run every ML-VPT and sweet-spot row starts from: the linear head on vit_tiny, seed 0, the
+# set's budget. The sweet-spot rows start from it too: trained from scratch on 5,000 images, vit_tiny reached
+# only 53.0 test mAP in 10 epochs (convnext_mini 29.4; ResNet-18 80.6 in 8), gaining a point an epoch until
+# the schedule annealed (results/sweetspot/README.md): MoE placements compared there would be compared on
+# the slope. From the pretrained backbone the MoE layers are upcycled (backbone_moe.py: experts start as
+# copies of its MLP).
+PRETRAIN = VIT + ["--dataset", "synthetic-pretrain", "--model", "linear"]
+# Does routing find the scenes inside the backbone (issue 18 on issue 17's routers)? The sweet-spot paper's
+# default placement on the pretrained vit_tiny, top-1 over 8 experts, each plain / Switch loss / DivDR / both.
+# The DivDR coefficient is the head's (DIVDR_COEF), not calibrated for backbone routers: the signature's
+# distance is the mean over rows, so a margin means the same, but the gradient now reaches the patch tokens.
+# The "aux=0.01" row has the flags of the sweet-spot row "vit_tiny last2 N=8 k=1".
+ROUTING_BACKBONE = {}
+for _extra, _more in (("", []), (" aux=0.01", ["--aux-loss-coef", "0.01"]), (" divdr", ["--divdr-coef", DIVDR_COEF]),
+                      (" aux=0.01 divdr", ["--aux-loss-coef", "0.01", "--divdr-coef", DIVDR_COEF])):
+    ROUTING_BACKBONE["vit_tiny last2 N=8 k=1" + _extra] = VIT + ["--model", "linear", "--backbone-moe", "last2",
+                                                                "--backbone-experts", "8", "--backbone-top-k", "1",
+                                                                *_more]
+FROM_PRETRAINED = ("mlvpt", "sweetspot", "routing-backbone")
+SETS = {"models": (MODELS, "drmoe"), "ablation": (ABLATION, DEFAULT), "balance": (BALANCE, DEFAULT),
+        "routing": (ROUTING, "drmoe"), "routing-backbone": (ROUTING_BACKBONE, "vit_tiny last2 N=8 k=1"),
+        "sweetspot": (SWEETSPOT, "vit_tiny dense"), "mlvpt": (MLVPT_SET, "mlvpt")}
+
