@@ -152,6 +152,9 @@ def test_report_without_runs_says_so(tmp_path):
     # the backbone-router set: the four objectives on one MoE placement, the Switch row equal to sweetspot's
     assert len(studies.ROUTING_BACKBONE) == 4 and "routing-backbone" in studies.FROM_PRETRAINED
     assert studies.ROUTING_BACKBONE["vit_tiny last2 N=8 k=1 aux=0.01"] == studies.SWEETSPOT["vit_tiny last2 N=8 k=1"]
+    for name in studies.SWEETSPOT_BEST:   # the sweet-spot DR-MoE rows differ from their linear row only in the head
+        pairs = zip(studies.SWEETSPOT[name], studies.SWEETSPOT[name + " drmoe"])
+        assert [(a, b) for a, b in pairs if a != b] == [("linear", "drmoe")]
 
 
 def test_routing_table_tests_nmi_paired_over_seeds(tmp_path):
