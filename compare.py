@@ -328,7 +328,7 @@ def sweet_spot_points(rows: dict) -> list:
         maps = np.array([r["mAP"] for r in runs])
         place = next((p for p in ("last2", "every2") if p in name), "dense")
         head = "DR-MoE head" if "drmoe" in name else "linear head"
-        label = " ".join(w for w in name.split()[1:] if w not in ("drmoe", place)) or "dense"
+        label = ", ".join(w for w in name.split()[1:] if w not in ("drmoe", place)) or "dense"
         points.append((runs[0].get("activated_parameters", runs[0]["parameters"]) / 1e6, maps.mean(),
                        maps.std(ddof=1) if len(maps) > 1 else 0.0, label, f"{place}, {head}"))
     return points
@@ -402,7 +402,8 @@ def main(argv=None):
         plots.cost_scatter(os.path.join(args.out, "sweet_spot.png"), sweet_spot_points(rows),
                            "activated parameters per token (M)", "test mAP (mean +- std over seeds)",
                            "MoE inside the backbone: test mAP against activated parameters",
-                           f"vit_tiny on the embedded benchmark; {args.out}")
+                           f"vit_tiny on the embedded benchmark; {args.out}; seeds per point: "
+                           + "-".join(sorted({str(len(r)) for r in rows.values()})))
     print(table)
     print(f"wrote {base}.md, {base}.json and {base}.png")
 
