@@ -1,6 +1,8 @@
 """
-Mixture of experts inside the backbone: the MLP of chosen ViT / ConvNeXt blocks becomes N experts of the
-same shape, and every token (a ViT patch, a ConvNeXt map position) is sent to k of them on its own.
+Mixture of experts inside the backbone: the MLP of chosen ViT / ConvNeXt / Swin blocks becomes N experts of
+the same shape, and every token (a ViT patch, a ConvNeXt or Swin map position) is sent to k of them on its own.
+(The paper studies ViT and ConvNeXt; Swin is this project's extension: its blocks hold the same MLP, in stages
+like ConvNeXt's. A ResNet's bottleneck blocks have no MLP to replace, so it gets none.)
 
 Seed paper: Videau, Leite, Schoenauer, Teytaud, "Mixture of Experts in Image Classification: What's the
 Sweet Spot?" (arXiv 2411.18322, TMLR 2025). No code was released, and the stored copies of the paper gave
@@ -14,7 +16,7 @@ The layer, for a token x (D,) after the block's norm, with a bias-free linear ro
     y    = x_res + sum_{i in TopK(G(x))} G(x)_i E_i(x)
 The kept weights are not renormalised (vmoe/moe.py combines with the raw softmax values); --backbone-renorm
 divides them by their sum, as the head gate does with top-k. E_i is the block's own MLP (ViT: Linear D->H,
-GELU, dropout, Linear H->D, dropout; ConvNeXt: Linear C->4C, GELU, Linear 4C->C). x_res is the block's
+GELU, dropout, Linear H->D, dropout; Swin the same with H = 4D; ConvNeXt: Linear C->4C, GELU, Linear 4C->C). x_res is the block's
 residual stream: a token that no expert takes adds nothing and passes through unchanged.
 
 Capacity (--backbone-capacity c, 0 = unlimited): each expert takes at most C = ceil(c * T * k / N) of the T
@@ -27,10 +29,10 @@ Sparse compute: only the k chosen experts run for a token. Assignments are sorte
 tokens gathered into one contiguous block, one matmul pair per expert, and the results scattered back
 (index_add). FLOPs scale with k, not N (bench.py measures the step time).
 
-Placements (--backbone-moe), our reading of the names. ConvNeXt has stages; a ViT has none, so its blocks
+Placements (--backbone-moe), our reading of the names. ConvNeXt (and Swin) has stages; a ViT has none, so its blocks
 are taken in pairs, V-MoE's unit (vmoe/configs/vmoe_paper/common.py: "Every-2" = blocks 1, 3, 5, ..., "Last-n"
 = the last n of those), which makes "the last 2 stages' final blocks" the same phrase for both:
-    placement  ConvNeXt (stages)                         ViT with B blocks (pairs)        ViT-B/16 (12)
+    placement  ConvNeXt / Swin (stages)                  ViT with B blocks (pairs)        ViT-B/16 (12)
     last2      final block of each of the last 2 stages  blocks B-3, B-1                  9, 11
     last3      final block of each of the last 3 stages  blocks B-5, B-3, B-1             7, 9, 11
     every2     blocks 1, 3, 5, ... of every stage        blocks 1, 3, 5, ...              1, 3, ..., 11
@@ -56,7 +58,7 @@ of the T*k assignments going to expert i, P_i: mean router probability), each la
 module (SparseMoE.aux_loss) for train.py to add with --aux-loss-coef. Routers run in float32 under AMP.
 
 Shapes (legend in experts.py; here T = tokens in the batch, N = experts of the layer, H = expert hidden):
-    ViT block   y (B, n, D) -> (B, n, D)        ConvNeXt block   y (B, h, w, C) -> (B, h, w, C)
+    ViT block   y (B, n, D) -> (B, n, D)        ConvNeXt / Swin block   y (B, h, w, C) -> (B, h, w, C)
 """
 import math
 from dataclasses import dataclass
@@ -65,6 +67,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.convnext import CNBlock
+from torchvision.models.swin_transformer import SwinTransformerBlock
 from torchvision.models.vision_transformer import EncoderBlock
 
 from gating import switch_balance
@@ -196,29 +199,40 @@ def chosen_blocks(stages, placement: str):
     raise ValueError(f"--backbone-moe must be one of {PLACEMENTS}, got {placement!r}")
 
 
+def _vit_like_moe(mlp: nn.Sequential, cfg: MoEConfig, upcycle: bool) -> SparseMoE:
+    """A SparseMoE for torchvision's MLP (ViT's MLPBlock, Swin's MLP): Linear, GELU, Dropout, Linear, Dropout."""
+    fc1, fc2 = mlp[0], mlp[3]
+    moe = SparseMoE(fc1.in_features, fc1.out_features, cfg.experts, cfg.top_k, cfg.capacity, cfg.renorm,
+                    dropout=mlp[2].p)
+    if upcycle:
+        moe.upcycle(fc1, fc2)
+    else:   # ViT's MLPBlock and Swin's block init their MLP alike: xavier-uniform weights, N(0, 1e-6^2) biases
+        nn.init.normal_(moe.b1, std=1e-6)
+        nn.init.normal_(moe.b2, std=1e-6)
+    return moe
+
+
 def add_moe(net: nn.Module, cfg: MoEConfig, upcycle: bool):
-    """Replace the MLP of the blocks `cfg.placement` names, in place, in a torchvision ViT or ConvNeXt."""
+    """Replace the MLP of the blocks `cfg.placement` names, in place, in a torchvision ViT, ConvNeXt or Swin."""
     vit_blocks = [m for m in net.modules() if isinstance(m, EncoderBlock)]
     if vit_blocks:
         # A ViT's blocks in pairs, from the end backwards (an odd count leaves block 0 alone, unpaired).
         pairs = [vit_blocks[i - 1:i + 1] for i in range(len(vit_blocks) - 1, 0, -2)][::-1]
         for block in chosen_blocks(pairs, cfg.placement):
-            fc1, fc2 = block.mlp[0], block.mlp[3]   # MLPBlock: Linear, GELU, Dropout, Linear, Dropout
-            moe = SparseMoE(fc1.in_features, fc1.out_features, cfg.experts, cfg.top_k, cfg.capacity, cfg.renorm,
-                            dropout=block.mlp[2].p)
-            if upcycle:
-                moe.upcycle(fc1, fc2)
-            else:   # torchvision's MLPBlock init, per expert: xavier-uniform weights, N(0, 1e-6^2) biases
-                nn.init.normal_(moe.b1, std=1e-6)
-                nn.init.normal_(moe.b2, std=1e-6)
-            block.mlp = moe
+            block.mlp = _vit_like_moe(block.mlp, cfg, upcycle)
         return
+    # Stages: the Sequentials made only of blocks (ConvNeXt's and Swin's; Swin's patch-merging layers sit
+    # between them, outside). SwinTransformerBlockV2 is a subclass, so swin_v2_* is included.
     stages = [list(s) for s in net.modules() if isinstance(s, nn.Sequential) and len(s) and
-              all(isinstance(b, CNBlock) for b in s)]
+              all(isinstance(b, (CNBlock, SwinTransformerBlock)) for b in s)]
     if not stages:
-        raise ValueError(f"--backbone-moe {cfg.placement}: the backbone has no ViT or ConvNeXt blocks "
-                         "(backbone MoE is built for vit_* and convnext_* backbones)")
+        raise ValueError(f"--backbone-moe {cfg.placement}: the backbone has no ViT, ConvNeXt or Swin blocks, whose "
+                         "MLP the experts replace (a ResNet's blocks have none): use a vit_*, convnext_* or swin_* "
+                         "backbone, or --backbone-moe none")
     for block in chosen_blocks(stages, cfg.placement):
+        if isinstance(block, SwinTransformerBlock):   # its MLP reads the (B, h, w, C) map: so does the MoE
+            block.mlp = _vit_like_moe(block.mlp, cfg, upcycle)
+            continue
         fc1, fc2 = block.block[3], block.block[5]   # dwconv, Permute, LayerNorm, Linear, GELU, Linear, Permute
         moe = SparseMoE(fc1.in_features, fc1.out_features, cfg.experts, cfg.top_k, cfg.capacity, cfg.renorm)
         if upcycle:

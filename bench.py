@@ -25,7 +25,7 @@ What each part times:
 - experts: Experts.forward (stacked weights, four einsums) against Experts.forward_loop (one label and
   one expert at a time), forward + backward, B = 32, D = H = 256, S = 2, T = 1.
 - moe: the same train_step with the linear head (so the backbone is most of the cost) on --backbone when
-  it is a ViT or ConvNeXt, else on vit_tiny; dense against MoE inside the backbone (backbone_moe.py:
+  it is a ViT, ConvNeXt or Swin, else on vit_tiny; dense against MoE inside the backbone (backbone_moe.py:
   last2, N = 8, k = 1 and 2, no capacity limit), timed in rounds. "vs dense" is the cost of the router and the dispatch, plus the
   k-th expert for k = 2; GFLOPs are the activated ones (the sparse path computes only the chosen experts).
 - loader: a DataLoader with N worker processes over JPEGs through the training transform (resize to 448,
@@ -161,9 +161,9 @@ def bench_backbone_moe(args, device) -> list:
     built = {}
     for name, flags in variants.items():
         a = copy.copy(args)
-        # Backbone MoE exists for ViT and ConvNeXt blocks only: any other --backbone (the ResNet-101 of the
+        # Backbone MoE exists for ViT, ConvNeXt and Swin blocks only: any other --backbone (the ResNet-101 of the
         # step part, say) measures this part on vit_tiny at the dataset preset's own size instead.
-        moe_capable = (args.backbone or "").startswith(("vit", "convnext"))
+        moe_capable = (args.backbone or "").startswith(("vit", "convnext", "swin"))
         a.backbone = args.backbone if moe_capable else "vit_tiny"
         a.image_size = args.image_size if moe_capable else None
         a.extra = f"{args.extra} {flags}"

@@ -292,7 +292,7 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
     routes = (mcfg.model in ("drmoe", "hsq") and mcfg.moe_layers > 0) or mcfg.backbone_moe != "none"
     if tcfg.divdr_coef > 0 and not routes:
         error(f"--divdr-coef trains routing, and --model {mcfg.model} here routes nothing: use --model drmoe or hsq "
-              "(with --moe-layers >= 1) or --backbone-moe last2 on a vit_*/convnext_* backbone")
+              "(with --moe-layers >= 1) or --backbone-moe last2 on a vit_*/convnext_*/swin_* backbone")
     if mcfg.model == "mlvpt" and not mcfg.backbone.startswith("vit"):
         error(f"--model mlvpt prompts a ViT: --backbone {mcfg.backbone} is not one (use vit_tiny, or vit_b_16 "
               "--weights DEFAULT)")

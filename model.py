@@ -62,7 +62,7 @@ class ModelConfig:
     feature_layer: str = config_field("layer4", "ResNets: cut the backbone after this stage (layer1..layer4)")
     image_size: int = config_field(224, "the input side a ViT's position embeddings are made for (set from "
                                         "--image-size by train.py)")
-    backbone_moe: str = config_field("none", "MoE in the backbone's MLPs (ViT, ConvNeXt): " + " | ".join(PLACEMENTS) +
+    backbone_moe: str = config_field("none", "MoE in the backbone's MLPs (ViT, ConvNeXt, Swin): " + " | ".join(PLACEMENTS) +
                                      " (backbone_moe.py; the sweet-spot paper's default: last2)", "backbone MoE")
     backbone_experts: int = config_field(8, "N, experts per backbone MoE layer", "backbone MoE")
     backbone_top_k: int = config_field(1, "k experts per token (the paper's defaults: ConvNeXt 1, ViT 2)", "backbone MoE")

@@ -6,7 +6,7 @@ loaded at 448 px gets exactly torchvision's interpolate_embeddings position embe
 interpolation gives the same output as a ViT built for the new size; the sparse MoE equals a naive per-token
 loop over experts (top-1, top-2, with capacity overflow chosen by Batch Prioritized Routing); an upcycled
 MoE equals the dense backbone (renormalised) or (k/N) of its MLP (not), and its near-zero router breaks
-ties by token (capacity does not overflow everything); ConvNeXt + MoE passes train.py's parse; gradients reach
+ties by token (capacity does not overflow everything) -- for ViT, ConvNeXt and Swin; ConvNeXt + MoE passes train.py's parse; gradients reach
 router and experts; the balance loss on hand cases; placements pick the documented blocks; a checkpoint
 with a MoE backbone round-trips through train.py and evaluate.py's loader.
 
@@ -133,7 +133,7 @@ def test_balance_loss_hand_cases():
     assert moe.stats["load"].tolist() == [0, 0, 1, 0] and moe.stats["used_per_image"].item() == 1
 
 
-@pytest.mark.parametrize("name", ["vit_tiny", "convnext_mini"])
+@pytest.mark.parametrize("name", ["vit_tiny", "convnext_mini", "swin_t"])
 def test_upcycled_moe_equals_the_dense_backbone(name, tmp_path):
     dense, _ = build_backbone(name, image_size=64)
     for m in dense.modules():   # ConvNeXt scales its MLP branch by 1e-6 at init: make the branch count
@@ -188,18 +188,28 @@ def test_convnext_with_backbone_moe_passes_the_parse():
 
 
 def test_placements_pick_the_documented_blocks():
-    """vit_tiny (6 blocks, pairs (0,1) (2,3) (4,5)) and convnext_mini (stages of 2, 2, 4 blocks)."""
+    """vit_tiny (6 blocks, pairs (0,1) (2,3) (4,5)), convnext_mini (stages of 2, 2, 4 blocks) and swin_t
+    (stages of 2, 2, 6, 2 blocks)."""
     from torchvision.models.convnext import CNBlock
+    from torchvision.models.swin_transformer import SwinTransformerBlock
     from torchvision.models.vision_transformer import EncoderBlock
     expected = {"vit_tiny": {"last2": [3, 5], "last3": [1, 3, 5], "every2": [1, 3, 5], "stage": [4, 5]},
-                "convnext_mini": {"last2": [3, 7], "last3": [1, 3, 7], "every2": [1, 3, 5, 7], "stage": [4, 5, 6, 7]}}
+                "convnext_mini": {"last2": [3, 7], "last3": [1, 3, 7], "every2": [1, 3, 5, 7], "stage": [4, 5, 6, 7]},
+                "swin_t": {"last2": [9, 11], "last3": [3, 9, 11], "every2": [1, 3, 5, 7, 9, 11], "stage": [10, 11]}}
+    kinds = {"vit_tiny": EncoderBlock, "convnext_mini": CNBlock, "swin_t": SwinTransformerBlock}
     for name, cases in expected.items():
-        kind = EncoderBlock if name == "vit_tiny" else CNBlock
+        kind = kinds[name]
         for placement, blocks in cases.items():
             body, _ = build_backbone(name, moe=MoEConfig(placement, experts=2))
             all_blocks = [m for m in body.modules() if isinstance(m, kind)]
             with_moe = [i for i, b in enumerate(all_blocks) if moe_layers(b)]
             assert with_moe == blocks, (name, placement, with_moe)
+
+
+def test_backbone_without_mlp_blocks_refuses_moe():
+    """A ResNet has no MLP for the experts to replace: one clear error, not a silently dense backbone."""
+    with pytest.raises(ValueError, match="vit_\\*, convnext_\\* or swin_\\*"):
+        build_backbone("resnet18", moe=MoEConfig("last2", experts=2))
 
 
 def test_activated_parameters():
