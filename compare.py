@@ -18,7 +18,8 @@ and peak memory (mlvpt, sweetspot).
 
 Every run is a plain `train.py` run in <out>/<name>/seed<k>/ (its log.jsonl, best.pt, metrics.json), so
 any cell of the table can be re-checked with evaluate.py. Nothing is lost on interruption: finished runs
-(metrics.json present) are skipped, an interrupted one continues from its last.pt with --resume.
+(metrics.json present) are skipped, an interrupted one continues from its last.pt with --resume; either
+only when its command.json holds the same train.py flags (another --extra stops with one line instead).
 
 The statistics: for each configuration, test mAP mean and sample std over seeds. For DR-MoE against
 another configuration, the seeds are paired (seed k of both runs sees the same data order and the same
@@ -66,12 +67,22 @@ def run_dir(out: str, name: str, seed: int) -> str:
 def train_one(name: str, flags: list, seed: int, out: str, extra: list) -> bool:
     """Run (or finish) one train.py run in its own process; its output goes to stdout.log there."""
     d = run_dir(out, name, seed)
+    args = [*flags, *extra, "--seed", str(seed), "--out-dir", d]
+    # The folder is named after the row, not its flags: command.json records the flags that made it, so a
+    # finished run is reused only by the same command (another --extra, or another set's row of the same
+    # name, would otherwise take its numbers silently). Runs from before command.json are trusted.
+    recorded = os.path.join(d, "command.json")
+    if os.path.exists(recorded) and json.load(open(recorded)) != args:
+        sys.exit(f"error: {d} holds a run of other flags ({' '.join(json.load(open(recorded)))}); this row needs "
+                 f"{' '.join(args)}: pass another --out, or remove that folder to retrain it")
     if os.path.exists(os.path.join(d, "metrics.json")):
         return True
     os.makedirs(d, exist_ok=True)
+    with open(recorded, "w") as fh:
+        json.dump(args, fh)
     # A separate process per run: a crash or an out-of-memory in one run cannot take the others down, and
     # each run starts from a clean interpreter exactly as a user's `python train.py ...` would.
-    cmd = [sys.executable, "train.py", *flags, *extra, "--seed", str(seed), "--out-dir", d]
+    cmd = [sys.executable, "train.py", *args]
     if os.path.exists(os.path.join(d, "last.pt")):
         cmd.append("--resume")   # an earlier compare.py was interrupted inside this run
     t0 = time.time()

@@ -111,15 +111,17 @@ PRETRAIN = VIT + ["--dataset", "synthetic-pretrain", "--model", "linear"]
 # default placement on the pretrained vit_tiny, top-1 over 8 experts, each plain / Switch loss / DivDR / both.
 # The DivDR coefficient is the head's (DIVDR_COEF), not calibrated for backbone routers: the signature's
 # distance is the mean over rows, so a margin means the same, but the gradient now reaches the patch tokens.
-# The "aux=0.01" row has the flags of the sweet-spot row "vit_tiny last2 N=8 k=1".
+# The "aux=0.01" row has the flags of the sweet-spot row "vit_tiny last2 N=8 k=1". The plain row is named
+# "... no aux": a row's folder is its name (compare.run_dir), the transfer sets share one --out, and under
+# the bare name it would have found the sweet-spot row's finished run, trained with the Switch loss.
 ROUTING_BACKBONE = {}
-for _extra, _more in (("", []), (" aux=0.01", ["--aux-loss-coef", "0.01"]), (" divdr", ["--divdr-coef", DIVDR_COEF]),
+for _extra, _more in ((" no aux", []), (" aux=0.01", ["--aux-loss-coef", "0.01"]), (" divdr", ["--divdr-coef", DIVDR_COEF]),
                       (" aux=0.01 divdr", ["--aux-loss-coef", "0.01", "--divdr-coef", DIVDR_COEF])):
     ROUTING_BACKBONE["vit_tiny last2 N=8 k=1" + _extra] = VIT + ["--model", "linear", "--backbone-moe", "last2",
                                                                 "--backbone-experts", "8", "--backbone-top-k", "1",
                                                                 *_more]
 FROM_PRETRAINED = ("mlvpt", "sweetspot", "routing-backbone")
 SETS = {"models": (MODELS, "drmoe"), "ablation": (ABLATION, DEFAULT), "balance": (BALANCE, DEFAULT),
-        "routing": (ROUTING, "drmoe"), "routing-backbone": (ROUTING_BACKBONE, "vit_tiny last2 N=8 k=1"),
+        "routing": (ROUTING, "drmoe"), "routing-backbone": (ROUTING_BACKBONE, "vit_tiny last2 N=8 k=1 no aux"),
         "sweetspot": (SWEETSPOT, "vit_tiny dense"), "mlvpt": (MLVPT_SET, "mlvpt")}
 

@@ -16,6 +16,8 @@ compare.py: the sets of configurations, the tables built from finished runs, and
 - the transfer sets (mlvpt, sweetspot, routing-backbone) pretrain on the source task first, whatever
   --extra says, and every row starts from that run's best.pt;
 - --report over a folder without runs of the set stops with one line that says so;
+- a finished run is reused only by the command that made it (command.json), and no two rows of any sets
+  share a folder with different flags;
 - the routing table: NMI / ARI as mean ± sample std, and the paired NMI tests equal scipy's with Holm's.
 
 Run: python -m pytest -q tests/test_compare.py
@@ -155,6 +157,30 @@ def test_report_without_runs_says_so(tmp_path):
     for name in studies.SWEETSPOT_BEST:   # the sweet-spot DR-MoE rows differ from their linear row only in the head
         pairs = zip(studies.SWEETSPOT[name], studies.SWEETSPOT[name + " drmoe"])
         assert [(a, b) for a, b in pairs if a != b] == [("linear", "drmoe")]
+
+
+def test_a_finished_run_is_reused_only_by_its_own_command(tmp_path, monkeypatch):
+    """train_one skips a finished run of the same flags, and stops with one line on a run of other flags
+    (it would otherwise report that run's numbers under this row's name)."""
+    monkeypatch.setattr(compare.subprocess, "call", lambda *a, **k: pytest.fail("trained instead of reusing"))
+    d = compare.run_dir(str(tmp_path), "row", 0)
+    os.makedirs(d)
+    open(os.path.join(d, "metrics.json"), "w").write("{}")
+    with open(os.path.join(d, "command.json"), "w") as fh:
+        json.dump(["--model", "linear", "--epochs", "3", "--seed", "0", "--out-dir", d], fh)
+    assert compare.train_one("row", ["--model", "linear"], 0, str(tmp_path), ["--epochs", "3"])
+    with pytest.raises(SystemExit, match=r"holds a run of other flags .*--epochs 3.*this row needs .*--epochs 5"):
+        compare.train_one("row", ["--model", "linear"], 0, str(tmp_path), ["--epochs", "5"])
+
+
+def test_rows_of_the_same_name_have_the_same_flags():
+    """Every set writes into <out>/<row name>/seedS, and the transfer sets share one --out: a name used by two
+    sets must mean one command, or one set would reuse the other's run."""
+    seen = {}
+    for set_name, (rows, _) in studies.SETS.items():
+        for name, flags in rows.items():
+            first = seen.setdefault(compare.slug(name), (set_name, flags))
+            assert first[1] == flags, (compare.slug(name), first[0], set_name)
 
 
 def test_routing_table_tests_nmi_paired_over_seeds(tmp_path):
