@@ -1,11 +1,11 @@
 """
 One command for each comparison: configurations trained with the same settings and several seeds, then
 one markdown table and paired tests of DR-MoE against the others. The sets of configurations (--set:
-models, ablation, balance, routing, routing-backbone, sweetspot, mlvpt) are defined, each row with its
-reason, in studies.py; the transfer sets (mlvpt, sweetspot, routing-backbone) first pretrain vit_tiny on
-the source task into <out>/pretrain/. The tables add what a set measures: the largest expert's share
+models, ablation, balance, routing, routing-backbone, sweetspot, sweetspot-convnext, mlvpt) are defined,
+each row with its reason, in studies.py; the transfer sets (mlvpt, sweetspot, sweetspot-convnext,
+routing-backbone) first pretrain their backbone (vit_tiny, convnext_mini) on the source task into <out>/pretrain/. The tables add what a set measures: the largest expert's share
 (balance), NMI and ARI with the scenes and distinct routes (routing), trainable or activated parameters
-and peak memory (mlvpt, sweetspot).
+and peak memory (mlvpt, the sweet-spot sets).
 
     python compare.py                        # --set models: 8 configurations x 3 seeds, synthetic preset
                                              # (about 85 minutes on a 2-core CPU)
@@ -53,7 +53,7 @@ from scipy import stats
 
 from noise import detectable_t, detectable_z, paired_bootstrap, read_scores
 from gating import GATE_KINDS
-from studies import ABLATION, BALANCE, FROM_PRETRAINED, MODELS, OWN, PRETRAIN, SETS, SHARED, ablation_name
+from studies import ABLATION, BALANCE, FROM_PRETRAINED, MODELS, OWN, SETS, SHARED, ablation_name, pretraining
 
 def slug(name: str) -> str:
     """A configuration's name as a folder name: "dynamic S=2 T=1" -> "dynamic-S-2-T-1"."""
@@ -352,7 +352,7 @@ def main(argv=None):
                    help="run only these configurations of the set (names as in its table)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per configuration [0 1 2]")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. --extra='--epochs 2'")
-    p.add_argument("--pretrain-extra", default="", help="--set mlvpt / sweetspot / routing-backbone: more train.py "
+    p.add_argument("--pretrain-extra", default="", help="the transfer sets (mlvpt, sweetspot*, routing-backbone): more train.py "
                                                         "flags for the source-task pretraining run only (--extra is "
                                                         "for the rows)")
     p.add_argument("--budget", default="demo", choices=["demo", "study"],
@@ -382,17 +382,23 @@ def main(argv=None):
         # The transfer sets' first step: pretrain vit_tiny on the source task (once, seed 0, at the set's
         # --budget; --extra is for the rows, e.g. their calibrated length), then every row starts from that
         # backbone. Sets run with the same --out share it. Skipped when finished, resumed when interrupted.
+        # One source-task run per backbone of the rows (studies.pretraining), each row from its own backbone's.
         pre = os.path.join(args.out, "pretrain")
         budget = ["--budget", args.budget] if args.budget != "demo" else []
-        if not args.report and not train_one("pretrain", PRETRAIN, 0, pre, budget + shlex.split(args.pretrain_extra)):
-            sys.exit(f"the pretraining run failed: see {run_dir(pre, 'pretrain', 0)}/stdout.log")
-        extra = extra + ["--weights", os.path.join(run_dir(pre, "pretrain", 0), "best.pt")]
+        start = {}
+        for backbone in dict.fromkeys(r[r.index("--backbone") + 1] for r in (runs[n] for n in names)):
+            pre_name, pre_flags = pretraining(backbone)
+            if not args.report and not train_one(pre_name, pre_flags, 0, pre, budget + shlex.split(args.pretrain_extra)):
+                sys.exit(f"the pretraining run failed: see {run_dir(pre, pre_name, 0)}/stdout.log")
+            start[backbone] = ["--weights", os.path.join(run_dir(pre, pre_name, 0), "best.pt")]
     if not args.report:
         jobs = [(n, s) for s in args.seeds for n in names]   # seed-major: an early stop leaves whole seeds
         print(f"{len(jobs)} runs into {args.out}/ (finished ones are skipped)", flush=True)
         for i, (name, seed) in enumerate(jobs):
             print(f"[{i + 1}/{len(jobs)}]", end="", flush=True)
-            train_one(name, runs[name], seed, args.out, extra)
+            flags = runs[name]
+            row_extra = extra + (start[flags[flags.index("--backbone") + 1]] if args.set in FROM_PRETRAINED else [])
+            train_one(name, flags, seed, args.out, row_extra)
     rows = collect(args.out, names, args.seeds)   # read every run's files once
     if not rows:
         sys.exit(f"no finished runs of --set {args.set} under {args.out}/ (seeds {args.seeds}): "
@@ -409,11 +415,13 @@ def main(argv=None):
     import plots   # the per-seed picture: where each configuration's seeds fall, and which seed is hard for all
     plots.seed_dots(base + ".png", [(n, {r["seed"]: r["mAP"] for r in rows[n]}) for n in names if n in rows],
                     f"--set {args.set}: test mAP of every run", f"{args.out}; one dot per seed, paired by colour")
-    if args.set == "sweetspot" and rows:   # the sweet-spot paper's picture: accuracy against activated parameters
-        plots.cost_scatter(os.path.join(args.out, "sweet_spot.png"), sweet_spot_points(rows),
+    if args.set.startswith("sweetspot") and rows:   # the sweet-spot paper's picture: accuracy against activated parameters
+        backbone = next(iter(rows)).split()[0]   # every row of a sweet-spot set names its backbone first
+        picture = "sweet_spot.png" if args.set == "sweetspot" else f"sweet_spot_{backbone}.png"
+        plots.cost_scatter(os.path.join(args.out, picture), sweet_spot_points(rows),
                            "activated parameters per token (M)", "test mAP (mean +- std over seeds)",
                            "MoE inside the backbone: test mAP against activated parameters",
-                           f"vit_tiny on the embedded benchmark; {args.out}; seeds per point: "
+                           f"{backbone} on the embedded benchmark; {args.out}; seeds per point: "
                            + "-".join(sorted({str(len(r)) for r in rows.values()})))
     print(table)
     print(f"wrote {base}.md, {base}.json and {base}.png")

@@ -14,7 +14,8 @@ compare.py: the sets of configurations, the tables built from finished runs, and
   the per-label gains averaged over the seeds' analysis.json files (context and visual heterogeneity,
   plain and with headroom held fixed);
 - the transfer sets (mlvpt, sweetspot, routing-backbone) pretrain on the source task first, whatever
-  --extra says, and every row starts from that run's best.pt;
+  --extra says, and every row starts from that run's best.pt; each backbone of a set (vit_tiny,
+  convnext_mini) gets its own source-task run and its rows start from it;
 - --report over a folder without runs of the set stops with one line that says so;
 - a finished run is reused only by the command that made it (command.json), and no two rows of any sets
   share a folder with different flags;
@@ -145,6 +146,24 @@ def test_transfer_sets_pretrain_on_the_source_task_first(tmp_path):
     assert row["model_config"]["weights"] == pre and row["model_config"]["freeze_backbone"]
     assert row["train_config"]["dataset"] == "synthetic"
     assert os.path.exists(tmp_path / "results_mlvpt.png")
+
+
+def test_each_backbone_starts_from_its_own_pretraining(tmp_path, monkeypatch):
+    """--set sweetspot-convnext: the source-task run is convnext_mini's, and every row's --weights is it."""
+    calls = []
+    monkeypatch.setattr(compare, "train_one", lambda name, flags, seed, out, extra: calls.append(
+        (name, flags, out, extra)) or True)
+    with pytest.raises(SystemExit):   # nothing was really trained: "no finished runs" ends it
+        compare.main(["--set", "sweetspot-convnext", "--seeds", "0", "--out", str(tmp_path), "--draws", "0"])
+    pre = [c for c in calls if c[2] == str(tmp_path / "pretrain")]
+    assert [(n, f[f.index("--backbone") + 1], f[f.index("--dataset") + 1]) for n, f, _, _ in pre] == \
+        [("pretrain convnext_mini", "convnext_mini", "synthetic-pretrain")]
+    start = os.path.join(compare.run_dir(str(tmp_path / "pretrain"), "pretrain convnext_mini", 0), "best.pt")
+    rows = [c for c in calls if c[2] == str(tmp_path)]
+    assert len(rows) == len(studies.SWEETSPOT_CONVNEXT)
+    for name, flags, _, extra in rows:
+        assert flags[flags.index("--backbone") + 1] == "convnext_mini" and extra[extra.index("--weights") + 1] == start
+    assert studies.pretraining("vit_tiny") == ("pretrain", studies.PRETRAIN)   # the runs made before keep their folder
 
 
 def test_report_without_runs_says_so(tmp_path):
