@@ -1,8 +1,8 @@
 """
 Mixture of experts inside the backbone: the MLP of chosen ViT / ConvNeXt / Swin blocks becomes N experts of
 the same shape, and every token (a ViT patch, a ConvNeXt or Swin map position) is sent to k of them on its own.
-(The paper studies ViT and ConvNeXt; Swin is this project's extension: its blocks hold the same MLP, in stages
-like ConvNeXt's. A ResNet's bottleneck blocks have no MLP to replace, so it gets none.)
+(The paper studies ViT and ConvNeXt; Swin V1 is this project's extension: its blocks hold the same MLP, in
+stages like ConvNeXt's; Swin V2 normalises after the MLP, which this layer does not model, and is refused. A ResNet's bottleneck blocks have no MLP to replace, so it gets none.)
 
 Seed paper: Videau, Leite, Schoenauer, Teytaud, "Mixture of Experts in Image Classification: What's the
 Sweet Spot?" (arXiv 2411.18322, TMLR 2025). No code was released, and the stored copies of the paper gave
@@ -67,7 +67,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.convnext import CNBlock
-from torchvision.models.swin_transformer import SwinTransformerBlock
+from torchvision.models.swin_transformer import SwinTransformerBlock, SwinTransformerBlockV2
 from torchvision.models.vision_transformer import EncoderBlock
 
 from gating import switch_balance
@@ -222,9 +222,14 @@ def add_moe(net: nn.Module, cfg: MoEConfig, upcycle: bool):
             block.mlp = _vit_like_moe(block.mlp, cfg, upcycle)
         return
     # Stages: the Sequentials made only of blocks (ConvNeXt's and Swin's; Swin's patch-merging layers sit
-    # between them, outside). SwinTransformerBlockV2 is a subclass, so swin_v2_* is included.
+    # between them, outside).
     stages = [list(s) for s in net.modules() if isinstance(s, nn.Sequential) and len(s) and
               all(isinstance(b, (CNBlock, SwinTransformerBlock)) for b in s)]
+    if any(isinstance(b, SwinTransformerBlockV2) for s in stages for b in s):
+        # Swin V2 normalises after its MLP, x + norm2(mlp(x)): an overflowed token would add norm2's bias
+        # instead of nothing, and the upcycled layer would not start at k/N of the MLP (the norm undoes it).
+        raise ValueError(f"--backbone-moe {cfg.placement}: Swin V2 blocks normalise after their MLP (post-norm), "
+                         "which the MoE layer's pass-through and upcycling do not model; use swin_t/s/b (V1)")
     if not stages:
         raise ValueError(f"--backbone-moe {cfg.placement}: the backbone has no ViT, ConvNeXt or Swin blocks, whose "
                          "MLP the experts replace (a ResNet's blocks have none): use a vit_*, convnext_* or swin_* "

@@ -67,12 +67,16 @@ def run_dir(out: str, name: str, seed: int) -> str:
 def train_one(name: str, flags: list, seed: int, out: str, extra: list) -> bool:
     """Run (or finish) one train.py run in its own process; its output goes to stdout.log there."""
     d = run_dir(out, name, seed)
-    args = [*flags, *extra, "--seed", str(seed), "--out-dir", d]
     # The folder is named after the row, not its flags: command.json records the flags that made it, so a
-    # finished run is reused only by the same command (another --extra, or another set's row of the same
-    # name, would otherwise take its numbers silently). Runs from before command.json are trusted.
+    # finished or interrupted run is continued or reused only by the same flags (another --extra, or another
+    # set's row of the same name, would otherwise take its numbers silently). The folder itself (--out-dir)
+    # is left out and paths are normalised, so ./runs and runs are one --out. Runs from before command.json
+    # are trusted; a folder whose run never wrote a checkpoint (a typo in --extra) is simply started again.
+    args = [*flags, *extra, "--seed", str(seed)]
+    args = [os.path.normpath(a) if i and args[i - 1] == "--weights" else a for i, a in enumerate(args)]
     recorded = os.path.join(d, "command.json")
-    if os.path.exists(recorded) and json.load(open(recorded)) != args:
+    begun = any(os.path.exists(os.path.join(d, f)) for f in ("metrics.json", "last.pt"))
+    if begun and os.path.exists(recorded) and json.load(open(recorded)) != args:
         sys.exit(f"error: {d} holds a run of other flags ({' '.join(json.load(open(recorded)))}); this row needs "
                  f"{' '.join(args)}: pass another --out, or remove that folder to retrain it")
     if os.path.exists(os.path.join(d, "metrics.json")):
@@ -82,7 +86,7 @@ def train_one(name: str, flags: list, seed: int, out: str, extra: list) -> bool:
         json.dump(args, fh)
     # A separate process per run: a crash or an out-of-memory in one run cannot take the others down, and
     # each run starts from a clean interpreter exactly as a user's `python train.py ...` would.
-    cmd = [sys.executable, "train.py", *args]
+    cmd = [sys.executable, "train.py", *args, "--out-dir", d]
     if os.path.exists(os.path.join(d, "last.pt")):
         cmd.append("--resume")   # an earlier compare.py was interrupted inside this run
     t0 = time.time()
@@ -379,10 +383,10 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown configuration(s) {unknown} in --set {args.set}; choose from {list(runs)}")
     if args.set in FROM_PRETRAINED:
-        # The transfer sets' first step: pretrain vit_tiny on the source task (once, seed 0, at the set's
-        # --budget; --extra is for the rows, e.g. their calibrated length), then every row starts from that
-        # backbone. Sets run with the same --out share it. Skipped when finished, resumed when interrupted.
-        # One source-task run per backbone of the rows (studies.pretraining), each row from its own backbone's.
+        # The transfer sets' first step: pretrain each backbone of the rows on the source task (once, seed 0,
+        # at the set's --budget; --extra is for the rows, e.g. their calibrated length; studies.pretraining),
+        # then every row starts from its backbone's run. Sets run with the same --out share them. Skipped
+        # when finished, resumed when interrupted.
         pre = os.path.join(args.out, "pretrain")
         budget = ["--budget", args.budget] if args.budget != "demo" else []
         start = {}

@@ -104,7 +104,7 @@ for _p in ("last2", "every2"):
                 str(_n), "--backbone-top-k", str(_k), "--aux-loss-coef", "0.01"]
 # ML-VPT (issue 20, mlvpt.py) in a transfer setting: vit_tiny pretrained on the source task (synthetic-pretrain,
 # PRETRAIN below, run first by main()), then adapted to the benchmark. Each row names its own head and what
-# trains; main() adds --weights <out>/pretrain/best.pt to every row.
+# trains; compare.main() adds --weights <out>/pretrain/pretrain/seed0/best.pt to every row.
 VIT = ["--backbone", "vit_tiny"]
 MLVPT_SET = {"linear probe": VIT + ["--model", "linear", "--freeze-backbone"],
              "vpt-deep": VIT + ["--model", "mlvpt", "--mlvpt-grouping", "none"],
@@ -114,8 +114,9 @@ MLVPT_SET = {"linear probe": VIT + ["--model", "linear", "--freeze-backbone"],
              "mlvpt random groups": VIT + ["--model", "mlvpt", "--mlvpt-grouping", "random"],
              "full fine-tuning": VIT + ["--model", "linear"],
              "drmoe frozen": VIT + ["--model", "drmoe", "--freeze-backbone"]}
-# The source-task run every ML-VPT and sweet-spot row starts from: the linear head on vit_tiny, seed 0, the
-# set's budget. The sweet-spot rows start from it too: trained from scratch on 5,000 images, vit_tiny reached
+# The source-task run every ML-VPT, vit_tiny sweet-spot and backbone-routing row starts from: the linear head
+# on vit_tiny, seed 0, the set's budget (convnext_mini's is the same on its backbone: pretraining()). The
+# sweet-spot rows start from it too: trained from scratch on 5,000 images, vit_tiny reached
 # only 53.0 test mAP in 10 epochs (convnext_mini 29.4; ResNet-18 80.6 in 8), gaining a point an epoch until
 # the schedule annealed (results/sweetspot/README.md): MoE placements compared there would be compared on
 # the slope. From the pretrained backbone the MoE layers are upcycled (backbone_moe.py: experts start as

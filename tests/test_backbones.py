@@ -207,9 +207,12 @@ def test_placements_pick_the_documented_blocks():
 
 
 def test_backbone_without_mlp_blocks_refuses_moe():
-    """A ResNet has no MLP for the experts to replace: one clear error, not a silently dense backbone."""
+    """A ResNet has no MLP for the experts to replace, Swin V2's is post-norm: one clear error each, not a
+    silently dense (or silently different) backbone."""
     with pytest.raises(ValueError, match="vit_\\*, convnext_\\* or swin_\\*"):
         build_backbone("resnet18", moe=MoEConfig("last2", experts=2))
+    with pytest.raises(ValueError, match="Swin V2 blocks normalise after their MLP"):   # post-norm: not modelled
+        build_backbone("swin_v2_t", moe=MoEConfig("last2", experts=2))
 
 
 def test_activated_parameters():

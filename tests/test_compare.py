@@ -13,12 +13,13 @@ compare.py: the sets of configurations, the tables built from finished runs, and
 - --heterogeneity on tiny trained runs for 2 seeds: the pooled Spearman correlations equal scipy's on
   the per-label gains averaged over the seeds' analysis.json files (context and visual heterogeneity,
   plain and with headroom held fixed);
-- the transfer sets (mlvpt, sweetspot, routing-backbone) pretrain on the source task first, whatever
+- the transfer sets (mlvpt, sweetspot, sweetspot-convnext, routing-backbone) pretrain on the source task first, whatever
   --extra says, and every row starts from that run's best.pt; each backbone of a set (vit_tiny,
   convnext_mini) gets its own source-task run and its rows start from it;
 - --report over a folder without runs of the set stops with one line that says so;
-- a finished run is reused only by the command that made it (command.json), and no two rows of any sets
-  share a folder with different flags;
+- a finished or interrupted run is reused or resumed only by the flags that made it (command.json), a
+  folder without a checkpoint is started afresh, and no two rows of any sets share a folder with
+  different flags;
 - the routing table: NMI / ARI as mean ± sample std, and the paired NMI tests equal scipy's with Holm's.
 
 Run: python -m pytest -q tests/test_compare.py
@@ -179,17 +180,31 @@ def test_report_without_runs_says_so(tmp_path):
 
 
 def test_a_finished_run_is_reused_only_by_its_own_command(tmp_path, monkeypatch):
-    """train_one skips a finished run of the same flags, and stops with one line on a run of other flags
-    (it would otherwise report that run's numbers under this row's name)."""
-    monkeypatch.setattr(compare.subprocess, "call", lambda *a, **k: pytest.fail("trained instead of reusing"))
+    """train_one skips a finished run of the same flags, stops with one line on a finished or interrupted run
+    of other flags (it would otherwise report that run's numbers under this row's name), resumes an
+    interrupted run of the same flags, and starts afresh where no checkpoint was ever written."""
+    launched = []
+    monkeypatch.setattr(compare.subprocess, "call", lambda cmd, **k: launched.append(cmd) or 0)
     d = compare.run_dir(str(tmp_path), "row", 0)
     os.makedirs(d)
+    record = lambda flags: json.dump(flags, open(os.path.join(d, "command.json"), "w"))
     open(os.path.join(d, "metrics.json"), "w").write("{}")
-    with open(os.path.join(d, "command.json"), "w") as fh:
-        json.dump(["--model", "linear", "--epochs", "3", "--seed", "0", "--out-dir", d], fh)
-    assert compare.train_one("row", ["--model", "linear"], 0, str(tmp_path), ["--epochs", "3"])
+    record(["--model", "linear", "--epochs", "3", "--weights", "pre/best.pt", "--seed", "0"])
+    # the same flags, the --weights path spelled another way: reused, nothing launched
+    assert compare.train_one("row", ["--model", "linear"], 0, str(tmp_path), ["--epochs", "3", "--weights", "./pre/best.pt"])
+    assert launched == []
     with pytest.raises(SystemExit, match=r"holds a run of other flags .*--epochs 3.*this row needs .*--epochs 5"):
         compare.train_one("row", ["--model", "linear"], 0, str(tmp_path), ["--epochs", "5"])
+    os.remove(os.path.join(d, "metrics.json"))
+    open(os.path.join(d, "last.pt"), "w").write("")   # interrupted: resumed by its own flags only
+    with pytest.raises(SystemExit, match="holds a run of other flags"):
+        compare.train_one("row", ["--model", "linear"], 0, str(tmp_path), ["--epochs", "5"])
+    compare.train_one("row", ["--model", "linear"], 0, str(tmp_path), ["--epochs", "3", "--weights", "pre/best.pt"])
+    assert launched[-1][-1] == "--resume" and launched[-1][-3:-1] == ["--out-dir", d]
+    os.remove(os.path.join(d, "last.pt"))   # never got a checkpoint (a typo in --extra): started again
+    compare.train_one("row", ["--model", "linear"], 0, str(tmp_path), ["--epochs", "5"])
+    assert "--resume" not in launched[-1] and json.load(open(os.path.join(d, "command.json")))[:3] == \
+        ["--model", "linear", "--epochs"] and "5" in launched[-1]
 
 
 def test_rows_of_the_same_name_have_the_same_flags():
@@ -200,6 +215,8 @@ def test_rows_of_the_same_name_have_the_same_flags():
         for name, flags in rows.items():
             first = seen.setdefault(compare.slug(name), (set_name, flags))
             assert first[1] == flags, (compare.slug(name), first[0], set_name)
+            if set_name in studies.FROM_PRETRAINED:   # its pretraining is chosen by the row's --backbone
+                assert "--backbone" in flags, (set_name, name)
 
 
 def test_routing_table_tests_nmi_paired_over_seeds(tmp_path):
