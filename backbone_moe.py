@@ -2,7 +2,8 @@
 Mixture of experts inside the backbone: the MLP of chosen ViT / ConvNeXt / Swin blocks becomes N experts of
 the same shape, and every token (a ViT patch, a ConvNeXt or Swin map position) is sent to k of them on its own.
 (The paper studies ViT and ConvNeXt; Swin V1 is this project's extension: its blocks hold the same MLP, in
-stages like ConvNeXt's; Swin V2 normalises after the MLP, which this layer does not model, and is refused. A ResNet's bottleneck blocks have no MLP to replace, so it gets none.)
+stages like ConvNeXt's; Swin V2 normalises after the MLP, which this layer does not model, and is refused.
+A ResNet's bottleneck blocks have no MLP to replace, so it gets none.)
 
 Seed paper: Videau, Leite, Schoenauer, Teytaud, "Mixture of Experts in Image Classification: What's the
 Sweet Spot?" (arXiv 2411.18322, TMLR 2025). No code was released, and the stored copies of the paper gave
