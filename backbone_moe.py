@@ -17,8 +17,8 @@ The layer, for a token x (D,) after the block's norm, with a bias-free linear ro
     y    = x_res + sum_{i in TopK(G(x))} G(x)_i E_i(x)
 The kept weights are not renormalised (vmoe/moe.py combines with the raw softmax values); --backbone-renorm
 divides them by their sum, as the head gate does with top-k. E_i is the block's own MLP (ViT: Linear D->H,
-GELU, dropout, Linear H->D, dropout; Swin the same with H = 4D; ConvNeXt: Linear C->4C, GELU, Linear 4C->C). x_res is the block's
-residual stream: a token that no expert takes adds nothing and passes through unchanged.
+GELU, dropout, Linear H->D, dropout; Swin the same with H = 4D; ConvNeXt: Linear C->4C, GELU, Linear 4C->C).
+x_res is the block's residual stream: a token that no expert takes adds nothing and passes through unchanged.
 
 Capacity (--backbone-capacity c, 0 = unlimited): each expert takes at most C = ceil(c * T * k / N) of the T
 tokens of a forward pass (vmoe/moe.py: capacity = ceil(num_tokens * k * capacity_factor / num_experts); here
@@ -30,8 +30,8 @@ Sparse compute: only the k chosen experts run for a token. Assignments are sorte
 tokens gathered into one contiguous block, one matmul pair per expert, and the results scattered back
 (index_add). FLOPs scale with k, not N (bench.py measures the step time).
 
-Placements (--backbone-moe), our reading of the names. ConvNeXt (and Swin) has stages; a ViT has none, so its blocks
-are taken in pairs, V-MoE's unit (vmoe/configs/vmoe_paper/common.py: "Every-2" = blocks 1, 3, 5, ..., "Last-n"
+Placements (--backbone-moe), our reading of the names. ConvNeXt (and Swin) has stages; a ViT has none, so its
+blocks are taken in pairs, V-MoE's unit (vmoe/configs/vmoe_paper/common.py: "Every-2" = blocks 1, 3, 5, ..., "Last-n"
 = the last n of those), which makes "the last 2 stages' final blocks" the same phrase for both:
     placement  ConvNeXt / Swin (stages)                  ViT with B blocks (pairs)        ViT-B/16 (12)
     last2      final block of each of the last 2 stages  blocks B-3, B-1                  9, 11
