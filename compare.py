@@ -19,7 +19,8 @@ and peak memory (mlvpt, the sweet-spot sets).
 Every run is a plain `train.py` run in <out>/<name>/seed<k>/ (its log.jsonl, best.pt, metrics.json), so
 any cell of the table can be re-checked with evaluate.py. Nothing is lost on interruption: finished runs
 (metrics.json present) are skipped, an interrupted one continues from its last.pt with --resume; either
-only when its command.json holds the same train.py flags (another --extra stops with one line instead).
+only when its command.json holds the same train.py flags (another --extra stops with one line instead),
+and --report checks the same, so a table never shows a run of other flags under a row's name.
 
 The statistics: for each configuration, test mAP mean and sample std over seeds. For DR-MoE against
 another configuration, the seeds are paired (seed k of both runs sees the same data order and the same
@@ -64,6 +65,21 @@ def run_dir(out: str, name: str, seed: int) -> str:
     return os.path.join(out, slug(name), f"seed{seed}")
 
 
+def row_args(flags: list, extra: list, seed: int) -> list:
+    """The train.py flags of one run as command.json records them: --weights normalised, --out-dir left out."""
+    args = [*flags, *extra, "--seed", str(seed)]
+    return [os.path.normpath(a) if i and args[i - 1] == "--weights" else a for i, a in enumerate(args)]
+
+
+def other_flags(d: str, args: list):
+    """The flags recorded in d/command.json when they differ from args, else None (also for runs from
+    before command.json, and for results copied without it, which are trusted)."""
+    recorded = os.path.join(d, "command.json")
+    if os.path.exists(recorded) and json.load(open(recorded)) != args:
+        return json.load(open(recorded))
+    return None
+
+
 def train_one(name: str, flags: list, seed: int, out: str, extra: list) -> bool:
     """Run (or finish) one train.py run in its own process; its output goes to stdout.log there."""
     d = run_dir(out, name, seed)
@@ -72,17 +88,15 @@ def train_one(name: str, flags: list, seed: int, out: str, extra: list) -> bool:
     # set's row of the same name, would otherwise take its numbers silently). The folder itself (--out-dir)
     # is left out and paths are normalised, so ./runs and runs are one --out. Runs from before command.json
     # are trusted; a folder whose run never wrote a checkpoint (a typo in --extra) is simply started again.
-    args = [*flags, *extra, "--seed", str(seed)]
-    args = [os.path.normpath(a) if i and args[i - 1] == "--weights" else a for i, a in enumerate(args)]
-    recorded = os.path.join(d, "command.json")
+    args = row_args(flags, extra, seed)
     begun = any(os.path.exists(os.path.join(d, f)) for f in ("metrics.json", "last.pt"))
-    if begun and os.path.exists(recorded) and json.load(open(recorded)) != args:
-        sys.exit(f"error: {d} holds a run of other flags ({' '.join(json.load(open(recorded)))}); this row needs "
+    if begun and other_flags(d, args):
+        sys.exit(f"error: {d} holds a run of other flags ({' '.join(other_flags(d, args))}); this row needs "
                  f"{' '.join(args)}: pass another --out, or remove that folder to retrain it")
     if os.path.exists(os.path.join(d, "metrics.json")):
         return True
     os.makedirs(d, exist_ok=True)
-    with open(recorded, "w") as fh:
+    with open(os.path.join(d, "command.json"), "w") as fh:
         json.dump(args, fh)
     # A separate process per run: a crash or an out-of-memory in one run cannot take the others down, and
     # each run starts from a clean interpreter exactly as a user's `python train.py ...` would.
@@ -97,8 +111,11 @@ def train_one(name: str, flags: list, seed: int, out: str, extra: list) -> bool:
     return code == 0
 
 
-def collect(out: str, names, seeds) -> dict:
-    """Per configuration: the metrics of every finished seed, and its mean training throughput."""
+def collect(out: str, names, seeds, args_of=None) -> dict:
+    """Per configuration: the metrics of every finished seed, and its mean training throughput.
+    args_of(name, seed), when given, is the run's expected train.py flags (row_args): a run that recorded
+    other flags stops the report with one line, as train_one stops training (--report with another --extra
+    than the training command had would otherwise print that run's numbers under this row)."""
     rows = {}
     for name in names:
         runs = []
@@ -106,6 +123,9 @@ def collect(out: str, names, seeds) -> dict:
             d = run_dir(out, name, seed)
             if not os.path.exists(os.path.join(d, "metrics.json")):
                 continue
+            if args_of is not None and other_flags(d, args_of(name, seed)):
+                sys.exit(f"error: {d} holds a run of other flags ({' '.join(other_flags(d, args_of(name, seed)))}); "
+                         f"this row needs {' '.join(args_of(name, seed))}: report with the --extra it was trained with")
             m = json.load(open(os.path.join(d, "metrics.json")))
             log = [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
             # Throughput of the training epochs only (evaluation excluded). The median over epochs, and
@@ -395,15 +415,16 @@ def main(argv=None):
             if not args.report and not train_one(pre_name, pre_flags, 0, pre, budget + shlex.split(args.pretrain_extra)):
                 sys.exit(f"the pretraining run failed: see {run_dir(pre, pre_name, 0)}/stdout.log")
             start[backbone] = ["--weights", os.path.join(run_dir(pre, pre_name, 0), "best.pt")]
+    # A row's flags beyond its own: --extra, --budget and, in the transfer sets, its backbone's source-task run.
+    row_extra = lambda flags: extra + (start[flags[flags.index("--backbone") + 1]] if args.set in FROM_PRETRAINED else [])
     if not args.report:
         jobs = [(n, s) for s in args.seeds for n in names]   # seed-major: an early stop leaves whole seeds
         print(f"{len(jobs)} runs into {args.out}/ (finished ones are skipped)", flush=True)
         for i, (name, seed) in enumerate(jobs):
             print(f"[{i + 1}/{len(jobs)}]", end="", flush=True)
-            flags = runs[name]
-            row_extra = extra + (start[flags[flags.index("--backbone") + 1]] if args.set in FROM_PRETRAINED else [])
-            train_one(name, flags, seed, args.out, row_extra)
-    rows = collect(args.out, names, args.seeds)   # read every run's files once
+            train_one(name, runs[name], seed, args.out, row_extra(runs[name]))
+    # read every run's files once, each checked against the flags this command would have trained it with
+    rows = collect(args.out, names, args.seeds, lambda n, s: row_args(runs[n], row_extra(runs[n]), s))
     if not rows:
         sys.exit(f"no finished runs of --set {args.set} under {args.out}/ (seeds {args.seeds}): "
                  "train them first (the same command without --report), or point --out at their folder")

@@ -19,7 +19,7 @@ compare.py: the sets of configurations, the tables built from finished runs, and
 - --report over a folder without runs of the set stops with one line that says so;
 - a finished or interrupted run is reused or resumed only by the flags that made it (command.json), a
   folder without a checkpoint is started afresh, and no two rows of any sets share a folder with
-  different flags;
+  different flags; --report reads a run only under the flags that made it;
 - the routing table: NMI / ARI as mean ± sample std, and the paired NMI tests equal scipy's with Holm's.
 
 Run: python -m pytest -q tests/test_compare.py
@@ -205,6 +205,19 @@ def test_a_finished_run_is_reused_only_by_its_own_command(tmp_path, monkeypatch)
     compare.train_one("row", ["--model", "linear"], 0, str(tmp_path), ["--epochs", "5"])
     assert "--resume" not in launched[-1] and json.load(open(os.path.join(d, "command.json")))[:3] == \
         ["--model", "linear", "--epochs"] and "5" in launched[-1]
+
+
+def test_report_reads_only_runs_of_its_own_flags(tmp_path):
+    """--report stops with one line on a finished run whose command.json holds other flags than the report's
+    command would train (here another --extra), and reads it when they agree."""
+    fake_run(tmp_path, "linear", 0, 60.0)
+    d = compare.run_dir(str(tmp_path), "linear", 0)
+    json.dump(compare.row_args(studies.MODELS["linear"], ["--epochs", "3"], 0), open(os.path.join(d, "command.json"), "w"))
+    report = ["--set", "models", "--only", "linear", "--seeds", "0", "--report", "--out", str(tmp_path), "--draws", "0"]
+    with pytest.raises(SystemExit, match=r"linear.seed0 holds a run of other flags .*--epochs 3.*report with the --extra"):
+        compare.main(report)
+    compare.main(report + ["--extra", "--epochs 3"])
+    assert json.load(open(tmp_path / "results_models.json"))["linear"][0]["mAP"] == 60.0
 
 
 def test_rows_of_the_same_name_have_the_same_flags():
