@@ -3,9 +3,11 @@ One command for each comparison: configurations trained with the same settings a
 one markdown table and paired tests of DR-MoE against the others. The sets of configurations (--set:
 models, ablation, balance, routing, routing-backbone, sweetspot, sweetspot-convnext, mlvpt) are defined,
 each row with its reason, in studies.py; the transfer sets (mlvpt, sweetspot, sweetspot-convnext,
-routing-backbone) first pretrain their backbone (vit_tiny, convnext_mini) on the source task into <out>/pretrain/. The tables add what a set measures: the largest expert's share
+routing-backbone) first pretrain their backbone (vit_tiny, convnext_mini) on the source task into
+<out>/pretrain/. The tables add what a set measures: the largest expert's share
 (balance), NMI and ARI with the scenes and distinct routes (routing), trainable or activated parameters
-and peak memory (mlvpt, the sweet-spot sets).
+and peak memory (mlvpt, the sweet-spot sets). The ablation and the sweet-spot sets open with their grid
+(report_grid, report_sweet_grid) and the paired tests that grid asks.
 
     python compare.py                        # --set models: 8 configurations x 3 seeds, synthetic preset
                                              # (about 85 minutes on a 2-core CPU)
@@ -306,6 +308,34 @@ def report_grid(rows: dict) -> str:
     return "\n".join(line if isinstance(line, str) else " | ".join(line) + " |" for line in lines) + "\n"
 
 
+def report_sweet_grid(rows: dict) -> str:
+    """A sweet-spot set as the paper's grid: placement x N columns, one row per k, mean ± std over seeds;
+    then its two questions as paired tests over seeds, each family Holm-adjusted on its own four tests:
+    does activating more help (k = 2 - k = 1 at each placement and N), and is last-2 the better placement
+    (last2 - every2 at each N and k)? Rows of the head-level MoE (drmoe) are in the flat table only."""
+    b = next(iter(rows)).split()[0]   # every row of a sweet-spot set names its backbone first
+    run = lambda p, n, k: rows.get(f"{b} {p} N={n} k={k}")
+    cols = [(p, n) for p in ("last2", "every2") for n in (4, 8)]
+    lines = [f"| {b} | dense | " + " | ".join(f"{p} N={n}" for p, n in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for k in (1, 2):
+        dense = mean_std(rows[f"{b} dense"]) if k == 1 and f"{b} dense" in rows else ""
+        lines.append(f"| k = {k} | {dense} | " + " | ".join(mean_std(run(p, n, k)) if run(p, n, k) else "-"
+                                                        for p, n in cols) + " |")
+    families = {"k = 2 minus k = 1": [(f"{p} N={n}", run(p, n, 2), run(p, n, 1)) for p, n in cols],
+                "last2 minus every2": [(f"N={n} k={k}", run("last2", n, k), run("every2", n, k))
+                                       for n in (4, 8) for k in (1, 2)]}
+    for family, pairs in families.items():
+        tests = [(where, paired(a, c)) for where, a, c in pairs if a and c]
+        tests = [(where, t) for where, t in tests if t]
+        if not tests:
+            continue
+        lines += ["", f"{family}, paired over seeds (Holm over these {len(tests)} tests):", "",
+                  "| at | mean difference | per seed | p | p (Holm) |", "|---|---|---|---|---|"]
+        for (where, (_, diff, _, p)), p_holm in zip(tests, holm([t[3] for _, t in tests])):
+            lines.append(f"| {where} | {diff.mean():+.2f} | {', '.join(f'{d:+.2f}' for d in diff)} | {p:.3f} | {p_holm:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def heterogeneity(out: str, a: str, b: str, seeds) -> str:
     """Is a's per-label AP gain over b larger on heterogeneous labels? Seed by seed, then pooled.
 
@@ -431,6 +461,8 @@ def main(argv=None):
     table = report(rows, reference, args.draws)
     if args.set == "ablation":
         table = report_grid(rows) + "\n" + table
+    if args.set.startswith("sweetspot"):
+        table = report_sweet_grid(rows) + "\n" + table
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"results_{args.set}")
     with open(base + ".md", "w") as fh:

@@ -20,7 +20,9 @@ compare.py: the sets of configurations, the tables built from finished runs, and
 - a finished or interrupted run is reused or resumed only by the flags that made it (command.json), a
   folder without a checkpoint is started afresh, and no two rows of any sets share a folder with
   different flags; --report reads a run only under the flags that made it;
-- the routing table: NMI / ARI as mean ± sample std, and the paired NMI tests equal scipy's with Holm's.
+- the routing table: NMI / ARI as mean ± sample std, and the paired NMI tests equal scipy's with Holm's;
+- the sweet-spot sets: the backbone experts an image uses, and the grid view (placement x N by k) whose
+  two families of paired tests (k = 2 - k = 1, last2 - every2) equal scipy's with Holm's per family.
 
 Run: python -m pytest -q tests/test_compare.py
 """
@@ -269,9 +271,34 @@ def test_sweetspot_table_counts_backbone_experts_per_image(tmp_path):
                 "token_share": [[1 / 8] * 8] * 2, "experts_used_per_image": used[seed]}}) + "\n")
     compare.main(["--set", "sweetspot", "--report", "--out", str(tmp_path), "--seeds", "0", "1", "--draws", "0"])
     md = open(tmp_path / "results_sweetspot.md").read().splitlines()
-    header = md[0].split(" | ")
+    header = next(l for l in md if l.startswith("| model |")).split(" | ")   # the flat table, below the grid
     col = header.index("backbone experts/image")
     moe = next(l for l in md if l.startswith("| vit_tiny last2 N=8 k=1 |")).split(" | ")
     dense = next(l for l in md if l.startswith("| vit_tiny dense |")).split(" | ")
     assert moe[col] == f"{np.mean([np.mean(v) for v in used.values()]):.1f} of 8" and dense[col] == "-"
     assert moe[header.index("activated (M)")] == "2.70"
+
+
+def test_sweetspot_grid_and_its_paired_tests(tmp_path):
+    """The sweet-spot grid view: each cell is the row's mean ± std, and the two families of paired tests
+    (k = 2 - k = 1; last2 - every2) equal scipy's paired t-test with Holm's adjustment within each family."""
+    rng = np.random.default_rng(0)
+    maps = {n: 56 + rng.normal(size=3) for n in studies.SWEETSPOT_CONVNEXT}
+    for name, values in maps.items():
+        for seed, v in enumerate(values):
+            fake_run(tmp_path, name, seed, float(v))
+    compare.main(["--set", "sweetspot-convnext", "--report", "--out", str(tmp_path), "--draws", "0"])
+    md = open(tmp_path / "results_sweetspot-convnext.md").read().splitlines()
+    cell = lambda v: f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}"
+    row = lambda k, p, n: maps[f"convnext_mini {p} N={n} k={k}"]
+    assert md[2] == "| k = 1 | " + cell(maps["convnext_mini dense"]) + " | " + \
+        " | ".join(cell(row(1, p, n)) for p in ("last2", "every2") for n in (4, 8)) + " |"
+    assert md[3] == "| k = 2 |  | " + " | ".join(cell(row(2, p, n)) for p in ("last2", "every2") for n in (4, 8)) + " |"
+    families = [[(f"{p} N={n}", row(2, p, n), row(1, p, n)) for p in ("last2", "every2") for n in (4, 8)],
+                [(f"N={n} k={k}", row(k, "last2", n), row(k, "every2", n)) for n in (4, 8) for k in (1, 2)]]
+    for pairs in families:
+        p = [stats.ttest_rel(a, b).pvalue for _, a, b in pairs]
+        for (where, a, b), p_k, h in zip(pairs, p, compare.holm(p)):
+            diff = np.subtract(a, b)
+            assert f"| {where} | {diff.mean():+.2f} | " + ", ".join(f"{d:+.2f}" for d in diff) + \
+                f" | {p_k:.3f} | {h:.3f} |" in md
