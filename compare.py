@@ -310,9 +310,10 @@ def report_grid(rows: dict) -> str:
 
 def report_sweet_grid(rows: dict) -> str:
     """A sweet-spot set as the paper's grid: placement x N columns, one row per k, mean ± std over seeds;
-    then its two questions as paired tests over seeds, each family Holm-adjusted on its own four tests:
-    does activating more help (k = 2 - k = 1 at each placement and N), and is last-2 the better placement
-    (last2 - every2 at each N and k)? Rows of the head-level MoE (drmoe) are in the flat table only."""
+    then its questions as paired tests over seeds, each family Holm-adjusted on its own tests: does
+    activating more help (k = 2 - k = 1 at each placement and N), is last-2 the better placement (last2 -
+    every2 at each N and k), and, where the set has them, does DR-MoE's head help on a backbone (each
+    "<row> drmoe" minus "<row>": on the dense backbone, MoE in the head only; on a MoE one, in both)?"""
     b = next(iter(rows)).split()[0]   # every row of a sweet-spot set names its backbone first
     run = lambda p, n, k: rows.get(f"{b} {p} N={n} k={k}")
     cols = [(p, n) for p in ("last2", "every2") for n in (4, 8)]
@@ -323,13 +324,16 @@ def report_sweet_grid(rows: dict) -> str:
                                                         for p, n in cols) + " |")
     families = {"k = 2 minus k = 1": [(f"{p} N={n}", run(p, n, 2), run(p, n, 1)) for p, n in cols],
                 "last2 minus every2": [(f"N={n} k={k}", run("last2", n, k), run("every2", n, k))
-                                       for n in (4, 8) for k in (1, 2)]}
+                                       for n in (4, 8) for k in (1, 2)],
+                # MoE in the head on top of a backbone, dense or MoE: each "<row> drmoe" against "<row>"
+                "DR-MoE head minus linear head": [(n[len(b) + 1:-len(" drmoe")], rows[n], rows.get(n[:-len(" drmoe")]))
+                                                  for n in rows if n.endswith(" drmoe")]}
     for family, pairs in families.items():
         tests = [(where, paired(a, c)) for where, a, c in pairs if a and c]
         tests = [(where, t) for where, t in tests if t]
         if not tests:
             continue
-        lines += ["", f"{family}, paired over seeds (Holm over these {len(tests)} tests):", "",
+        lines += ["", f"{family}, paired over seeds (Holm over the {len(tests)} test{'s' * (len(tests) > 1)} here):", "",
                   "| at | mean difference | per seed | p | p (Holm) |", "|---|---|---|---|---|"]
         for (where, (_, diff, _, p)), p_holm in zip(tests, holm([t[3] for _, t in tests])):
             lines.append(f"| {where} | {diff.mean():+.2f} | {', '.join(f'{d:+.2f}' for d in diff)} | {p:.3f} | {p_holm:.3f} |")

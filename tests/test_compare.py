@@ -22,7 +22,8 @@ compare.py: the sets of configurations, the tables built from finished runs, and
   different flags; --report reads a run only under the flags that made it;
 - the routing table: NMI / ARI as mean ± sample std, and the paired NMI tests equal scipy's with Holm's;
 - the sweet-spot sets: the backbone experts an image uses, and the grid view (placement x N by k) whose
-  two families of paired tests (k = 2 - k = 1, last2 - every2) equal scipy's with Holm's per family.
+  families of paired tests (k = 2 - k = 1, last2 - every2, DR-MoE head - linear head) equal scipy's with
+  Holm's per family.
 
 Run: python -m pytest -q tests/test_compare.py
 """
@@ -280,8 +281,9 @@ def test_sweetspot_table_counts_backbone_experts_per_image(tmp_path):
 
 
 def test_sweetspot_grid_and_its_paired_tests(tmp_path):
-    """The sweet-spot grid view: each cell is the row's mean ± std, and the two families of paired tests
-    (k = 2 - k = 1; last2 - every2) equal scipy's paired t-test with Holm's adjustment within each family."""
+    """The sweet-spot grid view: each cell is the row's mean ± std, and the families of paired tests (k = 2 -
+    k = 1; last2 - every2; on vit_tiny also DR-MoE head - linear head on each backbone) equal scipy's paired
+    t-test with Holm's adjustment within each family."""
     rng = np.random.default_rng(0)
     maps = {n: 56 + rng.normal(size=3) for n in studies.SWEETSPOT_CONVNEXT}
     for name, values in maps.items():
@@ -296,6 +298,15 @@ def test_sweetspot_grid_and_its_paired_tests(tmp_path):
     assert md[3] == "| k = 2 |  | " + " | ".join(cell(row(2, p, n)) for p in ("last2", "every2") for n in (4, 8)) + " |"
     families = [[(f"{p} N={n}", row(2, p, n), row(1, p, n)) for p in ("last2", "every2") for n in (4, 8)],
                 [(f"N={n} k={k}", row(k, "last2", n), row(k, "every2", n)) for n in (4, 8) for k in (1, 2)]]
+    # the vit_tiny set adds the head's family: each "<row> drmoe" minus "<row>", on the dense and a MoE backbone
+    vit = ["vit_tiny dense", "vit_tiny dense drmoe", "vit_tiny last2 N=8 k=2", "vit_tiny last2 N=8 k=2 drmoe"]
+    for name in vit:
+        maps[name] = 62 + rng.normal(size=3)
+        for seed, v in enumerate(maps[name]):
+            fake_run(tmp_path, name, seed, float(v))
+    compare.main(["--set", "sweetspot", "--only", *vit, "--report", "--out", str(tmp_path), "--draws", "0"])
+    md += open(tmp_path / "results_sweetspot.md").read().splitlines()
+    families.append([(where, maps[f"vit_tiny {where} drmoe"], maps[f"vit_tiny {where}"]) for where in ("dense", "last2 N=8 k=2")])
     for pairs in families:
         p = [stats.ttest_rel(a, b).pvalue for _, a, b in pairs]
         for (where, a, b), p_k, h in zip(pairs, p, compare.holm(p)):
