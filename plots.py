@@ -384,19 +384,21 @@ def cost_scatter(path, points, xlabel, ylabel, title, subtitle=None, log_x=False
     ys = [p[1] + sgn * p[2] for p in points for sgn in (-1, 1)]
     xpad, ypad = 0.1 * (max(xs) - min(xs) or 1), 0.1 * (max(ys) - min(ys) or 1)
     left, top, w, h = 90, 80, 620, 420
-    img = Image.new("RGB", (left + w + 230, top + h + 70), "white")
+    img = Image.new("RGB", (left + w + 250, top + h + 70), "white")
     to_px = axes(img, (left, top, left + w, top + h), (min(xs) - xpad, max(xs) + xpad),
                  (min(ys) - ypad, max(ys) + ypad), xlabel, ylabel, title, subtitle=subtitle)
     d = ImageDraw.Draw(img)
-    seen = {}   # points that share an x (every top-1 MoE activates what the dense model does) are dodged
+    # Points at (nearly) one x are dodged sideways, 9 px per earlier point within 8 px of it: every top-1
+    # MoE activates about what the dense model does (2.72 vs 2.73 M), and their error bars would overlap.
+    placed = []   # the undodged pixel x of every point drawn so far
     for x, y, e, label, ser in points:
         rgb = SERIES[series.index(ser) % len(SERIES)]
         px, py = to_px(fx(x), y)
-        px += 9 * seen.get(round(fx(x), 6), 0)                            # sideways, 9 px per earlier point
-        seen[round(fx(x), 6)] = seen.get(round(fx(x), 6), 0) + 1
+        placed.append(px)
+        px += 9 * sum(abs(px - q) < 8 for q in placed[:-1])
         d.line([(px, to_px(fx(x), y - e)[1]), (px, to_px(fx(x), y + e)[1])], fill=rgb, width=2)
         d.ellipse([px - 5, py - 5, px + 5, py + 5], fill=rgb)
         d.text((px + 8, py), label, fill=FG, font=font(11), anchor="lm")
     legend(d, (left + w + 20, top), [(n, SERIES[k % len(SERIES)]) for k, n in enumerate(series)]
-           + [("bar: +- std over seeds", MUTED), ("(equal x: dodged sideways)", (255, 255, 255))])
+           + [("bar: +- std over seeds", MUTED), ("(nearly equal x: dodged sideways)", (255, 255, 255))])
     img.save(path)
