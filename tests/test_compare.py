@@ -1,5 +1,6 @@
 """
-compare.py: the sets of configurations, the tables built from finished runs, and the heterogeneity pooling.
+compare.py and tables.py: the sets of configurations, the tables built from finished runs, and the
+heterogeneity pooling.
 
 - the ablation set is the full grid gate kind x S in {0, 1, 2, 4} x T in {1, 2}, with one run standing for
   the four kinds where S + T = 1 (the gate is then the constant 1);
@@ -37,6 +38,7 @@ from scipy import stats
 import analysis
 import compare
 import studies
+import tables
 import train
 from gating import GATE_KINDS
 from tiny import TINY_MODEL
@@ -75,7 +77,7 @@ def test_grid_and_paired_tests_from_finished_runs(tmp_path):
     r = row(2, 1)
     assert cell(maps["static S=2 T=1"]) in r and cell(maps["dynamic S=2 T=1"]) in r
     p = {other: stats.ttest_rel(maps["dynamic S=2 T=1"], maps[f"{other} S=2 T=1"]).pvalue for other in ("static", "label")}
-    p_holm = dict(zip(p, compare.holm(list(p.values()))))           # the grid's only two tests
+    p_holm = dict(zip(p, tables.holm(list(p.values()))))           # the grid's only two tests
     for other in ("static", "label"):
         diff = np.mean(np.subtract(maps["dynamic S=2 T=1"], maps[f"{other} S=2 T=1"]))
         assert f"{diff:+.2f} ({p[other]:.2f}, {p_holm[other]:.2f})" in r
@@ -105,9 +107,9 @@ def test_models_table_has_bootstrap_interval_and_detectable_difference(tmp_path)
 
 def test_holm_by_hand():
     # sorted p: 0.01, 0.03, 0.04 -> x3, x2, x1 = 0.03, 0.06, 0.04 -> running max 0.03, 0.06, 0.06
-    assert compare.holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
-    assert compare.holm([0.5, 0.6]).tolist() == pytest.approx([1.0, 1.0])      # capped at 1
-    assert compare.holm([0.02]).tolist() == pytest.approx([0.02])              # one test: unchanged
+    assert tables.holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
+    assert tables.holm([0.5, 0.6]).tolist() == pytest.approx([1.0, 1.0])      # capped at 1
+    assert tables.holm([0.02]).tolist() == pytest.approx([0.02])              # one test: unchanged
 
 
 def test_heterogeneity_pooled_over_seeds(tmp_path):
@@ -248,7 +250,7 @@ def test_routing_table_tests_nmi_paired_over_seeds(tmp_path):
     v = nmis["drmoe divdr"]
     assert f"| {np.mean(v):.3f} ± {np.std(v, ddof=1):.3f} | {np.mean(v) / 2:.3f} ± {np.std(v, ddof=1) / 2:.3f} |" in row
     p = {n: stats.ttest_rel(nmis["drmoe"], nmis[n]).pvalue for n in ("drmoe divdr", "drmoe gate=static")}
-    p_holm = dict(zip(p, compare.holm(list(p.values()))))
+    p_holm = dict(zip(p, tables.holm(list(p.values()))))
     for name in p:
         test = next(line for line in md if line.startswith(f"| {name} |") and "±" not in line and "|---" not in line
                     and line.count("|") == 7)
@@ -309,7 +311,7 @@ def test_sweetspot_grid_and_its_paired_tests(tmp_path):
     families.append([(where, maps[f"vit_tiny {where} drmoe"], maps[f"vit_tiny {where}"]) for where in ("dense", "last2 N=8 k=2")])
     for pairs in families:
         p = [stats.ttest_rel(a, b).pvalue for _, a, b in pairs]
-        for (where, a, b), p_k, h in zip(pairs, p, compare.holm(p)):
+        for (where, a, b), p_k, h in zip(pairs, p, tables.holm(p)):
             diff = np.subtract(a, b)
             assert f"| {where} | {diff.mean():+.2f} | " + ", ".join(f"{d:+.2f}" for d in diff) + \
                 f" | {p_k:.3f} | {h:.3f} |" in md
