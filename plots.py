@@ -388,17 +388,27 @@ def cost_scatter(path, points, xlabel, ylabel, title, subtitle=None, log_x=False
     to_px = axes(img, (left, top, left + w, top + h), (min(xs) - xpad, max(xs) + xpad),
                  (min(ys) - ypad, max(ys) + ypad), xlabel, ylabel, title, subtitle=subtitle)
     d = ImageDraw.Draw(img)
-    # Points at (nearly) one x are dodged sideways, 9 px per earlier point within 8 px of it: every top-1
+    # Points at (nearly) one x are dodged sideways, 12 px per earlier point within 10 px of it: every top-1
     # MoE activates about what the dense model does (2.72 vs 2.73 M), and their error bars would overlap.
-    placed = []   # the undodged pixel x of every point drawn so far
+    placed, drawn = [], []   # the undodged pixel x of every point so far; (px, py, label) as drawn
     for x, y, e, label, ser in points:
         rgb = SERIES[series.index(ser) % len(SERIES)]
         px, py = to_px(fx(x), y)
         placed.append(px)
-        px += 9 * sum(abs(px - q) < 8 for q in placed[:-1])
+        px += 12 * sum(abs(px - q) < 10 for q in placed[:-1])
         d.line([(px, to_px(fx(x), y - e)[1]), (px, to_px(fx(x), y + e)[1])], fill=rgb, width=2)
         d.ellipse([px - 5, py - 5, px + 5, py + 5], fill=rgb)
-        d.text((px + 8, py), label, fill=FG, font=font(11), anchor="lm")
+        drawn.append((px, py, label))
+    # Labels after all markers, so none is painted over: right of its point, else a line lower or higher,
+    # else on its left; the first spot whose ~55 x 11 px box meets no earlier label and no other marker.
+    boxes = []   # (x from, x to, y) of each label drawn
+    for px, py, label in drawn:
+        spots = [(px + 8, px + 63, py + dy) for dy in (0, 12, -12, 24, -24)] + [(px - 63, px - 8, py), (px - 63, px - 8, py + 12)]
+        free = lambda s: not any(abs(s[2] - y) < 11 and s[0] < b1 and b0 < s[1] for b0, b1, y in boxes) and \
+            not any((qx, qy) != (px, py) and abs(s[2] - qy) < 10 and s[0] - 6 < qx < s[1] + 6 for qx, qy, _ in drawn)
+        spot = next((s for s in spots if free(s)), spots[0])
+        d.text((spot[0], spot[2]), label, fill=FG, font=font(11), anchor="lm")
+        boxes.append(spot)
     legend(d, (left + w + 20, top), [(n, SERIES[k % len(SERIES)]) for k, n in enumerate(series)]
            + [("bar: +- std over seeds", MUTED), ("(nearly equal x: dodged sideways)", (255, 255, 255))])
     img.save(path)
