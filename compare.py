@@ -22,7 +22,8 @@ Every run is a plain `train.py` run in <out>/<name>/seed<k>/ (its log.jsonl, bes
 any cell of the table can be re-checked with evaluate.py. Nothing is lost on interruption: finished runs
 (metrics.json present) are skipped, an interrupted one continues from its last.pt with --resume; either
 only when its command.json holds the same train.py flags (another --extra stops with one line instead),
-and --report checks the same, so a table never shows a run of other flags under a row's name.
+and --report checks the same (--weights aside), so a table never shows a run of other flags under a row's
+name (runs without command.json, from before it or copied into results/, are trusted).
 
 The statistics (mean ± sample std over seeds, paired t-tests with Holm's adjustment, the bootstrap over
 the test images and the detectable differences) are tables.py's; --report rebuilds them from the runs.
@@ -61,13 +62,16 @@ def row_args(flags: list, extra: list, seed: int) -> list:
     return [os.path.normpath(a) if i and args[i - 1] == "--weights" else a for i, a in enumerate(args)]
 
 
-def other_flags(d: str, args: list):
+def other_flags(d: str, args: list, ignore=()):
     """The flags recorded in d/command.json when they differ from args, else None (also for runs from
-    before command.json, and for results copied without it, which are trusted)."""
-    recorded = os.path.join(d, "command.json")
-    if os.path.exists(recorded) and json.load(open(recorded)) != args:
-        return json.load(open(recorded))
-    return None
+    before command.json, and for results copied without it, which are trusted). Flags named in `ignore`
+    are left out of the comparison, with their values."""
+    path = os.path.join(d, "command.json")
+    if not os.path.exists(path):
+        return None
+    drop = lambda a: [v for i, v in enumerate(a) if v not in ignore and not (i and a[i - 1] in ignore)]
+    recorded = json.load(open(path))
+    return recorded if drop(recorded) != drop(args) else None
 
 
 def train_one(name: str, flags: list, seed: int, out: str, extra: list) -> bool:
@@ -80,8 +84,9 @@ def train_one(name: str, flags: list, seed: int, out: str, extra: list) -> bool:
     # are trusted; a folder whose run never wrote a checkpoint (a typo in --extra) is simply started again.
     args = row_args(flags, extra, seed)
     begun = any(os.path.exists(os.path.join(d, f)) for f in ("metrics.json", "last.pt"))
-    if begun and other_flags(d, args):
-        sys.exit(f"error: {d} holds a run of other flags ({' '.join(other_flags(d, args))}); this row needs "
+    recorded = other_flags(d, args)
+    if begun and recorded is not None:
+        sys.exit(f"error: {d} holds a run of other flags ({' '.join(recorded)}); this row needs "
                  f"{' '.join(args)}: pass another --out, or remove that folder to retrain it")
     if os.path.exists(os.path.join(d, "metrics.json")):
         return True
@@ -105,7 +110,9 @@ def collect(out: str, names, seeds, args_of=None) -> dict:
     """Per configuration: the metrics of every finished seed, and its mean training throughput.
     args_of(name, seed), when given, is the run's expected train.py flags (row_args): a run that recorded
     other flags stops the report with one line, as train_one stops training (--report with another --extra
-    than the training command had would otherwise print that run's numbers under this row)."""
+    than the training command had would otherwise print that run's numbers under this row). --weights is
+    not compared: in the transfer sets it is <out>/pretrain/..., which changes when a folder of finished
+    runs is copied or named by another path, while the row's flags and --extra still say what ran."""
     rows = {}
     for name in names:
         runs = []
@@ -113,9 +120,11 @@ def collect(out: str, names, seeds, args_of=None) -> dict:
             d = run_dir(out, name, seed)
             if not os.path.exists(os.path.join(d, "metrics.json")):
                 continue
-            if args_of is not None and other_flags(d, args_of(name, seed)):
-                sys.exit(f"error: {d} holds a run of other flags ({' '.join(other_flags(d, args_of(name, seed)))}); "
-                         f"this row needs {' '.join(args_of(name, seed))}: report with the --extra it was trained with")
+            want = args_of(name, seed) if args_of is not None else None
+            recorded = other_flags(d, want, ignore=("--weights",)) if want is not None else None
+            if recorded is not None:
+                sys.exit(f"error: {d} holds a run of other flags ({' '.join(recorded)}); this row needs "
+                         f"{' '.join(want)}: report with the --extra it was trained with")
             m = json.load(open(os.path.join(d, "metrics.json")))
             log = [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
             # Throughput of the training epochs only (evaluation excluded). The median over epochs, and

@@ -17,8 +17,9 @@ group as one threshold), and every count in AP's formula becomes a weighted coun
 The order of the scores is fixed, so each label is sorted once and every resample is a cumulative sum.
 tests/test_noise.py checks this against evaluate.average_precision on explicitly resampled data.
 
-The paired bootstrap (compare.py's confidence interval of a difference): both models' scores on the same
-resampled images, so what the two runs share (easy and hard images) cancels in the difference.
+The paired bootstrap (the confidence interval of a difference in compare.py's tables, tables.bootstrap):
+both models' scores on the same resampled images, so what the two runs share (easy and hard images)
+cancels in the difference.
 The minimal detectable difference of a test at level alpha with power 1 - beta (Cohen 1988), from the
 spread the study observed: for the paired t over n seeds with per-seed differences of sd s_d,
     MDD_t = (t_{1-alpha/2, n-1} + t_{1-beta, n-1}) * s_d / sqrt(n),

@@ -3,13 +3,14 @@ The tables of a comparison (compare.py --report writes them): per configuration,
 seeds and what the set measures; then paired tests of each configuration against the set's reference, and
 the grid views of the ablation and the sweet-spot sets with the tests each grid asks.
 
-The statistics: for each configuration, test mAP mean and sample std over seeds. For DR-MoE against
-another configuration, the seeds are paired (seed k of both runs sees the same data order and the same
+The statistics: for each configuration, test mAP mean and sample std over seeds. For the set's reference
+(DR-MoE, or the dense backbone) against another configuration, the seeds are paired (seed k of both runs sees the same data order and the same
 synthetic images), so the test is scipy's paired t-test on the per-seed differences d_k (k = 1..n seeds),
     t = mean(d) / (sd(d) / sqrt(n)),   sd with ddof = 1,   p two-sided on n - 1 degrees of freedom.
 With 3 seeds it has 2 degrees of freedom: only large, consistent differences reach p < 0.05, and "not
 significant" means "not shown", not "equal". A table makes many such tests at once, so each also gets
-Holm's adjusted p (holm() below), which bounds the chance of any false "yes" in the whole table.
+Holm's adjusted p (holm() below), which bounds the chance of any false "yes" among the tests adjusted
+together: the whole flat table, or one family of a grid (each family answers its own question).
 Beside it, two numbers from noise.py: the paired bootstrap over the test images (both runs' test_scores.npz
 resampled together, the mean over seeds of the mAP difference) gives a 95 % interval for the difference the
 test set can vouch for; and the minimal detectable difference, for the t over seeds (from the observed sd of
@@ -195,7 +196,9 @@ def report_sweet_grid(rows: dict) -> str:
     then its questions as paired tests over seeds, each family Holm-adjusted on its own tests: does
     activating more help (k = 2 - k = 1 at each placement and N), is last-2 the better placement (last2 -
     every2 at each N and k), and, where the set has them, does DR-MoE's head help on a backbone (each
-    "<row> drmoe" minus "<row>": on the dense backbone, MoE in the head only; on a MoE one, in both)?"""
+    "<row> drmoe" minus "<row>": on the dense backbone, MoE in the head only; on a MoE one, in both)? On a
+    MoE backbone the head row also balances its gate (--aux-loss-coef is one flag for head and backbone,
+    studies.SWEETSPOT_BEST), so that difference is the head with a balanced gate, not the head alone."""
     b = next(iter(rows)).split()[0]   # every row of a sweet-spot set names its backbone first
     run = lambda p, n, k: rows.get(f"{b} {p} N={n} k={k}")
     cols = [(p, n) for p in ("last2", "every2") for n in (4, 8)]
@@ -208,7 +211,7 @@ def report_sweet_grid(rows: dict) -> str:
                 "last2 minus every2": [(f"N={n} k={k}", run("last2", n, k), run("every2", n, k))
                                        for n in (4, 8) for k in (1, 2)],
                 # MoE in the head on top of a backbone, dense or MoE: each "<row> drmoe" against "<row>"
-                "DR-MoE head minus linear head": [(n[len(b) + 1:-len(" drmoe")], rows[n], rows.get(n[:-len(" drmoe")]))
+                "DR-MoE head minus linear head (on MoE backbones with its gate balanced too)": [(n[len(b) + 1:-len(" drmoe")], rows[n], rows.get(n[:-len(" drmoe")]))
                                                   for n in rows if n.endswith(" drmoe")]}
     for family, pairs in families.items():
         tests = [(where, paired(a, c)) for where, a, c in pairs if a and c]

@@ -584,7 +584,8 @@ def main(argv=None):
     if sigs is not None:   # the routing structure on test, as evaluate.py reports it (divdr.structure)
         metrics["routing"] = split_structure(sigs, rows, ds["test"], targets, tcfg.divdr_clusters)
     # Each label's AP (which labels carry the seed noise, results/noise/) and the test scores themselves:
-    # compare.py's paired bootstrap resamples the images of two runs together, which needs the per-image scores.
+    # the paired bootstrap of compare.py's tables (tables.bootstrap) resamples the images of two runs
+    # together, which needs the per-image scores.
     ap = average_precision(scores, targets) * 100
     metrics.update({"AP": {c: (None if np.isnan(a) else float(a)) for c, a in zip(ds["test"].classes, ap)},
                     "checkpoint": "best.pt", "epoch": best["epoch"] + 1,

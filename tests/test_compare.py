@@ -223,6 +223,20 @@ def test_report_reads_only_runs_of_its_own_flags(tmp_path):
         compare.main(report)
     compare.main(report + ["--extra", "--epochs 3"])
     assert json.load(open(tmp_path / "results_models.json"))["linear"][0]["mAP"] == 60.0
+    # a transfer set: the flags include --budget and the source-task --weights, which is not compared (a
+    # copied folder of runs names its pretraining by another path)
+    out = tmp_path / "copied"
+    fake_run(out, "vit_tiny dense", 0, 61.0)
+    d = compare.run_dir(str(out), "vit_tiny dense", 0)
+    json.dump(compare.row_args(studies.SWEETSPOT["vit_tiny dense"], ["--epochs", "10", "--budget", "study", "--weights",
+                                                                      "runs/transfer/pretrain/pretrain/seed0/best.pt"], 0),
+              open(os.path.join(d, "command.json"), "w"))
+    report = ["--set", "sweetspot", "--only", "vit_tiny dense", "--seeds", "0", "--report", "--out", str(out),
+              "--draws", "0", "--budget", "study"]
+    compare.main(report + ["--extra", "--epochs 10"])
+    assert json.load(open(out / "results_sweetspot.json"))["vit_tiny dense"][0]["mAP"] == 61.0
+    with pytest.raises(SystemExit, match="holds a run of other flags"):
+        compare.main(report)                                  # without the --extra it was trained with
 
 
 def test_rows_of_the_same_name_have_the_same_flags():
@@ -301,14 +315,19 @@ def test_sweetspot_grid_and_its_paired_tests(tmp_path):
     families = [[(f"{p} N={n}", row(2, p, n), row(1, p, n)) for p in ("last2", "every2") for n in (4, 8)],
                 [(f"N={n} k={k}", row(k, "last2", n), row(k, "every2", n)) for n in (4, 8) for k in (1, 2)]]
     # the vit_tiny set adds the head's family: each "<row> drmoe" minus "<row>", on the dense and a MoE backbone
+    # consistent differences (+1, -0.5, small noise): small p-values, so Holm over this family's 2 tests
+    # differs from Holm over all the families' tests
     vit = ["vit_tiny dense", "vit_tiny dense drmoe", "vit_tiny last2 N=8 k=2", "vit_tiny last2 N=8 k=2 drmoe"]
+    maps["vit_tiny dense"], maps["vit_tiny last2 N=8 k=2"] = 62 + rng.normal(size=3), 62.5 + rng.normal(size=3)
+    maps["vit_tiny dense drmoe"] = maps["vit_tiny dense"] + 1 + 0.05 * rng.normal(size=3)
+    maps["vit_tiny last2 N=8 k=2 drmoe"] = maps["vit_tiny last2 N=8 k=2"] - 0.5 + 0.05 * rng.normal(size=3)
     for name in vit:
-        maps[name] = 62 + rng.normal(size=3)
         for seed, v in enumerate(maps[name]):
             fake_run(tmp_path, name, seed, float(v))
     compare.main(["--set", "sweetspot", "--only", *vit, "--report", "--out", str(tmp_path), "--draws", "0"])
     md += open(tmp_path / "results_sweetspot.md").read().splitlines()
     families.append([(where, maps[f"vit_tiny {where} drmoe"], maps[f"vit_tiny {where}"]) for where in ("dense", "last2 N=8 k=2")])
+    assert max(stats.ttest_rel(a, b).pvalue for _, a, b in families[-1]) < 0.05
     for pairs in families:
         p = [stats.ttest_rel(a, b).pvalue for _, a, b in pairs]
         for (where, a, b), p_k, h in zip(pairs, p, tables.holm(p)):
