@@ -388,26 +388,41 @@ def cost_scatter(path, points, xlabel, ylabel, title, subtitle=None, log_x=False
     to_px = axes(img, (left, top, left + w, top + h), (min(xs) - xpad, max(xs) + xpad),
                  (min(ys) - ypad, max(ys) + ypad), xlabel, ylabel, title, subtitle=subtitle)
     d = ImageDraw.Draw(img)
-    # Points at (nearly) one x are dodged sideways, 12 px per earlier point within 10 px of it: every top-1
-    # MoE activates about what the dense model does (2.72 vs 2.73 M), and their error bars would overlap.
-    placed, drawn = [], []   # the undodged pixel x of every point so far; (px, py, label) as drawn
-    for x, y, e, label, ser in points:
+    # Points at (nearly) one x: every top-1 MoE activates about what the dense model does (2.72 vs 2.73 M),
+    # so their error bars would overlap. Each cluster (points within 10 px of the cluster's first, in x
+    # order) is spread 12 px apart, centred on where it was, so no point moves further than it must.
+    px = [to_px(fx(p[0]), p[1])[0] for p in points]
+    clusters = []
+    for k in sorted(range(len(points)), key=lambda k: px[k]):
+        if clusters and px[k] - px[clusters[-1][0]] < 10:
+            clusters[-1].append(k)
+        else:
+            clusters.append([k])
+    shift = {k: 12 * (j - (len(c) - 1) / 2) for c in clusters for j, k in enumerate(sorted(c))}
+    drawn = []   # (x, y, y of the bar's top, y of its bottom) in pixels, for the labels to avoid
+    for k, (x, y, e, label, ser) in enumerate(points):
         rgb = SERIES[series.index(ser) % len(SERIES)]
-        px, py = to_px(fx(x), y)
-        placed.append(px)
-        px += 12 * sum(abs(px - q) < 10 for q in placed[:-1])
-        d.line([(px, to_px(fx(x), y - e)[1]), (px, to_px(fx(x), y + e)[1])], fill=rgb, width=2)
-        d.ellipse([px - 5, py - 5, px + 5, py + 5], fill=rgb)
-        drawn.append((px, py, label))
-    # Labels after all markers, so none is painted over: right of its point, else a line lower or higher,
-    # else on its left; the first spot whose ~55 x 11 px box meets no earlier label and no other marker.
-    boxes = []   # (x from, x to, y) of each label drawn
-    for px, py, label in drawn:
-        spots = [(px + 8, px + 63, py + dy) for dy in (0, 12, -12, 24, -24)] + [(px - 63, px - 8, py), (px - 63, px - 8, py + 12)]
-        free = lambda s: not any(abs(s[2] - y) < 11 and s[0] < b1 and b0 < s[1] for b0, b1, y in boxes) and \
-            not any((qx, qy) != (px, py) and abs(s[2] - qy) < 10 and s[0] - 6 < qx < s[1] + 6 for qx, qy, _ in drawn)
-        spot = next((s for s in spots if free(s)), spots[0])
-        d.text((spot[0], spot[2]), label, fill=FG, font=font(11), anchor="lm")
+        cx, cy = px[k] + shift[k], to_px(fx(x), y)[1]
+        bar_top, bar_bottom = to_px(fx(x), y + e)[1], to_px(fx(x), y - e)[1]
+        d.line([(cx, bar_top), (cx, bar_bottom)], fill=rgb, width=2)
+        d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=rgb)
+        drawn.append((cx, cy, bar_top, bar_bottom))
+    # Labels after all markers, so none is painted over: right of the point, else a line lower or higher,
+    # else on its left; the first spot whose box (about 55 x 11 px) meets no earlier label, no other marker
+    # and no other error bar.
+    boxes = []   # (x from, x to, y centre) of each label drawn
+
+    def free(x0, x1, y, own):
+        if any(abs(y - by) < 11 and x0 < bx1 and bx0 < x1 for bx0, bx1, by in boxes):
+            return False
+        others = [p for i, p in enumerate(drawn) if i != own]
+        return not any(x0 - 6 < cx < x1 + 6 and (abs(y - cy) < 10 or y0 - 5 < y < y1 + 5) for cx, cy, y0, y1 in others)
+
+    for k, (cx, cy, _, _) in enumerate(drawn):
+        spots = [(cx + 8, cx + 63, cy + dy) for dy in (0, 12, -12, 24, -24, 36, -36)] + \
+                [(cx - 63, cx - 8, cy + dy) for dy in (0, 12, -12)]
+        spot = next((s for s in spots if free(*s, k)), spots[0])
+        d.text((spot[0], spot[2]), points[k][3], fill=FG, font=font(11), anchor="lm")
         boxes.append(spot)
     legend(d, (left + w + 20, top), [(n, SERIES[k % len(SERIES)]) for k, n in enumerate(series)]
            + [("bar: +- std over seeds", MUTED), ("(nearly equal x: dodged sideways)", (255, 255, 255))])
