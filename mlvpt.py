@@ -73,9 +73,17 @@ GROUPINGS = ("label", "random", "none")
 # 1. label groups
 
 
+def cooccurrence(targets):
+    """targets (N, L) in {1, 0, -1} -> (counts (L, L), nums (L,)) as baselines.label_cooccurrence; a pair
+    (counts, nums) passes through: the grouping needs only these, and some datasets publish just them
+    (ML-GCN's adj files for VOC and COCO; tests/voc2007_trainval_cooccurrence.txt)."""
+    return targets if isinstance(targets, tuple) else label_cooccurrence(targets)
+
+
 def affinities(targets, tau: float = 2.0):
-    """targets (N, L) in {1, 0, -1} -> (M+ (L, L), M- (L, L)) float64, zero diagonals (docstring, step 1)."""
-    counts, nums = label_cooccurrence(targets)
+    """targets (N, L) in {1, 0, -1}, or (counts, nums) -> (M+ (L, L), M- (L, L)) float64, zero diagonals
+    (docstring, step 1)."""
+    counts, nums = cooccurrence(targets)
     A = counts / np.maximum(nums, 1)[:, None]                              # (L, L) P(j | i); 0 for unseen i
     R = A ** (1.0 / tau)                                                   # tau-th root
     plus = (R + R.T) / 2
@@ -138,8 +146,9 @@ def pick_k(M: np.ndarray, seed: int = 0, ks=range(2, 11)) -> int:
 
 
 def label_groups(targets, k: int, kind: str, seed: int = 0, tau: float = 2.0):
-    """The training labels (N, L) -> k lists of label indices: kind "co" groups labels that co-occur,
-    "dc" labels that exclude each other. k = 0 picks k by the Calinski-Harabasz score."""
+    """The training labels (N, L), or their (counts, nums) -> k lists of label indices: kind "co" groups
+    labels that co-occur, "dc" labels that exclude each other. k = 0 picks k by the Calinski-Harabasz
+    score."""
     if kind not in BRANCHES:
         raise ValueError(f"kind must be one of {BRANCHES}, got {kind!r}")
     M = affinities(targets, tau)[BRANCHES.index(kind)]
@@ -163,7 +172,7 @@ def random_groups_like(groups, num_labels: int, seed: int = 0):
 def within_group_cooccurrence(targets, groups) -> float:
     """Mean over the pairs of labels that share a group of (P(j|i) + P(i|j)) / 2: high for groups of labels
     that appear together, low for groups of labels that exclude each other (singletons have no pair)."""
-    counts, nums = label_cooccurrence(targets)
+    counts, nums = cooccurrence(targets)
     A = counts / np.maximum(nums, 1)[:, None]
     sym = (A + A.T) / 2
     pairs = [sym[a, b] for g in groups for i, a in enumerate(g) for b in g[i + 1:]]
