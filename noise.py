@@ -11,11 +11,11 @@ a study can therefore tell from luck. Three sources, each measured here (results
 
 The bootstrap without copying the data. A resample with replacement is a count w_i per image (multinomial,
 N draws over N images), and AP on the resample is AP on the original images with those weights: copies of
-an image have the same score, so they fall into one tie group (evaluate._average_precision_1d treats a tie
+an image have the same score, so they fall into one tie group (metrics._average_precision_1d treats a tie
 group as one threshold), and every count in AP's formula becomes a weighted count,
     P_g = (sum_{i: s_i >= s_g} w_i y_i) / (sum_{i: s_i >= s_g} w_i),   AP = sum_g dTP_g P_g / TP_total.
 The order of the scores is fixed, so each label is sorted once and every resample is a cumulative sum.
-tests/test_noise.py checks this against evaluate.average_precision on explicitly resampled data.
+tests/test_noise.py checks this against metrics.average_precision on explicitly resampled data.
 
 The paired bootstrap (the confidence interval of a difference in compare.py's tables, tables.bootstrap):
 both models' scores on the same resampled images, so what the two runs share (easy and hard images)
@@ -166,7 +166,7 @@ def variance_table(groups: dict, subset: int = 2000, draws: int = 1000) -> str:
         sub = np.array([weighted_map(s[:subset], targets[:subset], ones[:, :subset])[0] for s in scores])
         boot = np.mean([bootstrap_map(s, targets, draws).std(ddof=1) for s in scores])
         boot_sub = np.mean([bootstrap_map(s[:subset], targets[:subset], draws).std(ddof=1) for s in scores])
-        from evaluate import average_precision   # here: evaluate pulls in torch, the bootstrap does not
+        from metrics import average_precision   # here: metrics pulls in torch, the bootstrap does not
         ap = np.array([average_precision(s, targets) for s in scores]) * 100   # (runs, L)
         top = ""
         if len(scores) > 2:
@@ -207,7 +207,7 @@ def main(argv=None):
         with open(args.out, "w") as fh:
             fh.write(table)
     if args.plot:
-        from evaluate import average_precision
+        from metrics import average_precision
         import plots
         std, runs, classes, positives = {}, {}, None, None
         for name, folder in groups.items():

@@ -52,7 +52,8 @@ from tqdm import tqdm
 import distributed
 from data import NUM_LABELS, DatasetError, build_dataset, download_voc
 from checkpoint import copy_atomically, judged_weights, load_file, rng_state, save_checkpoint, set_rng_state
-from evaluate import average_precision, multilabel_metrics, predict
+from evaluate import predict
+from metrics import average_precision, multilabel_metrics
 from baselines import asymmetric_loss
 from config import TrainConfig, amp_dtype_for, parse_args, pick_device
 from gating import expert_load, expert_names

@@ -23,7 +23,8 @@ sys.path.insert(0, ROOT)
 
 import distributed  # noqa: E402
 from data import build_dataset  # noqa: E402
-from evaluate import multilabel_metrics, predict  # noqa: E402
+from evaluate import predict  # noqa: E402
+from metrics import multilabel_metrics  # noqa: E402
 from model import ModelConfig, build_model  # noqa: E402
 from train import masked_bce  # noqa: E402
 from tiny import TINY_MODEL

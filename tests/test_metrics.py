@@ -1,5 +1,5 @@
 """
-Tests for the metrics of evaluate.py: `average_precision` and
+Tests for metrics.py: `average_precision` and
 `multilabel_metrics` (mAP, CP/CR/CF1, OP/OR/OF1 and their top-3 variants).
 
 Covered: hand-computed cases (written out in the comments), tie handling,
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate import average_precision, multilabel_metrics
+from metrics import average_precision, multilabel_metrics
 
 KEYS = {"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1",
         "CP_top3", "CR_top3", "CF1_top3", "OP_top3", "OR_top3", "OF1_top3",

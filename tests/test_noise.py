@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from evaluate import multilabel_metrics  # noqa: E402
+from metrics import multilabel_metrics  # noqa: E402
 from noise import (bootstrap_map, detectable_t, detectable_z, label_shares, paired_bootstrap,  # noqa: E402
                    resample_weights, weighted_map)
 
