@@ -62,6 +62,8 @@ from experts import Experts
 from model import build_model, flops_per_image, set_memory_format
 from synthetic import render_synthetic
 
+# on/off words rather than --flag / --no-flag: --amp, --channels-last and --compile each take several values,
+# and every combination of them is timed in one call.
 ON_OFF = {"on": True, "off": False}
 
 
@@ -109,14 +111,18 @@ def make_step(model_name, args, device, amp: bool, channels_last: bool, compile_
     if device.type == "cuda":   # this model's own footprint: weights, gradients, AdamW, EMA, activations
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+    # the same random weights on every call, so that reruns time the same model
     torch.manual_seed(0)
     model = build_model(mcfg, verbose=False).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     set_memory_format(model, fmt)
+    # As in train.py: only the forward runs through the compiled module; the EMA and the optimizer hold the
+    # raw one (a compiled module's state_dict keys differ).
     step_model = torch.compile(model) if compile_ else model
     ema = copy.deepcopy(model).requires_grad_(False) if tcfg.ema_decay else None
     optimizer = train.build_optimizer(model, tcfg, device)
     amp_dtype = config.amp_dtype_for(device, amp)
+    # Loss scaling only for fp16, whose small gradients underflow; disabled (a pass-through) otherwise, as train.py.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     B, S, L = tcfg.batch_size, tcfg.image_size, mcfg.num_labels
     # One batch, reused: the loader is measured on its own below, and a step's cost does not depend on
@@ -133,6 +139,7 @@ def make_step(model_name, args, device, amp: bool, channels_last: bool, compile_
            "batch_size": B, "device": str(device), "amp": amp_dtype is not None,
            "precision": str(amp_dtype or torch.float32).replace("torch.", ""), "channels_last": channels_last,
            "compile": compile_, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    # the peak minus `base`: the models built before this one are still in memory
     if device.type == "cuda":
         rec["peak_mem_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 30
     if args.profile:   # where the time goes: the ops that cost most over 3 more steps
@@ -160,6 +167,7 @@ def bench_backbone_moe(args, device) -> list:
                 "last2 N=8 k=2": "--backbone-moe last2 --backbone-experts 8 --backbone-top-k 2"}
     built = {}
     for name, flags in variants.items():
+        # a copy per variant: each must start from args.backbone and args.extra as given, not the last one's
         a = copy.copy(args)
         # Backbone MoE exists for ViT, ConvNeXt and Swin blocks only: any other --backbone (the ResNet-101 of the
         # step part, say) measures this part on vit_tiny at the dataset preset's own size instead.
@@ -167,12 +175,15 @@ def bench_backbone_moe(args, device) -> list:
         a.backbone = args.backbone if moe_capable else "vit_tiny"
         a.image_size = args.image_size if moe_capable else None
         a.extra = f"{args.extra} {flags}"
+        # fp32, channels_last (train.py's default), no compile: one setting, the same for the three variants
         fn, rec = make_step("linear", a, device, False, True, False)
+        # The FLOPs on a fresh model of the same config: make_step keeps its own inside the step function.
         tcfg, mcfg = configs("linear", a)
         rec["gflops"] = flops_per_image(build_model(mcfg, verbose=False), tcfg.image_size) / 1e9
         built[name] = fn, {**rec, "kind": "moe", "variant": name}
     ms = median_ms({k: fn for k, (fn, _) in built.items()}, device, args.steps)
     recs = [{**rec, "step_ms": ms[k], "img_per_s": 1e3 * rec["batch_size"] / ms[k]} for k, (_, rec) in built.items()]
+    # recs[0] is "dense": dicts keep the order of `variants`
     for r in recs:
         r["vs_dense"] = r["step_ms"] / recs[0]["step_ms"]
     return recs
@@ -206,6 +217,7 @@ def loader_dataset(args, folder: str, image_size: int):
         img = render_synthetic(0, "train", i, 500)[0][:375]
         paths.append(os.path.join(folder, f"{i:06d}.jpg"))
         Image.fromarray(img).save(paths[-1], quality=90)
+    # The labels cost nothing to load: all-negative targets for VOC's L = 20 are enough.
     targets = np.zeros((len(paths), 20), dtype=np.float32)
     return ImageList(paths, targets, [str(i) for i in range(len(paths))], [str(c) for c in range(20)], image_size,
                      build_transform(image_size, train=True, randaugment=True, cutout=0.5))
@@ -217,6 +229,8 @@ def bench_loader(ds, workers: int, batch_size: int) -> dict:
     The first pass starts the (persistent) worker processes and is not timed; timing only after a first
     batch would flatter several workers, whose other batches were prepared meanwhile.
     """
+    # Persistent workers, unlike train.py's (which restarts them every pass for an exact --resume): here they
+    # must outlive pass 1, so that pass 2 times the decoding alone. Shuffled, as training reads the files.
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          drop_last=True, persistent_workers=workers > 0)
     for _ in loader:                                    # pass 1: worker start-up, page cache
@@ -277,6 +291,7 @@ def main(argv=None):
         settings = [(a, c, k) for a in amps for c in (ON_OFF[v] for v in args.channels_last) for k in compiles]
         if not cuda and any(a for a, _, _ in settings):
             print("note: AMP is CUDA-only in train.py (fp32 elsewhere); measuring fp32")
+            # the set drops the duplicates that AMP's collapse made; reverse: channels_last on first, as its default
             settings = sorted({(False, c, k) for _, c, k in settings}, reverse=True)
         steps = []
         for amp, cl, comp in settings:
@@ -329,4 +344,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # main() returns its records, for a caller in Python; as a script, a non-empty list `and 0` exits with 0.
     sys.exit(main() and 0)

@@ -33,6 +33,9 @@ DESCRIPTION = "Train DR-MoE (or a variant of its gate, or a baseline) for multi-
 
 @dataclass
 class TrainConfig:
+    # A default of None means "the preset decides" (PRESETS, BUDGETS below): the dataclass default is only the
+    # last resort, for the settings every dataset shares. The third argument of config_field (model.py) is the
+    # field's --help section (GROUPS), so the flags and the config stay one list.
     dataset: str = config_field("synthetic", "synthetic (embedded, no download) | synthetic-pretrain (its "
                                 "source task, for pretraining a backbone) | voc | coco | csv | cocojson "
                                 "(your own data, README 'Your own data')", "data")
@@ -53,6 +56,8 @@ class TrainConfig:
     train_images: int = config_field(None, "synthetic: images rendered for the train split", "data")
     val_images: int = config_field(None, "synthetic: images rendered for the val split", "data")
     test_images: int = config_field(None, "synthetic: images rendered for the test split", "data")
+    # Optimiser and schedule: AdamW with a one-cycle learning rate (train.py); the weight decay and the 20 %
+    # warm-up are Q2L's recipe (see the presets below), kept for the synthetic benchmark too.
     epochs: int = config_field(None, "training epochs", "training")
     batch_size: int = config_field(None, "images per step, over all processes under torchrun (each takes 1/W)", "training")
     lr: float = config_field(None, "peak learning rate of the one-cycle schedule", "training")
@@ -72,6 +77,8 @@ class TrainConfig:
     divdr_margin: float = config_field(1.0, "m: DivDR pushes partition means apart up to this mean squared distance "
                                             "per routing row (2 = every row on a different expert)", "training")
     collapse_threshold: float = config_field(0.8, "warn when one expert slot takes more than this share of the gate mass", "training")
+    # The ASL defaults are ASL's own (Alibaba-MIIL/ASL); --model q2l and mlvpt replace them with Q2L's
+    # released ones (baselines.MODEL_PRESETS, baselines.asymmetric_loss).
     loss: str = config_field("bce", "bce | asl (asymmetric loss, baselines.py)", "training")
     asl_gamma_neg: float = config_field(4.0, "ASL gamma-: focusing on negatives", "training")
     asl_gamma_pos: float = config_field(0.0, "ASL gamma+: focusing on positives", "training")
@@ -83,6 +90,7 @@ class TrainConfig:
     init_seed: int = config_field(None, "seed for the initial weights only (default: --seed); with it, --seed "
                                   "keeps the data order, flips and dropout: the two sources of seed noise apart",
                                   "training")
+    # Where and how fast the run runs (SYSTEM below keeps these out of the run folder's name).
     device: str = config_field("auto", "auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu", "system")
     amp: bool = config_field(True, "mixed precision where the device supports it (bf16, else fp16); fp32 on CPU", "system")
     channels_last: bool = config_field(True, "channels_last memory format for the backbone (faster convs)", "system")
@@ -91,6 +99,7 @@ class TrainConfig:
     num_workers: int = config_field(None, "DataLoader worker processes", "system")
     out_dir: str = config_field(None, "where checkpoints, log.jsonl and metrics.json go; default "
                                 "runs/DATASET/<model, gate, S, T, the flags you changed, seed>", "system")
+    # parse_args adds --resume by hand (a bare --resume means 'auto'), so its flag is skipped by add_config_args.
     resume: str = config_field(None, "continue from a checkpoint: a path, or 'auto' for OUT_DIR/last.pt", "system")
 
 
@@ -114,6 +123,10 @@ class TrainConfig:
 WORKERS = max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 PHOTOS = dict(backbone="resnet101", weights="DEFAULT", feature_layer="layer4", image_size=448, epochs=40,
               batch_size=32, lr=1e-4, ema_decay=0.9997, ema_warmup=False, cutout=0.5, num_workers=WORKERS)
+# SYNTHETIC: num_workers 0, because the split is rendered once into memory (data.SyntheticMultiLabel), so
+# a batch costs an index and a flip, not a JPEG decode: worker processes would only add their start-up.
+# cutout 0: its images get flips only (the --randaugment help), and the field needs a number either way
+# (check_values compares it). The benchmark has a real val split, so its best epoch is never chosen on test.
 SYNTHETIC = dict(backbone="resnet18", weights="none", feature_layer="layer3", image_size=64,
                  epochs=8, batch_size=64, lr=1e-3, ema_decay=0.99, ema_warmup=True, num_workers=0,
                  train_split="train", val_split="val", test_split="test", cutout=0.0)
@@ -149,6 +162,7 @@ BUDGETS = {
 }
 GROUPS = ("data", "model", "mixture of experts", "backbone MoE", "baselines", "ML-VPT", "training", "system")
 # Flags that change where or how fast a run runs, not what it learns: left out of the default run folder's name.
+# collapse_threshold is here too: it only decides when train.py warns, never what the run trains.
 SYSTEM = {"dataset", "data_root", "download", "device", "amp", "channels_last", "compile", "sync_bn",
           "num_workers", "out_dir", "resume", "describe", "collapse_threshold"}
 
@@ -157,18 +171,23 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the flag and what is allowed), not the 60-flag usage block."""
 
     def error(self, message):
+        # Exit status 2, as argparse's own error(): scripts can tell a usage error from a crash.
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def preset_value(name: str, dataset: str, model: str, default):
     """What a flag resolves to when not given: the model's settings over the dataset's preset over the default."""
+    # No budget layer: --help shows the demo budget, the default one, which changes nothing (BUDGETS["demo"]).
     return {**PRESETS[dataset], **MODEL_PRESETS[model]}.get(name, default)
 
 
 def shown_default(f) -> str:
     """The default --help shows: the real value under each preset and each model, not the dataclass's."""
+    # drmoe's model settings are empty (MODEL_PRESETS), so by_dataset is each dataset's preset alone; the
+    # models are then compared on the synthetic preset, and only those that change the value are named.
     by_dataset = {d: preset_value(f.name, d, "drmoe", f.default) for d in PRESETS}
     by_model = {m: preset_value(f.name, "synthetic", m, f.default) for m in MODEL_PRESETS}
+    # parts: value -> the datasets that share it, so --help reads "synthetic, ...: 64; voc, ...: 448"
     parts = {}
     for d, v in by_dataset.items():
         parts.setdefault(str(v), []).append(d)
@@ -191,6 +210,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, groups: dict, skip=())
         flag = "--" + f.name.replace("_", "-")
         group = groups[f.metadata.get("group", "model")]
         help = f.metadata["help"] + shown_default(f)
+        # A bool gets --flag and --no-flag, so that a True default (e.g. --amp) can be switched off.
         if f.type is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
@@ -206,10 +226,13 @@ def default_out_dir(tcfg: TrainConfig, mcfg: ModelConfig, args: dict, preset: di
     parts = [mcfg.model]
     if mcfg.model in ("drmoe", "hsq") and mcfg.moe_layers:
         parts += [mcfg.gate, f"S{mcfg.shared_experts}", f"T{mcfg.task_experts}"]
+    # fields the name already holds (model, gate, S, T, seed) or must never hold (SYSTEM)
     in_name = {"model", "gate", "shared_experts", "task_experts", "seed"} | SYSTEM
     for cls in (TrainConfig, ModelConfig):
         for f in fields(cls):
             value = args.get(f.name)
+            # Only flags that were typed and differ from what the preset gives: typing a default (--lr 1e-3
+            # on synthetic) names the same run as leaving it out, so it finds the same folder.
             if f.name in in_name or value is None or value == preset.get(f.name, f.default):
                 continue
             flag = f.name.replace("_", "-")
@@ -217,12 +240,15 @@ def default_out_dir(tcfg: TrainConfig, mcfg: ModelConfig, args: dict, preset: di
                 parts.append(flag if value else "no-" + flag)
             else:   # a path shows as its file name
                 parts.append(f"{flag}={os.path.basename(str(value).rstrip('/')) or value}")
+    # Anything else a value may hold (a space, a ',' in --mlvpt-branches co,dc, a quote) becomes '_': a folder
+    # name that every shell and file system takes as it is.
     name = re.sub(r"[^A-Za-z0-9.=_+-]", "_", "-".join(parts + [f"seed{tcfg.seed}"]))
     return os.path.join("runs", tcfg.dataset, name)
 
 
 def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
     """Every value that cannot work, caught before any data or model is built: error(one line) exits 2."""
+    # Each check stops a value that would fail later, deep inside a library, or train silently wrong.
     ranges = [  # (config, field, ok, what is allowed)
         (tcfg, "image_size", lambda v: v >= 32, "an integer >= 32 (the backbone downsamples by up to 32)"),
         (tcfg, "epochs", lambda v: v >= 1, "an integer >= 1"),
@@ -234,8 +260,10 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         (tcfg, "num_workers", lambda v: v >= 0, "an integer >= 0 (0 = load in the main process)"),
         (tcfg, "lr", lambda v: v > 0, "a number > 0"),
         (tcfg, "weight_decay", lambda v: v >= 0, "a number >= 0"),
+        # warmup_pct is OneCycleLR's pct_start
         (tcfg, "warmup_pct", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
         (tcfg, "grad_clip", lambda v: v >= 0, "a number >= 0 (0 = off)"),
+        # a constant d = 1 would never move the average off the initial weights
         (tcfg, "ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1) (0 = no EMA)"),
         (tcfg, "aux_loss_coef", lambda v: v >= 0, "a number >= 0"),
         (tcfg, "divdr_coef", lambda v: v >= 0, "a number >= 0"),
@@ -244,10 +272,12 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         (tcfg, "collapse_threshold", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
         (tcfg, "asl_gamma_neg", lambda v: v >= 0, "a number >= 0"),
         (tcfg, "asl_gamma_pos", lambda v: v >= 0, "a number >= 0"),
+        # p_m = max(p - clip, 0): a clip of 1 or more would zero every negative's loss
         (tcfg, "asl_clip", lambda v: 0 <= v < 1, "a number in [0, 1)"),
         (tcfg, "asl_eps", lambda v: 0 <= v < 1, "a number in [0, 1)"),
         (tcfg, "cutout", lambda v: 0 <= v < 1, "a fraction of the side in [0, 1) (0 = off)"),
         (mcfg, "dim", lambda v: v >= 4 and v % 4 == 0, "a multiple of 4 (the 2-D sine positions split D in 4)"),
+        # multi-head attention splits D into equal heads of D / heads each
         (mcfg, "heads", lambda v: v >= 1 and mcfg.dim % v == 0, f"a divisor of --dim {mcfg.dim}"),
         (mcfg, "enc_layers", lambda v: v >= 0, "an integer >= 0"),
         (mcfg, "layers", lambda v: v >= 1, "an integer >= 1"),
@@ -260,7 +290,10 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         (mcfg, "gate_temperature", lambda v: v > 0, "a number > 0"),
         (mcfg, "gcn_hidden", lambda v: v >= 1, "an integer >= 1"),
         (mcfg, "gcn_threshold", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+        # ML-GCN's eq. 8 is coded as p / (1 - p) (baselines.mlgcn_adjacency): p = 0 drops the neighbours,
+        # p = 1 divides by 0
         (mcfg, "gcn_reweight", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+        # backbone_experts: a mixture of one expert would be the dense block again
         (mcfg, "backbone_experts", lambda v: v >= 2, "an integer >= 2"),
         (mcfg, "backbone_top_k", lambda v: 1 <= v <= mcfg.backbone_experts, f"in 1..{mcfg.backbone_experts} (the experts)"),
         (mcfg, "backbone_capacity", lambda v: v >= 0, "a number >= 0 (0 = no limit)"),
@@ -274,6 +307,7 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
     for cfg, name, ok, allowed in ranges:
         if not ok(getattr(cfg, name)):
             error(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(cfg, name)!r}")
+    # Then the combinations: values that are each fine alone but contradict one another.
     synthetic_only = [n for n in ("train_images", "val_images", "test_images") if getattr(tcfg, n) is not None]
     if not tcfg.dataset.startswith("synthetic") and synthetic_only:
         error(f"--{synthetic_only[0].replace('_', '-')} applies to the synthetic benchmark only (its splits are "
@@ -301,6 +335,7 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
               "a best.pt of this project)")
     if mcfg.word_vectors and not os.path.isfile(mcfg.word_vectors):
         error(f"--word-vectors {mcfg.word_vectors!r}: no such file (an .npz with names and vectors; see README)")
+    # Choosing the best epoch on, or testing on, the images trained on would report memorisation as accuracy.
     if tcfg.train_split in (tcfg.val_split, tcfg.test_split):
         error(f"--train-split {tcfg.train_split} is also evaluated on; pick another split")
     try:
@@ -323,7 +358,9 @@ def parse_args(argv=None):
     groups["system"].add_argument("--describe", action="store_true", default=None,
                                   help="build the model for the dataset's labels, print parameters and GFLOPs, "
                                        "exit (no data read)")
+    # args: {field name: value}, None where the flag was not given
     args = vars(parser.parse_args(argv))
+    # The two flags that pick the presets are checked here, before the presets are looked up by them.
     dataset, model = args["dataset"] or TrainConfig.dataset, args["model"] or ModelConfig.model
     if dataset not in PRESETS:
         parser.error(f"--dataset must be one of {sorted(PRESETS)}, got {dataset!r}")
@@ -367,14 +404,18 @@ def parse_args(argv=None):
         except ValueError as e:
             parser.error(str(e))
     else:
+        # A new run's values; a resumed run's are the checkpoint's, already checked when that run started.
         check_values(tcfg, mcfg, parser.error)
     tcfg.out_dir = tcfg.out_dir or default_out_dir(tcfg, mcfg, args, preset)
+    # What was typed, told from defaults by the None above: train.py needs it for --describe and, on
+    # --resume, to tell which typed flags still apply and which the checkpoint's config overrides.
     given = {k for k, v in args.items() if v is not None}
     return tcfg, mcfg, given
 
 
 def check_device(name: str):
     """A ValueError naming what is wrong when --device asks for something this machine does not have."""
+    # Checked at start-up, so that a typo or a missing GPU is one line now, not a torch traceback at .to(device).
     kind = name.split(":")[0]
     if kind not in ("auto", "cpu", "cuda", "mps"):
         raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
@@ -404,4 +445,6 @@ def amp_dtype_for(device: torch.device, enabled: bool):
     """bf16 where the GPU supports it (no loss scaling needed), else fp16; None (= fp32) on CPU and MPS."""
     if not enabled or device.type != "cuda":
         return None
+    # fp16's 5-bit exponent underflows small gradients, hence train.py's GradScaler for it; bf16 has
+    # fp32's 8-bit exponent and needs none.
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

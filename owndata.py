@@ -34,6 +34,7 @@ import os
 
 import numpy as np
 
+# the split names data.build_dataset accepts for csv and cocojson
 OWN_SPLITS = ("train", "val", "test")
 HOLDOUT_FRACTION = 0.1   # of train.csv / train.json, when there is no val file
 
@@ -47,6 +48,8 @@ def check_images(folders, names, listed_in, how):
     """Each listed file must exist in one of `folders` (tried in order; an absolute name as it is): a
     half-extracted archive or a typo fails here, at start-up, not in a DataLoader worker."""
     folders = [folders] if isinstance(folders, str) else list(folders)
+    # One os.listdir per folder, then a set lookup per name: a split of many thousand images costs a few
+    # system calls instead of one stat per image per folder tried.
     listing = {f: set(os.listdir(f)) if os.path.isdir(f) else set() for f in folders}
     paths, missing = [], []
     for n in names:
@@ -54,6 +57,7 @@ def check_images(folders, names, listed_in, how):
             found = next((os.path.join(f, n) for f in folders if os.path.isfile(os.path.join(f, n))), None)
         else:                                              # a bare name: the listings, one os.listdir each
             found = next((os.path.join(f, n) for f in folders if n in listing[f]), None)
+        # Missing names are collected, not raised at once: the message counts them all (a typo vs a lost folder)
         if found is None:
             missing.append(n)
         paths.append(found)
@@ -78,12 +82,16 @@ def read_coco_json(ann, folders, empty="keep", how="", classes=None):
     except (KeyError, TypeError) as e:
         raise DatasetError(f"{ann} is not a COCO instances file: it needs top-level 'images', 'annotations' and "
                            f"'categories' lists ({type(e).__name__}: {e})") from None
+    # Every key the reader uses is checked first, so that a malformed entry is named by its index here
+    # instead of surfacing as a bare KeyError in the loops below.
     for kind, entries, keys in (("image", images, ("id", "file_name")), ("category", cats, ("id", "name")),
                                 ("annotation", anns, ("image_id", "category_id"))):
         for k, e in enumerate(entries):
             gone = [key for key in keys if not isinstance(e, dict) or key not in e]
             if gone:
                 raise DatasetError(f"{ann}: {kind} entry {k} ({str(e)[:80]}) has no {gone[0]!r}")
+    # A repeated id would be silently merged by the dicts below (row, col keep the last entry), and a
+    # repeated file_name would put one image in the split twice: both are refused instead.
     for kind, entries, key in (("image", images, "id"), ("image", images, "file_name"), ("category", cats, "id")):
         seen = {}
         for k, e in enumerate(entries):
@@ -93,8 +101,10 @@ def read_coco_json(ann, folders, empty="keep", how="", classes=None):
             seen[e[key]] = k
     cats = sorted(cats, key=lambda c: c["id"])   # ids may have gaps (COCO: 1..90); their order is the label order
     names = [c["name"] for c in cats]
+    # Column j must mean the same class in every split, or the model would be scored on the wrong labels.
     if classes is not None and names != list(classes):
         raise DatasetError(f"{ann}: its categories {short(names)} differ from the training split's {short(classes)}")
+    # category id -> label column
     col = {c["id"]: j for j, c in enumerate(cats)}
     # The json lists images in no promised order; sorting by id gives the same rows on every machine.
     images = sorted(images, key=lambda im: im["id"])
@@ -110,16 +120,21 @@ def read_coco_json(ann, folders, empty="keep", how="", classes=None):
                                   else f"image id {a['image_id']}"))
         targets[row[a["image_id"]], col[a["category_id"]]] = 1.0
     keep = np.arange(len(images)) if empty == "keep" else np.flatnonzero(targets.sum(1) > 0)
+    # Only the kept images must exist: a dropped unannotated image may be absent from the folder.
     paths = check_images(folders, [images[k]["file_name"] for k in keep], ann, how)
     return paths, targets[keep], [str(images[k]["id"]) for k in keep], names
 
 
 def holdout(n: int, fraction=HOLDOUT_FRACTION, seed=0):
     """Rows of a training file -> (train rows, held-out val rows), a seeded random split (numpy PCG64)."""
+    # read_own calls this once for train and once for val: the fixed seed makes both calls draw the same
+    # permutation, so the two parts are complementary and never share an image.
     order = np.random.default_rng(seed).permutation(n)
+    # at least one image to choose the best epoch on
     k = max(1, int(round(fraction * n)))
     if n - k < 1:
         raise DatasetError(f"cannot hold a validation part out of {n} training image(s); add a val file")
+    # sorted: each part keeps the file's row order
     return np.sort(order[k:]), np.sort(order[:k])
 
 
@@ -135,11 +150,13 @@ def _csv_rows(path):
 
 
 def _read_csv_rows(path):
+    # newline="": what the csv module asks for, so that a line break inside a quoted cell stays in the cell.
     with open(path, newline="", encoding="utf-8-sig") as fh:   # -sig: Excel's byte-order mark
         reader = csv.reader(fh)
         header = next(reader, None)
         if not header:
             raise DatasetError(f"{path} is empty: expected a header line with an 'image' column")
+        # stripped: "image, labels" (a space after the comma) still names "labels"
         header = [h.strip() for h in header]
         rows = []
         for row in reader:
@@ -148,6 +165,7 @@ def _read_csv_rows(path):
             if len(row) != len(header):
                 raise DatasetError(f"{path}, line {reader.line_num}: {len(row)} fields, the header has "
                                    f"{len(header)} ({','.join(header)}); a comma inside a name needs quotes")
+            # reader.line_num, not a row count: the file's own line, right even after a cell that spans lines
             rows.append((reader.line_num, [cell.strip() for cell in row]))
     if "image" not in header:
         raise DatasetError(f"{path}: no 'image' column in the header (found {header}); see README 'Your own data'")
@@ -166,6 +184,7 @@ def split_names(cell: str) -> list:
 def short(names, k=10) -> str:
     """A class list for a one-line message: the first k names, then how many more."""
     names = list(names)
+    # str(list) minus its closing "]", which comes back after the count of the names left out
     return str(names[:k])[:-1] + (f", ... {len(names) - k} more]" if len(names) > k else "]")
 
 
@@ -174,6 +193,7 @@ def csv_classes(root):
     listed = os.path.join(root, "classes.txt")
     if os.path.isfile(listed):
         names = [line.strip() for line in open(listed, encoding="utf-8") if line.strip()]
+        # A name listed twice would get two label columns, and a label name could only ever fill one of them.
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes or not names:
             raise DatasetError(f"{listed}: " + (f"{dupes} listed twice" if dupes else "no class name"))
@@ -181,6 +201,7 @@ def csv_classes(root):
     header, rows = _csv_rows(os.path.join(root, "train.csv"))
     if "labels" in header:
         j = header.index("labels")
+        # Sorted, so the label order does not depend on which row happens to name a class first.
         return sorted({n for _, row in rows for n in split_names(row[j])})
     return sorted(h for h in header if h != "image")   # one-hot: the column names, sorted as names would be
 
@@ -204,11 +225,13 @@ def read_csv_split(path, root, classes):
             targets.append(t)
     else:
         columns = [h for h in header if h != "image"]
+        # The same set of classes, in any column order: `where` below reorders the columns into the label order.
         if sorted(columns) != sorted(classes):
             raise DatasetError(f"{path}: its class columns {short(columns)} are not the classes {short(classes)}"
                                + (" of classes.txt" if os.path.isfile(os.path.join(root, "classes.txt")) else ""))
         where = [header.index(c) for c in classes]   # column of each class, in the label order
         for line, row in rows:
+            # Compared as text: "yes", "1.0" or an empty cell is refused instead of being guessed at.
             bad = [(classes[k], row[j]) for k, j in enumerate(where) if row[j] not in ("0", "1", "-1")]
             if bad:
                 raise DatasetError(f"{path}, line {line}, column {bad[0][0]!r}: expected 1, 0 or -1 "
@@ -229,6 +252,7 @@ def read_csv_split(path, root, classes):
         first[name] = k
         keep.append(k)
     names = [rows[k][1][img] for k in keep]
+    # os.path.join(root, n) is n itself when n is absolute: one join serves both kinds of path.
     gone = [k for k, n in zip(keep, names) if not os.path.isfile(os.path.join(root, n))]
     if gone:   # the first one by its line, and how many more: one line, one fix at a time
         n = rows[gone[0]][1][img]
@@ -236,6 +260,8 @@ def read_csv_split(path, root, classes):
                            f"{os.path.join(root, n)}; paths are relative to --data-root or absolute)"
                            + (f"; {len(gone) - 1} more rows name missing images" if len(gone) > 1 else ""))
     paths = [os.path.join(root, n) for n in names]
+    # The ids are the names as written in the CSV, one per image (repeats were read once above): evaluate.py
+    # --compare-to checks by them that two runs were scored on the same images.
     return paths, np.stack([targets[k] for k in keep]), names
 
 
@@ -249,6 +275,7 @@ def read_own(kind, root, split, empty="keep"):
     file = lambda s: os.path.join(root, f"{s}.{ext}")
     needed = ("train", "test") if kind == "csv" else ("train",)
     missing = [file(s) for s in needed if not os.path.isfile(file(s))]
+    # cocojson needs one file to test on: val.json (COCO's habit) or test.json.
     if kind == "cocojson" and not (os.path.isfile(file("val")) or os.path.isfile(file("test"))):
         missing.append(file("val"))
     if missing:
@@ -266,6 +293,8 @@ def read_own(kind, root, split, empty="keep"):
         classes = csv_classes(root)
         paths, targets, ids = read_csv_split(file(source), root, classes)
     else:
+        # Another split is read against train.json's categories (read here only for them), so that a
+        # category missing from it is an error, not a shifted label column.
         classes = read_coco_json(file("train"), [root, os.path.join(root, "images")], empty)[3] if source != "train" else None
         paths, targets, ids, classes = read_coco_json(file(source), [root, os.path.join(root, "images")], empty,
                                                       "file_names are relative to --data-root or to its images/",

@@ -44,11 +44,13 @@ def colour(v: float, lo: float, hi: float):
 
 def nice_ticks(lo: float, hi: float, n: int = 5):
     """About n round tick values covering [lo, hi]."""
+    # A flat series (one epoch, or equal values) has no range: widen it, else log10(0) below would fail.
     if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
         hi = lo + 1
     # The step is the "round" number (1, 2, 2.5 or 5 times a power of ten) closest to the range / n.
     raw = (hi - lo) / n
     step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 2.5, 5, 10)), key=lambda s: abs(s - raw))
+    # Whole multiples of the step from just below lo to just above hi; axes() drops those outside its limits.
     return [k * step for k in range(math.floor(lo / step), math.ceil(hi / step) + 1)]
 
 
@@ -60,6 +62,7 @@ def axes(img, box, xlim, ylim, xlabel, ylabel, title, xticks=None, yticks=None, 
     to_px = lambda x, y: (x0 + (x - xlim[0]) / (xlim[1] - xlim[0]) * (x1 - x0),
                           y1 - (y - ylim[0]) / (ylim[1] - ylim[0]) * (y1 - y0))
     f = font(12)
+    # Pillow's anchors are two letters, horizontal then vertical: "rm" puts a tick label's right middle at xy.
     for t in yticks if yticks is not None else nice_ticks(*ylim):
         if ylim[0] <= t <= ylim[1]:
             y = to_px(xlim[0], t)[1]
@@ -76,6 +79,7 @@ def axes(img, box, xlim, ylim, xlabel, ylabel, title, xticks=None, yticks=None, 
     if subtitle:                                                        # a second, quieter line under the title
         draw.text((x0, y0 - 8), subtitle, fill=MUTED, font=font(12), anchor="ld")
     # the y label, written sideways on its own small image and pasted left of the tick labels
+    # (ImageDraw.text has no angle argument)
     lab = Image.new("RGB", (int(y1 - y0), 18), "white")
     ImageDraw.Draw(lab).text((lab.width / 2, 9), ylabel, fill=FG, font=font(13), anchor="mm")
     img.paste(lab.rotate(90, expand=True), (int(x0 - 62), int(y0)))
@@ -98,6 +102,7 @@ def heatmap(path, mean_w, variability, classes, experts, num_shared, title):
     # expert names, the shared/task bands and the title. Cells are wide enough for "0.00" in 11 px.
     cw, ch, left, top = 64, 22, 150, 130
     bar_x = left + E * cw + 40                                          # variability column
+    # 230 px right of it: the longest bar (150 px) and its value; 110 px below the cells: the colour bar and notes.
     img = Image.new("RGB", (bar_x + 230, top + L * ch + 110), "white")
     d = ImageDraw.Draw(img)
     d.text((20, 18), title, fill=FG, font=font(16))
@@ -122,6 +127,7 @@ def heatmap(path, mean_w, variability, classes, experts, num_shared, title):
         for j in range(E):
             rgb = colour(mean_w[l, j], 0, hi)
             d.rectangle([left + j * cw, y, left + (j + 1) * cw - 1, y + ch - 1], fill=rgb)
+            # viridis runs dark to light, so the ink flips at a channel sum of 380 (of 765: about mid-grey)
             ink = FG if sum(rgb) > 380 else (255, 255, 255)             # dark text on light cells
             # The number in the cell: colours are for seeing patterns, numbers for checking (analysis.json).
             d.text((left + j * cw + cw / 2, y + ch / 2), f"{mean_w[l, j]:.2f}", fill=ink, font=font(11), anchor="mm")
@@ -138,6 +144,7 @@ def heatmap(path, mean_w, variability, classes, experts, num_shared, title):
     for k in range(E * cw):
         d.line([(left + k, y), (left + k, y + 14)], fill=colour(k / (E * cw - 1) * hi, 0, hi))
     for t in nice_ticks(0, hi, 4):
+        # nice_ticks may overshoot hi; the 1e-9 keeps a tick at hi itself despite rounding
         if t <= hi + 1e-9:
             x = left + t / hi * (E * cw - 1)
             d.line([(x, y + 14), (x, y + 19)], fill=FG)
@@ -199,6 +206,7 @@ def curves(path, log, threshold, title):
     d = ImageDraw.Draw(img)
     d.text((20, 18), title, fill=FG, font=font(16))
     ep = log["epoch"]
+    # half an epoch of air, so the first and last points are off the frame
     xlim = (min(ep) - 0.5, max(ep) + 0.5)
     for p, (key, name) in enumerate(panels):
         box = (100, 80 + p * (ph + 90), W, 80 + p * (ph + 90) + ph)
@@ -215,12 +223,14 @@ def curves(path, log, threshold, title):
         to_px = axes(img, box, xlim, ylim, "epoch", name, name,
                      xticks=range(1, max(ep) + 1, max(1, math.ceil(max(ep) / 10))))   # whole epochs
         for k, (sname, s) in enumerate(series.items()):
+            # An epoch without the value (None) is skipped: the line joins its neighbours instead of dropping to 0.
             pts = [to_px(e, v) for e, v in zip(ep, s) if v is not None]
             d.line(pts, fill=SERIES[k % len(SERIES)], width=2)
             for x, y in pts:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=SERIES[k % len(SERIES)])
         if key == "expert_mass":   # dashed: the collapse warning's threshold (train.py --collapse-threshold)
             y = to_px(xlim[0], threshold)[1]
+            # ImageDraw.line has no dash style: 6 px drawn, 6 px left out
             for x in range(box[0], box[2], 12):
                 d.line([(x, y), (x + 6, y)], fill=SERIES[3], width=1)
             d.text((box[2] - 4, y - 3), f"collapse warning above {threshold:g}", fill=SERIES[3], font=font(11), anchor="rd")
@@ -254,6 +264,7 @@ def heterogeneity(path, het, title):
         names = [c for c in pl if np.isfinite(pl[c][key]) and np.isfinite(pl[c]["gain"])]
         xs, ys = np.array([pl[c][key] for c in names]), np.array([pl[c]["gain"] for c in names])
         xlo, xhi = (float(xs.min()), float(xs.max())) if len(xs) else (0.0, 1.0)
+        # 8 % of air each side; `or 1`: one point (or equal ones) has no range
         pad = 0.08 * (xhi - xlo or 1)
         x0 = 110 + k * (pw + 60)
         # Under the test, the same test with headroom held fixed (a label at 99 AP cannot gain 5 points).
@@ -262,6 +273,7 @@ def heterogeneity(path, het, title):
         to_px = axes(img, (x0, 120, x0 + pw - 60, 590), (xlo - pad, xhi + pad), (-span, span), xlabel,
                      "AP gain (points)", f"Spearman rho = {test['spearman_rho']:+.2f}, p = {test['p_value']:.3f}",
                      subtitle=sub)
+        # the zero line: above it the model gains on the label, below it loses
         y0 = to_px(0, 0)[1]
         d.line([(x0, y0), (x0 + pw - 60, y0)], fill=MUTED, width=2)
         pts = [to_px(x, y) for x, y in zip(xs, ys)]
@@ -276,6 +288,7 @@ def heterogeneity(path, het, title):
             w = font(11).getlength(c)
             for dy in (0, 12, -12, 24, -24, 36, -36):
                 box = (px + 6, py + dy - 6, px + 6 + w, py + dy + 6)
+                # Two boxes overlap when they overlap on both axes; b[4] widens an earlier box sideways only.
                 if not any(box[0] < b[2] + b[4] and b[0] < box[2] + b[4] and box[1] < b[3] and b[1] < box[3]
                            for b in placed):
                     break
@@ -294,10 +307,12 @@ def label_noise(path, classes, positives, series, title, subtitle=None):
     """
     order = np.argsort(positives)
     names = list(series)
+    # The axis must fit the largest std of any series; * 1.1 below leaves room for the value after that bar.
     top_v = max(float(np.nanmax(v)) for v in series.values())
     left, top, width = 190, 90, 460
     rh = 8 + 11 * len(names)                                  # one thin bar per series, stacked in the row
     img = Image.new("RGB", (left + width + 200, top + len(classes) * rh + 80), "white")
+    # yticks=[]: the rows are labels, named at the left, not numbers on an axis
     to_px = axes(img, (left, top, left + width, top + len(classes) * rh), (0, top_v * 1.1), (0, len(classes)),
                  "std of the label's AP over runs (AP points)", "", title, yticks=[], subtitle=subtitle)
     d = ImageDraw.Draw(img)
@@ -320,11 +335,13 @@ def routing_clusters(path, table, cluster_names, reference_names, title, subtitl
     table = np.asarray(table, dtype=float)
     K, R = table.shape
     cw, ch, left, top = 84, 28, 120, 110
+    # at least 560 px wide: the two lines of notes under the table must fit even with few columns
     img = Image.new("RGB", (max(left + R * cw + 120, 560), top + K * ch + 90), "white")
     d = ImageDraw.Draw(img)
     d.text((20, 18), title, fill=FG, font=font(16))
     if subtitle:
         d.text((20, 42), subtitle, fill=MUTED, font=font(12))
+    # the max(., 1) leaves an empty cluster's row at 0 instead of 0 / 0 = NaN
     share = table / np.maximum(table.sum(1, keepdims=True), 1)          # (K, R): row-normalised
     for j, name in enumerate(reference_names):
         d.text((left + j * cw + cw / 2, top - 8), name, fill=FG, font=font(12), anchor="md")
@@ -364,6 +381,7 @@ def seed_dots(path, rows, title, subtitle=None, xlabel="test mAP"):
         y = top + (i + 0.5) * rh
         d.text((left - 8, y), name, fill=FG, font=font(12), anchor="rm")
         x = np.array(list(v.values()))
+        # ddof=1: the sample std over seeds, as compare.py's tables give it; one seed has none (no bar)
         m, sd = x.mean(), (x.std(ddof=1) if len(x) > 1 else 0.0)
         d.rectangle([to_px(m - sd, 0)[0], y - 3, to_px(m + sd, 0)[0], y + 3], fill=GRID)
         d.line([(to_px(m, 0)[0], y - 9), (to_px(m, 0)[0], y + 9)], fill=FG, width=2)
@@ -381,6 +399,7 @@ def cost_scatter(path, points, xlabel, ylabel, title, subtitle=None, log_x=False
     series = list(dict.fromkeys(p[4] for p in points))
     fx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
     xs = [fx(p[0]) for p in points]
+    # ys: the ends of the error bars, so that the y range holds the bars too
     ys = [p[1] + sgn * p[2] for p in points for sgn in (-1, 1)]
     xpad, ypad = 0.1 * (max(xs) - min(xs) or 1), 0.1 * (max(ys) - min(ys) or 1)
     left, top, w, h = 90, 80, 620, 420
@@ -421,9 +440,11 @@ def cost_scatter(path, points, xlabel, ylabel, title, subtitle=None, log_x=False
     for k, (cx, cy, _, _) in enumerate(drawn):
         spots = [(cx + 8, cx + 63, cy + dy) for dy in (0, 12, -12, 24, -24, 36, -36)] + \
                 [(cx - 63, cx - 8, cy + dy) for dy in (0, 12, -12)]
+        # no spot free: the label goes right of the point anyway
         spot = next((s for s in spots if free(*s, k)), spots[0])
         d.text((spot[0], spot[2]), points[k][3], fill=FG, font=font(11), anchor="lm")
         boxes.append(spot)
     legend(d, (left + w + 20, top), [(n, SERIES[k % len(SERIES)]) for k, n in enumerate(series)]
+           # a white square on white: a note in the legend's column, without a colour of its own
            + [("bar: +- std over seeds", MUTED), ("(nearly equal x: dodged sideways)", (255, 255, 255))])
     img.save(path)
