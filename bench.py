@@ -224,7 +224,8 @@ def loader_dataset(args, folder: str, image_size: int):
 
 
 def bench_loader(ds, workers: int, batch_size: int) -> dict:
-    """Images per second of a DataLoader as train.py builds it, over its second pass through `ds`.
+    """Images per second of a DataLoader with train.py's batch size, shuffling and workers (but persistent
+    ones), over its second pass through `ds`.
 
     The first pass starts the (persistent) worker processes and is not timed; timing only after a first
     batch would flatter several workers, whose other batches were prepared meanwhile.
