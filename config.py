@@ -105,7 +105,7 @@ class TrainConfig:
 
 # Dataset presets: the few settings that differ between the CPU benchmark and the papers' GPU setting.
 # synthetic: ResNet-18 from scratch at 64 px, cut after layer3 so the decoder sees 4x4 = 16 tokens.
-#            The budget (8 epochs of 5,000 images) was measured to finish in about 4 minutes on a 2-core
+#            The budget (8 epochs of 5,000 images) finishes in about 5.5 minutes on a 2-core
 #            CPU (README). lr 1e-3: 2e-3 trained the decoder worse, 5e-4 was slower (single runs on this benchmark).
 #            EMA 0.99 with the decay warm-up: the run has only 624 steps, and a constant 0.99 would keep the
 #            random initial weights in the average for its first ~460 steps (0.99^460 = 1 %). With the
@@ -228,18 +228,19 @@ def default_out_dir(tcfg: TrainConfig, mcfg: ModelConfig, args: dict, preset: di
         parts += [mcfg.gate, f"S{mcfg.shared_experts}", f"T{mcfg.task_experts}"]
     # fields the name already holds (model, gate, S, T, seed) or must never hold (SYSTEM)
     in_name = {"model", "gate", "shared_experts", "task_experts", "seed"} | SYSTEM
-    for cls in (TrainConfig, ModelConfig):
-        for f in fields(cls):
-            value = args.get(f.name)
-            # Only flags that were typed and differ from what the preset gives: typing a default (--lr 1e-3
-            # on synthetic) names the same run as leaving it out, so it finds the same folder.
-            if f.name in in_name or value is None or value == preset.get(f.name, f.default):
-                continue
-            flag = f.name.replace("_", "-")
-            if isinstance(value, bool):
-                parts.append(flag if value else "no-" + flag)
-            else:   # a path shows as its file name
-                parts.append(f"{flag}={os.path.basename(str(value).rstrip('/')) or value}")
+    # ModelConfig.image_size is a copy of TrainConfig's (set from it, not a flag of its own): named once
+    model_only = [f for f in fields(ModelConfig) if f.name not in {g.name for g in fields(TrainConfig)}]
+    for f in list(fields(TrainConfig)) + model_only:
+        value = args.get(f.name)
+        # Only flags that were typed and differ from what the preset gives: typing a default (--lr 1e-3
+        # on synthetic) names the same run as leaving it out, so it finds the same folder.
+        if f.name in in_name or value is None or value == preset.get(f.name, f.default):
+            continue
+        flag = f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "no-" + flag)
+        else:   # a path shows as its file name
+            parts.append(f"{flag}={os.path.basename(str(value).rstrip('/')) or value}")
     # Anything else a value may hold (a space, a ',' in --mlvpt-branches co,dc, a quote) becomes '_': a folder
     # name that every shell and file system takes as it is.
     name = re.sub(r"[^A-Za-z0-9.=_+-]", "_", "-".join(parts + [f"seed{tcfg.seed}"]))

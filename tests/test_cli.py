@@ -96,6 +96,8 @@ def test_default_run_folders_differ():
     assert dirs[0] == dirs[4]                              # the default spelled out is the same run
     assert len(set(dirs)) == len(dirs) - 1, dirs           # every other pair differs
     assert "lr=0.0003" in out_dir("--lr", "3e-4") and out_dir("--out-dir", "x") == "x"
+    # --image-size is a field of both configs (ModelConfig's copies TrainConfig's): named once
+    assert out_dir("--image-size", "96") == os.path.join("runs", "synthetic", "drmoe-dynamic-S2-T1-image-size=96-seed0")
 
 
 def test_run_folder_is_printed(tmp_path, capsys):
