@@ -13,6 +13,8 @@ pay one torch import each).
   --resume PATH continues in PATH's folder;
 - the EMA decay per preset: constant 0.9997 on voc/coco (Q2L), warm-up on the synthetic preset;
 - data.py --preview writes outside the tracked assets unless a path is named;
+- bench.py's default model list resolves through train.py's configuration for the presets' backbones
+  and a ViT (mlvpt only on the ViT);
 - evaluate.py --image says which classes the model knows, and "no label above" instead of promoting a
   top-1 below the threshold to a prediction.
 
@@ -183,3 +185,17 @@ def test_image_prediction_says_when_nothing_passes(tmp_path, capsys):
     evaluate.main(["--checkpoint", ckpt, "--image", str(path), "--threshold", "0.000001"])
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith(str(path))][0]
     assert "no label above" not in line and line.count(",") == 19
+
+
+@pytest.mark.parametrize("dataset,backbone", [("synthetic", None), ("coco", None), ("synthetic", "vit_tiny")])
+def test_bench_default_models_all_configure(dataset, backbone):
+    """`python bench.py` times its default --models; each must pass train.py's own checks (config.parse_args
+    exits on a model the backbone cannot carry, as mlvpt on a ResNet did)."""
+    import argparse
+    import bench
+    args = argparse.Namespace(dataset=dataset, backbone=backbone, image_size=None, batch_size=None, extra="", labels=None)
+    models = bench.default_models(backbone)
+    for m in models:
+        tcfg, mcfg = bench.configs(m, args)
+        assert mcfg.model == m
+    assert ("mlvpt" in models) == (backbone == "vit_tiny") and len(models) >= 5
