@@ -2,7 +2,7 @@
 Speed: what one training step of each model costs, the expert layer batched vs a per-label loop, and the
 data loader alone. Measures; asserts nothing. The README's speed figures come from this script.
 
-    python bench.py --device cpu                                  # the CPU demo configuration, every model
+    python bench.py --device cpu                                  # the CPU demo configuration, every model it carries
     python bench.py --dataset coco --device cuda                  # ResNet-101, 448 px, L = 80, batch 32:
                                                                   #   fp32/AMP x channels_last x compile
     python bench.py --dataset coco --device cpu --batch-size 2 --steps 3 --only step   # the same models on a CPU
@@ -29,8 +29,8 @@ What each part times:
   last2, N = 8, k = 1 and 2, no capacity limit), timed in rounds. "vs dense" is the cost of the router and the dispatch, plus the
   k-th expert for k = 2; GFLOPs are the activated ones (the sparse path computes only the chosen experts).
 - loader: a DataLoader with N worker processes over JPEGs through the training transform (resize to 448,
-  flip, Cutout, RandAugment, normalise): images per second once the first batch has arrived (worker
-  start-up excluded). Without --data-root it writes 500 x 375 JPEGs (VOC's typical size) to a temporary
+  flip, Cutout, RandAugment, normalise), batch 32 (the photo presets'): images per second over a second
+  pass (the first starts the workers and is not timed). Without --data-root it writes 500 x 375 JPEGs (VOC's typical size) to a temporary
   folder; with --dataset voc|coco --data-root R it reads the real training split.
 
 Shapes (legend in experts.py): step: images (B, 3, S_img, S_img), targets (B, L); experts: h (B, L, D)
@@ -224,8 +224,8 @@ def loader_dataset(args, folder: str, image_size: int):
 
 
 def bench_loader(ds, workers: int, batch_size: int) -> dict:
-    """Images per second of a DataLoader with train.py's batch size, shuffling and workers (but persistent
-    ones), over its second pass through `ds`.
+    """Images per second of a DataLoader shuffled over `ds` as train.py's is, with persistent workers (train.py's
+    are not), over its second pass.
 
     The first pass starts the (persistent) worker processes and is not timed; timing only after a first
     batch would flatter several workers, whose other batches were prepared meanwhile.

@@ -33,8 +33,9 @@ DESCRIPTION = "Train DR-MoE (or a variant of its gate, or a baseline) for multi-
 
 @dataclass
 class TrainConfig:
-    # A default of None means "the preset decides" (PRESETS, BUDGETS below): the dataclass default is only the
-    # last resort, for the settings every dataset shares. The third argument of config_field (model.py) is the
+    # A default of None means either "the preset decides" (PRESETS, BUDGETS below; the dataclass default is
+    # then only the last resort, for the settings every dataset shares) or, for data_root, limit, the split
+    # sizes, init_seed, out_dir and resume, "not set". The third argument of config_field (model.py) is the
     # field's --help section (GROUPS), so the flags and the config stay one list.
     dataset: str = config_field("synthetic", "synthetic (embedded, no download) | synthetic-pretrain (its "
                                 "source task, for pretraining a backbone) | voc | coco | csv | cocojson "
@@ -105,7 +106,7 @@ class TrainConfig:
 
 # Dataset presets: the few settings that differ between the CPU benchmark and the papers' GPU setting.
 # synthetic: ResNet-18 from scratch at 64 px, cut after layer3 so the decoder sees 4x4 = 16 tokens.
-#            The budget (8 epochs of 5,000 images) finishes in about 5.5 minutes on a 2-core
+#            The budget (8 epochs of 5,000 images) finishes in 4.5-5.5 minutes on a 2-core
 #            CPU (README). lr 1e-3: 2e-3 trained the decoder worse, 5e-4 was slower (single runs on this benchmark).
 #            EMA 0.99 with the decay warm-up: the run has only 624 steps, and a constant 0.99 would keep the
 #            random initial weights in the average for its first ~460 steps (0.99^460 = 1 %). With the
@@ -399,13 +400,19 @@ def parse_args(argv=None):
         path = os.path.join(tcfg.out_dir, "last.pt") if args["resume"] == "auto" else args["resume"]
         try:
             check_device(tcfg.device)
+            # The two settings a resumed run takes from the command line (train.py keeps a typed
+            # --num-workers); the rest are the checkpoint's, checked when that run started.
+            if "num_workers" in args and args["num_workers"] is not None and args["num_workers"] < 0:
+                raise ValueError(f"--num-workers {args['num_workers']}: must be an integer >= 0 "
+                                 "(0 = load in the main process)")
             if not os.path.isfile(path):
                 raise ValueError(f"--resume: no checkpoint at {path} (a bare --resume looks in the folder the "
                                  "other flags name: repeat the run's flags, or pass --resume PATH/last.pt)")
         except ValueError as e:
             parser.error(str(e))
     else:
-        # A new run's values; a resumed run's are the checkpoint's, already checked when that run started.
+        # A new run's values; a resumed run's are the checkpoint's (checked when that run started), bar the
+        # device and the workers checked above.
         check_values(tcfg, mcfg, parser.error)
     tcfg.out_dir = tcfg.out_dir or default_out_dir(tcfg, mcfg, args, preset)
     # What was typed, told from defaults by the None above: train.py needs it for --describe and, on

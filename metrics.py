@@ -1,5 +1,5 @@
 """
-The one metric of this codebase: the field's metrics for multi-label image classification.
+The one home of this codebase's metrics: the field's metrics for multi-label image classification.
 
 Concept
 -------

@@ -15,7 +15,7 @@ an image have the same score, so they fall into one tie group (metrics._average_
 group as one threshold), and every count in AP's formula becomes a weighted count,
     P_g = (sum_{i: s_i >= s_g} w_i y_i) / (sum_{i: s_i >= s_g} w_i),   AP = sum_g dTP_g P_g / TP_total.
 The order of the scores is fixed, so each label is sorted once and every resample is a cumulative sum.
-tests/test_noise.py checks this against metrics.average_precision on explicitly resampled data.
+tests/test_noise.py checks this against metrics.multilabel_metrics' mAP on explicitly resampled data.
 
 The paired bootstrap (the confidence interval of a difference in compare.py's tables, tables.bootstrap):
 both models' scores on the same resampled images, so what the two runs share (easy and hard images)

@@ -223,7 +223,7 @@ def curves(path, log, threshold, title):
         to_px = axes(img, box, xlim, ylim, "epoch", name, name,
                      xticks=range(1, max(ep) + 1, max(1, math.ceil(max(ep) / 10))))   # whole epochs
         for k, (sname, s) in enumerate(series.items()):
-            # An epoch without the value (None) is skipped: the line joins its neighbours instead of dropping to 0.
+            # An epoch without the value (None) has no point to plot: skipped, the line joins its neighbours.
             pts = [to_px(e, v) for e, v in zip(ep, s) if v is not None]
             d.line(pts, fill=SERIES[k % len(SERIES)], width=2)
             for x, y in pts:
@@ -335,8 +335,11 @@ def routing_clusters(path, table, cluster_names, reference_names, title, subtitl
     table = np.asarray(table, dtype=float)
     K, R = table.shape
     cw, ch, left, top = 84, 28, 120, 110
-    # at least 560 px wide: the two lines of notes under the table must fit even with few columns
-    img = Image.new("RGB", (max(left + R * cw + 120, 560), top + K * ch + 90), "white")
+    notes = ("colour: share of the cluster's images in each column (rows sum to 1); number: images",
+             "a routing that found the columns has one bright cell per row")
+    # wide enough for the notes under the table too, which a table of few columns would cut off
+    need = left + max(font(12).getlength(n) for n in notes) + 20
+    img = Image.new("RGB", (int(max(left + R * cw + 120, need)), top + K * ch + 90), "white")
     d = ImageDraw.Draw(img)
     d.text((20, 18), title, fill=FG, font=font(16))
     if subtitle:
@@ -356,9 +359,8 @@ def routing_clusters(path, table, cluster_names, reference_names, title, subtitl
         d.text((left + R * cw + 8, y + ch / 2), f"{int(table[i].sum())} images", fill=MUTED, font=font(11), anchor="lm")
     d.text((left - 8, top - 8), "cluster", fill=FG, font=font(13), anchor="rd")
     y = top + K * ch + 16
-    d.text((left, y), "colour: share of the cluster's images in each column (rows sum to 1); number: images",
-           fill=FG, font=font(12))
-    d.text((left, y + 18), "a routing that found the columns has one bright cell per row", fill=MUTED, font=font(12))
+    d.text((left, y), notes[0], fill=FG, font=font(12))
+    d.text((left, y + 18), notes[1], fill=MUTED, font=font(12))
     img.save(path)
 
 

@@ -44,6 +44,7 @@ BAD = [  # (script, flags, a word the one line must contain)
     ("train.py", ["--shared-experts", "0", "--task-experts", "0"], "--shared-experts plus --task-experts"),
     ("train.py", ["--backbone", "regnet_y_400mf"], "--backbone"),       # cannot be probed on meta: still 1 line
     ("train.py", ["--resume", "no/such/last.pt"], "no checkpoint at no/such/last.pt"),
+    ("train.py", ["--resume", "README.md", "--num-workers", "-1"], "--num-workers"),   # a resumed run keeps it
     ("train.py", ["--gate", "dynamc"], "--gate"),
     ("train.py", ["--dataset", "vocc"], "--dataset"),
     ("train.py", ["--budget", "long"], "--budget"),
