@@ -33,10 +33,8 @@ DESCRIPTION = "Train DR-MoE (or a variant of its gate, or a baseline) for multi-
 
 @dataclass
 class TrainConfig:
-    # A default of None means either "the preset decides" (PRESETS, BUDGETS below; the dataclass default is
-    # then only the last resort, for the settings every dataset shares) or, for data_root, limit, the split
-    # sizes, init_seed, out_dir and resume, "not set". The third argument of config_field (model.py) is the
-    # field's --help section (GROUPS), so the flags and the config stay one list.
+    # None = "the preset decides" (PRESETS, BUDGETS below), or "not set" for data_root, limit, the split sizes,
+    # init_seed, out_dir, resume. config_field's third argument is the --help section (GROUPS).
     dataset: str = config_field("synthetic", "synthetic (embedded, no download) | synthetic-pretrain (its "
                                 "source task, for pretraining a backbone) | voc | coco | csv | cocojson "
                                 "(your own data, README 'Your own data')", "data")
@@ -78,8 +76,7 @@ class TrainConfig:
     divdr_margin: float = config_field(1.0, "m: DivDR pushes partition means apart up to this mean squared distance "
                                             "per routing row (2 = every row on a different expert)", "training")
     collapse_threshold: float = config_field(0.8, "warn when one expert slot takes more than this share of the gate mass", "training")
-    # The ASL defaults are ASL's own (Alibaba-MIIL/ASL); --model q2l and mlvpt replace them with Q2L's
-    # released ones (baselines.MODEL_PRESETS, baselines.asymmetric_loss).
+    # ASL's own defaults (Alibaba-MIIL/ASL); --model q2l and mlvpt take Q2L's released ones (baselines.MODEL_PRESETS).
     loss: str = config_field("bce", "bce | asl (asymmetric loss, baselines.py)", "training")
     asl_gamma_neg: float = config_field(4.0, "ASL gamma-: focusing on negatives", "training")
     asl_gamma_pos: float = config_field(0.0, "ASL gamma+: focusing on positives", "training")
@@ -242,8 +239,7 @@ def default_out_dir(tcfg: TrainConfig, mcfg: ModelConfig, args: dict, preset: di
             parts.append(flag if value else "no-" + flag)
         else:   # a path shows as its file name
             parts.append(f"{flag}={os.path.basename(str(value).rstrip('/')) or value}")
-    # Anything else a value may hold (a space, a ',' in --mlvpt-branches co,dc, a quote) becomes '_': a folder
-    # name that every shell and file system takes as it is.
+    # Anything else (a space, the ',' of --mlvpt-branches co,dc, a quote) becomes '_': any shell takes the name.
     name = re.sub(r"[^A-Za-z0-9.=_+-]", "_", "-".join(parts + [f"seed{tcfg.seed}"]))
     return os.path.join("runs", tcfg.dataset, name)
 
@@ -292,8 +288,7 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         (mcfg, "gate_temperature", lambda v: v > 0, "a number > 0"),
         (mcfg, "gcn_hidden", lambda v: v >= 1, "an integer >= 1"),
         (mcfg, "gcn_threshold", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-        # ML-GCN's eq. 8 is coded as p / (1 - p) (baselines.mlgcn_adjacency): p = 0 drops the neighbours,
-        # p = 1 divides by 0
+        # ML-GCN's eq. 8 as p / (1 - p) (baselines.mlgcn_adjacency): p = 0 drops the neighbours, 1 divides by 0
         (mcfg, "gcn_reweight", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
         # backbone_experts: a mixture of one expert would be the dense block again
         (mcfg, "backbone_experts", lambda v: v >= 2, "an integer >= 2"),
@@ -400,8 +395,7 @@ def parse_args(argv=None):
         path = os.path.join(tcfg.out_dir, "last.pt") if args["resume"] == "auto" else args["resume"]
         try:
             check_device(tcfg.device)
-            # The two settings a resumed run takes from the command line (train.py keeps a typed
-            # --num-workers); the rest are the checkpoint's, checked when that run started.
+            # A resumed run keeps a typed --device and --num-workers (train.py); the rest is the checkpoint's.
             if "num_workers" in args and args["num_workers"] is not None and args["num_workers"] < 0:
                 raise ValueError(f"--num-workers {args['num_workers']}: must be an integer >= 0 "
                                  "(0 = load in the main process)")
@@ -411,8 +405,7 @@ def parse_args(argv=None):
         except ValueError as e:
             parser.error(str(e))
     else:
-        # A new run's values; a resumed run's are the checkpoint's (checked when that run started), bar the
-        # device and the workers checked above.
+        # A new run's values; a resumed run's were checked when it started (device and workers: above).
         check_values(tcfg, mcfg, parser.error)
     tcfg.out_dir = tcfg.out_dir or default_out_dir(tcfg, mcfg, args, preset)
     # What was typed, told from defaults by the None above: train.py needs it for --describe and, on
@@ -453,6 +446,5 @@ def amp_dtype_for(device: torch.device, enabled: bool):
     """bf16 where the GPU supports it (no loss scaling needed), else fp16; None (= fp32) on CPU and MPS."""
     if not enabled or device.type != "cuda":
         return None
-    # fp16's 5-bit exponent underflows small gradients, hence train.py's GradScaler for it; bf16 has
-    # fp32's 8-bit exponent and needs none.
+    # fp16's 5-bit exponent underflows small gradients (hence the GradScaler); bf16 has fp32's 8 bits.
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -114,13 +114,19 @@ def main(argv=None):
     p.add_argument("--compare-to", default=None, metavar="CHECKPOINT",
                    help="with --analysis: per-label AP gain over this other run vs label heterogeneity")
     args = p.parse_args(argv)
+    # Three modes share the checks below: metrics on a split (the default), --image (print the labels of a
+    # few files) and --images (a folder into a CSV). The combinations that mix them are refused, because
+    # each would silently ignore one of the flags the user typed.
     if args.compare_to and not args.analysis:
         p.error("--compare-to needs --analysis DIR (where heterogeneity.png goes)")
+    # 0 or 1 would predict every label or none, whatever the model says: never what a user means.
     if not 0 < args.threshold < 1:
         p.error(f"--threshold must be a probability in (0, 1), got {args.threshold}")
     # Every value is checked before anything is loaded: a typo costs one line, not a traceback.
     try:
         check_device(args.device)
+        # Read once here (checked: a train.py checkpoint, weights_only) and handed on, so the file is not
+        # loaded twice and a wrong file stops now, before any dataset is built.
         loaded = {args.checkpoint: read_checkpoint(args.checkpoint)}
         if args.compare_to:
             args.compare_ckpt = read_checkpoint(args.compare_to)
@@ -141,28 +147,34 @@ def main(argv=None):
             raise ValueError("--image and --images: pass one (files to print, or a folder to write as CSV)")
         if args.out != "predictions.csv" and not args.images:
             raise ValueError("--out names the CSV of --images DIR; the metrics go to --json")
+        # --thresholds best needs the per-label thresholds train.py saved in best.pt; an older or a last.pt
+        # checkpoint has none, and that is a usage error too, caught here.
         thresholds = predictions.thresholds_for(loaded[args.checkpoint], args.thresholds or args.threshold)
     except ValueError as e:
         p.error(str(e))
     device = pick_device(args.device)
 
+    # ---- your images: no labels, so no metrics; the model, the preprocessing and the thresholds only
     if args.image or args.images:
         model, ckpt, fmt = load_checkpoint_model(args.checkpoint, device, loaded[args.checkpoint])
         try:
             if args.image:
                 return predictions.predict_images(model, ckpt, fmt, device, args.image, thresholds)
+            # the run's own image size, batch and workers: the same preprocessing as its evaluation
             tc = ckpt["train_config"]
             probs, bad = predictions.predict_folder(model, files, tc["image_size"], device, fmt, tc["batch_size"],
                                                     tc["num_workers"])
         except predictions.NonFinite:
             sys.exit(f"error: --checkpoint {args.checkpoint}: the model gives non-finite scores; its weights hold "
                      "NaN or inf (a diverged run?); use an earlier checkpoint")
+        # Unreadable files are skipped and named, not fatal: one broken JPEG must not cost a folder's run.
         predictions.write_csv(args.out, args.images, files, probs, ckpt["classes"], thresholds)
         print(f"wrote {args.out}: {len(files) - len(bad)} images"
               + (f"; skipped {len(bad)} unreadable: {', '.join(bad[:10])}" + (" ..." if len(bad) > 10 else "")
                  if bad else ""))
         return {"csv": args.out, "files": files, "probabilities": probs, "unreadable": bad}
 
+    # ---- a labelled split: every metric, the per-label table, the gate and routing statistics
     try:
         scores, targets, gates, feats, ckpt, ds, args.split, (sigs, rows) = score_split(
             args.checkpoint, args.split, args.data_root, device, loaded[args.checkpoint])
@@ -170,12 +182,15 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     classes, mc = ckpt["classes"], ckpt["model_config"]
     print(f"{args.checkpoint}: {run_name(ckpt)}, epoch {ckpt['epoch'] + 1}, {ckpt.get('eval_weights', 'raw')} weights")
+    # metrics.py's definitions, the ones train.py wrote to metrics.json: on the run's test split and at
+    # --threshold 0.5 this reprints that file's numbers (the dataset is rebuilt from the run's config).
     metrics = multilabel_metrics(scores, targets, args.threshold)
-    ap = average_precision(scores, targets)
+    ap = average_precision(scores, targets)                                # (L,) for the per-label table
     print(f"{args.split}: {len(ds)} images, {len(classes)} labels")
     print(" | ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
     result = {"checkpoint": args.checkpoint, "split": args.split, **metrics,
               "per_label_AP": {c: float(a) * 100 for c, a in zip(classes, ap)}}
+    # gates (N, L, E) exist only for the mixture heads (hsq, drmoe); the baselines have no gate to report.
     if gates is not None:
         stats = analysis.gate_statistics(gates, targets, mc["shared_experts"], classes)
         result["gate"] = stats
@@ -185,6 +200,7 @@ def main(argv=None):
               "that contain the label (alone | with others); vary = std of the weights across images")
     print(f"\n{'label':<16}{'AP':>7}{'pos':>6}" + (f"{'shared':>8}{'single':>8}{'multi':>8}{'alone':>8}{'w/ oth':>8}"
                                                  f"{'vary':>8}" if gates is not None else ""))
+    # "pos" beside AP: a label with few positives has a noisy AP, and its chance level is its positive rate.
     for l, c in enumerate(classes):
         row = f"{c:<16}{100 * ap[l]:7.2f}{int((targets[:, l] == 1).sum()):6d}"
         if gates is not None:
@@ -205,6 +221,7 @@ def main(argv=None):
         result["analysis"] = run_analysis(args, targets, gates, feats, ckpt, ds, ap, result.get("gate"), device)
         if sigs is not None:
             draw_routing(args.analysis, result["routing"], ckpt)
+    # Next to the checkpoint by default, named by split, so evaluating val and test keeps both files.
     out = args.json or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval_{args.split}.json")
     with open(out, "w") as fh:
         json.dump(result, fh, indent=2)
@@ -223,10 +240,14 @@ def run_name(ckpt) -> str:
 def routing_structure(sigs, rows, targets, ds, ckpt, feats=None) -> dict:
     """divdr.split_structure on the split: k-means of the routing signatures against the reference partition;
     for scale, the same clustering of the image features the gate reads and of the label vectors."""
+    # The run's own cluster count, so this reprints what train.py logged; 8 for checkpoints from before it.
     k = ckpt["train_config"].get("divdr_clusters", 8)
     res = split_structure(sigs, rows, ds, targets, k)
     print(f"\nrouting: {res['clusters']} k-means clusters of the routing vs the {res['reference']}: NMI {res['nmi']:.3f}, "
           f"ARI {res['ari']:.3f}; {res['distinct_routes']} distinct top-1 routes ({res['route_entropy_bits']:.2f} bits)")
+    # For scale: an NMI means little alone. The same k-means on the label vectors shows how much of the
+    # reference partition the labels themselves carry, and on the image features how much the features the
+    # gate reads already hold; a routing below both has found less structure than its own input.
     ref = reference_partition(ds, targets)[0]
     res["for_scale"] = {"labels": agreement((targets == 1).astype(np.float64), ref, k)}
     if feats is not None:
@@ -264,6 +285,7 @@ def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> di
         if o_ckpt["classes"] != classes or list(o_ds.ids) != list(ds.ids):
             raise DatasetError(f"--compare-to {args.compare_to}: another label set or other images; cannot compare per label")
         other = {"name": run_name(o_ckpt), "ap": average_precision(o_scores, o_targets), "features": o_feats}
+    # The training curves come from the run's own log.jsonl, beside the checkpoint (none: no curves drawn).
     log = analysis.read_log(os.path.join(os.path.dirname(args.checkpoint) or ".", "log.jsonl"))
     res = analysis.write_analysis(args.analysis, classes, targets, gates, feats, stats, ap,
                                   expert_names(mc["shared_experts"], mc["task_experts"]) if gates is not None else [],

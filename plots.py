@@ -62,7 +62,7 @@ def axes(img, box, xlim, ylim, xlabel, ylabel, title, xticks=None, yticks=None, 
     to_px = lambda x, y: (x0 + (x - xlim[0]) / (xlim[1] - xlim[0]) * (x1 - x0),
                           y1 - (y - ylim[0]) / (ylim[1] - ylim[0]) * (y1 - y0))
     f = font(12)
-    # Pillow's anchors are two letters, horizontal then vertical: "rm" puts a tick label's right middle at xy.
+    # Pillow's anchors: horizontal then vertical letter ("rm": a tick label's right middle at xy).
     for t in yticks if yticks is not None else nice_ticks(*ylim):
         if ylim[0] <= t <= ylim[1]:
             y = to_px(xlim[0], t)[1]
@@ -78,8 +78,7 @@ def axes(img, box, xlim, ylim, xlabel, ylabel, title, xticks=None, yticks=None, 
     draw.text((x0, y0 - (26 if subtitle else 8)), title, fill=FG, font=font(15), anchor="ld")
     if subtitle:                                                        # a second, quieter line under the title
         draw.text((x0, y0 - 8), subtitle, fill=MUTED, font=font(12), anchor="ld")
-    # the y label, written sideways on its own small image and pasted left of the tick labels
-    # (ImageDraw.text has no angle argument)
+    # the y label, sideways on its own small image pasted left of the ticks (ImageDraw.text has no angle)
     lab = Image.new("RGB", (int(y1 - y0), 18), "white")
     ImageDraw.Draw(lab).text((lab.width / 2, 9), ylabel, fill=FG, font=font(13), anchor="mm")
     img.paste(lab.rotate(90, expand=True), (int(x0 - 62), int(y0)))
@@ -336,8 +335,7 @@ def routing_clusters(path, table, cluster_names, reference_names, title, subtitl
     K, R = table.shape
     cw, ch, left, top = 84, 28, 120, 110
     notes = ("colour: share of the cluster's images in each column (rows sum to 1); number: images",
-             "a routing that found the columns has one bright cell per row")
-    # wide enough for the notes under the table too, which a table of few columns would cut off
+             "a routing that found the columns has one bright cell per row")   # fit them, even under few columns
     need = left + max(font(12).getlength(n) for n in notes) + 20
     img = Image.new("RGB", (int(max(left + R * cw + 120, need)), top + K * ch + 90), "white")
     d = ImageDraw.Draw(img)
