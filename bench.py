@@ -30,8 +30,9 @@ What each part times:
   k-th expert for k = 2; GFLOPs are the activated ones (the sparse path computes only the chosen experts).
 - loader: a DataLoader with N worker processes over JPEGs through the training transform (resize to 448,
   flip, Cutout, RandAugment, normalise), batch 32 (the photo presets'): images per second over a second
-  pass (the first starts the workers and is not timed). Without --data-root it writes 500 x 375 JPEGs (VOC's typical size) to a temporary
-  folder; with --dataset voc|coco --data-root R it reads the real training split.
+  pass (the first starts the workers and is not timed). Without --data-root it writes 500 x 375 JPEGs
+  (VOC's typical size) to a temporary folder; with --dataset voc|coco --data-root R it reads the real
+  training split.
 
 Shapes (legend in experts.py): step: images (B, 3, S_img, S_img), targets (B, L); experts: h (B, L, D)
 -> (B, L, E, D); loader: batches of (B, 3, 448, 448) images and (B, L) targets.
@@ -230,8 +231,7 @@ def bench_loader(ds, workers: int, batch_size: int) -> dict:
     The first pass starts the (persistent) worker processes and is not timed; timing only after a first
     batch would flatter several workers, whose other batches were prepared meanwhile.
     """
-    # Persistent workers, unlike train.py's (which restarts them every pass for an exact --resume): here they
-    # must outlive pass 1, so that pass 2 times the decoding alone. Shuffled, as training reads the files.
+    # train.py restarts its workers every pass (for an exact --resume); here they must outlive pass 1.
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          drop_last=True, persistent_workers=workers > 0)
     for _ in loader:                                    # pass 1: worker start-up, page cache
