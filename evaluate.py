@@ -45,12 +45,19 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
     Under torchrun the loader has a DistributedSampler: each rank scores its shard, and the shards are
     gathered back into the whole split, in order and each image once (distributed.gather_rows).
     """
+    # eval mode: dropout off and BatchNorm on its running statistics, so an image's score does not depend
+    # on the other images of its batch (the metrics must not change with the batch size).
     model.eval()
     scores, targets, gates, feats, sigs, rows = [], [], [], [], [], []
     for x, y in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not is_main()):
+        # the memory format the model was trained in (channels_last for convolutions): the same kernels,
+        # hence the same numerics as training's validation
         x = x.to(device, non_blocking=True, memory_format=memory_format)
+        # one AMP path (config.amp_dtype_for): None means fp32, and autocast is then switched off, not run at fp32
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits, info = model(x)
+        # sigmoid in fp32: in bf16 every logit above about 7 gives exactly 1.0, and such ties among the
+        # top scores change the ranking, hence the AP
         scores.append(torch.sigmoid(logits.float()).cpu())
         targets.append(y)
         if info.get("gate_weights") is not None:
@@ -84,6 +91,8 @@ def score_split(path: str, split, data_root, device, ckpt=None):
     ds = build_dataset(tcfg["dataset"], split, data_root or tcfg["data_root"], tcfg["image_size"], augment=False,
                        limit=tcfg["limit"], empty=tcfg.get("empty_images", "keep"),
                        size=tcfg.get(f"{split}_images"))   # --budget study's 10,000 test images, for one
+    # no shuffle: the rows keep the dataset's order, so targets, gates and features line up with ds.ids
+    # (--compare-to relies on it to pair two runs' images)
     loader = torch.utils.data.DataLoader(ds, batch_size=tcfg["batch_size"], num_workers=tcfg["num_workers"])
     scores, targets, gates, feats, sigs, rows = predict(model, loader, device, amp_dtype_for(device, tcfg["amp"]), fmt,
                                                         features=True, routing=True)
@@ -152,6 +161,7 @@ def main(argv=None):
         thresholds = predictions.thresholds_for(loaded[args.checkpoint], args.thresholds or args.threshold)
     except ValueError as e:
         p.error(str(e))
+    # only now, after every check: picking cuda or mps initialises it (seconds), wasted on a typo
     device = pick_device(args.device)
 
     # ---- your images: no labels, so no metrics; the model, the preprocessing and the thresholds only
@@ -221,6 +231,7 @@ def main(argv=None):
         result["analysis"] = run_analysis(args, targets, gates, feats, ckpt, ds, ap, result.get("gate"), device)
         if sigs is not None:
             draw_routing(args.analysis, result["routing"], ckpt)
+    # JSON, not a pickle or npz: the numbers are read by people and by other tools (compare.py reads metrics.json).
     # Next to the checkpoint by default, named by split, so evaluating val and test keeps both files.
     out = args.json or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval_{args.split}.json")
     with open(out, "w") as fh:
@@ -273,6 +284,8 @@ def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> di
     """--analysis (and --compare-to): the pictures and analysis.json of analysis.py."""
     from gating import expert_names
     mc, tc, classes = ckpt["model_config"], ckpt["train_config"], ckpt["classes"]
+    # the other run is scored here, on the same split and device, rather than read from its files: the
+    # per-label gain needs its AP on this very split (a run keeps only its test scores) and its image features
     other = None
     if args.compare_to:
         from data import DatasetError
