@@ -45,7 +45,7 @@ import time
 import numpy as np
 
 from studies import ABLATION, BALANCE, FROM_PRETRAINED, MODELS, SETS, pretraining
-from tables import report, report_grid, report_sweet_grid, sweet_spot_points
+from tables import mlvpt_points, report, report_grid, report_sweet_grid, sweet_spot_points
 
 def slug(name: str) -> str:
     """A configuration's name as a folder name: "dynamic S=2 T=1" -> "dynamic-S-2-T-1"."""
@@ -280,6 +280,12 @@ def main(argv=None):
                            "MoE inside the backbone: test mAP against activated parameters",
                            f"{backbone} on the embedded benchmark; {args.out}; seeds per point: "
                            + "-".join(sorted({str(len(r)) for r in rows.values()})))
+    if args.set == "mlvpt" and rows:   # the parameter-efficiency picture: accuracy against what trains
+        plots.cost_scatter(os.path.join(args.out, "mlvpt_cost.png"), mlvpt_points(rows),
+                           "trainable parameters (M, log scale)", "test mAP (mean +- std over seeds)",
+                           "Adapting one pretrained vit_tiny: test mAP against trainable parameters",
+                           f"{args.out}; seeds per point: " + "-".join(sorted({str(len(r)) for r in rows.values()})),
+                           log_x=True)
     print(table)
     print(f"wrote {base}.md, {base}.json and {base}.png")
 

@@ -54,8 +54,10 @@ def nice_ticks(lo: float, hi: float, n: int = 5):
     return [k * step for k in range(math.floor(lo / step), math.ceil(hi / step) + 1)]
 
 
-def axes(img, box, xlim, ylim, xlabel, ylabel, title, xticks=None, yticks=None, fmt="{:g}", subtitle=None):
-    """Frame, grid, ticks and labels in pixel box (x0, y0, x1, y1) of img -> to_px(x, y)."""
+def axes(img, box, xlim, ylim, xlabel, ylabel, title, xticks=None, yticks=None, fmt="{:g}", subtitle=None,
+         xtext=None):
+    """Frame, grid, ticks and labels in pixel box (x0, y0, x1, y1) of img -> to_px(x, y). xtext(t): an x
+    tick's text where it is not its position (a log axis: the position is log10 of the value shown)."""
     draw = ImageDraw.Draw(img)
     x0, y0, x1, y1 = box
     # Data -> pixels: x grows to the right, y grows *up* (pixel rows grow down, hence y1 - ...).
@@ -72,7 +74,7 @@ def axes(img, box, xlim, ylim, xlabel, ylabel, title, xticks=None, yticks=None, 
         if xlim[0] <= t <= xlim[1]:
             x = to_px(t, ylim[0])[0]
             draw.line([(x, y0), (x, y1)], fill=GRID)
-            draw.text((x, y1 + 6), fmt.format(t), fill=FG, font=f, anchor="mt")
+            draw.text((x, y1 + 6), xtext(t) if xtext else fmt.format(t), fill=FG, font=f, anchor="mt")
     draw.rectangle(box, outline=FG)
     draw.text(((x0 + x1) / 2, y1 + 26), xlabel, fill=FG, font=font(13), anchor="mt")
     draw.text((x0, y0 - (26 if subtitle else 8)), title, fill=FG, font=font(15), anchor="ld")
@@ -402,10 +404,14 @@ def cost_scatter(path, points, xlabel, ylabel, title, subtitle=None, log_x=False
     # ys: the ends of the error bars, so that the y range holds the bars too
     ys = [p[1] + sgn * p[2] for p in points for sgn in (-1, 1)]
     xpad, ypad = 0.1 * (max(xs) - min(xs) or 1), 0.1 * (max(ys) - min(ys) or 1)
+    xticks = xtext = None
+    if log_x:   # ticks at 1, 2, 5 x 10^e, placed at their log10 and labelled with the value itself
+        e = range(math.floor(min(xs)) - 1, math.ceil(max(xs)) + 1)
+        xticks, xtext = [math.log10(m * 10.0 ** k) for k in e for m in (1, 2, 5)], lambda t: f"{10 ** t:g}"
     left, top, w, h = 90, 80, 620, 420
     img = Image.new("RGB", (left + w + 250, top + h + 70), "white")
     to_px = axes(img, (left, top, left + w, top + h), (min(xs) - xpad, max(xs) + xpad),
-                 (min(ys) - ypad, max(ys) + ypad), xlabel, ylabel, title, subtitle=subtitle)
+                 (min(ys) - ypad, max(ys) + ypad), xlabel, ylabel, title, xticks, subtitle=subtitle, xtext=xtext)
     d = ImageDraw.Draw(img)
     # Points at (nearly) one x: every top-1 MoE activates about what the dense model does (2.72 vs 2.73 M),
     # so their error bars would overlap. Each cluster (points within 10 px of the cluster's first, in x

@@ -23,6 +23,7 @@ more likely missed than found (80 % power at alpha 0.05), so "no" under it says 
     report_grid(rows)         the ablation: gate kind by (S, T), dynamic vs static and vs label gates
     report_sweet_grid(rows)   a sweet-spot set: placement x N by k; k = 2 - k = 1, last2 - every2, the head
     sweet_spot_points(rows)   the points of the accuracy-against-activated-parameters picture (plots.py)
+    mlvpt_points(rows)        the points of the ML-VPT set's accuracy-against-trainable-parameters picture
 
 `rows` is compare.collect's: {configuration name: [one dict per finished seed: "seed", metrics.json's
 numbers, the median training img/s, ...]}. Nothing here trains or reads run folders, except the
@@ -225,15 +226,35 @@ def report_sweet_grid(rows: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sweet_spot_points(rows: dict) -> list:
-    """Sweet-spot rows -> (activated M, mean mAP, std, short label, series) for plots.cost_scatter: one
-    colour per placement, the head in the series name."""
+def cost_points(rows: dict, x_of, label_of, series_of) -> list:
+    """rows -> [(x, mean mAP, std over seeds, label, series)] for plots.cost_scatter; x_of(run) reads the
+    cost from a run's numbers (the same for every seed of a row), label_of and series_of map a row's name."""
     points = []
     for name, runs in rows.items():
         maps = np.array([r["mAP"] for r in runs])
-        place = next((p for p in ("last2", "every2") if p in name), "dense")
-        head = "DR-MoE head" if "drmoe" in name else "linear head"
-        label = ", ".join(w for w in name.split()[1:] if w not in ("drmoe", place)) or "dense"
-        points.append((runs[0].get("activated_parameters", runs[0]["parameters"]) / 1e6, maps.mean(),
-                       maps.std(ddof=1) if len(maps) > 1 else 0.0, label, f"{place}, {head}"))
+        points.append((x_of(runs[0]), maps.mean(), maps.std(ddof=1) if len(maps) > 1 else 0.0,
+                       label_of(name), series_of(name)))
     return points
+
+
+def sweet_spot_points(rows: dict) -> list:
+    """Sweet-spot rows -> points at activated M: one colour per placement, the head in the series name."""
+    place = lambda name: next((p for p in ("last2", "every2") if p in name), "dense")
+    head = lambda name: "DR-MoE head" if "drmoe" in name else "linear head"
+    return cost_points(rows, lambda r: r.get("activated_parameters", r["parameters"]) / 1e6,
+                       lambda n: ", ".join(w for w in n.split()[1:] if w not in ("drmoe", place(n))) or "dense",
+                       lambda n: f"{place(n)}, {head(n)}")
+
+
+# Short names for the ML-VPT picture's labels (its label boxes are about 55 px wide).
+MLVPT_LABELS = {"linear probe": "probe", "vpt-deep": "VPT-deep", "mlvpt co": "CO", "mlvpt dc": "DC",
+                "mlvpt": "ML-VPT", "mlvpt random groups": "random gr.", "full fine-tuning": "full FT",
+                "drmoe frozen": "DR-MoE"}
+
+
+def mlvpt_points(rows: dict) -> list:
+    """ML-VPT set rows -> points at trainable M (the paper's axis: parameter efficiency), one colour per
+    what trains: a head on the frozen backbone, prompts and a head, or everything."""
+    family = lambda n: ("everything trained" if n == "full fine-tuning" else
+                        "prompts + head, backbone frozen" if "vpt" in n else "head only, backbone frozen")
+    return cost_points(rows, lambda r: r["trainable_parameters"] / 1e6, lambda n: MLVPT_LABELS.get(n, n), family)

@@ -24,7 +24,9 @@ heterogeneity pooling.
 - the routing table: NMI / ARI as mean ± sample std, and the paired NMI tests equal scipy's with Holm's;
 - the sweet-spot sets: the backbone experts an image uses, and the grid view (placement x N by k) whose
   families of paired tests (k = 2 - k = 1, last2 - every2, DR-MoE head - linear head) equal scipy's with
-  Holm's per family.
+  Holm's per family;
+- the ML-VPT set's picture: each row's point is its mean and sample std over seeds at its trainable
+  parameters.
 
 Run: python -m pytest -q tests/test_compare.py
 """
@@ -334,3 +336,25 @@ def test_sweetspot_grid_and_its_paired_tests(tmp_path):
             diff = np.subtract(a, b)
             assert f"| {where} | {diff.mean():+.2f} | " + ", ".join(f"{d:+.2f}" for d in diff) + \
                 f" | {p_k:.3f} | {h:.3f} |" in md
+
+
+def test_mlvpt_picture_points_are_each_rows_mean_and_std_at_its_trainable_parameters(tmp_path):
+    """--set mlvpt --report draws mlvpt_cost.png from tables.mlvpt_points: one point per row at its trainable
+    parameters (M), its mean and sample std over seeds, coloured by what trains."""
+    rng = np.random.default_rng(1)
+    trainable = {"linear probe": 4e3, "mlvpt": 1.29e5, "full fine-tuning": 2.72e6}
+    maps = {n: 52 + rng.normal(size=3) for n in trainable}
+    for name, values in maps.items():
+        for seed, v in enumerate(values):
+            fake_run(tmp_path, name, seed, float(v))
+            d = compare.run_dir(str(tmp_path), name, seed)
+            m = json.load(open(os.path.join(d, "metrics.json")))
+            json.dump({**m, "trainable_parameters": trainable[name]}, open(os.path.join(d, "metrics.json"), "w"))
+    compare.main(["--set", "mlvpt", "--report", "--out", str(tmp_path), "--draws", "0"])
+    assert (tmp_path / "mlvpt_cost.png").exists()
+    rows = compare.collect(str(tmp_path), list(trainable), [0, 1, 2])
+    points = {p[3]: p for p in tables.mlvpt_points(rows)}
+    for name, values in maps.items():
+        x, y, err, _, series = points[tables.MLVPT_LABELS[name]]
+        assert (x, y, err) == pytest.approx((trainable[name] / 1e6, np.mean(values), np.std(values, ddof=1)))
+    assert len({points[tables.MLVPT_LABELS[n]][4] for n in trainable}) == 3   # three kinds of what trains
