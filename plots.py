@@ -8,7 +8,7 @@ needs, each a function that takes numbers and writes one PNG.
     heterogeneity(path, test, ...)                         a labelled scatter around a zero line
     label_noise(path, classes, positives, series, ...)     per label, one bar per series (noise.py)
     seed_dots(path, rows, ...)                             per configuration, one dot per seed (compare.py)
-    cost_scatter(path, points, ...)                        mean +- std against a cost, labelled (the sweet spot)
+    cost_scatter(path, points, ...)                        mean +- std against a cost, labelled (sweet spot, ML-VPT)
 
 Every chart has a title, axis labels, the label names and, where colour encodes a value, a colour scale.
 The scale is viridis (perceptually ordered, readable in grey and by colour-blind readers).
