@@ -272,20 +272,19 @@ def main(argv=None):
     import plots   # the per-seed picture: where each configuration's seeds fall, and which seed is hard for all
     plots.seed_dots(base + ".png", [(n, {r["seed"]: r["mAP"] for r in rows[n]}) for n in names if n in rows],
                     f"--set {args.set}: test mAP of every run", f"{args.out}; one dot per seed, paired by colour")
+    seeds = "-".join(sorted({str(len(r)) for r in rows.values()}))   # for the cost pictures' subtitles, e.g. "3"
     if args.set.startswith("sweetspot") and rows:   # the sweet-spot paper's picture: accuracy against activated parameters
         backbone = next(iter(rows)).split()[0]   # every row of a sweet-spot set names its backbone first
         picture = "sweet_spot.png" if args.set == "sweetspot" else f"sweet_spot_{backbone}.png"
         plots.cost_scatter(os.path.join(args.out, picture), sweet_spot_points(rows),
                            "activated parameters per token (M)", "test mAP (mean +- std over seeds)",
                            "MoE inside the backbone: test mAP against activated parameters",
-                           f"{backbone} on the embedded benchmark; {args.out}; seeds per point: "
-                           + "-".join(sorted({str(len(r)) for r in rows.values()})))
+                           f"{backbone} on the embedded benchmark; {args.out}; seeds per point: {seeds}")
     if args.set == "mlvpt" and rows:   # the parameter-efficiency picture: accuracy against what trains
         plots.cost_scatter(os.path.join(args.out, "mlvpt_cost.png"), mlvpt_points(rows),
                            "trainable parameters (M, log scale)", "test mAP (mean +- std over seeds)",
                            "Adapting one pretrained vit_tiny: test mAP against trainable parameters",
-                           f"{args.out}; seeds per point: " + "-".join(sorted({str(len(r)) for r in rows.values()})),
-                           log_x=True)
+                           f"{args.out}; seeds per point: {seeds}", log_x=True)
     print(table)
     print(f"wrote {base}.md, {base}.json and {base}.png")
 
