@@ -29,6 +29,7 @@ are loaded, so its experts can start as copies of the pretrained MLPs.
 import os
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -37,8 +38,34 @@ import torchvision
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
-from backbone_moe import MoEConfig, add_moe
-from checkpoint import load_file
+from backbone_moe import PLACEMENTS, MoEConfig, add_moe
+from lib.checkpoint import load_file
+from lib.flags import config_field
+
+
+@dataclass
+class BackboneConfig:
+    """What every model here shares: the L labels it predicts and the backbone it reads images with. Each
+    model's config adds its own fields to these (model.DRMoEConfig, baselines.MLGCNConfig, mlvpt.MLVPTConfig)."""
+    num_labels: int = config_field(20, "L, the number of labels (set from the dataset by train.py)")
+    backbone: str = config_field("resnet18", "torchvision name (ResNet, ConvNeXt, Swin, ViT, EfficientNet, MobileNet) "
+                                 "or a small from-scratch one: vit_tiny | convnext_mini (backbones.SMALL)")
+    weights: str = config_field("none", "backbone init: none | DEFAULT (torchvision's ImageNet weights) | PATH")
+    feature_layer: str = config_field("layer4", "ResNets: cut the backbone after this stage (layer1..layer4)")
+    image_size: int = config_field(224, "the input side a ViT's position embeddings are made for (set from "
+                                        "--image-size by train.py)")
+    freeze_backbone: bool = config_field(False, "no gradient to the backbone's weights and none of them in the "
+                                                "optimizer; BatchNorm statistics frozen too (mlvpt: on)")
+    # MoE inside the backbone (backbone_moe.py): these five become its MoEConfig in backbone_from_config.
+    backbone_moe: str = config_field("none", "MoE in the backbone's MLPs (ViT, ConvNeXt, Swin): " + " | ".join(PLACEMENTS) +
+                                     " (backbone_moe.py)", "backbone MoE")
+    backbone_experts: int = config_field(8, "N, experts per backbone MoE layer", "backbone MoE")
+    backbone_top_k: int = config_field(1, "k experts per token", "backbone MoE")
+    backbone_capacity: float = config_field(0.0, "capacity factor c: an expert takes at most ceil(c T k / N) of "
+                                                 "a batch's T tokens, the rest skip it (0 = no limit)", "backbone MoE")
+    backbone_renorm: bool = config_field(False, "renormalise the k kept router weights to sum to 1 (V-MoE does not; "
+                                                "an upcycled model then starts equal to the dense one)", "backbone MoE")
+
 
 # From-scratch backbones small enough to train on the embedded benchmark on two CPU cores. Not in
 # torchvision's model list; built from torchvision's own classes, so the code paths (and backbone MoE)
@@ -216,9 +243,8 @@ def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer
     return body, channels
 
 
-def backbone_from_config(cfg):
-    """The backbone a model.ModelConfig names (its backbone, weights, feature_layer, image_size and backbone_*
-    fields; read by name, so this file needs no model) -> (module, C)."""
+def backbone_from_config(cfg: BackboneConfig):
+    """The backbone a BackboneConfig (or any model's config, which extends it) names -> (module, C)."""
     moe = MoEConfig(cfg.backbone_moe, cfg.backbone_experts, cfg.backbone_top_k, cfg.backbone_capacity, cfg.backbone_renorm)
     return build_backbone(cfg.backbone, cfg.weights, cfg.feature_layer, cfg.image_size, moe)
 

@@ -41,13 +41,15 @@ V = 300 word-vector dim. Every model returns (logits, {"gate_weights": None or (
 "image_feature": the pooled backbone feature (B, C)}).
 """
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbones import WeightsUnavailable, backbone_from_config
+from backbones import BackboneConfig, WeightsUnavailable, backbone_from_config
+from lib.flags import config_field
 
 # Per-model settings layered over the dataset preset (train.py: flag > model preset > dataset preset).
 MODEL_PRESETS = {
@@ -81,7 +83,7 @@ MODELS = tuple(MODEL_PRESETS)
 class LinearHead(nn.Module):
     """logit[b, l] = <W_l, GAP(backbone(x))[b]> + c_l: what any head has to beat."""
 
-    def __init__(self, cfg):   # cfg: model.ModelConfig
+    def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.backbone, channels = backbone_from_config(cfg)
         self.fc = nn.Linear(channels, cfg.num_labels)
@@ -98,6 +100,15 @@ class LinearHead(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------
 # ML-GCN
+@dataclass
+class MLGCNConfig(BackboneConfig):
+    """ML-GCN's settings on top of the backbone's: its word vectors and its graph (paper §3.3 eq. 6-8)."""
+    word_vectors: str = config_field(None, "ML-GCN: .npz of label word vectors (names, vectors); none = learned", "baselines")
+    gcn_hidden: int = config_field(1024, "ML-GCN: hidden width of its two-layer GCN (300 -> hidden -> C)", "baselines")
+    gcn_threshold: float = config_field(0.4, "ML-GCN: t, binarise P(j|i) at this value (paper eq. 7)", "baselines")
+    gcn_reweight: float = config_field(0.2, "ML-GCN: p, weight of the neighbours vs the node itself (eq. 8)", "baselines")
+
+
 def label_cooccurrence(targets):
     """targets (N, L) in {1, 0, -1} -> (counts (L, L) int64, zero diagonal; nums (L,) int64).
 
@@ -165,7 +176,7 @@ class MLGCN(nn.Module):
     Global max pooling over any map size (the official code max-pools a fixed 14 x 14 map, i.e. 448 px).
     """
 
-    def __init__(self, cfg, classes=None):   # cfg: model.ModelConfig
+    def __init__(self, cfg: MLGCNConfig, classes=None):
         super().__init__()
         L, V = cfg.num_labels, 300
         self.cfg = cfg

@@ -21,12 +21,13 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from baselines import MODEL_PRESETS, q2l_width
-from gating import GATE_KINDS
 from backbone_moe import PLACEMENTS, MoEConfig
 from backbones import backbone_channels
+from baselines import MODEL_PRESETS, q2l_width
+from gating import GATE_KINDS
+from lib.flags import Parser, config_field
 from mlvpt import GROUPINGS
-from model import ModelConfig, config_field
+from zoo import ModelConfig
 
 DESCRIPTION = "Train DR-MoE (or a variant of its gate, or a baseline) for multi-label image classification."
 
@@ -163,14 +164,6 @@ GROUPS = ("data", "model", "mixture of experts", "backbone MoE", "baselines", "M
 # collapse_threshold is here too: it only decides when train.py warns, never what the run trains.
 SYSTEM = {"dataset", "data_root", "download", "device", "amp", "channels_last", "compile", "sync_bn",
           "num_workers", "out_dir", "resume", "describe", "collapse_threshold"}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the flag and what is allowed), not the 60-flag usage block."""
-
-    def error(self, message):
-        # Exit status 2, as argparse's own error(): scripts can tell a usage error from a crash.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def preset_value(name: str, dataset: str, model: str, default):

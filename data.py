@@ -33,9 +33,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from distributed import is_main
-from owndata import OWN_SPLITS, DatasetError, check_images, read_coco_json, read_own
-from synthetic import (CLASSES, LABEL_GROUPS, SCENES, SOURCE_CLASSES, SOURCE_SEED, SPLIT_SIZES, SPLITS, labels_from_objects,
+from lib.distributed import is_main
+from lib.owndata import OWN_SPLITS, DatasetError, check_images, read_coco_json, read_own
+from lib.synthetic import (CLASSES, LABEL_GROUPS, SCENES, SOURCE_CLASSES, SOURCE_SEED, SPLIT_SIZES, SPLITS, labels_from_objects,
                        render_synthetic, source_labels_from_objects)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -15,6 +15,7 @@ splits each label's mass between shared and task experts), the routing's structu
 Shapes (legend in experts.py; N images here): scores (N, L) probabilities, targets (N, L) in {1, 0, -1},
 gate weights (N, L, E), image features (N, D).
 """
+import functools
 import json
 import os
 import sys
@@ -23,13 +24,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import analysis
-import predictions
-from checkpoint import load_checkpoint_model, read_checkpoint
-from config import Parser, amp_dtype_for, check_device, pick_device
-from distributed import gather_rows, is_main
+from config import amp_dtype_for, check_device, pick_device
+from data import load_image
 from divdr import agreement, reference_partition, routing_signature, split_structure
+from lib import analysis, predictions
+from lib.checkpoint import read_checkpoint
+from lib.distributed import gather_rows, is_main
+from lib.flags import Parser
 from metrics import average_precision, multilabel_metrics
+from zoo import load_checkpoint_model
 
 
 # ----------------------------------------------------------------------------- running a model
@@ -168,11 +171,12 @@ def main(argv=None):
     if args.image or args.images:
         model, ckpt, fmt = load_checkpoint_model(args.checkpoint, device, loaded[args.checkpoint])
         try:
-            if args.image:
-                return predictions.predict_images(model, ckpt, fmt, device, args.image, thresholds)
             # the run's own image size, batch and workers: the same preprocessing as its evaluation
             tc = ckpt["train_config"]
-            probs, bad = predictions.predict_folder(model, files, tc["image_size"], device, fmt, tc["batch_size"],
+            load = functools.partial(load_image, image_size=tc["image_size"])
+            if args.image:
+                return predictions.predict_images(model, ckpt, fmt, device, args.image, thresholds, load)
+            probs, bad = predictions.predict_folder(model, files, load, tc["image_size"], device, fmt, tc["batch_size"],
                                                     tc["num_workers"])
         except predictions.NonFinite:
             sys.exit(f"error: --checkpoint {args.checkpoint}: the model gives non-finite scores; its weights hold "
@@ -271,7 +275,7 @@ def routing_structure(sigs, rows, targets, ds, ckpt, feats=None) -> dict:
 
 def draw_routing(folder, res, ckpt):
     """routing_clusters.png: the clusters x reference table, NMI and ARI in the title."""
-    import plots
+    from lib import plots
     os.makedirs(folder, exist_ok=True)
     plots.routing_clusters(os.path.join(folder, "routing_clusters.png"), res["contingency"],
                            [f"cluster {i}" for i in range(len(res["contingency"]))], res["reference_names"],

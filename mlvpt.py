@@ -55,18 +55,36 @@ Shapes (legend in experts.py; here P prompt tokens, m per group, k groups, r ada
     images (B, 3, H, W) -> tokens (B, T, D) -> prompt outputs z (B, P, D), class token (B, D) -> logits (B, L)
 """
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbones import ViTMap, backbone_from_config
+from backbones import BackboneConfig, ViTMap, backbone_from_config
 from baselines import label_cooccurrence
 from divdr import kmeans
+from lib.flags import config_field
 
 BRANCHES = ("co", "dc")
 GROUPINGS = ("label", "random", "none")
+
+
+@dataclass
+class MLVPTConfig(BackboneConfig):
+    """ML-VPT's settings on top of the backbone's (a ViT, frozen: --model mlvpt turns freeze_backbone on)."""
+    mlvpt_groups: int = config_field(5, "ML-VPT: k label groups per branch (official configs: 5; 0 = pick by the "
+                                        "Calinski-Harabasz score from the training labels)", "ML-VPT")
+    prompts_per_group: int = config_field(3, "ML-VPT: m prompt tokens per group at every ViT block", "ML-VPT")
+    adapter_dim: int = config_field(5, "ML-VPT: r, bottleneck width of each prompt token's expert (official: 5)", "ML-VPT")
+    mlvpt_branches: str = config_field("co,dc", "ML-VPT: which groupings get prompts: co (co-occurrence) | dc "
+                                                "(exclusivity) | co,dc", "ML-VPT")
+    mlvpt_grouping: str = config_field("label", "ML-VPT: label (spectral, from the training labels) | random (same "
+                                                "sizes, shuffled) | none (VPT-deep: shared prompts, linear head)", "ML-VPT")
+    mlvpt_tau: float = config_field(2.0, "ML-VPT: tau, the root taken of P(j|i) before symmetrising", "ML-VPT")
+    mlvpt_gate_loss: bool = config_field(True, "ML-VPT: also train the two gate-only outputs (official)", "ML-VPT")
+    mlvpt_fused_loss: bool = config_field(False, "ML-VPT: also train the mean of the branches (official: no)", "ML-VPT")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -263,7 +281,7 @@ class MLVPT(nn.Module):
     """Frozen ViT + deep prompts per label group + the group-to-label mixture (docstring). x -> (logits (B, L),
     info); info["loss_logits"] lists the outputs the loss is taken on (train.train_step)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: MLVPTConfig):
         super().__init__()
         self.cfg = cfg
         self.backbone, D = backbone_from_config(cfg)
@@ -298,7 +316,7 @@ class MLVPT(nn.Module):
         # weights, so a checkpoint rebuilds the groups without the data. Until then: label l in group l % k.
         self.register_buffer("groups", (torch.arange(L) % k).repeat(nb, 1))   # (branches, L)
 
-    def set_label_groups(self, targets, classes=None, seed: int = 0):
+    def set_label_groups(self, targets, classes=None, seed: int = 0, verbose: bool = True):
         """Group the labels from the training targets (N, L) for each branch; print the groups by name."""
         if not self.grouped:
             return
@@ -310,8 +328,9 @@ class MLVPT(nn.Module):
             for g, members in enumerate(groups):
                 self.groups[j, members] = g
             names = classes or [str(i) for i in range(L)]
-            print(f"ML-VPT {kind.upper()} groups ({cfg.mlvpt_grouping}): "
-                  + " | ".join(", ".join(names[i] for i in members) for members in groups))
+            if verbose:
+                print(f"ML-VPT {kind.upper()} groups ({cfg.mlvpt_grouping}): "
+                      + " | ".join(", ".join(names[i] for i in members) for members in groups))
 
     def label_groups_of(self, branch: int):
         """The groups of one branch as k lists of label indices (read back from the buffer)."""

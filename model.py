@@ -33,44 +33,21 @@ Choices the papers leave open, made here (each is a config field):
 Forward returns (logits (B, L), info) where info = {"gate_weights": (B, L, E) fp32, "aux_loss": scalar,
 "image_feature": g (B, D)}, so train.py adds the load-balancing loss and evaluate.py analyses the routing.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from backbone_moe import PLACEMENTS, moe_layers, parameter_split
-from backbones import backbone_from_config
-from baselines import MLGCN, LinearHead
-from mlvpt import MLVPT
+from backbones import BackboneConfig, backbone_from_config
 from experts import Experts
 from gating import Gate
-
-
-def config_field(default, help: str, group: str = "model"):
-    """A dataclass field that carries its --help text and --help section, so the flags and the config are one list."""
-    return field(default=default, metadata={"help": help, "group": group})
+from lib.flags import config_field
 
 
 @dataclass
-class ModelConfig:
-    model: str = config_field("drmoe", "drmoe | hsq | q2l | mlgcn | linear (the baselines: baselines.py) | mlvpt "
-                                       "(prompt tuning of a frozen ViT: mlvpt.py)")
-    num_labels: int = config_field(20, "L, the number of labels (set from the dataset by train.py)")
-    backbone: str = config_field("resnet18", "torchvision name (ResNet, ConvNeXt, Swin, ViT, EfficientNet, MobileNet) "
-                                 "or a small from-scratch one: vit_tiny | convnext_mini (backbones.SMALL)")
-    weights: str = config_field("none", "backbone init: none | DEFAULT (torchvision's ImageNet weights) | PATH")
-    feature_layer: str = config_field("layer4", "ResNets: cut the backbone after this stage (layer1..layer4)")
-    image_size: int = config_field(224, "the input side a ViT's position embeddings are made for (set from "
-                                        "--image-size by train.py)")
-    backbone_moe: str = config_field("none", "MoE in the backbone's MLPs (ViT, ConvNeXt, Swin): " + " | ".join(PLACEMENTS) +
-                                     " (backbone_moe.py; the sweet-spot paper's default: last2)", "backbone MoE")
-    backbone_experts: int = config_field(8, "N, experts per backbone MoE layer", "backbone MoE")
-    backbone_top_k: int = config_field(1, "k experts per token (the paper's defaults: ConvNeXt 1, ViT 2)", "backbone MoE")
-    backbone_capacity: float = config_field(0.0, "capacity factor c: an expert takes at most ceil(c T k / N) of "
-                                                 "a batch's T tokens, the rest skip it (0 = no limit)", "backbone MoE")
-    backbone_renorm: bool = config_field(False, "renormalise the k kept router weights to sum to 1 (the paper and "
-                                                "V-MoE do not; an upcycled model then starts equal to the dense one)",
-                                         "backbone MoE")
+class DRMoEConfig(BackboneConfig):
+    """DR-MoE's settings (and Q2L's and HSQ's, which are this model with other values: baselines.MODEL_PRESETS),
+    on top of the backbone's (backbones.BackboneConfig)."""
     dim: int = config_field(256, "D, width of the label decoder and the experts (q2l: the backbone's C, as Q2L's commands)")
     heads: int = config_field(4, "attention heads in the encoder and the label decoder")
     enc_layers: int = config_field(0, "transformer encoder layers over the image tokens (Q2L: 1)")
@@ -85,23 +62,6 @@ class ModelConfig:
     expert_hidden: int = config_field(256, "H, hidden width of each expert", "mixture of experts")
     top_k: int = config_field(0, "0 = dense routing; k > 0 keeps each row's k largest gate logits", "mixture of experts")
     gate_temperature: float = config_field(1.0, "tau in softmax(gate logits / tau)", "mixture of experts")
-    freeze_backbone: bool = config_field(False, "no gradient to the backbone's weights and none of them in the "
-                                                "optimizer; BatchNorm statistics frozen too (mlvpt: on)")
-    mlvpt_groups: int = config_field(5, "ML-VPT: k label groups per branch (official configs: 5; 0 = pick by the "
-                                        "Calinski-Harabasz score from the training labels)", "ML-VPT")
-    prompts_per_group: int = config_field(3, "ML-VPT: m prompt tokens per group at every ViT block", "ML-VPT")
-    adapter_dim: int = config_field(5, "ML-VPT: r, bottleneck width of each prompt token's expert (official: 5)", "ML-VPT")
-    mlvpt_branches: str = config_field("co,dc", "ML-VPT: which groupings get prompts: co (co-occurrence) | dc "
-                                                "(exclusivity) | co,dc", "ML-VPT")
-    mlvpt_grouping: str = config_field("label", "ML-VPT: label (spectral, from the training labels) | random (same "
-                                                "sizes, shuffled) | none (VPT-deep: shared prompts, linear head)", "ML-VPT")
-    mlvpt_tau: float = config_field(2.0, "ML-VPT: tau, the root taken of P(j|i) before symmetrising", "ML-VPT")
-    mlvpt_gate_loss: bool = config_field(True, "ML-VPT: also train the two gate-only outputs (official)", "ML-VPT")
-    mlvpt_fused_loss: bool = config_field(False, "ML-VPT: also train the mean of the branches (official: no)", "ML-VPT")
-    word_vectors: str = config_field(None, "ML-GCN: .npz of label word vectors (names, vectors); none = learned", "baselines")
-    gcn_hidden: int = config_field(1024, "ML-GCN: hidden width of its two-layer GCN (300 -> hidden -> C)", "baselines")
-    gcn_threshold: float = config_field(0.4, "ML-GCN: t, binarise P(j|i) at this value (paper eq. 7)", "baselines")
-    gcn_reweight: float = config_field(0.2, "ML-GCN: p, weight of the neighbours vs the node itself (eq. 8)", "baselines")
 
 
 def sine_positional_encoding(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -164,7 +124,7 @@ class LabelDecoderLayer(nn.Module):
 class MoELayer(nn.Module):
     """z[b,l] = h[b,l] + sum_e w[b,l,e] * E_e(h[b,l]): S shared + T own experts, weighted by the gate."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: DRMoEConfig):
         super().__init__()
         L, D = cfg.num_labels, cfg.dim
         self.experts = Experts(L, D, cfg.expert_hidden, cfg.shared_experts, cfg.task_experts, cfg.dropout)
@@ -187,7 +147,7 @@ class DRMoE(nn.Module):
     measures exactly the ideas the papers differ in (baselines.py spells out each one's settings).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: DRMoEConfig):
         super().__init__()
         self.cfg = cfg
         L, D = cfg.num_labels, cfg.dim
@@ -225,80 +185,3 @@ class DRMoE(nn.Module):
         logits = (hq * self.cls_weight).sum(-1) + self.cls_bias           # (B, L)
         # With several MoE layers the last layer's weights are reported (the one feeding the classifier).
         return logits, {"gate_weights": weights, "aux_loss": aux_loss, "image_feature": g.detach()}
-
-
-def describe(model: nn.Module, cfg: ModelConfig) -> str:
-    """One line: the model's name, its parameter count split into backbone and head, and its key settings.
-    With MoE in the backbone also the activated parameters: what one token runs (k of each layer's N experts),
-    the count the sweet-spot paper plots accuracy against."""
-    n_all, active = parameter_split(model)   # all parameters, and those one token activates
-    n_bb = sum(p.numel() for p in model.backbone.parameters())
-    if cfg.backbone_moe != "none":
-        n_moe = len(moe_layers(model.backbone))
-        extra_bb = (f"; backbone MoE {cfg.backbone_moe}: {n_moe} layers x {cfg.backbone_experts} experts, top-{cfg.backbone_top_k}, "
-                    f"{active / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters activated per token")
-    else:
-        extra_bb = ""
-    extra = (f"gate={cfg.gate}, S={cfg.shared_experts}, T={cfg.task_experts}, moe_layers={cfg.moe_layers}"
-             if cfg.model in ("drmoe", "hsq") else
-             f"D={cfg.dim}, enc={cfg.enc_layers}, dec={cfg.layers}" if cfg.model == "q2l" else
-             f"gcn 300->{cfg.gcn_hidden}->C" if cfg.model == "mlgcn" else
-             f"{model.num_prompts} prompts x {len(model.prompts)} blocks, grouping {cfg.mlvpt_grouping}, "
-             f"branches {cfg.mlvpt_branches}" if cfg.model == "mlvpt" else "GAP + linear")
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trained = (f"; {n_train / 1e6:.3f}M trainable ({100 * n_train / n_all:.2f} %), backbone frozen"
-               if cfg.freeze_backbone else "")
-    return (f"{cfg.model}: {n_all / 1e6:.2f}M parameters ({n_bb / 1e6:.2f}M backbone {cfg.backbone}, "
-            f"{(n_all - n_bb) / 1e6:.2f}M head; {extra}{extra_bb}{trained})")
-
-
-def build_model(cfg: ModelConfig, verbose: bool = True, classes=None) -> nn.Module:
-    """The one place that turns a config (e.g. the one saved in a checkpoint) into a model.
-
-    `classes` (label names) is only read by ML-GCN, to look up its word vectors by name.
-    """
-    if cfg.model in ("drmoe", "hsq", "q2l"):
-        model = DRMoE(cfg)
-    elif cfg.model == "linear":
-        model = LinearHead(cfg)
-    elif cfg.model == "mlgcn":
-        model = MLGCN(cfg, classes=classes)
-    elif cfg.model == "mlvpt":
-        model = MLVPT(cfg)
-    else:
-        raise ValueError(f"unknown model {cfg.model!r}; choose drmoe | hsq | q2l | mlgcn | linear | mlvpt")
-    if cfg.freeze_backbone:
-        # Linear probing, prompt tuning, a head on a frozen backbone: the backbone gets no gradient, and
-        # train.py keeps it in eval mode (its BatchNorm statistics frozen too) and out of the optimizer.
-        model.backbone.requires_grad_(False)
-    if verbose:
-        print(describe(model, cfg))
-    return model
-
-
-def set_memory_format(model: nn.Module, fmt=torch.channels_last) -> nn.Module:
-    """Put the convolutions' weights in `fmt` (channels_last = NHWC: what cuDNN and oneDNN convs run fastest on).
-
-    Only the convolutions: model.to(memory_format=...) would also re-stride every other 4-D parameter,
-    such as the task experts' (L, T, D, H) weights, which are not images; DDP then warns that their
-    gradients' strides differ from the parameters' and copies them every step.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            m.to(memory_format=fmt)
-    return model
-
-
-def flops_per_image(model: nn.Module, image_size: int, device="cpu") -> float:
-    """FLOPs of one forward pass on one image (torch.utils.flop_counter; a multiply-add counts as 2).
-
-    Runs with autograd on: under no_grad the counter's module hooks trip over views of parameters.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    was_training = model.training
-    model.eval()
-    x = torch.zeros(1, 3, image_size, image_size, device=device)
-    with FlopCounterMode(display=False) as counter:
-        model(x)
-    model.train(was_training)
-    return float(counter.get_total_flops())

@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import distributed
+from lib import distributed
 from data import NUM_LABELS, DatasetError, build_dataset, download_voc
-from checkpoint import copy_atomically, judged_weights, load_file, rng_state, save_checkpoint, set_rng_state
+from lib.checkpoint import copy_atomically, judged_weights, load_file, rng_state, save_checkpoint, set_rng_state
 from evaluate import predict
 from metrics import average_precision, multilabel_metrics
 from baselines import asymmetric_loss
@@ -61,8 +61,8 @@ from backbone_moe import backbone_aux_loss, moe_layers, parameter_split
 from backbones import WeightsUnavailable
 from divdr import divdr_loss, kmeans, routing_signature, split_structure
 from mlvpt import BRANCHES, affinities, pick_k
-from model import ModelConfig, build_model, flops_per_image, set_memory_format
-from predictions import best_f1_thresholds
+from zoo import ModelConfig, build_model, flops_per_image, set_memory_format
+from lib.predictions import best_f1_thresholds
 
 
 def seed_everything(seed: int):

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from scipy import stats as sps
 
-import analysis
+from lib import analysis
 import evaluate
 import train
 from gating import expert_load

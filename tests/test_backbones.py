@@ -224,7 +224,7 @@ def test_activated_parameters():
 
 def test_moe_backbone_checkpoint_round_trips(tmp_path):
     import train
-    from checkpoint import load_checkpoint_model
+    from zoo import load_checkpoint_model
     out = tmp_path / "run"
     train.main(["--backbone", "vit_tiny", "--backbone-moe", "last2", "--backbone-experts", "4", "--model", "linear",
                 "--epochs", "1", "--limit", "32", "--batch-size", "16", "--num-workers", "0", "--out-dir", str(out)])

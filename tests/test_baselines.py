@@ -31,7 +31,7 @@ import evaluate
 import train
 from baselines import MODELS, asymmetric_loss, label_cooccurrence, load_word_vectors, mlgcn_adjacency
 from data import build_dataset
-from model import ModelConfig, build_model
+from zoo import ModelConfig, build_model
 
 SMALL = dict(num_labels=20, feature_layer="layer2", dim=32, heads=2, ff_dim=64, expert_hidden=32,
              dropout=0.0, gcn_hidden=64)

@@ -193,7 +193,7 @@ def test_bench_default_models_all_configure(dataset, backbone):
     """`python bench.py` times its default --models; each must pass train.py's own checks (config.parse_args
     exits on a model the backbone cannot carry, as mlvpt on a ResNet did)."""
     import argparse
-    import bench
+    from studies import bench
     args = argparse.Namespace(dataset=dataset, backbone=backbone, image_size=None, batch_size=None, extra="", labels=None)
     models = bench.default_models(backbone)
     for m in models:

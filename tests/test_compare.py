@@ -37,10 +37,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import analysis
-import compare
-import studies
-import tables
+from lib import analysis
+from studies import compare
+from studies import sets
+from studies import tables
 import train
 from gating import GATE_KINDS
 from tiny import TINY_MODEL
@@ -59,9 +59,9 @@ def fake_run(out, name, seed, m_ap, share=0.5, nmi=None):
 
 
 def test_ablation_set_is_the_full_grid():
-    assert len(studies.ABLATION) == 4 * 4 * 2 - 3                 # S + T = 1: one run, not four
-    assert "dynamic S=0 T=1" in studies.ABLATION and "static S=0 T=1" not in studies.ABLATION
-    assert studies.ABLATION["label S=4 T=2"] == ["--gate", "label", "--shared-experts", "4", "--task-experts", "2"]
+    assert len(sets.ABLATION) == 4 * 4 * 2 - 3                 # S + T = 1: one run, not four
+    assert "dynamic S=0 T=1" in sets.ABLATION and "static S=0 T=1" not in sets.ABLATION
+    assert sets.ABLATION["label S=4 T=2"] == ["--gate", "label", "--shared-experts", "4", "--task-experts", "2"]
 
 
 def test_grid_and_paired_tests_from_finished_runs(tmp_path):
@@ -89,7 +89,7 @@ def test_grid_and_paired_tests_from_finished_runs(tmp_path):
 
 
 def test_models_table_has_bootstrap_interval_and_detectable_difference(tmp_path):
-    import noise
+    from studies import noise
     rng = np.random.default_rng(0)
     y = (rng.random((300, 4)) < 0.3).astype(np.int8)
     scores = {}
@@ -119,7 +119,7 @@ def test_heterogeneity_pooled_over_seeds(tmp_path):
     a, b = "dynamic S=2 T=1", "static S=2 T=1"
     for seed in (0, 1):
         for name in (a, b):
-            train.main(tiny + studies.ABLATION[name] + ["--seed", str(seed),
+            train.main(tiny + sets.ABLATION[name] + ["--seed", str(seed),
                                                         "--out-dir", compare.run_dir(str(tmp_path), name, seed)])
     table = compare.heterogeneity(str(tmp_path), a, b, [0, 1])
     folder = tmp_path / "heterogeneity" / "dynamic-S-2-T-1-vs-static-S-2-T-1"
@@ -144,7 +144,7 @@ def test_heterogeneity_pooled_over_seeds(tmp_path):
 def test_transfer_sets_pretrain_on_the_source_task_first(tmp_path):
     """--set mlvpt (and sweetspot): the source-task run comes first, on synthetic-pretrain even when --extra
     names another dataset for the rows, and every row starts from its best.pt."""
-    from checkpoint import load_file
+    from lib.checkpoint import load_file
     small = "--epochs 1 --limit 16 --batch-size 16 --image-size 32 --num-workers 0"
     compare.main(["--set", "mlvpt", "--only", "linear probe", "--seeds", "0", "--out", str(tmp_path), "--draws", "0",
                   "--extra", small + " --dataset synthetic", "--pretrain-extra", small])
@@ -168,10 +168,10 @@ def test_each_backbone_starts_from_its_own_pretraining(tmp_path, monkeypatch):
         [("pretrain convnext_mini", "convnext_mini", "synthetic-pretrain")]
     start = os.path.join(compare.run_dir(str(tmp_path / "pretrain"), "pretrain convnext_mini", 0), "best.pt")
     rows = [c for c in calls if c[2] == str(tmp_path)]
-    assert len(rows) == len(studies.SWEETSPOT_CONVNEXT)
+    assert len(rows) == len(sets.SWEETSPOT_CONVNEXT)
     for name, flags, _, extra in rows:
         assert flags[flags.index("--backbone") + 1] == "convnext_mini" and extra[extra.index("--weights") + 1] == start
-    assert studies.pretraining("vit_tiny") == ("pretrain", studies.PRETRAIN)   # the runs made before keep their folder
+    assert sets.pretraining("vit_tiny") == ("pretrain", sets.PRETRAIN)   # the runs made before keep their folder
 
 
 def test_report_without_runs_says_so(tmp_path):
@@ -179,10 +179,10 @@ def test_report_without_runs_says_so(tmp_path):
     with pytest.raises(SystemExit, match=r"no finished runs of --set routing-backbone under .*train them first"):
         compare.main(["--set", "routing-backbone", "--report", "--out", str(tmp_path), "--draws", "0"])
     # the backbone-router set: the four objectives on one MoE placement, the Switch row equal to sweetspot's
-    assert len(studies.ROUTING_BACKBONE) == 4 and "routing-backbone" in studies.FROM_PRETRAINED
-    assert studies.ROUTING_BACKBONE["vit_tiny last2 N=8 k=1 aux=0.01"] == studies.SWEETSPOT["vit_tiny last2 N=8 k=1"]
-    for name in studies.SWEETSPOT_BEST:   # the sweet-spot DR-MoE rows differ from their linear row only in the head
-        pairs = zip(studies.SWEETSPOT[name], studies.SWEETSPOT[name + " drmoe"])
+    assert len(sets.ROUTING_BACKBONE) == 4 and "routing-backbone" in sets.FROM_PRETRAINED
+    assert sets.ROUTING_BACKBONE["vit_tiny last2 N=8 k=1 aux=0.01"] == sets.SWEETSPOT["vit_tiny last2 N=8 k=1"]
+    for name in sets.SWEETSPOT_BEST:   # the sweet-spot DR-MoE rows differ from their linear row only in the head
+        pairs = zip(sets.SWEETSPOT[name], sets.SWEETSPOT[name + " drmoe"])
         assert [(a, b) for a, b in pairs if a != b] == [("linear", "drmoe")]
 
 
@@ -219,7 +219,7 @@ def test_report_reads_only_runs_of_its_own_flags(tmp_path):
     command would train (here another --extra), and reads it when they agree."""
     fake_run(tmp_path, "linear", 0, 60.0)
     d = compare.run_dir(str(tmp_path), "linear", 0)
-    json.dump(compare.row_args(studies.MODELS["linear"], ["--epochs", "3"], 0), open(os.path.join(d, "command.json"), "w"))
+    json.dump(compare.row_args(sets.MODELS["linear"], ["--epochs", "3"], 0), open(os.path.join(d, "command.json"), "w"))
     report = ["--set", "models", "--only", "linear", "--seeds", "0", "--report", "--out", str(tmp_path), "--draws", "0"]
     with pytest.raises(SystemExit, match=r"linear.seed0 holds a run of other flags .*--epochs 3.*report with the --extra"):
         compare.main(report)
@@ -230,7 +230,7 @@ def test_report_reads_only_runs_of_its_own_flags(tmp_path):
     out = tmp_path / "copied"
     fake_run(out, "vit_tiny dense", 0, 61.0)
     d = compare.run_dir(str(out), "vit_tiny dense", 0)
-    json.dump(compare.row_args(studies.SWEETSPOT["vit_tiny dense"], ["--epochs", "10", "--budget", "study", "--weights",
+    json.dump(compare.row_args(sets.SWEETSPOT["vit_tiny dense"], ["--epochs", "10", "--budget", "study", "--weights",
                                                                       "runs/transfer/pretrain/pretrain/seed0/best.pt"], 0),
               open(os.path.join(d, "command.json"), "w"))
     report = ["--set", "sweetspot", "--only", "vit_tiny dense", "--seeds", "0", "--report", "--out", str(out),
@@ -245,11 +245,11 @@ def test_rows_of_the_same_name_have_the_same_flags():
     """Every set writes into <out>/<row name>/seedS, and the transfer sets share one --out: a name used by two
     sets must mean one command, or one set would reuse the other's run."""
     seen = {}
-    for set_name, (rows, _) in studies.SETS.items():
+    for set_name, (rows, _) in sets.SETS.items():
         for name, flags in rows.items():
             first = seen.setdefault(compare.slug(name), (set_name, flags))
             assert first[1] == flags, (compare.slug(name), first[0], set_name)
-            if set_name in studies.FROM_PRETRAINED:   # its pretraining is chosen by the row's --backbone
+            if set_name in sets.FROM_PRETRAINED:   # its pretraining is chosen by the row's --backbone
                 assert "--backbone" in flags, (set_name, name)
 
 
@@ -303,7 +303,7 @@ def test_sweetspot_grid_and_its_paired_tests(tmp_path):
     k = 1; last2 - every2; on vit_tiny also DR-MoE head - linear head on each backbone) equal scipy's paired
     t-test with Holm's adjustment within each family."""
     rng = np.random.default_rng(0)
-    maps = {n: 56 + rng.normal(size=3) for n in studies.SWEETSPOT_CONVNEXT}
+    maps = {n: 56 + rng.normal(size=3) for n in sets.SWEETSPOT_CONVNEXT}
     for name, values in maps.items():
         for seed, v in enumerate(values):
             fake_run(tmp_path, name, seed, float(v))

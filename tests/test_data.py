@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import data
-import synthetic
+from lib import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import distributed  # noqa: E402
+from lib import distributed  # noqa: E402
 from data import build_dataset  # noqa: E402
 from evaluate import predict  # noqa: E402
 from metrics import multilabel_metrics  # noqa: E402
-from model import ModelConfig, build_model  # noqa: E402
+from zoo import ModelConfig, build_model  # noqa: E402
 from train import masked_bce  # noqa: E402
 from tiny import TINY_MODEL
 

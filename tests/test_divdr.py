@@ -61,7 +61,8 @@ def test_one_blob_has_a_larger_within_term():
 
 
 def test_divdr_gradient_reaches_the_gate_not_the_classifier():
-    from model import DRMoE, ModelConfig
+    from model import DRMoE
+    from zoo import ModelConfig
     torch.manual_seed(0)
     model = DRMoE(ModelConfig(num_labels=5, backbone="resnet18", feature_layer="layer2", dim=32, heads=2, ff_dim=64,
                               expert_hidden=16))
@@ -84,7 +85,7 @@ def test_divdr_reaches_backbone_routers_and_a_run_logs_their_structure(tmp_path)
     trains with --divdr-coef and logs the backbone's routing structure."""
     import train
     from baselines import LinearHead
-    from model import ModelConfig
+    from zoo import ModelConfig
     torch.manual_seed(0)
     model = LinearHead(ModelConfig(num_labels=5, backbone="vit_tiny", backbone_moe="last2", backbone_experts=4,
                                    image_size=32))

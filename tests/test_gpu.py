@@ -19,7 +19,7 @@ import torch
 
 import evaluate
 import train
-from model import ModelConfig, build_model, set_memory_format
+from zoo import ModelConfig, build_model, set_memory_format
 from tiny import TINY_MODEL
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -21,7 +21,7 @@ import torch
 
 import mlvpt
 from backbones import build_backbone
-from model import ModelConfig, build_model
+from zoo import ModelConfig, build_model
 
 torch.set_num_threads(2)
 
@@ -206,7 +206,7 @@ def test_trainable_parameter_count():
 
 def test_frozen_backbone_and_checkpoint_round_trip(tmp_path):
     import train
-    from checkpoint import load_checkpoint_model
+    from zoo import load_checkpoint_model
     pre, run = tmp_path / "pre", tmp_path / "run"
     tiny = ["--backbone", "vit_tiny", "--image-size", "32", "--limit", "32", "--batch-size", "16", "--num-workers", "0"]
     train.main(["--dataset", "synthetic-pretrain", "--model", "linear", "--epochs", "1", "--out-dir", str(pre)] + tiny)
@@ -243,7 +243,7 @@ def test_weights_of_another_backbone_are_refused(tmp_path):
 
 def test_source_task_shares_no_image_and_no_label_list():
     from data import build_dataset
-    from synthetic import SOURCE_CLASSES, source_labels_from_objects
+    from lib.synthetic import SOURCE_CLASSES, source_labels_from_objects
     src, tgt = build_dataset("synthetic-pretrain", "train", size=40), build_dataset("synthetic", "train", size=40)
     assert src.classes == SOURCE_CLASSES and not set(src.classes) & set(tgt.classes)
     flat_t = {bytes(im.numpy()) for im in tgt.images}

@@ -14,7 +14,8 @@ import torch
 
 from experts import Experts
 from gating import GATE_KINDS, Gate
-from model import DRMoE, ModelConfig, sine_positional_encoding
+from model import DRMoE, sine_positional_encoding
+from zoo import ModelConfig
 
 B, L, D, H = 3, 5, 8, 16
 

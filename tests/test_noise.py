@@ -13,7 +13,7 @@ from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from metrics import multilabel_metrics  # noqa: E402
-from noise import (bootstrap_map, detectable_t, detectable_z, label_shares, paired_bootstrap,  # noqa: E402
+from studies.noise import (bootstrap_map, detectable_t, detectable_z, label_shares, paired_bootstrap,  # noqa: E402
                    resample_weights, weighted_map)
 
 
@@ -119,7 +119,7 @@ def test_label_shares_sum_to_one_and_find_the_noisy_label():
 
 def test_compact_logits_keep_the_map(tmp_path):
     """results/ keeps float16 logits (noise.compact); their mAP is the float32 scores' to 0.05 points."""
-    from noise import compact, read_scores
+    from studies.noise import compact, read_scores
     s, y = toy(n=2000, ignore=False)
     np.savez(tmp_path / "test_scores.npz", scores=s.astype(np.float32), targets=y.astype(np.int8))
     compact(str(tmp_path / "test_scores.npz"), str(tmp_path / "out" / "test_logits.npz"))

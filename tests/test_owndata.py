@@ -32,9 +32,9 @@ from PIL import Image
 
 import data
 import evaluate
-import owndata
+from lib import owndata
 import train
-from predictions import best_f1_thresholds
+from lib.predictions import best_f1_thresholds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["cat", "dog", "car"]

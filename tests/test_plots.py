@@ -11,7 +11,7 @@ Run: python -m pytest -q tests/test_plots.py
 import numpy as np
 from PIL import Image
 
-import plots
+from lib import plots
 
 
 def columns_of(img, rgb):

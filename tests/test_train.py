@@ -30,7 +30,7 @@ from config import BUDGETS, parse_args
 from data import build_dataset
 from gating import GATE_KINDS
 from backbones import WeightsUnavailable, build_backbone
-from model import ModelConfig, build_model
+from zoo import ModelConfig, build_model
 from tiny import TINY_MODEL
 
 # A model small enough to train in seconds: 32-px images, ResNet-18 cut after layer2 (4x4 tokens), D = 32.
@@ -189,7 +189,7 @@ def test_older_checkpoints_load_without_running_code(tmp_path):
     numpy's array types allowed; any other global is still refused."""
     import datetime
     import pickle
-    from checkpoint import load_file
+    from lib.checkpoint import load_file
     torch.save({"rng": np.random.get_state(), "model_config": {}}, tmp_path / "old.pt")
     state = load_file(str(tmp_path / "old.pt"))["rng"]
     assert state[0] == "MT19937" and (state[1] == np.random.get_state()[1]).all()

@@ -44,8 +44,12 @@ import time
 
 import numpy as np
 
-from studies import ABLATION, BALANCE, FROM_PRETRAINED, MODELS, SETS, pretraining
-from tables import mlvpt_points, report, report_grid, report_sweet_grid, sweet_spot_points
+from studies.sets import ABLATION, BALANCE, FROM_PRETRAINED, MODELS, SETS, pretraining
+from studies.tables import mlvpt_points, report, report_grid, report_sweet_grid, sweet_spot_points
+
+# train.py lives one folder up; every run is started there, as a user types `python train.py` in the root.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def slug(name: str) -> str:
     """A configuration's name as a folder name: "dynamic S=2 T=1" -> "dynamic-S-2-T-1"."""
@@ -100,7 +104,7 @@ def train_one(name: str, flags: list, seed: int, out: str, extra: list) -> bool:
         cmd.append("--resume")   # an earlier compare.py was interrupted inside this run
     t0 = time.time()
     with open(os.path.join(d, "stdout.log"), "a") as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)))
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     status = "ok" if code == 0 else f"FAILED (exit {code}, see {d}/stdout.log)"
     print(f"  {name:<18} seed {seed}: {status} in {(time.time() - t0) / 60:.1f} min", flush=True)
     return code == 0
@@ -159,7 +163,7 @@ def heterogeneity(out: str, a: str, b: str, seeds) -> str:
     split is fixed) and its visual heterogeneity averaged over the seeds (each run's own features), so
     seed noise in single labels averages out before the rank correlation.
     """
-    import analysis   # here: they pull in torch and the models, which the training driver above does not need
+    from lib import analysis   # here: they pull in torch and the models, which the training driver above does not need
     import evaluate
     folder = os.path.join(out, "heterogeneity", f"{slug(a)}-vs-{slug(b)}")
     tests = {}
@@ -269,7 +273,7 @@ def main(argv=None):
         fh.write(table)
     with open(base + ".json", "w") as fh:   # the runs' metrics (scores_file: a path under runs/, not copied)
         json.dump(rows, fh, indent=2)
-    import plots   # the per-seed picture: where each configuration's seeds fall, and which seed is hard for all
+    from lib import plots   # the per-seed picture: where each configuration's seeds fall, and which seed is hard for all
     plots.seed_dots(base + ".png", [(n, {r["seed"]: r["mAP"] for r in rows[n]}) for n in names if n in rows],
                     f"--set {args.set}: test mAP of every run", f"{args.out}; one dot per seed, paired by colour")
     seeds = "-".join(sorted({str(len(r)) for r in rows.values()}))   # for the cost pictures' subtitles, e.g. "3"

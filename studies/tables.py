@@ -33,8 +33,8 @@ import numpy as np
 from scipy import stats
 
 from gating import GATE_KINDS
-from noise import detectable_t, detectable_z, paired_bootstrap, read_scores
-from studies import OWN, SHARED, ablation_name
+from studies.noise import detectable_t, detectable_z, paired_bootstrap, read_scores
+from studies.sets import OWN, SHARED, ablation_name
 
 
 def paired(ref: list, other: list, value=lambda r: r["mAP"]):

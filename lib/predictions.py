@@ -7,7 +7,10 @@ CSV, with one threshold for every label or per-label thresholds chosen on the va
     python evaluate.py --checkpoint RUN/best.pt --images DIR --thresholds best       # per-label thresholds
 
     best_f1_thresholds(scores (N, L), targets (N, L)) -> (L,)   the thresholds train.py saves in best.pt
-    predict_folder(model, files, ...)                 -> (probabilities (n, L), unreadable files)
+    predict_folder(model, files, load, ...)           -> (probabilities (n, L), unreadable files)
+
+`load(path) -> image (3, S, S)` is data.load_image at the run's size (evaluate.py passes it): this file
+reads no dataset code, so the scripts above it may use it.
 
 Per-label thresholds. 0.5 is a convention, not an optimum: a rare label's probabilities rarely reach it,
 a common one's pass it too easily. At the end of training, train.py scores the validation split with the
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DatasetError, load_image
+from lib.owndata import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -64,23 +67,23 @@ class _Files(torch.utils.data.Dataset):
     """Image files -> (image, index, readable); an unreadable file gives zeros and readable = False, so one
     corrupt photo is reported and skipped instead of stopping the folder."""
 
-    def __init__(self, files, image_size):
-        self.files, self.image_size = files, image_size
+    def __init__(self, files, load, image_size):
+        self.files, self.load, self.image_size = files, load, image_size
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            return load_image(self.files[i], self.image_size), i, True
+            return self.load(self.files[i]), i, True
         except DatasetError:
             return torch.zeros(3, self.image_size, self.image_size), i, False
 
 
 @torch.no_grad()
-def predict_folder(model, files, image_size, device, fmt, batch_size=32, num_workers=0):
+def predict_folder(model, files, load, image_size, device, fmt, batch_size=32, num_workers=0):
     """-> probabilities (n, L) for the readable files in order (NaN rows for the others), unreadable files."""
-    loader = torch.utils.data.DataLoader(_Files(files, image_size), batch_size=batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(_Files(files, load, image_size), batch_size=batch_size, num_workers=num_workers)
     probs, bad = None, []
     for x, index, ok in tqdm(loader, desc="predict", dynamic_ncols=True):
         logits = model(x.to(device, memory_format=fmt))[0].float()          # (B, L)
@@ -119,7 +122,7 @@ def thresholds_for(ckpt, which) -> np.ndarray:
     return np.full(L, float(which))
 
 
-def predict_images(model, ckpt, fmt, device, files, thresholds):
+def predict_images(model, ckpt, fmt, device, files, thresholds, load):
     """--image: each file's labels above its threshold, or, when none passes, that fact and the 3 most likely.
 
     A label below the threshold is not a prediction: printing the top-1 as if it were one would turn "the
@@ -130,7 +133,7 @@ def predict_images(model, ckpt, fmt, device, files, thresholds):
     out = {}
     for path in files:
         try:
-            x = load_image(path, ckpt["train_config"]["image_size"]).unsqueeze(0).to(device, memory_format=fmt)
+            x = load(path).unsqueeze(0).to(device, memory_format=fmt)
         except DatasetError as e:  # an unreadable file is reported and skipped, the others still run
             print(f"{path}: skipped, {e}")
             continue

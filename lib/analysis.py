@@ -48,7 +48,7 @@ import os
 import numpy as np
 from scipy import stats as sps
 
-import plots
+from lib import plots
 
 # ----------------------------------------------------------------------------- the numbers
 def gate_statistics(gates: np.ndarray, targets: np.ndarray, num_shared: int, classes) -> dict:

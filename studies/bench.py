@@ -60,8 +60,8 @@ import train
 from baselines import MODELS
 from data import NUM_LABELS, ImageList, build_dataset, build_transform
 from experts import Experts
-from model import build_model, flops_per_image, set_memory_format
-from synthetic import render_synthetic
+from zoo import build_model, flops_per_image, set_memory_format
+from lib.synthetic import render_synthetic
 
 # on/off words rather than --flag / --no-flag: --amp, --channels-last and --compile each take several values,
 # and every combination of them is timed in one call.

@@ -1,18 +1,16 @@
 """
-A run's checkpoint, read back: what train.py wrote (the raw module's state_dict, its EMA, both configs, the
-class names, the optimizer and RNG states to resume), checked and turned into a ready model again.
+A run's checkpoint as a file: what train.py writes (the raw module's state_dict, its EMA, both configs, the
+class names, the optimizer and RNG states to resume), written atomically and read back safely.
 
     save_checkpoint(path, state)     atomic write; copy_atomically(src, dst) the same for a copy
     rng_state(device) / set_rng_state every random stream of a run, stored as tensors and plain values
     load_file(path)                  -> torch.load with weights_only=True (older files: numpy arrays allowed)
     read_checkpoint(path)            -> the dict, or a one-line ValueError saying what the file is not
     judged_weights(ckpt)             -> the state_dict the run was judged by (EMA or raw)
-    load_checkpoint_model(path, dev) -> (model in eval mode, ckpt, memory format)
 
 Written by train.py through save_checkpoint (a temporary file, then an atomic rename), with rng_state's
-random streams so that --resume continues them. Used by train.py, evaluate.py,
-predictions.py, and backbones.py (--weights best.pt); knows no script, and imports the models only inside
-load_checkpoint_model, so that a part (backbones.py) may use load_file.
+random streams so that --resume continues them. Knows no model: zoo.load_checkpoint_model turns a file into
+a model again, and backbones.py reads a best.pt's backbone through load_file (--weights best.pt).
 """
 import os
 import pickle
@@ -96,18 +94,3 @@ def read_checkpoint(path: str) -> dict:
     if missing:
         raise ValueError(f"--checkpoint {path}: a torch file, but not one written by train.py (no {', '.join(missing)})")
     return ckpt
-
-
-def load_checkpoint_model(path: str, device, ckpt=None):
-    """Rebuild the model from a checkpoint alone: its saved ModelConfig, then the weights it was judged by.
-
-    `ckpt`: the file's contents when the caller has already read them (evaluate.main checks them first).
-    """
-    from model import ModelConfig, build_model, set_memory_format   # here: backbones.py imports this file
-    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
-    # The backbone's ImageNet weights are about to be overwritten: do not download them again.
-    mcfg = ModelConfig(**{**ckpt["model_config"], "weights": "none"})
-    model = build_model(mcfg, verbose=False)
-    model.load_state_dict(judged_weights(ckpt))
-    fmt = torch.channels_last if ckpt["train_config"].get("channels_last", True) else torch.contiguous_format
-    return set_memory_format(model.to(device), fmt).eval(), ckpt, fmt

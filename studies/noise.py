@@ -208,7 +208,7 @@ def main(argv=None):
             fh.write(table)
     if args.plot:
         from metrics import average_precision
-        import plots
+        from lib import plots
         std, runs, classes, positives = {}, {}, None, None
         for name, folder in groups.items():
             scores, targets, classes, _ = load_group(folder)
