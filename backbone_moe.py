@@ -255,6 +255,30 @@ def moe_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, SparseMoE)]
 
 
+def routing_counts(layers):
+    """After a forward pass, the collapse watch's counts per MoE layer: (token share per expert (layers, N),
+    (experts per image, overflow) (layers, 2)). The share is k * f: each token takes k distinct experts, so
+    f <= 1/k, and a watch on f alone could never fire at k >= 2."""
+    load = torch.stack([m.top_k * m.stats["load"] for m in layers])                         # (layers, N)
+    used = torch.stack([torch.stack([m.stats["used_per_image"], m.stats["dropped"]]) for m in layers])   # (layers, 2)
+    return load, used
+
+
+def routing_summary(layers, load, used, aux: float, threshold: float):
+    """An epoch's mean routing_counts -> (the log record, a collapse warning or None). A layer whose k covers most
+    of its N experts takes k/N of the tokens per expert even when perfectly balanced: it is watched only where
+    balance sits below the threshold."""
+    record = {"aux_loss": aux, "token_share": [[round(v, 4) for v in r] for r in load.tolist()],
+              "experts_used_per_image": used[:, 0].tolist(), "overflow": used[:, 1].tolist()}
+    watched = [i for i, m in enumerate(layers) if m.top_k / m.num_experts < threshold]
+    top = load[watched].max().item() if watched else 0.0
+    warning = None
+    if top > threshold:
+        warning = (f"backbone expert collapse: one expert takes {100 * top:.0f}% of a layer's tokens; "
+                   "remedy: --aux-loss-coef 0.01 (it weighs the backbone's balance loss too)")
+    return record, warning
+
+
 def backbone_aux_loss(model: nn.Module):
     """Mean balance loss over the backbone's MoE layers after a forward pass; None without any."""
     layers = moe_layers(model)

@@ -94,6 +94,20 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, restarts: int = 4, iters: int =
     return best[1], best[2]
 
 
+def training_term(info: dict, model, centroids, margin: float):
+    """The objective's step 2 inside a training step -> (L_within + L_between, or 0 before the first partition;
+    the batch's signatures, detached, for the next epoch's k-means). centroids: the last epoch's (K, F) or None."""
+    sig, rows = routing_signature(info, model)
+    loss = divdr_loss(sig, centroids, len(rows), margin)[0] if centroids is not None else sig.new_zeros(())
+    return loss, sig.detach()
+
+
+def partition_centroids(signatures, k: int, seed: int) -> torch.Tensor:
+    """Step 1 of the objective: k-means of an epoch's routing signatures (n, F) -> the centroids (K, F) float32
+    that the next epoch's divdr_loss pulls toward (deterministic by seed: every rank computes the same)."""
+    return torch.from_numpy(kmeans(np.asarray(signatures), k, seed=seed)[0]).float()
+
+
 def divdr_loss(r: torch.Tensor, centroids: torch.Tensor, num_rows: int, margin: float):
     """r (B, F) signatures with gradient, centroids (K, F) of the last epoch -> (L_within + L_between,
     L_within, L_between), the docstring's equations; d = squared distance / num_rows. Always in float32,

@@ -32,37 +32,32 @@ and the resolution order). The resolved config is printed at start and saved in 
 evaluate.py can rebuild the model from the checkpoint alone.
 Shapes (legend in experts.py): images (B, 3, S_img, S_img), targets (B, L) in {1, 0, -1}, logits (B, L).
 """
-import contextlib
 import copy
-import io
 import json
 import os
 import random
 import sys
 import time
-import warnings
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from lib import distributed
-from data import NUM_LABELS, DatasetError, build_dataset, download_voc
-from lib.checkpoint import copy_atomically, judged_weights, load_file, rng_state, save_checkpoint, set_rng_state
-from evaluate import predict
-from metrics import average_precision, multilabel_metrics
+from backbone_moe import backbone_aux_loss, moe_layers, parameter_split, routing_counts, routing_summary
+from backbones import WeightsUnavailable
 from baselines import asymmetric_loss
 from config import TrainConfig, amp_dtype_for, parse_args, pick_device
+from data import NUM_LABELS, DatasetError, build_dataset, download_voc
+from divdr import partition_centroids, split_structure, training_term
+from evaluate import predict
 from gating import expert_load, expert_names
-from backbone_moe import backbone_aux_loss, moe_layers, parameter_split
-from backbones import WeightsUnavailable
-from divdr import divdr_loss, kmeans, routing_signature, split_structure
-from mlvpt import BRANCHES, affinities, pick_k
-from zoo import ModelConfig, build_model, flops_per_image, set_memory_format
+from lib import distributed
+from lib.checkpoint import copy_atomically, judged_weights, load_file, rng_state, save_checkpoint, set_rng_state
 from lib.predictions import best_f1_thresholds
+from metrics import average_precision, multilabel_metrics
+from zoo import ModelConfig, build_model, flops_per_image, prepare, resolve_groups, set_memory_format
 
 
 def seed_everything(seed: int):
@@ -122,6 +117,14 @@ def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: torch.dev
                              fused=device.type == "cuda")   # fused: one kernel for all tensors on CUDA
 
 
+def classification_loss(outputs, y: torch.Tensor, tcfg: TrainConfig) -> torch.Tensor:
+    """The loss on the logits, or summed over the outputs a model lists (ML-VPT: each branch and each gate alone)."""
+    if tcfg.loss == "asl":
+        return sum(asymmetric_loss(out, y, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip, tcfg.asl_eps,
+                                   tcfg.asl_detach_focusing) for out in outputs)
+    return sum(masked_bce(out, y) for out in outputs)
+
+
 def train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg: TrainConfig, amp_dtype, step: int,
                centroids=None):
     """One optimisation step on one batch -> (classification loss, info), both still on the device.
@@ -130,27 +133,23 @@ def train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg: TrainConfi
     --divdr-coef, info["signature"] holds the batch's routing signatures (detached) for the next k-means.
 
     step_model is what runs forward (maybe compiled, maybe DDP-wrapped); model is the raw module whose
-    parameters are clipped and averaged into the EMA. bench.py times exactly this function.
+    parameters are clipped and averaged into the EMA. studies/bench.py times exactly this function.
     """
     # Mixed precision for the forward pass only; the gate's softmax and the loss run in fp32 inside.
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits, info = step_model(x)
-        # The loss is on the logits, or on the outputs a model lists (ML-VPT: each branch and each gate alone).
-        loss_cls = sum(asymmetric_loss(out, y, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip, tcfg.asl_eps,
-                                       tcfg.asl_detach_focusing) if tcfg.loss == "asl" else masked_bce(out, y)
-                       for out in info.get("loss_logits", [logits]))
-        # MoE inside the backbone leaves each layer's balance loss on the layer (backbone_moe.py); the one
-        # --aux-loss-coef weighs head and backbone alike, and the two are logged apart.
+        loss_cls = classification_loss(info.get("loss_logits", [logits]), y, tcfg)
+        # The balance losses: the head gate's (gating.py) and, with MoE inside the backbone, each MoE layer's,
+        # left on the layer by its forward (backbone_moe.py). One --aux-loss-coef weighs both; they are logged apart.
         bb_aux = backbone_aux_loss(model)
         info["backbone_aux"] = bb_aux if bb_aux is not None else torch.zeros((), device=x.device)
         loss = loss_cls + tcfg.aux_loss_coef * (info["aux_loss"] + info["backbone_aux"])
         info["divdr"], info["signature"] = torch.zeros((), device=x.device), None
-        if tcfg.divdr_coef > 0:
-            sig, rows = routing_signature(info, model)
-            info["signature"] = sig.detach()
-            if centroids is not None:   # from the second epoch on: the last epoch's partition
-                info["divdr"] = divdr_loss(sig, centroids, len(rows), tcfg.divdr_margin)[0]
-                loss = loss + tcfg.divdr_coef * info["divdr"]
+        if tcfg.divdr_coef > 0:   # DivDR: routing pulled toward the last epoch's partition (divdr.py)
+            divdr_term, info["signature"] = training_term(info, model, centroids, tcfg.divdr_margin)
+            if centroids is not None:   # from the second epoch on
+                info["divdr"] = divdr_term
+                loss = loss + tcfg.divdr_coef * divdr_term
     optimizer.zero_grad(set_to_none=True)   # None, not zeros: no memset, and the first accumulation is a copy
     scaler.scale(loss).backward()   # under DDP, backward also averages the gradients over the ranks
     if tcfg.grad_clip > 0:
@@ -238,54 +237,47 @@ def describe_only(tcfg: TrainConfig, mcfg: ModelConfig):
     return model, gflops
 
 
-def main(argv=None):
-    tcfg, mcfg, given = parse_args(argv)
-    if "describe" in given:
-        return describe_only(tcfg, mcfg)
-    # Under torchrun: one process per GPU (or CPU slot); only rank 0 talks (distributed.py). Plain python: rank 0 of 1.
-    rank, world, ddp_device = distributed.setup(tcfg.device)
-    main_proc = rank == 0
-    say = print if main_proc else (lambda *a, **k: None)
-    ckpt = None
-    if tcfg.resume:
-        path = os.path.join(tcfg.out_dir, "last.pt") if tcfg.resume == "auto" else tcfg.resume
-        # Every rank reads the file: on several nodes OUT_DIR must be on a shared filesystem.
-        ckpt = load_file(path)
-        # A resumed run is the run that was started: its configs come from the checkpoint. Only where it
-        # runs (device, workers) and where it writes may change, and the worker count only when given:
-        # the augmentations are drawn from the workers' seeds, so another count continues the run but
-        # not bit for bit.
-        keep = {k: getattr(tcfg, k) for k in ("device", "num_workers", "out_dir", "resume")
-                if k != "num_workers" or k in given}
-        planned = ckpt["train_config"]["epochs"]
-        if "epochs" in given and tcfg.epochs != planned:
-            # The one-cycle schedule was laid out for the planned steps and ends with lr near 0: more epochs
-            # would be a second schedule glued on, not this run continued. A usage error, one line.
-            print(f"error: --epochs {tcfg.epochs} with --resume: {path} was planned as {planned} epochs of one "
-                  f"one-cycle schedule, whose learning rate ends near 0, so it cannot be extended; train a new run "
-                  f"with --epochs {tcfg.epochs} (its own folder) instead", file=sys.stderr)
-            sys.exit(2)
-        # A checkpoint older than a field carries no value for it: continue it as the code that wrote it
-        # trained (ASL's gradient through the focusing weights, EMA warm-up always on), not with today's
-        # defaults. Later fields keep their defaults, which are what the older code did.
-        legacy = {"asl_detach_focusing": False, "ema_warmup": True}
-        tcfg = TrainConfig(**{**legacy, **ckpt["train_config"], **keep})
-        mcfg = ModelConfig(**ckpt["model_config"])
-        say(f"resuming from {path}: epoch {ckpt['epoch'] + 1} of {tcfg.epochs} done, best val mAP {ckpt['best_map']:.2f}"
-            + (" (the run is finished: best.pt is tested again)" if ckpt["epoch"] + 1 >= tcfg.epochs else ""))
-        ignored = given - set(keep) - {"dataset"}
-        if ignored:
-            say(f"  note: ignoring {sorted(ignored)} on resume (the checkpoint's config wins)")
-    say("train config:", json.dumps(asdict(tcfg)))   # printed and saved: a log says what produced it
-    say(f"run folder: {tcfg.out_dir}")
-    if tcfg.batch_size % world:   # a usage error: one line, no traceback
-        sys.exit(f"error: --batch-size {tcfg.batch_size} (the global batch) must divide evenly over {world} processes")
-    os.makedirs(tcfg.out_dir, exist_ok=True)
-    if ckpt is None and os.path.exists(os.path.join(tcfg.out_dir, "last.pt")):
-        say(f"note: {tcfg.out_dir} holds an earlier run; starting fresh (pass --resume to continue it instead)")
-    # Per-rank seeds: dropout and flips differ between ranks (else every rank would augment alike). The
-    # weights still start equal everywhere, because DDP copies rank 0's to all ranks when it wraps the model.
-    seed_everything(tcfg.seed + rank)
+# ---------------------------------------------------------------------------------------------------------
+# The named steps of main(), in the order it calls them
+
+
+def resume_configs(tcfg: TrainConfig, given: set, say):
+    """--resume: the run that was started, continued -> (its TrainConfig, its ModelConfig, the checkpoint).
+
+    Its configs come from the checkpoint. Only where it runs (device, workers) and where it writes may change,
+    and the worker count only when given: the augmentations are drawn from the workers' seeds, so another
+    count continues the run but not bit for bit. Every rank reads the file: on several nodes OUT_DIR must be
+    on a shared filesystem.
+    """
+    path = os.path.join(tcfg.out_dir, "last.pt") if tcfg.resume == "auto" else tcfg.resume
+    ckpt = load_file(path)
+    keep = {k: getattr(tcfg, k) for k in ("device", "num_workers", "out_dir", "resume")
+            if k != "num_workers" or k in given}
+    planned = ckpt["train_config"]["epochs"]
+    if "epochs" in given and tcfg.epochs != planned:
+        # The one-cycle schedule was laid out for the planned steps and ends with lr near 0: more epochs
+        # would be a second schedule glued on, not this run continued. A usage error, one line.
+        print(f"error: --epochs {tcfg.epochs} with --resume: {path} was planned as {planned} epochs of one "
+              f"one-cycle schedule, whose learning rate ends near 0, so it cannot be extended; train a new run "
+              f"with --epochs {tcfg.epochs} (its own folder) instead", file=sys.stderr)
+        sys.exit(2)
+    # A checkpoint older than a field carries no value for it: continue it as the code that wrote it
+    # trained (ASL's gradient through the focusing weights, EMA warm-up always on), not with today's
+    # defaults. Later fields keep their defaults, which are what the older code did.
+    legacy = {"asl_detach_focusing": False, "ema_warmup": True}
+    tcfg = TrainConfig(**{**legacy, **ckpt["train_config"], **keep})
+    mcfg = ModelConfig(**ckpt["model_config"])
+    say(f"resuming from {path}: epoch {ckpt['epoch'] + 1} of {tcfg.epochs} done, best val mAP {ckpt['best_map']:.2f}"
+        + (" (the run is finished: best.pt is tested again)" if ckpt["epoch"] + 1 >= tcfg.epochs else ""))
+    ignored = given - set(keep) - {"dataset"}
+    if ignored:
+        say(f"  note: ignoring {sorted(ignored)} on resume (the checkpoint's config wins)")
+    return tcfg, mcfg, ckpt
+
+
+def pick_runtime(tcfg: TrainConfig, ddp_device, world: int, say):
+    """-> (device, the autocast dtype or None for fp32, whether to torch.compile), with the fast settings
+    that are safe on a GPU switched on."""
     device = ddp_device or pick_device(tcfg.device)
     amp_dtype = amp_dtype_for(device, tcfg.amp)
     if device.type == "cuda":
@@ -300,8 +292,13 @@ def main(argv=None):
         # measures it); on MPS its support is partial. The flag is ignored there rather than half-working.
         say(f"note: --compile is used on CUDA under Linux only; ignored on {device.type} ({sys.platform})")
     say(f"device: {device}" + (f" x {world} processes" if world > 1 else "") + f", precision: {amp_dtype or torch.float32}")
+    return device, amp_dtype, use_compile
 
-    # ---- data: built (and, for synthetic, generated) once, before any model work
+
+def build_data(tcfg: TrainConfig, main_proc: bool):
+    """Every split read and checked before any model work -> ({"train", "val", "test": dataset}, the training
+    labels as read, difficult ones still -1). A missing or incomplete dataset stops the run here with one
+    message, never deep inside a DataLoader worker."""
     if tcfg.download:
         if tcfg.dataset != "voc":
             raise DatasetError("--download fetches VOC 2007 only; for COCO see the README's commands")
@@ -309,52 +306,46 @@ def main(argv=None):
             download_voc(tcfg.data_root or "data")
         distributed.barrier()   # the other ranks read the files rank 0 fetched
         tcfg.data_root = tcfg.data_root or "data"
-    # Every split is read and checked here, before any model work: a missing or incomplete dataset stops
-    # the run at start-up with one message, never deep inside a DataLoader worker.
     roles = {"train": tcfg.train_split, "val": tcfg.val_split, "test": tcfg.test_split}
     split_ds = {s: build_dataset(tcfg.dataset, s, tcfg.data_root, tcfg.image_size, augment=(s == roles["train"]),
                                  limit=tcfg.limit, randaugment=tcfg.randaugment, cutout=tcfg.cutout,
                                  empty=tcfg.empty_images, hflip=tcfg.hflip, size=getattr(tcfg, f"{s}_images", None))
                 for s in dict.fromkeys(roles.values())}   # each split read once (val and test may be one)
     ds = {role: split_ds[s] for role, s in roles.items()}
-    say("splits: " + ", ".join(f"{role} = {s} ({len(ds[role])} images)" for role, s in roles.items()))
+    if main_proc:
+        print("splits: " + ", ".join(f"{role} = {s} ({len(ds[role])} images)" for role, s in roles.items()))
     # VOC marks "difficult" objects 0 in its files, -1 in `targets` (ignored by every metric). Training
     # counts them as present by default, as ML-GCN does; --difficult ignore drops them from the loss.
-    graph_targets = ds["train"].targets.clone()   # ML-GCN's graph counts clear positives only (baselines.py)
+    labels = ds["train"].targets.clone()   # ML-GCN's graph and ML-VPT's groups count clear positives only
     if tcfg.difficult == "positive":
         ds["train"].targets[ds["train"].targets == -1] = 1.0
-    mcfg.num_labels = len(ds["train"].classes)   # L comes from the data, so one config serves any dataset
-    mcfg.image_size = tcfg.image_size   # a ViT's position embeddings are made for this grid (backbones.py)
-    if mcfg.model == "mlvpt" and mcfg.mlvpt_groups == 0:
-        # --mlvpt-groups 0: k from the training labels (Calinski-Harabasz), fixed in the config before the
-        # model is built (the prompt count depends on it), so the checkpoint rebuilds the same model.
-        kind = mcfg.mlvpt_branches.split(",")[0]   # one k for both branches: the first branch's choice
-        mcfg.mlvpt_groups = pick_k(affinities(graph_targets.numpy(), mcfg.mlvpt_tau)[BRANCHES.index(kind)], seed=0)
-        say(f"ML-VPT: k = {mcfg.mlvpt_groups} groups, chosen by the Calinski-Harabasz score")
-    if mcfg.freeze_backbone and mcfg.weights.lower() == "none":
-        say("  warning: --freeze-backbone with --weights none: the frozen backbone stays random. Pass --weights "
-            "DEFAULT (ImageNet), or pretrain offline: python train.py --dataset synthetic-pretrain --backbone "
-            f"{mcfg.backbone} --model linear, then --weights <that run>/best.pt")
-    say("model config:", json.dumps(asdict(mcfg)))
-    # The shuffling generator is re-seeded with (seed, epoch) each epoch, so a resumed run sees the same
-    # data order as an uninterrupted one; it also seeds the workers' augmentation RNGs. Under torchrun the
-    # DistributedSampler shuffles instead (same seed on every rank, so the shards partition the epoch).
-    # No loader's workers are persistent: a persistent loader draws its workers' base seed (from `order`,
-    # or from the global RNG for the evaluation loaders) at its first pass only, so the first epoch after
-    # --resume would draw once more than the same epoch of an uninterrupted run, and the data order, the
-    # augmentations or the dropout that follows would differ. Starting workers afresh costs about a second
-    # (fork) per pass.
-    order = torch.Generator()
-    loader_kw = dict(batch_size=tcfg.batch_size // world, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda")
-    sampler = lambda d, shuffle: (torch.utils.data.DistributedSampler(d, shuffle=shuffle, seed=tcfg.seed, drop_last=shuffle)
-                                  if world > 1 else None)
-    train_sampler = sampler(ds["train"], True)
-    train_loader = torch.utils.data.DataLoader(ds["train"], shuffle=train_sampler is None, sampler=train_sampler,
-                                               drop_last=True, generator=order, **loader_kw)
-    eval_loaders = {s: torch.utils.data.DataLoader(ds[s], shuffle=False, sampler=sampler(ds[s], False), **loader_kw)
-                    for s in ("val", "test")}
+    return ds, labels
 
-    # ---- model, EMA, optimizer, schedule, loss scaler
+
+def make_loaders(ds: dict, tcfg: TrainConfig, world: int, device, order: torch.Generator):
+    """-> (the training loader, {"val", "test": evaluation loader}).
+
+    The shuffling generator `order` is re-seeded with (seed, epoch) each epoch (main), so a resumed run sees
+    the same data order as an uninterrupted one; it also seeds the workers' augmentation RNGs. Under torchrun
+    the DistributedSampler shuffles instead (same seed on every rank, so the shards partition the epoch).
+    No loader's workers are persistent: a persistent loader draws its workers' base seed (from `order`, or
+    from the global RNG for the evaluation loaders) at its first pass only, so the first epoch after --resume
+    would draw once more than the same epoch of an uninterrupted run, and the data order, the augmentations
+    or the dropout that follows would differ. Starting workers afresh costs about a second (fork) per pass.
+    """
+    kw = dict(batch_size=tcfg.batch_size // world, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda")
+    train_sampler = distributed.sampler(ds["train"], True, tcfg.seed)
+    train_loader = torch.utils.data.DataLoader(ds["train"], shuffle=train_sampler is None, sampler=train_sampler,
+                                               drop_last=True, generator=order, **kw)
+    evals = {s: torch.utils.data.DataLoader(ds[s], shuffle=False, sampler=distributed.sampler(ds[s], False, tcfg.seed), **kw)
+             for s in ("val", "test")}
+    return train_loader, evals
+
+
+def build_run_model(tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, labels, device, world: int, main_proc: bool, say):
+    """The model as this run trains it -> (the raw module on the device, its memory format, GFLOPs per image):
+    built (zoo.py), prepared from the training labels (ML-GCN's graph, ML-VPT's groups), laid out for fast
+    convolutions, measured."""
     # --init-seed draws the initial weights from a stream of their own (fork_rng restores the global one
     # afterwards), so that the weights and the rest of the run's randomness (data order, flips, dropout: all
     # from --seed) can be varied one at a time (results/noise/). Without it, one seed drives everything.
@@ -362,231 +353,168 @@ def main(argv=None):
         if tcfg.init_seed is not None:
             torch.manual_seed(tcfg.init_seed)
         model = build_model(mcfg, verbose=main_proc, classes=ds["train"].classes).to(device)
-    if mcfg.model == "mlgcn":
-        model.set_label_graph(graph_targets)   # ML-GCN's graph: co-occurrence in the training labels
-    if mcfg.model == "mlvpt":   # ML-VPT's label groups, from the training labels too (mlvpt.label_groups)
-        with contextlib.redirect_stdout(sys.stdout if main_proc else io.StringIO()):
-            model.set_label_groups(graph_targets.numpy(), ds["train"].classes, seed=tcfg.seed)
+    prepare(model, mcfg, labels, ds["train"].classes, seed=tcfg.seed, verbose=main_proc)
     if tcfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # same state_dict keys as BatchNorm
     # channels_last (NHWC) is the layout oneDNN and cuDNN convolutions run fastest on; the transformer
     # part does not care. Inputs are converted to the same layout in the loop.
     fmt = torch.channels_last if tcfg.channels_last else torch.contiguous_format
     set_memory_format(model, fmt)
-    moe_blocks = moe_layers(model)   # the backbone's MoE layers, if any (their routing is logged per epoch)
     gflops = flops_per_image(model, tcfg.image_size, device) / 1e9
     say(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px")
     if device.type == "cpu" and not tcfg.dataset.startswith("synthetic") and main_proc:
         say(cpu_warning(model, tcfg, device, fmt, len(ds["train"]), len(ds["val"])))
-    # `model` stays the raw module: it is what is saved, evaluated and averaged into the EMA. The step runs
-    # through `step_model`, which may be compiled and wrapped in DDP (their state_dict keys differ).
-    step_model = torch.compile(model) if use_compile else model
-    if world > 1:
-        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
-        # With T = 1 the task experts' (L, 1, D, H) weights get gradients whose stride on the size-1 axis
-        # differs from the parameter's; autograd ignores size-1 strides, DDP's bucket check does not and
-        # warns every run. The memory layout is the same, so the warning says nothing here.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    # The EMA is a second copy of the model whose weights trail the trained ones; it is evaluated beside
-    # them every epoch (Q2L reports its EMA numbers) and the better of the two is what "best" means.
-    # Copied after the DDP wrap, so it starts from rank 0's weights on every rank.
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.ema_decay else None
-    optimizer = build_optimizer(model, tcfg, device)
-    # One-cycle (Smith & Topin 2019; Q2L trains with it): warm up to lr over warmup_pct of the steps,
-    # then anneal to ~0. The schedule is per step, so it needs the total number of steps up front.
-    total_steps = tcfg.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tcfg.lr, total_steps=total_steps,
-                                                    pct_start=tcfg.warmup_pct)
-    # Enabled only for fp16: with bf16 or fp32 it passes everything through, so one code path serves all.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, best_map, step = 0, -1.0, 0
-    centroids = None   # DivDR's partition of the last epoch's routing (divdr.py); none before epoch 1 ends
-    # Resuming restores everything that shapes the rest of the run, RNG states included, so that the
-    # resumed run is the uninterrupted one (tests/test_train.py checks it bit for bit).
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]   # one per rank
-        if len(states) == world:
-            set_rng_state(states[rank], device)
-        else:
-            say(f"  note: the checkpoint was written by {len(states)} processes, this run has {world}: "
-                "random streams restart (the run continues, but not bit for bit)")
-        start_epoch, best_map, step = ckpt["epoch"] + 1, ckpt["best_map"], ckpt["step"]
-        if ckpt.get("divdr_centroids") is not None:
-            centroids = ckpt["divdr_centroids"].to(device)
+    return model, fmt, gflops
 
-    # Everything needed to resume, evaluate or rebuild: the raw module's weights (never a compiled or
-    # DDP wrapper's, whose keys differ), both configs, and which weights ("raw" or "ema") were judged best.
-    def checkpoint(epoch, val_maps, which, rng):
-        return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "eval_weights": which, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_map": best_map,
-                "val_map": val_maps, "model_config": asdict(mcfg), "train_config": asdict(tcfg),
-                "classes": list(ds["train"].classes), "world_size": world, "rng": rng,
-                "divdr_centroids": centroids.cpu() if centroids is not None else None}
 
-    # log.jsonl holds exactly this run's epochs 1..start_epoch: a fresh run starts it empty (an earlier
-    # run's rows in the same folder would otherwise mix into curves.png and compare.py), and a resumed run
-    # drops the rows of epochs its checkpoint does not have (a kill between the log line and last.pt).
-    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
+def restore(ckpt: dict, model, ema, optimizer, scheduler, scaler, device, rank: int, world: int, say):
+    """Everything that shapes the rest of the run, RNG states included, so that the resumed run is the
+    uninterrupted one (tests/test_train.py checks it bit for bit) -> (first epoch, best val mAP, step, DivDR centroids)."""
+    model.load_state_dict(ckpt["model"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]   # one per rank
+    if len(states) == world:
+        set_rng_state(states[rank], device)
+    else:
+        say(f"  note: the checkpoint was written by {len(states)} processes, this run has {world}: "
+            "random streams restart (the run continues, but not bit for bit)")
+    centroids = ckpt["divdr_centroids"].to(device) if ckpt.get("divdr_centroids") is not None else None
+    return ckpt["epoch"] + 1, ckpt["best_map"], ckpt["step"], centroids
+
+
+def start_log(out_dir: str, start_epoch: int, resumed: bool, main_proc: bool) -> str:
+    """log.jsonl holds exactly this run's epochs 1..start_epoch: a fresh run starts it empty (an earlier run's
+    rows in the same folder would otherwise mix into its curves and tables), and a resumed run drops the rows
+    of epochs its checkpoint does not have (a kill between the log line and last.pt)."""
+    path = os.path.join(out_dir, "log.jsonl")
     if main_proc:
-        rows = open(log_path).readlines() if ckpt is not None and os.path.isfile(log_path) else []
-        with open(log_path, "w") as fh:
+        rows = open(path).readlines() if resumed and os.path.isfile(path) else []
+        with open(path, "w") as fh:
             fh.writelines(r for r in rows if json.loads(r)["epoch"] <= start_epoch)
-    run_start = time.time()
-    for epoch in range(start_epoch, tcfg.epochs):
-        # ---- one epoch of training
-        step_model.train()
-        if mcfg.freeze_backbone:
-            model.backbone.eval()   # frozen means frozen: no BatchNorm statistics or dropout in it either
-        order.manual_seed((tcfg.seed * 1000 + epoch) * world + rank)
-        if train_sampler is not None:
-            train_sampler.set_epoch(epoch)   # a new shuffle (the same on every rank) each epoch
-        sums = torch.zeros(4, device=device)   # running (classification, head aux, backbone aux, DivDR) losses
-        signatures = []   # with --divdr-coef: this epoch's routing signatures, for the next epoch's k-means
-        bb_load, bb_used = 0.0, 0.0   # backbone MoE, per layer: token share per expert (layers, N), (experts/image, overflow)
-        gate_mass = 0.0   # running sum over steps of each label's mean gate weight per expert, (L, E)
-        t0, n_seen, wait = time.time(), 0, 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not main_proc)   # one progress bar, rank 0's
+    return path
+
+
+def train_epoch(step_model, model, ema, optimizer, scheduler, scaler, loader, tcfg: TrainConfig, mcfg: ModelConfig,
+                device, amp_dtype, fmt, epoch: int, step: int, centroids, world: int, main_proc: bool) -> dict:
+    """One pass over the training split -> the epoch's record: mean losses, speed, the step reached, and the
+    routing watches: where the head gate sent its mass (gating.expert_load, the collapse watch), how the
+    backbone's experts shared the tokens (backbone_moe.routing_summary) and DivDR's next partition (divdr.py)."""
+    moe_blocks = moe_layers(model)   # the backbone's MoE layers, if any
+    sums = torch.zeros(4, device=device)   # running (classification, head aux, backbone aux, DivDR) losses
+    signatures = []   # with --divdr-coef: this epoch's routing signatures, for the next epoch's k-means
+    gate_mass, bb_load, bb_used = 0.0, 0.0, 0.0   # running sums of the routing watches' counts
+    t0, n_seen, wait = time.time(), 0, 0.0
+    # One progress bar, rank 0's. The divergence watch: (step, classification loss, aux loss) of the first
+    # non-finite step, -1 = none. Kept on the device and read at the log points (and every step off CUDA, where
+    # reading is free), so a GPU is not stalled each step; the run stops before this epoch's log line and last.pt.
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True, disable=not main_proc)
+    watch = torch.full((3,), -1.0, device=device)
+    t_ready = time.time()
+    for i, (x, y) in enumerate(bar):
+        wait += time.time() - t_ready   # time spent waiting for data, to tell a slow loader from a slow model
+        x = x.to(device, non_blocking=True, memory_format=fmt)
+        y = y.to(device, non_blocking=True)
+        step += 1
+        loss_cls, info = train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg, amp_dtype, step,
+                                    centroids=centroids)
+        scheduler.step()
+        # Accumulate on the device; reading a value (.item()) every step would stall a GPU on each step.
+        parts = torch.stack([loss_cls.detach().float(), info["aux_loss"].detach().float()])
+        sums += torch.cat([parts, info["backbone_aux"].detach().float()[None], info["divdr"].detach().float()[None]])
+        if info["signature"] is not None:
+            signatures.append(info["signature"])   # stays on the device: .cpu() each step would sync a GPU
+        fresh = ~torch.isfinite(parts).all() & (watch[0] < 0)
+        watch = torch.where(fresh, torch.cat([parts.new_tensor([step]), parts]), watch)
+        if world > 1:   # every rank stops together (else the others would wait in the next all-reduce)
+            stop = (i % 10 == 0 or i + 1 == len(loader)) and distributed.all_sum((watch[0] >= 0).float()) > 0
+        else:
+            stop = (device.type != "cuda" or i % 10 == 0 or i + 1 == len(loader)) and watch[0].item() >= 0
+        if stop:
+            raise Diverged(diverged_message(watch.tolist(), epoch, tcfg))
+        if info["gate_weights"] is not None:   # the collapse watch: where the gate sent this batch
+            gate_mass = gate_mass + info["gate_weights"].detach().mean(0)   # (B, L, E) -> (L, E)
+        if moe_blocks:   # the same watch for the backbone's experts: the share of tokens each one took
+            load, used = routing_counts(moe_blocks)
+            bb_load, bb_used = bb_load + load, bb_used + used
+        n_seen += x.shape[0] * world
+        if i % 10 == 0 and main_proc:   # .item() syncs with the GPU: only at log points
+            bar.set_postfix(loss=f"{loss_cls.item():.4f}", img_s=f"{n_seen / (time.time() - t0):.0f}")
         t_ready = time.time()
-        # The divergence watch: (step, classification loss, aux loss) of the first non-finite step, -1 = none.
-        # Kept on the device and read at the log points (and every step off CUDA, where reading is free), so
-        # a GPU is not stalled each step; the run stops before this epoch's log line and last.pt are written.
-        watch = torch.full((3,), -1.0, device=device)
-        for i, (x, y) in enumerate(bar):
-            wait += time.time() - t_ready   # time spent waiting for data, to tell a slow loader from a slow model
-            x = x.to(device, non_blocking=True, memory_format=fmt)
-            y = y.to(device, non_blocking=True)
-            step += 1
-            loss_cls, info = train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg, amp_dtype, step,
-                                        centroids=centroids)
-            scheduler.step()
-            # Accumulate on the device; reading a value (.item()) every step would stall a GPU on each step.
-            parts = torch.stack([loss_cls.detach().float(), info["aux_loss"].detach().float()])
-            sums += torch.cat([parts, info["backbone_aux"].detach().float()[None], info["divdr"].detach().float()[None]])
-            if info["signature"] is not None:
-                signatures.append(info["signature"])   # stays on the device: .cpu() each step would sync a GPU
-            fresh = ~torch.isfinite(parts).all() & (watch[0] < 0)
-            watch = torch.where(fresh, torch.cat([parts.new_tensor([step]), parts]), watch)
-            if world > 1:   # every rank stops together (else the others would wait in the next all-reduce)
-                if (i % 10 == 0 or i + 1 == len(train_loader)) and distributed.all_sum((watch[0] >= 0).float()) > 0:
-                    raise Diverged(diverged_message(watch.tolist(), epoch, tcfg))
-            elif (device.type != "cuda" or i % 10 == 0 or i + 1 == len(train_loader)) and watch[0].item() >= 0:
-                raise Diverged(diverged_message(watch.tolist(), epoch, tcfg))
-            if info["gate_weights"] is not None:   # the collapse watch: where the gate sent this batch
-                gate_mass = gate_mass + info["gate_weights"].detach().mean(0)   # (B, L, E) -> (L, E)
-            if moe_blocks:   # the same watch for the backbone's experts: the share of tokens each one took
-                # Per layer: share of the tokens reaching each expert, k * f (each token takes k distinct
-                # experts, so f <= 1/k and a watch on f alone could never fire at k >= 2); (layers, N).
-                bb_load = bb_load + torch.stack([m.top_k * m.stats["load"] for m in moe_blocks])
-                bb_used = bb_used + torch.stack([torch.stack([m.stats["used_per_image"], m.stats["dropped"]])
-                                                 for m in moe_blocks])   # (layers, 2): experts/image, overflow
-            n_seen += x.shape[0] * world
-            if i % 10 == 0 and main_proc:   # .item() syncs with the GPU: only at log points
-                bar.set_postfix(loss=f"{loss_cls.item():.4f}", img_s=f"{n_seen / (time.time() - t0):.0f}")
-            t_ready = time.time()
-        train_time = time.time() - t0
-        # Means over every step of every rank (the sums are reduced once per epoch, not per step).
-        loss_avg, aux_avg, bb_aux_avg, divdr_avg = (distributed.all_sum(sums) / (len(train_loader) * world)).tolist()
-        if signatures:   # DivDR: the partition the next epoch pulls toward (every rank computes the same one)
-            sig = torch.cat(signatures).cpu()   # one copy per epoch
-            if world > 1:
-                gathered = [None] * world
-                torch.distributed.all_gather_object(gathered, sig)
-                sig = torch.cat(gathered)
-            centroids = torch.from_numpy(kmeans(sig.numpy(), tcfg.divdr_clusters, seed=tcfg.seed * 1000 + epoch)[0])
-            centroids = centroids.float().to(device)
-        load, warning = None, None
-        if torch.is_tensor(gate_mass):
-            load, warning = expert_load(distributed.all_sum(gate_mass) / (len(train_loader) * world),
-                                        expert_names(mcfg.shared_experts, mcfg.task_experts), tcfg.collapse_threshold)
-        bb = None
-        if moe_blocks:
-            bb_load, bb_used = (distributed.all_sum(t) / (len(train_loader) * world) for t in (bb_load, bb_used))
-            bb = {"aux_loss": bb_aux_avg, "token_share": [[round(v, 4) for v in r] for r in bb_load.tolist()],
-                  "experts_used_per_image": bb_used[:, 0].tolist(), "overflow": bb_used[:, 1].tolist()}
-            # A layer whose k covers most of its N experts takes k/N of the tokens per expert even when
-            # perfectly balanced: it is watched only where balance sits below the threshold.
-            watched = [i for i, m in enumerate(moe_blocks) if m.top_k / m.num_experts < tcfg.collapse_threshold]
-            top = bb_load[watched].max().item() if watched else 0.0
-            if top > tcfg.collapse_threshold:
-                warning = ((warning + "; ") if warning else "") + (
-                    f"backbone expert collapse: one expert takes {100 * top:.0f}% of a layer's tokens; "
-                    "remedy: --aux-loss-coef 0.01 (it weighs the backbone's balance loss too)")
+    train_time = time.time() - t0
+    # Means over every step of every rank (the sums are reduced once per epoch, not per step).
+    steps = len(loader) * world
+    loss_avg, aux_avg, bb_aux_avg, divdr_avg = (distributed.all_sum(sums) / steps).tolist()
+    ep = {"step": step, "train_loss": loss_avg, "aux_loss": aux_avg, "img_per_s": n_seen / train_time,
+          "data_wait_s": wait, "compute_s": train_time - wait, "train_s": train_time, "divdr_loss": divdr_avg,
+          "centroids": centroids, "gate": None, "backbone_moe": None, "warnings": []}
+    if signatures:   # DivDR: the partition the next epoch pulls toward (every rank computes the same one)
+        sig = torch.cat(distributed.all_gather_objects(torch.cat(signatures).cpu()))   # one copy per epoch
+        ep["centroids"] = partition_centroids(sig.numpy(), tcfg.divdr_clusters, seed=tcfg.seed * 1000 + epoch).to(device)
+    if torch.is_tensor(gate_mass):
+        ep["gate"], warning = expert_load(distributed.all_sum(gate_mass) / steps,
+                                          expert_names(mcfg.shared_experts, mcfg.task_experts), tcfg.collapse_threshold)
+        ep["warnings"].append(warning)
+    if moe_blocks:
+        bb_load, bb_used = (distributed.all_sum(t) / steps for t in (bb_load, bb_used))
+        ep["backbone_moe"], warning = routing_summary(moe_blocks, bb_load, bb_used, bb_aux_avg, tcfg.collapse_threshold)
+        ep["warnings"].append(warning)
+    return ep
 
-        # ---- validation: raw and EMA weights; the better one is what "best" means
-        distributed.sync_buffers(model)   # one set of BatchNorm statistics (rank 0's) on every rank
 
-        routing = None   # how the raw weights route the val images, and whether that follows the scenes
+def validate(model, ema, loader, dataset, device, amp_dtype, fmt, tcfg: TrainConfig, epoch: int, ep: dict):
+    """-> ({"raw": val mAP, "ema": val mAP}, how the raw weights route the val images or None). The better of
+    raw and EMA is what "best" means (Q2L reports its EMA numbers)."""
+    distributed.sync_buffers(model)   # one set of BatchNorm statistics (rank 0's) on every rank
+    routing = None
 
-        def val_map(net):
-            nonlocal routing
-            out = predict(net, eval_loaders["val"], device, amp_dtype, fmt, routing=net is model)
-            scores, targets = out[:2]
-            if not np.isfinite(scores).all():   # the epoch's last update made the weights NaN: no loss saw it
-                raise Diverged(diverged_message([-1, loss_avg, aux_avg], epoch, tcfg))
-            if net is model and out[3] is not None:
-                # The reference partition is read here, after training's step: never by the model or a loss.
-                routing = split_structure(out[3], out[4], ds["val"], targets, tcfg.divdr_clusters)
-            return multilabel_metrics(scores, targets)["mAP"]
-        val_maps = {"raw": val_map(model)}
-        if ema is not None:
-            distributed.sync_buffers(ema)
-            val_maps["ema"] = val_map(ema)
-        which = max(val_maps, key=val_maps.get)
-        improved = val_maps[which] > best_map
-        best_map = max(best_map, val_maps[which])
-        lr_now = scheduler.get_last_lr()[0]
-        say(f"epoch {epoch + 1:3d}/{tcfg.epochs} | loss {loss_avg:.4f} | aux {aux_avg:.4f} | lr {lr_now:.2e} | "
-            f"{n_seen / train_time:.0f} img/s (data wait {100 * wait / train_time:.0f}%) | val mAP "
+    def val_map(net):
+        nonlocal routing
+        out = predict(net, loader, device, amp_dtype, fmt, routing=net is model)
+        scores, targets = out[:2]
+        if not np.isfinite(scores).all():   # the epoch's last update made the weights NaN: no loss saw it
+            raise Diverged(diverged_message([-1, ep["train_loss"], ep["aux_loss"]], epoch, tcfg))
+        if net is model and out[3] is not None:
+            # The reference partition is read here, after training's step: never by the model or a loss.
+            routing = split_structure(out[3], out[4], dataset, targets, tcfg.divdr_clusters)
+        return multilabel_metrics(scores, targets)["mAP"]
+    val_maps = {"raw": val_map(model)}
+    if ema is not None:
+        distributed.sync_buffers(ema)
+        val_maps["ema"] = val_map(ema)
+    return val_maps, routing
+
+
+def epoch_line(epoch: int, tcfg: TrainConfig, ep: dict, lr: float, val_maps: dict, improved: bool, routing) -> str:
+    """The one line an epoch prints (README, 'Reading the numbers')."""
+    return (f"epoch {epoch + 1:3d}/{tcfg.epochs} | loss {ep['train_loss']:.4f} | aux {ep['aux_loss']:.4f} | lr {lr:.2e} | "
+            f"{ep['img_per_s']:.0f} img/s (data wait {100 * ep['data_wait_s'] / ep['train_s']:.0f}%) | val mAP "
             + " ".join(f"{k} {v:.2f}" for k, v in val_maps.items()) + (" *" if improved else "")
-            + (" | gate " + " ".join(f"{v:.2f}" for v in load["expert_mass"].values()) if load else "")
-            + (f" | backbone experts/image " + " ".join(f"{v:.1f}" for v in bb["experts_used_per_image"]) if bb else "")
+            + (" | gate " + " ".join(f"{v:.2f}" for v in ep["gate"]["expert_mass"].values()) if ep["gate"] else "")
+            + (" | backbone experts/image " + " ".join(f"{v:.1f}" for v in ep["backbone_moe"]["experts_used_per_image"])
+               if ep["backbone_moe"] else "")
             + (f" | routing NMI {routing['nmi']:.3f}" if routing and "nmi" in routing else ""))
-        if warning:
-            say("  warning: " + warning)
-        # Every rank's random streams go into the checkpoint (a collective step, so all ranks take it).
-        rng = [rng_state(device)]
-        if world > 1:
-            rng = [None] * world
-            torch.distributed.all_gather_object(rng, rng_state(device))
-        if main_proc:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps({"epoch": epoch + 1, "step": step, "train_loss": loss_avg, "aux_loss": aux_avg,
-                                     "lr": lr_now, "img_per_s": n_seen / train_time, "data_wait_s": wait,
-                                     "compute_s": train_time - wait, "world_size": world,
-                                     "train_s": train_time, "val_mAP": val_maps, "time": time.time(),
-                                     **({"gate": load} if load else {}), **({"backbone_moe": bb} if bb else {}),
-                                     **({"divdr_loss": divdr_avg} if tcfg.divdr_coef > 0 else {}),
-                                     **({"routing": routing} if routing else {})}) + "\n")
-            # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested):
-            # then the same bytes, copied rather than serialised twice (hundreds of MB at ResNet-101).
-            save_checkpoint(os.path.join(tcfg.out_dir, "last.pt"), checkpoint(epoch, val_maps, which, rng))
-            if improved:
-                copy_atomically(os.path.join(tcfg.out_dir, "last.pt"), os.path.join(tcfg.out_dir, "best.pt"))
-        distributed.barrier()   # best.pt is on disk before any rank may read it
 
-    # ---- test: the best checkpoint's chosen weights, on the test split
+
+def final_test(model, tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, loaders: dict, device, amp_dtype, fmt,
+               gflops: float, world: int, run_start: float, main_proc: bool) -> dict:
+    """The best checkpoint's judged weights, scored once on the test split -> metrics (also metrics.json, with
+    the per-image scores in test_scores.npz). First the per-label F1 thresholds on val (lib/predictions.py),
+    saved in best.pt for evaluate.py --thresholds best."""
     best = load_file(os.path.join(tcfg.out_dir, "best.pt"))
     model.load_state_dict(judged_weights(best))
-    # Per-label thresholds that maximise F1 on val (predictions.py), saved in best.pt for evaluate.py
-    # --thresholds best: chosen on val, never on test.
-    best["thresholds"] = best_f1_thresholds(*predict(model, eval_loaders["val"], device, amp_dtype, fmt)[:2]).tolist()
+    best["thresholds"] = best_f1_thresholds(*predict(model, loaders["val"], device, amp_dtype, fmt)[:2]).tolist()
     if main_proc:
         save_checkpoint(os.path.join(tcfg.out_dir, "best.pt"), best)
-    scores, targets, _, sigs, rows = predict(model, eval_loaders["test"], device, amp_dtype, fmt, routing=True)
+    scores, targets, _, sigs, rows = predict(model, loaders["test"], device, amp_dtype, fmt, routing=True)
     metrics = multilabel_metrics(scores, targets)
     if sigs is not None:   # the routing structure on test, as evaluate.py reports it (divdr.structure)
         metrics["routing"] = split_structure(sigs, rows, ds["test"], targets, tcfg.divdr_clusters)
     # Each label's AP (which labels carry the seed noise, results/noise/) and the test scores themselves:
-    # the paired bootstrap of compare.py's tables (tables.bootstrap) resamples the images of two runs
-    # together, which needs the per-image scores.
+    # the paired bootstrap of the study tables (studies/tables.py) resamples the images of two runs together.
     ap = average_precision(scores, targets) * 100
     metrics.update({"AP": {c: (None if np.isnan(a) else float(a)) for c, a in zip(ds["test"].classes, ap)},
                     "checkpoint": "best.pt", "epoch": best["epoch"] + 1,
@@ -601,9 +529,120 @@ def main(argv=None):
                             targets=np.asarray(targets, np.int8), ids=np.asarray(ds["test"].ids))
         with open(os.path.join(tcfg.out_dir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)
-    say(f"test ({best['eval_weights']} weights of epoch {best['epoch'] + 1}): "
-        + " | ".join(f"{k} {metrics[k]:.2f}" for k in ("mAP", "CF1", "OF1")))
-    say(f"wrote {os.path.join(tcfg.out_dir, 'metrics.json')}")
+        print(f"test ({best['eval_weights']} weights of epoch {best['epoch'] + 1}): "
+              + " | ".join(f"{k} {metrics[k]:.2f}" for k in ("mAP", "CF1", "OF1")))
+        print(f"wrote {os.path.join(tcfg.out_dir, 'metrics.json')}")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run, top to bottom
+
+
+def main(argv=None):
+    tcfg, mcfg, given = parse_args(argv)
+    if "describe" in given:
+        return describe_only(tcfg, mcfg)
+    # Under torchrun: one process per GPU (or CPU slot); only rank 0 talks (lib/distributed.py). Plain python: rank 0 of 1.
+    rank, world, ddp_device = distributed.setup(tcfg.device)
+    main_proc = rank == 0
+    say = print if main_proc else (lambda *a, **k: None)
+    ckpt = None
+    if tcfg.resume:   # a resumed run is the run that was started: its configs come from its checkpoint
+        tcfg, mcfg, ckpt = resume_configs(tcfg, given, say)
+    say("train config:", json.dumps(asdict(tcfg)))   # printed and saved: a log says what produced it
+    say(f"run folder: {tcfg.out_dir}")
+    if tcfg.batch_size % world:   # a usage error: one line, no traceback
+        sys.exit(f"error: --batch-size {tcfg.batch_size} (the global batch) must divide evenly over {world} processes")
+    os.makedirs(tcfg.out_dir, exist_ok=True)
+    if ckpt is None and os.path.exists(os.path.join(tcfg.out_dir, "last.pt")):
+        say(f"note: {tcfg.out_dir} holds an earlier run; starting fresh (pass --resume to continue it instead)")
+    # Per-rank seeds: dropout and flips differ between ranks (else every rank would augment alike). The
+    # weights still start equal everywhere, because DDP copies rank 0's to all ranks when it wraps the model.
+    seed_everything(tcfg.seed + rank)
+    device, amp_dtype, use_compile = pick_runtime(tcfg, ddp_device, world, say)
+
+    # ---- data: every split read and checked, then the loaders
+    ds, labels = build_data(tcfg, main_proc)
+    mcfg.num_labels = len(ds["train"].classes)   # L comes from the data, so one config serves any dataset
+    mcfg.image_size = tcfg.image_size   # a ViT's position embeddings are made for this grid (backbones.py)
+    resolve_groups(mcfg, labels, say)   # --mlvpt-groups 0: ML-VPT's k from the training labels (zoo.py)
+    if mcfg.freeze_backbone and mcfg.weights.lower() == "none":
+        say("  warning: --freeze-backbone with --weights none: the frozen backbone stays random. Pass --weights "
+            "DEFAULT (ImageNet), or pretrain offline: python train.py --dataset synthetic-pretrain --backbone "
+            f"{mcfg.backbone} --model linear, then --weights <that run>/best.pt")
+    say("model config:", json.dumps(asdict(mcfg)))
+    order = torch.Generator()   # the data order, re-seeded every epoch (make_loaders says why)
+    train_loader, eval_loaders = make_loaders(ds, tcfg, world, device, order)
+
+    # ---- model, EMA, optimizer, schedule, loss scaler
+    model, fmt, gflops = build_run_model(tcfg, mcfg, ds, labels, device, world, main_proc, say)
+    # `model` stays the raw module: it is what is saved, evaluated and averaged into the EMA. The step runs
+    # through `step_model`, which may be compiled and wrapped in DDP (their state_dict keys differ).
+    step_model = distributed.wrap(torch.compile(model) if use_compile else model, device)
+    # The EMA is a second copy of the model whose weights trail the trained ones, evaluated beside them every
+    # epoch. Copied after the DDP wrap, so it starts from rank 0's weights on every rank.
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.ema_decay else None
+    optimizer = build_optimizer(model, tcfg, device)
+    # One-cycle (Smith & Topin 2019; Q2L trains with it): warm up to lr over warmup_pct of the steps,
+    # then anneal to ~0. The schedule is per step, so it needs the total number of steps up front.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tcfg.lr, total_steps=tcfg.epochs * len(train_loader),
+                                                    pct_start=tcfg.warmup_pct)
+    # Enabled only for fp16: with bf16 or fp32 it passes everything through, so one code path serves all.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    start_epoch, best_map, step, centroids = 0, -1.0, 0, None   # centroids: DivDR's last partition (divdr.py)
+    if ckpt is not None:
+        start_epoch, best_map, step, centroids = restore(ckpt, model, ema, optimizer, scheduler, scaler, device,
+                                                         rank, world, say)
+    log_path = start_log(tcfg.out_dir, start_epoch, ckpt is not None, main_proc)
+
+    # ---- the epochs: train, validate on val, log, checkpoint
+    run_start = time.time()
+    for epoch in range(start_epoch, tcfg.epochs):
+        step_model.train()
+        if mcfg.freeze_backbone:
+            model.backbone.eval()   # frozen means frozen: no BatchNorm statistics or dropout in it either
+        order.manual_seed((tcfg.seed * 1000 + epoch) * world + rank)
+        if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)   # a new shuffle (the same on every rank) each epoch
+        ep = train_epoch(step_model, model, ema, optimizer, scheduler, scaler, train_loader, tcfg, mcfg, device,
+                         amp_dtype, fmt, epoch, step, centroids, world, main_proc)
+        step, centroids = ep.pop("step"), ep.pop("centroids")
+        val_maps, routing = validate(model, ema, eval_loaders["val"], ds["val"], device, amp_dtype, fmt, tcfg, epoch, ep)
+        which = max(val_maps, key=val_maps.get)   # raw or EMA: the better one is what this epoch is judged by
+        improved = val_maps[which] > best_map
+        best_map = max(best_map, val_maps[which])
+        lr = scheduler.get_last_lr()[0]
+        say(epoch_line(epoch, tcfg, ep, lr, val_maps, improved, routing))
+        for warning in filter(None, ep.pop("warnings")):
+            say("  warning: " + warning)
+        # Every rank's random streams go into the checkpoint (a collective step, so all ranks take it).
+        rng = distributed.all_gather_objects(rng_state(device))
+        if main_proc:
+            record = {"epoch": epoch + 1, "step": step, "lr": lr, "world_size": world, "val_mAP": val_maps,
+                      "time": time.time(), **{k: v for k, v in ep.items() if v is not None},
+                      **({"routing": routing} if routing else {})}
+            if tcfg.divdr_coef == 0:
+                record.pop("divdr_loss")
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            # Everything needed to resume, evaluate or rebuild: the raw module's weights (never a compiled or
+            # DDP wrapper's, whose keys differ), both configs, and which weights ("raw" or "ema") were judged best.
+            state = {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                     "eval_weights": which, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_map": best_map,
+                     "val_map": val_maps, "model_config": asdict(mcfg), "train_config": asdict(tcfg),
+                     "classes": list(ds["train"].classes), "world_size": world, "rng": rng,
+                     "divdr_centroids": centroids.cpu() if centroids is not None else None}
+            # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested):
+            # then the same bytes, copied rather than serialised twice (hundreds of MB at ResNet-101).
+            save_checkpoint(os.path.join(tcfg.out_dir, "last.pt"), state)
+            if improved:
+                copy_atomically(os.path.join(tcfg.out_dir, "last.pt"), os.path.join(tcfg.out_dir, "best.pt"))
+        distributed.barrier()   # best.pt is on disk before any rank may read it
+
+    # ---- the test: the best checkpoint, scored once on the test split
+    metrics = final_test(model, tcfg, mcfg, ds, eval_loaders, device, amp_dtype, fmt, gflops, world, run_start, main_proc)
     distributed.cleanup()
     return metrics
 

@@ -113,3 +113,32 @@ def gather_rows(rows: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor
     _, first = np.unique(index.numpy(), return_index=True)        # first occurrence of 0..n-1, sorted by index
     assert len(first) == n, f"gathered {len(first)} distinct images, expected {n}"
     return rows[torch.from_numpy(first)]                          # (n, ...)
+
+
+def sampler(dataset, shuffle: bool, seed: int):
+    """Under torchrun a DistributedSampler (each rank its own shard; the same seed on every rank, so the shards
+    partition each epoch; padded and, for training, the last uneven batch dropped), else None: the DataLoader's own."""
+    if not dist.is_initialized():
+        return None
+    return torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=shuffle)
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `model` under torchrun (it copies rank 0's weights to every rank), else `model`."""
+    if not dist.is_initialized():
+        return model
+    import warnings
+    # With T = 1 the task experts' (L, 1, D, H) weights get gradients whose stride on the size-1 axis differs
+    # from the parameter's; autograd ignores size-1 strides, DDP's bucket check does not and warns every run.
+    # The memory layout is the same, so the warning says nothing here.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def all_gather_objects(obj) -> list:
+    """[every rank's obj] in rank order (pickled, any size); [obj] in a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
