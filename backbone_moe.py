@@ -294,3 +294,27 @@ def parameter_split(model: nn.Module):
         per_expert = sum(p[0].numel() for p in (m.w1, m.b1, m.w2, m.b2))
         idle += (m.num_experts - m.top_k) * per_expert
     return total, total - idle
+
+
+if __name__ == "__main__":
+    # A worked example: one MoE layer with N = 4 experts, top-k = 2, on B = 2 images of n = 3 tokens of width
+    # D = 8 (H = 16): who goes where, and the output against the equation computed token by token.
+    torch.manual_seed(0)
+    B, n, D, H, N, k = 2, 3, 8, 16, 4, 2
+    moe = SparseMoE(D, H, experts=N, top_k=k)
+    x = torch.randn(B, n, D)                                           # the tokens after the block's norm
+    y = moe(x)
+    probs, chosen, token, expert, weight = moe.route(x.reshape(-1, D))
+    print(f"tokens x          {tuple(x.shape)}      (B, n, D): T = B*n = {B * n} tokens")
+    print(f"router W_r        {tuple(moe.router.weight.shape)}        (N, D), no bias; G(x) = softmax(x W_r)")
+    print(f"G                 {tuple(probs.shape)}        (T, N), rows sum to 1")
+    print(f"chosen            {tuple(chosen.shape)}        (T, k): each token's top-{k}: {chosen.tolist()}")
+    print(f"experts w1        {tuple(moe.w1.shape)}    (N, D, H), w2 {tuple(moe.w2.shape)} (N, H, D)")
+    print(f"output y          {tuple(y.shape)}      (B, n, D): sum over the kept experts of G(x)_i E_i(x)")
+    # The equation, one token at a time: y_t = sum_{i in TopK} G_ti E_i(x_t), no renormalisation (V-MoE).
+    flat = x.reshape(-1, D)
+    by_hand = torch.stack([sum(probs[t, i] * moe.expert(i, flat[t:t + 1])[0] for i in chosen[t].tolist())
+                           for t in range(B * n)]).reshape(B, n, D)
+    print(f"sparse dispatch against the token-by-token sum: max |difference| = {(y - by_hand).abs().max():.1e}")
+    print(f"tokens per expert {torch.bincount(chosen.reshape(-1), minlength=N).tolist()}; balance loss N sum_i f_i P_i "
+          f"= {moe.aux_loss:.3f} (1 = balanced, {N} = all on one)")

@@ -73,9 +73,8 @@ class BackboneConfig:
 SMALL = {
     # DeiT-Ti's width (Touvron et al. 2021: D = 192, 3 heads, MLP 4D = 768). Patch 8 gives the 8 x 8 = 64
     # token map at 64 px that the label queries attend to (ResNet-18 layer3 gives 4 x 4 there). Depth 6,
-    # not DeiT-Ti's 12, by measurement (README, "Backbones"): each pair of blocks adds about 190 ms to a
-    # 64-image CPU training step (linear head: 116 img/s at depth 6, 60 at 12), and 6 is the shallowest
-    # depth at which the backbone-MoE placements differ (at 4, last2 and every2 are both blocks 1 and 3).
+    # not DeiT-Ti's 12: every pair of blocks costs CPU time (measured in docs/backbones.md), and 6 is the
+    # shallowest depth at which the backbone-MoE placements differ (at 4, last2 and every2 are both blocks 1, 3).
     "vit_tiny": dict(kind="vit", patch_size=8, num_layers=6, num_heads=3, hidden_dim=192, mlp_dim=768),
     # ConvNeXt's block and stem at half of ConvNeXt-T's width (96, 192, 384), three of its four stages (stride 4, 8, 16): at 64 px
     # the last map is 4 x 4, like ResNet-18's layer3. Stages 2, 2, 4 deep.

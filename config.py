@@ -1,7 +1,7 @@
 """
 The run's configuration: what to train on, how long, with which settings, on which device.
 
-    TrainConfig            every training setting, one dataclass field each (ModelConfig, in model.py, holds
+    TrainConfig            every training setting, one dataclass field each (ModelConfig, in zoo.py, holds
                            the model's); each field carries its --help text
     PRESETS                the few settings that differ between datasets: the CPU-sized synthetic benchmark
                            and the papers' GPU setting for VOC 2007 and COCO 2014
@@ -104,8 +104,8 @@ class TrainConfig:
 
 # Dataset presets: the few settings that differ between the CPU benchmark and the papers' GPU setting.
 # synthetic: ResNet-18 from scratch at 64 px, cut after layer3 so the decoder sees 4x4 = 16 tokens.
-#            The budget (8 epochs of 5,000 images) finishes in 4.5-5.5 minutes on a 2-core
-#            CPU (README). lr 1e-3: 2e-3 trained the decoder worse, 5e-4 was slower (single runs on this benchmark).
+#            The budget (8 epochs of 5,000 images) is sized for minutes on a 2-core CPU (README's quick
+#            start). lr 1e-3: 2e-3 trained the decoder worse, 5e-4 was slower (single runs on this benchmark).
 #            EMA 0.99 with the decay warm-up: the run has only 624 steps, and a constant 0.99 would keep the
 #            random initial weights in the average for its first ~460 steps (0.99^460 = 1 %). With the
 #            warm-up the decay ends at 624/633 = 0.986 (0.99 would come at step 890): an average over the
@@ -148,11 +148,9 @@ PRESETS = {
 # in results/noise/README.md.
 # demo:  the preset as it is: 8 epochs, 2,000 test images, about 5 minutes on 2 CPU cores. It stops on the
 #        steep part of the learning curve: good for a first look, too noisy to rank methods.
-# study: the comparisons' preset. 20 epochs: at 12 the runs were still far from converged (seed 0 of DR-MoE
-#        89.4 at 12 epochs, 96.1 at 20) and the linear head's seed spread was 0.66; at 20 the spreads are
-#        0.51 (DR-MoE) and 0.62 (linear) over 5 seeds (results/noise/README.md: the 0.5 target is met for
-#        DR-MoE only), at 9 (DR-MoE) and 5.5 (linear) minutes a run on 2 CPU cores.
-#        On the synthetic benchmark also a 10,000-image test split (its first 2,000 are the demo's): one
+# study: the comparisons' preset. 20 epochs: where the validation curves have gone flat, so that a
+#        comparison ranks converged models, not models learning at different speeds (the measurements, and
+#        how this was chosen, in results/noise/README.md). On the synthetic benchmark also a 10,000-image test split (its first 2,000 are the demo's): one
 #        checkpoint's bootstrap std falls by about sqrt(5). Val stays at 1,000 images because it is scored
 #        twice per epoch. On a dataset of files only the 20 epochs apply (its splits are what its files hold).
 BUDGETS = {

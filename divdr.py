@@ -14,8 +14,8 @@ Each row sums to 1. Distances are squared Euclidean divided by R, the number of 
 so a margin means the same for any number of labels or layers: two images whose every row puts all its
 mass on a different expert are at distance 2, identical routings at 0.
 
-The objective, as we read it (the paper's equations could not be read here; this is the reading written
-in issue 18, implemented as written and to be corrected if the official text turns up):
+The objective, as we read it (the paper's equations could not be read here; this project's reading,
+implemented as written and to be corrected if the official text turns up):
   1. after every epoch, k-means with K clusters (--divdr-clusters) on the signatures the training images
      had during that epoch (detached, collected as they came) -> centroids C (K, F);
   2. during the next epoch each image of a batch is assigned to its nearest centroid a(b) (no gradient),
@@ -232,3 +232,26 @@ def structure(signatures: np.ndarray, rows, reference=None, k: int = 8, seed: in
         table = contingency(clusters[keep], np.asarray(reference)[keep])
         out.update(nmi=nmi(table), ari=ari(table), contingency=table.tolist())
     return out
+
+
+if __name__ == "__main__":
+    # A worked example: B = 6 images, a head gate over L = 2 labels x E = 3 experts. Images 0-2 route every
+    # label to expert 0, images 3-5 to expert 2: two routes, which k-means should find as two partitions.
+    torch.manual_seed(0)
+    w = torch.full((6, 2, 3), 0.05)
+    w[:3, :, 0], w[3:, :, 2] = 0.9, 0.9                                 # rows sum to 1
+    w = w + 0.02 * torch.rand_like(w)
+    w = w / w.sum(-1, keepdim=True)                                     # a little noise; rows still sum to 1
+    sig, rows = routing_signature({"gate_weights": w}, torch.nn.Identity())
+    print(f"gate weights      {tuple(w.shape)}   (B, L, E)")
+    print(f"signature r       {tuple(sig.shape)}      (B, F), F = L*E = {sig.shape[1]}; rows {rows}")
+    centroids, assign = kmeans(sig.numpy(), 2, seed=0)
+    print(f"k-means, K = 2    centroids {centroids.shape} (K, F), partition {assign.tolist()}")
+    C = torch.from_numpy(centroids).float()
+    total, within, between = divdr_loss(sig, C, len(rows), margin=1.0)
+    print(f"DivDR loss        L_within {within:.4f} + L_between {between:.4f} = {total:.4f} (margin 1; 2 = every row "
+          "on a different expert)")
+    scenes = np.array([0, 0, 0, 1, 1, 1])                               # the reference partition the model never sees
+    table = contingency(assign, scenes)
+    print(f"against the scenes: contingency {table.tolist()}, NMI {nmi(table):.3f}, ARI {ari(table):.3f} "
+          "(1 = the same partition)")

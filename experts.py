@@ -103,3 +103,26 @@ class Experts(nn.Module):
     def extra_repr(self) -> str:
         return (f"labels={self.num_labels}, dim={self.dim}, hidden={self.hidden}, "
                 f"shared={self.shared}, task_per_label={self.task}")
+
+
+if __name__ == "__main__":
+    # A worked example on a tiny input: B = 2 images, L = 3 labels, D = 8, H = 16, S = 2 shared experts, T = 1
+    # own expert per label, so every label sees E = S + T = 3 experts.
+    torch.manual_seed(0)
+    B, L, D, H, S, T = 2, 3, 8, 16, 2, 1
+    show = lambda name, t, what: print(f"{name:<12} {str(tuple(t.shape)):<15} {what}")
+    experts = Experts(L, D, H, S, T)
+    h = torch.randn(B, L, D)                                            # one decoded feature per image and label
+    out = experts(h)
+    show("h", h, "(B, L, D): one feature per image and label")
+    show("shared_w1", experts.shared_w1, "(S, D, H): one matrix per shared expert")
+    show("task_w1", experts.task_w1, "(L, T, D, H): label l's own experts")
+    show("experts(h)", out, f"(B, L, E, D), E = {experts.num_experts}: the shared experts first, then the own")
+    # Expert e of label l by hand, E(x) = W2 GELU(W1 x + b1) + b2: shared expert 1 on label 2 of image 0 ...
+    x, gelu = h[0, 2], torch.nn.functional.gelu                         # x (D,)
+    by_hand = gelu(x @ experts.shared_w1[1] + experts.shared_b1[1]) @ experts.shared_w2[1] + experts.shared_b2[1]
+    print(f"shared expert 1 on label 2 of image 0: |einsum - by hand| = {(out[0, 2, 1] - by_hand).abs().max():.1e}")
+    # ... and label 2's own expert, which no other label ever sees.
+    by_hand = gelu(x @ experts.task_w1[2, 0] + experts.task_b1[2, 0]) @ experts.task_w2[2, 0] + experts.task_b2[2, 0]
+    print(f"label 2's own expert on image 0:       |einsum - by hand| = {(out[0, 2, S] - by_hand).abs().max():.1e}")
+    print(f"the four einsums against forward_loop: max |difference| = {(out - experts.forward_loop(h)).abs().max():.1e}")

@@ -142,3 +142,31 @@ def expert_load(mass: torch.Tensor, names, threshold: float):
                          f"(> {100 * threshold:.0f}%); the other experts get almost no gradient. "
                          f"Remedy: the load-balancing loss, e.g. --aux-loss-coef 0.01 (gating.py)")
     return summary, None
+
+
+if __name__ == "__main__":
+    # A worked example: B = 2 images, L = 3 labels, D = 4, E = 3 experts per label (S = 2 shared, T = 1 own).
+    torch.manual_seed(0)
+    B, L, D, E = 2, 3, 4, 3
+    h, g = torch.randn(B, L, D), torch.randn(B, D)                     # label features, image feature
+    print(f"h {tuple(h.shape)} (B, L, D) label features, g {tuple(g.shape)} (B, D) image feature")
+    for kind in GATE_KINDS:
+        gate = Gate(kind, L, D, E)
+        nn.init.normal_(gate.bias)                                     # a gate that has learned something
+        if gate.weight is not None:
+            nn.init.normal_(gate.weight)
+        w, aux = gate(h, g)
+        u = gate.gate_input(h, g)
+        reads = "nothing" if u is None else f"u {tuple(u.shape)} (B, L, I)"
+        # Every row is a distribution over label l's experts; the static gate gives every image the same row.
+        W = f"W {tuple(gate.weight.shape)} (L, I, E)" if gate.weight is not None else "bias c (L, E) only"
+        print(f"  {kind:<8} reads {reads:<24} {W:<22} -> w {tuple(w.shape)} (B, L, E), rows sum to "
+              f"{w.sum(-1).mean():.3f}, w[0, 0] = {[round(v, 3) for v in w[0, 0].tolist()]}, balance loss {aux:.3f}")
+    # The equation by hand for the dynamic gate, image 0, label 1: softmax(W_1 [h; g] + c_1).
+    u = torch.cat([h[0, 1], g[0]])                                     # (2D,)
+    by_hand = F.softmax(u @ gate.weight[1] + gate.bias[1], dim=-1)     # (E,)
+    print(f"dynamic gate, image 0, label 1: |w - softmax(W_l u + c_l)| = {(w[0, 1] - by_hand).abs().max():.1e}")
+    # Top-1 routing: the forward value is one-hot, the gradient still that of the dense softmax.
+    w1, _ = Gate("dynamic", L, D, E, top_k=1)(h, g)
+    print(f"top_k = 1: w[0, 0] = {w1[0, 0].tolist()} (one-hot); the balance loss is 1 at perfect balance, E = {E} "
+          "with all mass on one expert")

@@ -10,7 +10,7 @@ equation could be read here; where a step below says "official" it was checked i
 "our reading" neither source fixes it.
 
 1. Label groups (label_groups). The official repository ships its groups as precomputed JSON files and no
-   grouping code, so this follows the issue's reading of the paper's equation. From the training labels
+   grouping code, so this follows our reading of the paper's equation. From the training labels
    (positives only; baselines.label_cooccurrence): S_ij = images with labels i and j, A_ij = S_ij / N_i
    (= P(j | i)), the tau-th root with tau = 2 (--mlvpt-tau), symmetrised:
        M+ = (A^(1/tau) + (A^(1/tau))^T) / 2        correlative (CO) affinity: labels that appear together
@@ -215,20 +215,24 @@ def grouping_report(targets, classes, k: int = 5, seed: int = 0, draws: int = 10
 
 
 def main(argv=None):
-    """python mlvpt.py --dataset voc --data-root DIR: the label groups of a dataset's training labels."""
+    """python mlvpt.py --dataset voc --data-root DIR: the label groups of a dataset's training labels; without
+    --dataset, the worked example at the end of this file."""
     import argparse
     from data import build_dataset
     p = argparse.ArgumentParser(description="ML-VPT's CO and DC label groups of a dataset's training split")
-    p.add_argument("--dataset", default="synthetic", help="synthetic | voc | coco | csv | cocojson")
+    p.add_argument("--dataset", default=None, help="synthetic | voc | coco | csv | cocojson [none: the worked example]")
     p.add_argument("--data-root", default=None, help="the dataset's folder (not for synthetic)")
     p.add_argument("--split", default=None, help="the split whose labels are grouped [the training split]")
     p.add_argument("--groups", type=int, default=5, help="k groups per kind [5]")
     p.add_argument("--seed", type=int, default=0, help="k-means and random-partition seed [0]")
+    p.add_argument("--draws", type=int, default=1000, help="random partitions the groups are compared with [1000]")
     args = p.parse_args(argv)
+    if args.dataset is None:
+        return worked_example()
     split = args.split or {"voc": "trainval"}.get(args.dataset, "train")
     ds = build_dataset(args.dataset, split, args.data_root, augment=False)
     print(f"{args.dataset} {split}: {len(ds)} images, {len(ds.classes)} labels")
-    print(grouping_report(ds.targets.numpy(), ds.classes, args.groups, args.seed))
+    print(grouping_report(ds.targets.numpy(), ds.classes, args.groups, args.seed, args.draws))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -369,6 +373,33 @@ class MLVPT(nn.Module):
         info["loss_logits"] = (outs + (gate_outs if self.cfg.mlvpt_gate_loss else [])
                                + ([logits] if self.cfg.mlvpt_fused_loss else []))
         return logits, info
+
+
+def worked_example():
+    """The three steps on small inputs: groups of the benchmark's first 1,000 training images (the full split:
+    --dataset synthetic), the prompts in a vit_tiny, the mixture to one feature per label; every shape printed."""
+    from data import build_dataset
+    torch.manual_seed(0)
+    ds = build_dataset("synthetic", "train", augment=False, limit=1000)
+    targets = ds.targets.numpy()                                          # (N, L)
+    plus, minus = affinities(targets)
+    print(f"1. training labels {targets.shape} (N, L) -> affinities M+ {plus.shape} and M- {minus.shape} (L, L)")
+    print(grouping_report(targets, ds.classes, k=5, draws=200))
+    cfg = MLVPTConfig(num_labels=len(ds.classes), backbone="vit_tiny", image_size=64, freeze_backbone=True)
+    model = MLVPT(cfg).eval()
+    model.set_label_groups(targets, ds.classes, verbose=False)
+    x = torch.stack([ds[i][0] for i in range(2)])                         # (B, 3, 64, 64)
+    with torch.no_grad():
+        cls, z = prompted_tokens(model.backbone, x, model.prompts)
+        logits, info = model(x)
+    n_tokens = 1 + model.num_prompts + (64 // model.backbone.patch_size) ** 2
+    print(f"2. prompts {tuple(model.prompts.shape)} (blocks, P, D): P = m k x 2 branches = {model.m} x {model.k} x 2; "
+          f"every block sees {n_tokens} tokens [class, P prompts, 64 patches]; mask {tuple(prompt_mask(model.num_prompts, n_tokens).shape)}")
+    print(f"   images {tuple(x.shape)} -> class token {tuple(cls.shape)} (B, D), prompt outputs z {tuple(z.shape)} (B, P, D)")
+    print(f"3. adapters {tuple(model.w1.shape)} (P, D, r); gates {tuple(model.gate.shape)} (branches, L, m, D); "
+          f"gate weights {tuple(info['branch_gates'].shape)} (B, branches, L, m), rows sum to 1")
+    print(f"   logits {tuple(logits.shape)} (B, L) = the mean of the CO and DC branches; the loss is taken on "
+          f"{len(info['loss_logits'])} outputs (two branches, two gates)")
 
 
 if __name__ == "__main__":

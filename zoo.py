@@ -166,4 +166,4 @@ if __name__ == "__main__":
         backbone = dict(backbone="vit_tiny") if name == "mlvpt" else dict(feature_layer="layer3")
         model = build_model(ModelConfig(model=name, image_size=64, **backbone, **settings))
         logits, info = model(torch.zeros(2, 3, 64, 64))
-        print(f"    images (2, 3, 64, 64) -> logits {tuple(logits.shape)}")
+        print(f"    images (2, 3, 64, 64) (B, 3, H, W) -> logits {tuple(logits.shape)} (B, L)")

@@ -309,7 +309,7 @@ def main(argv=None):
                       f"{rec['step_ms']:8.1f} ms/step {rec['img_per_s']:8.1f} img/s", flush=True)
                 steps.append(rec)
         # "vs linear": each model's step over the linear head's at the same settings, i.e. what the head costs
-        # on top of the bare backbone (the 1.10x / 1.15x targets are read off this column).
+        # on top of the bare backbone (the speed targets in docs/speed.md are read off this column).
         base = {(r["precision"], r["channels_last"], r["compile"]): r["step_ms"] for r in steps if r["model"] == "linear"}
         for r in steps:
             r["vs_linear"] = r["step_ms"] / base.get((r["precision"], r["channels_last"], r["compile"]), float("nan"))

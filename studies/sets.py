@@ -57,10 +57,9 @@ BALANCE = {DEFAULT: ABLATION[DEFAULT],
            f"{DEFAULT} aux=0.01": ABLATION[DEFAULT] + ["--aux-loss-coef", "0.01"],
            f"{DEFAULT} top1": ABLATION[DEFAULT] + ["--top-k", "1"],
            f"{DEFAULT} top1 aux=0.01": ABLATION[DEFAULT] + ["--top-k", "1", "--aux-loss-coef", "0.01"]}
-# Does routing find the scenes (issue 18, divdr.py)? DR-MoE dense and top-1, each plain, with the Switch loss,
-# with DivDR and with both; the static gate (one route for every image) as the floor of structure.
-# DIVDR_COEF by calibration (results/routing/README.md: demo budget, seed 0): 0.03 trains (mAP -3.7, routing
-# clusters but loses the scenes), 0.3 and 3 collapse training after the first epoch.
+# Does routing find the scenes (divdr.py)? DR-MoE dense and top-1, each plain, with the Switch loss, with DivDR
+# and with both; the static gate (one route for every image) as the floor of structure. DIVDR_COEF by a
+# calibration on seed 0 (results/routing/README.md): larger coefficients overwhelm the classification loss.
 DIVDR_COEF = "0.03"
 ROUTING = {}
 for _k, _flags in (("drmoe", []), ("drmoe top1", ["--top-k", "1"])):
@@ -68,17 +67,14 @@ for _k, _flags in (("drmoe", []), ("drmoe top1", ["--top-k", "1"])):
                           (" aux=0.01 divdr", ["--aux-loss-coef", "0.01", "--divdr-coef", DIVDR_COEF])):
         ROUTING[_k + _extra] = ["--model", "drmoe", *_flags, *_more]
 ROUTING["drmoe gate=static"] = ["--model", "drmoe", "--gate", "static"]
-# MoE inside the backbone (issue 17, backbone_moe.py) on vit_tiny: the linear head on the dense backbone and on
-# MoE at placements {last2, every2} x experts {4, 8} x k {1, 2}, and DR-MoE's head on the dense backbone.
-# The MoE rows train with the Switch balance loss at 0.01 (Switch Transformer's coefficient, as in BALANCE):
-# without it the first row (last2 N=8 k=1, seed 0) sent 99.6 % / 100 % of the tokens of its two MoE layers to
-# one expert (results/sweetspot/README.md), so it measured a dense model with extra weights.
-# Then DR-MoE's head on the two best MoE backbones (MoE in the backbone, in the head, in both, in neither: with
-# "vit_tiny dense" and "vit_tiny dense drmoe"). Chosen on seed 0's *validation* mAP of the eight linear MoE
-# rows (test never chooses), 2026-12-06: last2 N=8 k=2 63.95 and last2 N=4 k=2 63.92, with last2 N=8 k=1
-# (63.85) next, so the choice is as noisy as one seed is. --aux-loss-coef is one flag for head and backbone
-# (issue 17), so these rows also balance the head's gate, which "vit_tiny dense drmoe" does not (in the
-# routing study the Switch loss left DR-MoE's head level: 80.43 vs 80.60, results/routing/).
+# MoE inside the backbone (backbone_moe.py) on vit_tiny: the linear head on the dense backbone and on MoE at
+# placements {last2, every2} x experts {4, 8} x k {1, 2}, and DR-MoE's head on the dense backbone. The MoE rows
+# train with the Switch balance loss at 0.01 (Switch Transformer's coefficient, as in BALANCE): without it the
+# routers collapsed onto one expert (results/sweetspot/README.md), which would measure a dense model with extra
+# weights. Then DR-MoE's head on the two MoE backbones with the best seed-0 *validation* mAP of the eight linear
+# MoE rows (test never chooses; the choice is recorded in results/sweetspot/README.md): MoE in the backbone,
+# in the head, in both, in neither. --aux-loss-coef is one flag for head and backbone, so these rows also
+# balance the head's gate, which "vit_tiny dense drmoe" does not.
 SWEETSPOT_BEST = ("vit_tiny last2 N=8 k=2", "vit_tiny last2 N=4 k=2")
 SWEETSPOT = {"vit_tiny dense": ["--backbone", "vit_tiny", "--model", "linear"],
              "vit_tiny dense drmoe": ["--backbone", "vit_tiny", "--model", "drmoe"]}
@@ -90,11 +86,10 @@ for _p in ("last2", "every2"):
                                                          "--aux-loss-coef", "0.01"]
 for _name in SWEETSPOT_BEST:
     SWEETSPOT[_name + " drmoe"] = ["drmoe" if f == "linear" else f for f in SWEETSPOT[_name]]
-# The same grid in the other architecture the paper studies, ConvNeXt (the issue's "and the small ConvNeXt"):
-# convnext_mini (stages of 2, 2, 4 blocks: last2 = blocks 3 and 7, every2 = 1, 3, 5, 7), pretrained on the
-# source task like vit_tiny (from scratch it reached 29.4 test mAP in 10 epochs, results/sweetspot/README.md),
-# with the linear head only: the head's MoE is asked on vit_tiny. Its own set, so that its paired tests are
-# against its own dense backbone.
+# The same grid in the other architecture the paper studies, ConvNeXt: convnext_mini (stages of 2, 2, 4
+# blocks: last2 = blocks 3 and 7, every2 = 1, 3, 5, 7), pretrained on the source task like vit_tiny (from
+# scratch it learns too slowly to compare placements: results/sweetspot/README.md), with the linear head only:
+# the head's MoE is asked on vit_tiny. Its own set, so that its paired tests are against its own dense backbone.
 SWEETSPOT_CONVNEXT = {"convnext_mini dense": ["--backbone", "convnext_mini", "--model", "linear"]}
 for _p in ("last2", "every2"):
     for _n in (4, 8):
@@ -102,7 +97,7 @@ for _p in ("last2", "every2"):
             SWEETSPOT_CONVNEXT[f"convnext_mini {_p} N={_n} k={_k}"] = [
                 "--backbone", "convnext_mini", "--model", "linear", "--backbone-moe", _p, "--backbone-experts",
                 str(_n), "--backbone-top-k", str(_k), "--aux-loss-coef", "0.01"]
-# ML-VPT (issue 20, mlvpt.py) in a transfer setting: vit_tiny pretrained on the source task (synthetic-pretrain,
+# ML-VPT (mlvpt.py) in a transfer setting: vit_tiny pretrained on the source task (synthetic-pretrain,
 # PRETRAIN below, run first by main()), then adapted to the benchmark. Each row names its own head and what
 # trains; compare.main() adds --weights <out>/pretrain/pretrain/seed0/best.pt to every row.
 VIT = ["--backbone", "vit_tiny"]
@@ -116,11 +111,10 @@ MLVPT_SET = {"linear probe": VIT + ["--model", "linear", "--freeze-backbone"],
              "drmoe frozen": VIT + ["--model", "drmoe", "--freeze-backbone"]}
 # The source-task run every ML-VPT, vit_tiny sweet-spot and backbone-routing row starts from: the linear head
 # on vit_tiny, seed 0, the set's budget (convnext_mini's is the same on its backbone: pretraining()). The
-# sweet-spot rows start from it too: trained from scratch on 5,000 images, vit_tiny reached
-# only 53.0 test mAP in 10 epochs (convnext_mini 29.4; ResNet-18 80.6 in 8), gaining a point an epoch until
-# the schedule annealed (results/sweetspot/README.md): MoE placements compared there would be compared on
-# the slope. From the pretrained backbone the MoE layers are upcycled (backbone_moe.py: experts start as
-# copies of its MLP).
+# sweet-spot rows start from it too: trained from scratch on 5,000 images, the small transformers were still
+# gaining about a point an epoch when the schedule annealed (results/sweetspot/README.md), so MoE placements
+# compared there would be compared on the slope. From the pretrained backbone the MoE layers are upcycled
+# (backbone_moe.py: experts start as copies of its MLP).
 PRETRAIN = VIT + ["--dataset", "synthetic-pretrain", "--model", "linear"]
 
 
@@ -132,8 +126,7 @@ def pretraining(backbone: str):
 
 
 
-# Does routing find the scenes inside the backbone (issue 18 on issue 17's routers)? The sweet-spot paper's
-# default placement on the pretrained vit_tiny, top-1 over 8 experts, each plain / Switch loss / DivDR / both.
+# Does routing find the scenes inside the backbone? The last-2 placement on the pretrained vit_tiny, top-1 over 8 experts, each plain / Switch loss / DivDR / both.
 # The DivDR coefficient is the head's (DIVDR_COEF), not calibrated for backbone routers: the signature's
 # distance is the mean over rows, so a margin means the same, but the gradient now reaches the patch tokens.
 # The "aux=0.01" row has the flags of the sweet-spot row "vit_tiny last2 N=8 k=1". The plain row is named

@@ -1,0 +1,106 @@
+"""
+The house's layout, as behaviour: a reader finds each idea in one file, and the files stack without a circle.
+
+- The import graph of the root files and the two folders (lib/ below the root, studies/ above it) has no
+  circle, and every import goes down the tiers of TIER: lib < the parts < the models < zoo < config <
+  the scripts < studies. Every root file has a tier, so a new file has to be placed.
+- model.py imports only DR-MoE's parts (backbones, experts, gating; lib for its config field): the other
+  systems are built by name in zoo.py.
+- Each concept file runs on its own (`python gating.py`, ...) and prints a worked example with its shapes.
+- train.main is a short, top-down story (under 150 lines).
+
+Run: python -m pytest -q tests/test_layout.py
+"""
+import ast
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FOLDERS = ("lib", "studies")
+# Lower tiers are imported by higher ones, never the other way round.
+TIER = {"lib": 0,                                                     # plumbing: imports nothing of the root
+        "experts": 1, "gating": 1, "metrics": 1, "data": 1,           # parts that stand alone
+        "backbone_moe": 2,                                            # uses gating's balance loss
+        "backbones": 3, "divdr": 3,                                   # use backbone_moe
+        "model": 4, "baselines": 4,                                   # the models over a backbone
+        "mlvpt": 5,                                                   # uses baselines' label counts
+        "zoo": 6,                                                     # every model by name
+        "config": 7,                                                  # the flags of every config
+        "evaluate": 8, "train": 9,                                    # the scripts (train validates with evaluate.predict)
+        "studies": 10}                                                # the study machinery, on top of everything
+CONCEPT_FILES = ["experts.py", "gating.py", "model.py", "backbone_moe.py", "baselines.py", "mlvpt.py", "divdr.py",
+                 "zoo.py"]
+
+
+def node_of(path: str) -> str:
+    """A file's node in the graph: its module name at the root, its folder's name inside lib/ or studies/."""
+    rel = os.path.relpath(path, ROOT)
+    return rel.split(os.sep)[0] if os.sep in rel else rel[:-3]
+
+
+def imported(path: str) -> set:
+    """The project nodes a file imports, at module level or inside functions alike."""
+    names = set()
+    for n in ast.walk(ast.parse(open(path).read())):
+        if isinstance(n, ast.Import):
+            names |= {a.name.split(".")[0] for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and n.level == 0 and n.module:
+            names.add(n.module.split(".")[0])
+    return {m for m in names if m in TIER or os.path.isfile(os.path.join(ROOT, m + ".py"))}
+
+
+def graph() -> dict:
+    edges = {}
+    for path in glob.glob(os.path.join(ROOT, "*.py")) + [p for f in FOLDERS for p in glob.glob(os.path.join(ROOT, f, "*.py"))]:
+        node = node_of(path)
+        edges.setdefault(node, set()).update(imported(path) - {node})
+    return edges
+
+
+def test_every_root_file_has_a_tier_and_imports_only_lower_tiers():
+    edges = graph()
+    assert set(edges) == set(TIER), f"files without a tier (place them in TIER): {set(edges) - set(TIER)}"
+    upward = [(a, b) for a, targets in edges.items() for b in targets if TIER[b] >= TIER[a]]
+    assert not upward, f"imports from a lower file to a higher one (or sideways): {upward}"
+
+
+def test_the_import_graph_has_no_circle():
+    """Independent of the tiers: a depth-first search over the graph finds no path back to a node on it."""
+    edges, state = graph(), {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in edges.get(node, ()):
+            assert state.get(nxt) != "open", f"import circle: {' -> '.join(path + [nxt])}"
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+    for node in edges:
+        if node not in state:
+            visit(node, [node])
+
+
+def test_model_py_reads_alone():
+    assert imported(os.path.join(ROOT, "model.py")) == {"backbones", "experts", "gating", "lib"}
+
+
+def test_train_main_is_short():
+    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    assert main.end_lineno - main.lineno + 1 < 150
+
+
+@pytest.mark.parametrize("script", CONCEPT_FILES)
+def test_each_concept_file_runs_alone_and_prints_its_shapes(script):
+    """The first thing a reader does next to a paper: run the file. It must exit 0 and print tensor shapes
+    (tuples such as (2, 3, 8)) beside the legend's letters (B, L, D, ...)."""
+    r = subprocess.run([sys.executable, script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shapes = re.findall(r"\(\d+(?:, \d+)+\)", r.stdout)
+    assert len(shapes) >= 2 and re.search(r"\((B|L|N|T|S)(, [A-Za-z_]+)+\)", r.stdout), r.stdout
