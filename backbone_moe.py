@@ -28,7 +28,7 @@ is placed before any token's second choice; the rest overflow.
 
 Sparse compute: only the k chosen experts run for a token. Assignments are sorted by expert, each expert's
 tokens gathered into one contiguous block, one matmul pair per expert, and the results scattered back
-(index_add). FLOPs scale with k, not N (bench.py measures the step time).
+(index_add). FLOPs scale with k, not N (studies/bench.py measures the step time).
 
 Placements (--backbone-moe), our reading of the names. ConvNeXt (and Swin) has stages; a ViT has none, so its
 blocks are taken in pairs, V-MoE's unit (vmoe/configs/vmoe_paper/common.py: "Every-2" = blocks 1, 3, 5, ..., "Last-n"
@@ -134,7 +134,7 @@ class SparseMoE(nn.Module):
         """x (T, D) -> (probs G (T, N) fp32, chosen (T, k) expert indices, token (A,), expert (A,), weight (A,)):
         the A kept assignments."""
         T, N, k = x.shape[0], self.num_experts, self.top_k
-        with torch.autocast(x.device.type, enabled=False):   # routers in fp32 (README: mixed precision)
+        with torch.autocast(x.device.type, enabled=False):   # routers in fp32 (gating.py says why)
             probs = F.softmax(x.float() @ self.router.weight.float().T, dim=-1)   # G(x), (T, N)
         top_w, top_i = probs.topk(k, dim=-1)                                      # (T, k) each
         # Assignments rank-major: all first choices, then all second choices (BPR's order, vmoe/moe.py).

@@ -145,7 +145,7 @@ def load_state(name: str, weights: str) -> dict:
     if not os.path.isfile(weights):
         raise WeightsUnavailable(f"--weights {weights!r}: no such file (expected none, DEFAULT or a path)")
     try:
-        state = load_file(weights)   # weights_only=True (checkpoint.py)
+        state = load_file(weights)   # weights_only=True (lib/checkpoint.py)
     except Exception as e:
         raise WeightsUnavailable(f"--weights {weights!r}: not a torch state_dict or checkpoint torch can read "
                                  f"({type(e).__name__}); pass a .pth state_dict or a best.pt of train.py") from None

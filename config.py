@@ -12,7 +12,7 @@ The run's configuration: what to train on, how long, with which settings, on whi
 Resolution order, later wins: the dataclass default < the dataset's preset (PRESETS) < the model's
 settings (baselines.MODEL_PRESETS; for q2l, D = the backbone's channels) < what you pass. train.py prints
 the resolved configs at start and saves them in every checkpoint, so evaluate.py can rebuild the model
-from a checkpoint alone. Used by train.py, evaluate.py and bench.py.
+from a checkpoint alone. Used by train.py, evaluate.py and studies/bench.py.
 """
 import argparse
 import os
@@ -38,7 +38,7 @@ class TrainConfig:
     # init_seed, out_dir, resume. config_field's third argument is the --help section (GROUPS).
     dataset: str = config_field("synthetic", "synthetic (embedded, no download) | synthetic-pretrain (its "
                                 "source task, for pretraining a backbone) | voc | coco | csv | cocojson "
-                                "(your own data, README 'Your own data')", "data")
+                                "(your own data, docs/own-data.md)", "data")
     data_root: str = config_field(None, "folder holding the dataset (not needed for synthetic)", "data")
     download: bool = config_field(False, "voc: download VOC 2007 into --data-root first (coco: see README)", "data")
     train_split: str = config_field(None, "split to train on", "data")
@@ -93,7 +93,7 @@ class TrainConfig:
     device: str = config_field("auto", "auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu", "system")
     amp: bool = config_field(True, "mixed precision where the device supports it (bf16, else fp16); fp32 on CPU", "system")
     channels_last: bool = config_field(True, "channels_last memory format for the backbone (faster convs)", "system")
-    compile: bool = config_field(False, "torch.compile the model (CUDA on Linux only; see bench.py for its effect)", "system")
+    compile: bool = config_field(False, "torch.compile the model (CUDA on Linux only; see studies/bench.py for its effect)", "system")
     sync_bn: bool = config_field(False, "torchrun: SyncBatchNorm, batch statistics over all GPUs (small per-GPU batches)", "system")
     num_workers: int = config_field(None, "DataLoader worker processes", "system")
     out_dir: str = config_field(None, "where checkpoints, log.jsonl and metrics.json go; default "
@@ -131,14 +131,14 @@ SYNTHETIC = dict(backbone="resnet18", weights="none", feature_layer="layer3", im
                  train_split="train", val_split="val", test_split="test", cutout=0.0)
 PRESETS = {
     "synthetic": SYNTHETIC,
-    # The source task for pretraining a backbone offline (synthetic.py): the benchmark's recipe.
+    # The source task for pretraining a backbone offline (lib/synthetic.py): the benchmark's recipe.
     "synthetic-pretrain": SYNTHETIC,
     # VOC and COCO have no separate validation set; like every paper in this line, the best epoch is
     # chosen on the evaluation split itself (metrics.json says so: "best_epoch_chosen_on"). For an honest model
     # selection on VOC pass --train-split train --val-split val --test-split test.
     "voc": dict(PHOTOS, train_split="trainval", val_split="test", test_split="test"),
     "coco": dict(PHOTOS, train_split="train", val_split="val", test_split="val"),
-    # Your own data (owndata.py): the photo recipe, and an honest split: the best epoch is chosen on val
+    # Your own data (lib/owndata.py): the photo recipe, and an honest split: the best epoch is chosen on val
     # (val.csv / val.json, or 10 % held out of train), the test split is scored once at the end.
     # A -1 in your files means "unknown", not VOC's "difficult": it stays out of the loss (difficult=ignore).
     "csv": dict(PHOTOS, train_split="train", val_split="val", test_split="test", difficult="ignore"),

@@ -2,12 +2,12 @@
 Data: the datasets DR-MoE trains and is evaluated on, behind one entry point,
 build_dataset(name, split, root, image_size, augment, seed, limit, ...).
 
-- synthetic: the embedded benchmark (generator in synthetic.py), rendered in memory, no download.
+- synthetic: the embedded benchmark (generator in lib/synthetic.py), rendered in memory, no download.
 - voc: PASCAL VOC 2007 from the devkit layout VOCdevkit/VOC2007/{JPEGImages, ImageSets/Main}; labels
   from the official classification files <class>_<split>.txt (1 present, -1 absent, 0 difficult).
 - coco: MS-COCO 2014 from train2014/, val2014/, annotations/instances_{train,val}2014.json, read with
   the standard library's json (no pycocotools); the 80 classes in category-id order.
-- csv, cocojson: your own data, a CSV per split or COCO-style json (readers in owndata.py).
+- csv, cocojson: your own data, a CSV per split or COCO-style json (readers in lib/owndata.py).
 
 Every dataset returns ds[i] = (image float32 (3, S, S) normalised with ImageNet mean/std, target
 float32 (L,)) with 1 = present, 0 = absent, -1 = ignore (VOC's difficult; every metric skips it), and
@@ -67,7 +67,7 @@ class SyntheticMultiLabel(Dataset):
     previews: image i is the same whatever `size` is."""
 
     def __init__(self, split="train", image_size=64, augment=None, seed=0, size=None, progress=True, source=False):
-        # source=True: the pretraining task (synthetic.py, "source task"): SOURCE_SEED's images, SOURCE_CLASSES.
+        # source=True: the pretraining task (lib/synthetic.py, "source task"): SOURCE_SEED's images, SOURCE_CLASSES.
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         n = SPLIT_SIZES[split] if size is None else size
@@ -152,7 +152,7 @@ def build_transform(image_size, train, randaugment=True, cutout=0.0, hflip=True)
     The resize squashes to a square without cropping, as ML-GCN's test transform and Q2L do: a label's only
     evidence may sit at the border. Everything before the tensor conversion runs on PIL images, as in ASL's
     and Q2L's code: RandAugment's geometric ops take 2 ms on a 448-px PIL image and 10 ms on a uint8 tensor
-    (bench.py --only loader measures it)."""
+    (studies/bench.py --only loader measures it)."""
     t = [v2.Resize((image_size, image_size), antialias=True)]
     if train and hflip:
         t.append(v2.RandomHorizontalFlip())
@@ -195,7 +195,7 @@ VOC_ARCHIVES = {"trainval": ("https://thor.robots.ox.ac.uk/pascal/VOC/voc2007/VO
 VOC_HELP = ("get it with: python train.py --dataset voc --data-root DIR --download (or fetch "
             "VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar and untar both in DIR; see README)")
 COCO_SPLITS = ("train", "val")
-COCO_HELP = "see README 'MS-COCO 2014' for the download commands and the layout"
+COCO_HELP = "see docs/datasets.md ('MS-COCO 2014') for the download commands and the layout"
 
 
 def find_voc_root(root):
@@ -312,7 +312,7 @@ def build_dataset(name, split, root=None, image_size=None, augment=None, seed=0,
         classes = VOC_CLASSES
     elif name == "coco":
         paths, targets, ids, classes = read_coco(root, split, empty)
-    else:   # your own data (owndata.py)
+    else:   # your own data (lib/owndata.py)
         paths, targets, ids, classes = read_own(name, root, split, empty)
     n = len(paths) if limit is None else min(limit, len(paths))
     return ImageList(paths[:n], targets[:n], ids[:n], classes, image_size,

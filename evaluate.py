@@ -3,14 +3,14 @@ Evaluation: a checkpoint over a dataset split, or over your own images, with eve
 
     python evaluate.py --checkpoint runs/synthetic/drmoe-dynamic-S2-T1-seed0/best.pt           # test split
     python evaluate.py --checkpoint runs/synthetic/drmoe-dynamic-S2-T1-seed0/best.pt --image cat.jpg
-    python evaluate.py --checkpoint RUN/best.pt --images DIR --out predictions.csv   # predictions.py
-    python evaluate.py --checkpoint RUN/best.pt --analysis OUT [--compare-to OTHER/best.pt]   # analysis.py
+    python evaluate.py --checkpoint RUN/best.pt --images DIR --out predictions.csv   # lib/predictions.py
+    python evaluate.py --checkpoint RUN/best.pt --analysis OUT [--compare-to OTHER/best.pt]   # lib/analysis.py
 
-The first rebuilds the model from the checkpoint alone (checkpoint.py), scores the split with `predict`
+The first rebuilds the model from the checkpoint alone (lib/checkpoint.py), scores the split with `predict`
 (train.py uses it too, for validation), prints mAP, CP/CR/CF1, OP/OR/OF1 and their top-3 variants
 (metrics.py, ML-GCN's definitions), a per-label AP table beside analysis.gate_statistics (how the gate
 splits each label's mass between shared and task experts), the routing's structure where the model routes
-(divdr.py), and writes them to JSON; with --analysis it draws analysis.py's pictures.
+(divdr.py), and writes them to JSON; with --analysis it draws lib/analysis.py's pictures.
 
 Shapes (legend in experts.py; N images here): scores (N, L) probabilities, targets (N, L) in {1, 0, -1},
 gate weights (N, L, E), image features (N, D).
@@ -42,7 +42,7 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
     """Run a model over a loader in eval mode.
 
     -> scores (N, L) probabilities, targets (N, L) in {1, 0, -1}, gate weights (N, L, E) or None,
-    with features=True also the pooled image features (N, D) the gate reads (analysis.py uses them), and
+    with features=True also the pooled image features (N, D) the gate reads (lib/analysis.py uses them), and
     with routing=True also the routing signatures (N, F) or None and their rows (divdr.routing_signature).
     Leaves the model in eval mode; train.py switches it back at the start of every epoch.
     Under torchrun the loader has a DistributedSampler: each rank scores its shard, and the shards are
@@ -113,7 +113,7 @@ def main(argv=None):
     p.add_argument("--data-root", default=None, help="override the dataset folder saved in the checkpoint")
     p.add_argument("--image", nargs="+", default=None, metavar="FILE", help="predict these images instead")
     p.add_argument("--images", default=None, metavar="DIR",
-                   help="predict every image under DIR into a CSV (--out) instead (predictions.py)")
+                   help="predict every image under DIR into a CSV (--out) instead (lib/predictions.py)")
     p.add_argument("--out", default="predictions.csv", help="with --images: the CSV to write [predictions.csv]")
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a label is predicted")
     p.add_argument("--thresholds", default=None, choices=["best"],
@@ -122,7 +122,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
     p.add_argument("--json", default=None, help="where to write the metrics [default: next to the checkpoint]")
     p.add_argument("--analysis", default=None, metavar="DIR",
-                   help="also draw the gate pictures and training curves into DIR, with analysis.json (analysis.py)")
+                   help="also draw the gate pictures and training curves into DIR, with analysis.json (lib/analysis.py)")
     p.add_argument("--compare-to", default=None, metavar="CHECKPOINT",
                    help="with --analysis: per-label AP gain over this other run vs label heterogeneity")
     args = p.parse_args(argv)
@@ -235,7 +235,7 @@ def main(argv=None):
         result["analysis"] = run_analysis(args, targets, gates, feats, ckpt, ds, ap, result.get("gate"), device)
         if sigs is not None:
             draw_routing(args.analysis, result["routing"], ckpt)
-    # JSON, not a pickle or npz: the numbers are read by people and by other tools (compare.py reads metrics.json).
+    # JSON, not a pickle or npz: the numbers are read by people and by other tools (studies/compare.py reads metrics.json).
     # Next to the checkpoint by default, named by split, so evaluating val and test keeps both files.
     out = args.json or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval_{args.split}.json")
     with open(out, "w") as fh:
@@ -285,7 +285,7 @@ def draw_routing(folder, res, ckpt):
 
 
 def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> dict:
-    """--analysis (and --compare-to): the pictures and analysis.json of analysis.py."""
+    """--analysis (and --compare-to): the pictures and analysis.json of lib/analysis.py."""
     from gating import expert_names
     mc, tc, classes = ckpt["model_config"], ckpt["train_config"], ckpt["classes"]
     # the other run is scored here, on the same split and device, rather than read from its files: the

@@ -16,7 +16,7 @@ Why stacked weights and einsum: the naive implementation is a ModuleList of S + 
 Python loop over labels and experts. With L = 80 labels that is hundreds of tiny matmuls per step.
 Storing each group's weights as one tensor, (S, D, H) for shared and (L, T, D, H) for task experts,
 lets one einsum apply them all at once (the trick lucidrains' mixture-of-experts uses). `forward_loop` is
-that naive loop, kept as the reference: tests/test_moe.py checks the einsum against it, bench.py times both.
+that naive loop, kept as the reference: tests/test_moe.py checks the einsum against it, studies/bench.py times both.
 
 Shape legend (whole codebase): B batch, L labels, D feature dim, S shared experts,
 T task experts per label, H expert hidden dim, E = S + T experts seen by each label.
@@ -87,7 +87,7 @@ class Experts(nn.Module):
         """The definition, one label and one expert at a time: what forward() computes in four einsums.
 
         This is the naive implementation the docstring above describes (S + T small MLPs per label, a
-        Python loop); tests/test_moe.py checks forward() against it and bench.py times both.
+        Python loop); tests/test_moe.py checks forward() against it and studies/bench.py times both.
         h (B, L, D) -> (B, L, E, D).
         """
         per_label = []

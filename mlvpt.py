@@ -44,7 +44,7 @@ equation could be read here; where a step below says "official" it was checked i
    on the mean (--no-mlvpt-gate-loss drops the two gate terms, --mlvpt-fused-loss adds the mean's); our ASL
    is a mean over entries where the official one is a sum / (B L) * 1000 (baselines.py: --lr keeps its
    meaning across label counts).
-Ablations (compare.py --set mlvpt): --mlvpt-branches co | dc | co,dc; --mlvpt-grouping label | random (each
+Ablations (studies/compare.py --set mlvpt): --mlvpt-branches co | dc | co,dc; --mlvpt-grouping label | random (each
 branch's groups keep their sizes, the labels are shuffled: does the grouping matter?) | none (plain VPT-deep:
 the same 2 m k prompts shared by all labels, no attention mask, one linear head on the class token).
 

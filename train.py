@@ -203,7 +203,7 @@ def cpu_warning(model, tcfg: TrainConfig, device, fmt, n_train: int, n_val: int)
     return (f"warning: training {tcfg.dataset} on the {device.type}, not a GPU: about {minutes:.0f} min per epoch here "
             f"({tcfg.epochs} epochs: {minutes * tcfg.epochs / 60:.1f} h), measured on one forward pass. Use a GPU "
             f"(--device cuda), a smaller --backbone/--image-size (e.g. --backbone resnet18 --weights none "
-            f"--image-size 96), or --limit 512 --epochs 1 for a smoke run (README, 'A CPU smoke run')")
+            f"--image-size 96), or --limit 512 --epochs 1 for a smoke run (docs/datasets.md, 'A CPU smoke run')")
 
 
 class Diverged(RuntimeError):
@@ -288,7 +288,7 @@ def pick_runtime(tcfg: TrainConfig, ddp_device, world: int, say):
     use_compile = tcfg.compile and device.type == "cuda" and sys.platform != "win32"
     if tcfg.compile and not use_compile:
         # torch.compile needs Triton for its GPU kernels (CUDA, Linux). On the CPU, Inductor compiles C++
-        # for minutes before the first step, which short CPU runs never win back (bench.py --compile on
+        # for minutes before the first step, which short CPU runs never win back (studies/bench.py --compile on
         # measures it); on MPS its support is partial. The flag is ignored there rather than half-working.
         say(f"note: --compile is used on CUDA under Linux only; ignored on {device.type} ({sys.platform})")
     say(f"device: {device}" + (f" x {world} processes" if world > 1 else "") + f", precision: {amp_dtype or torch.float32}")
@@ -489,7 +489,7 @@ def validate(model, ema, loader, dataset, device, amp_dtype, fmt, tcfg: TrainCon
 
 
 def epoch_line(epoch: int, tcfg: TrainConfig, ep: dict, lr: float, val_maps: dict, improved: bool, routing) -> str:
-    """The one line an epoch prints (README, 'Reading the numbers')."""
+    """The one line an epoch prints (docs/training.md, 'Reading the numbers')."""
     return (f"epoch {epoch + 1:3d}/{tcfg.epochs} | loss {ep['train_loss']:.4f} | aux {ep['aux_loss']:.4f} | lr {lr:.2e} | "
             f"{ep['img_per_s']:.0f} img/s (data wait {100 * ep['data_wait_s'] / ep['train_s']:.0f}%) | val mAP "
             + " ".join(f"{k} {v:.2f}" for k, v in val_maps.items()) + (" *" if improved else "")

@@ -168,7 +168,7 @@ def _read_csv_rows(path):
             # reader.line_num, not a row count: the file's own line, right even after a cell that spans lines
             rows.append((reader.line_num, [cell.strip() for cell in row]))
     if "image" not in header:
-        raise DatasetError(f"{path}: no 'image' column in the header (found {header}); see README 'Your own data'")
+        raise DatasetError(f"{path}: no 'image' column in the header (found {header}); see docs/own-data.md")
     if not rows:
         raise DatasetError(f"{path} has a header but no image rows: an empty split")
     return header, rows
@@ -270,7 +270,7 @@ def read_own(kind, root, split, empty="keep"):
     if not root or not os.path.isdir(root):
         raise DatasetError(f"--dataset {kind} needs --data-root DIR, a folder holding "
                            + ("train.csv and test.csv" if kind == "csv" else "train.json and val.json")
-                           + (f"; {root!r} is not a folder" if root else "") + "; see README 'Your own data'")
+                           + (f"; {root!r} is not a folder" if root else "") + "; see docs/own-data.md")
     ext = "csv" if kind == "csv" else "json"
     file = lambda s: os.path.join(root, f"{s}.{ext}")
     needed = ("train", "test") if kind == "csv" else ("train",)
@@ -279,7 +279,7 @@ def read_own(kind, root, split, empty="keep"):
     if kind == "cocojson" and not (os.path.isfile(file("val")) or os.path.isfile(file("test"))):
         missing.append(file("val"))
     if missing:
-        raise DatasetError(f"--dataset {kind}: no {' and no '.join(missing)}; see README 'Your own data'")
+        raise DatasetError(f"--dataset {kind}: no {' and no '.join(missing)}; see docs/own-data.md")
     source = split
     # cocojson without test.json: val.json is the test split (COCO's habit), so the best epoch cannot be
     # chosen on it too: val is then held out of train.json, as when there is no val file at all.

@@ -197,7 +197,7 @@ def object_label(o):
     return o.kind if o.kind in SHAPES else None
 
 
-SOURCE_SEED = 1009   # the source task's generator seed: any seed but the benchmark's 0 (README, ML-VPT)
+SOURCE_SEED = 1009   # the source task's generator seed: any seed but the benchmark's 0 (docs/mlvpt.md)
 SOURCE_KINDS = (*SHAPES, "square", "pentagon", "blob", *TINY, "tiny_dot")
 SOURCE_CLASSES = ([f"kind_{k}" for k in SOURCE_KINDS] + [f"fill_{t}" for t in TEXTURES]
                   + [f"colour_{c}" for c in COLOURS])

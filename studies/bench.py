@@ -2,15 +2,15 @@
 Speed: what one training step of each model costs, the expert layer batched vs a per-label loop, and the
 data loader alone. Measures; asserts nothing. The README's speed figures come from this script.
 
-    python bench.py --device cpu                                  # the CPU demo configuration, every model it carries
-    python bench.py --dataset coco --device cuda                  # ResNet-101, 448 px, L = 80, batch 32:
+    python -m studies.bench --device cpu                                  # the CPU demo configuration, every model it carries
+    python -m studies.bench --dataset coco --device cuda                  # ResNet-101, 448 px, L = 80, batch 32:
                                                                   #   fp32/AMP x channels_last x compile
-    python bench.py --dataset coco --device cpu --batch-size 2 --steps 3 --only step   # the same models on a CPU
-    python bench.py --only experts                                # batched vs loop at L = 20 and 80
-    python bench.py --only loader --workers 1 2 4 8               # JPEG decoding + augmentation at 448 px
-    python bench.py --only moe                                    # vit_tiny dense vs MoE in the last 2 pairs
+    python -m studies.bench --dataset coco --device cpu --batch-size 2 --steps 3 --only step   # the same models on a CPU
+    python -m studies.bench --only experts                                # batched vs loop at L = 20 and 80
+    python -m studies.bench --only loader --workers 1 2 4 8               # JPEG decoding + augmentation at 448 px
+    python -m studies.bench --only moe                                    # vit_tiny dense vs MoE in the last 2 pairs
                                                                   #   of blocks, N = 8 experts, k = 1 and 2
-    python bench.py --json bench.json                             # also write every record as JSON
+    python -m studies.bench --json bench.json                             # also write every record as JSON
 
 What each part times:
 - step: train.train_step, i.e. forward, loss, backward, gradient clipping, AdamW step and EMA update:

@@ -2,20 +2,20 @@
 One command for each comparison: configurations trained with the same settings and several seeds, then
 one markdown table and paired tests of DR-MoE against the others. The sets of configurations (--set:
 models, ablation, balance, routing, routing-backbone, sweetspot, sweetspot-convnext, mlvpt) are defined,
-each row with its reason, in studies.py; the transfer sets (mlvpt, sweetspot, sweetspot-convnext,
+each row with its reason, in studies/sets.py; the transfer sets (mlvpt, sweetspot, sweetspot-convnext,
 routing-backbone) first pretrain their backbone (vit_tiny, convnext_mini) on the source task into
 <out>/pretrain/. The tables add what a set measures: the largest expert's share
 (balance), NMI and ARI with the scenes and distinct routes (routing), trainable or activated parameters
 and peak memory (mlvpt, the sweet-spot sets). The ablation and the sweet-spot sets open with their grid
 (report_grid, report_sweet_grid) and the paired tests that grid asks.
 
-    python compare.py                        # --set models: 8 configurations x 3 seeds, synthetic preset
+    python -m studies.compare                        # --set models: 8 configurations x 3 seeds, synthetic preset
                                              # (about 85 minutes on a 2-core CPU)
-    python compare.py --set ablation         # 29 configurations x 3 seeds (about 5 hours on 2 cores)
-    python compare.py --set balance          # 4 configurations x 3 seeds
-    python compare.py --only drmoe hsq --seeds 0 1 --extra="--epochs 2 --limit 512"   # a quick look
-    python compare.py --report               # only rebuild the table from the runs already on disk
-    python compare.py --heterogeneity "dynamic S=2 T=1" "label S=2 T=2"   # per-label gain vs heterogeneity,
+    python -m studies.compare --set ablation         # 29 configurations x 3 seeds (about 5 hours on 2 cores)
+    python -m studies.compare --set balance          # 4 configurations x 3 seeds
+    python -m studies.compare --only drmoe hsq --seeds 0 1 --extra="--epochs 2 --limit 512"   # a quick look
+    python -m studies.compare --report               # only rebuild the table from the runs already on disk
+    python -m studies.compare --heterogeneity "dynamic S=2 T=1" "label S=2 T=2"   # per-label gain vs heterogeneity,
                                              # seed by seed and pooled (evaluate.py --compare-to on each pair)
 
 Every run is a plain `train.py` run in <out>/<name>/seed<k>/ (its log.jsonl, best.pt, metrics.json), so
@@ -29,7 +29,7 @@ The statistics (mean ± sample std over seeds, paired t-tests with Holm's adjust
 the test images and the detectable differences) are tables.py's; --report rebuilds them from the runs.
 
 --budget study (config.BUDGETS) runs every configuration at the study preset, into runs/compare-study/:
-    python compare.py --budget study --seeds 0 1 2 3 4     # the README's comparison
+    python -m studies.compare --budget study --seeds 0 1 2 3 4     # the README's comparison
 Writes <out>/results_<set>.md (the table and the tests, as pasted into the README), results_<set>.json and
 results_<set>.png (every run's test mAP, one dot per seed, coloured by seed).
 """

@@ -26,10 +26,10 @@ spread the study observed: for the paired t over n seeds with per-seed differenc
 and for the bootstrap with standard error se of the difference, MDD_boot = (z_{1-alpha/2} + z_{1-beta}) * se.
 A true difference smaller than the MDD is more likely missed than found.
 
-    python noise.py --groups "seeds=runs/study/drmoe" "init fixed=runs/noise/drmoe-init0" ...
+    python -m studies.noise --groups "seeds=runs/study/drmoe" "init fixed=runs/noise/drmoe-init0" ...
         # each folder holds run folders (*/test_scores.npz, */metrics.json: compare.py's seed*/); prints and writes
         # the evaluation / training / per-label table (--out results/noise/variance.md)
-    python noise.py --compact runs/compare-study results/compare-study   # scores kept beside the results
+    python -m studies.noise --compact runs/compare-study results/compare-study   # scores kept beside the results
 
 Shapes: scores (N, L) probabilities, targets (N, L) in {1, 0, -1}, weights (R, N) resample counts.
 """

@@ -1,5 +1,5 @@
 """
-The studies: which configurations each `python compare.py --set NAME` trains, and why each row is there.
+The studies: which configurations each `python -m studies.compare --set NAME` trains, and why each row is there.
 A configuration is a name and the train.py flags that make it; everything else (backbone, epochs, lr,
 image size, ...) is the dataset preset and --budget, the same for every row of a set, so the rows differ
 only in what their names say. compare.py trains them over seeds and builds the tables; this file is the
@@ -23,7 +23,7 @@ design of the experiments, with the calibration behind each choice (the write-up
 SETS maps each name to (its configurations, the reference row its paired tests compare against). The sets in
 FROM_PRETRAINED start from their backbone pretrained on the source task (pretraining()), which compare.py
 trains first into <out>/pretrain/.
-Nothing here runs anything: `python -c "import studies; print(studies.SWEETSPOT)"` shows a set.
+Nothing here runs anything: `python -c "from studies import sets; print(sets.SWEETSPOT)"` shows a set.
 """
 from gating import GATE_KINDS
 
