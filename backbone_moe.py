@@ -60,6 +60,8 @@ module (SparseMoE.aux_loss) for train.py to add with --aux-loss-coef. Routers ru
 
 Shapes (legend in experts.py; here T = tokens in the batch, N = experts of the layer, H = expert hidden):
     ViT block   y (B, n, D) -> (B, n, D)        ConvNeXt / Swin block   y (B, h, w, C) -> (B, h, w, C)
+
+    python backbone_moe.py   # a worked example: 6 tokens routed to 2 of 4 experts, the sum checked token by token
 """
 import math
 from dataclasses import dataclass

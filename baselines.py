@@ -39,6 +39,8 @@ stored in the checkpoint, so evaluation needs neither the labels nor the word-ve
 Shapes (legend in experts.py): images (B, 3, S_img, S_img) -> logits (B, L); C backbone channels,
 V = 300 word-vector dim. Every model returns (logits, {"gate_weights": None or (B, L, E), "aux_loss",
 "image_feature": the pooled backbone feature (B, C)}).
+
+    python baselines.py  # a worked example: ML-GCN's graph from 5 images, the two heads' shapes, ASL against BCE
 """
 import math
 from dataclasses import dataclass

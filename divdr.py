@@ -40,6 +40,8 @@ For scale (agreement()): the same k-means and NMI / ARI on the image feature the
 label vectors (evaluate.py prints them beside the routing's).
 
 Shapes (legend in experts.py): gate weights (B, L, E), backbone rows (B, N) -> signature (B, F), F = L*E + sum N.
+
+    python divdr.py      # a worked example: two routes in 6 images, k-means, the DivDR loss, NMI and ARI
 """
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ Evaluation: a checkpoint over a dataset split, or over your own images, with eve
     python evaluate.py --checkpoint RUN/best.pt --images DIR --out predictions.csv   # lib/predictions.py
     python evaluate.py --checkpoint RUN/best.pt --analysis OUT [--compare-to OTHER/best.pt]   # lib/analysis.py
 
-The first rebuilds the model from the checkpoint alone (lib/checkpoint.py), scores the split with `predict`
+The first rebuilds the model from the checkpoint alone (zoo.load_checkpoint_model), scores the split with `predict`
 (train.py uses it too, for validation), prints mAP, CP/CR/CF1, OP/OR/OF1 and their top-3 variants
 (metrics.py, ML-GCN's definitions), a per-label AP table beside analysis.gate_statistics (how the gate
 splits each label's mass between shared and task experts), the routing's structure where the model routes

@@ -19,10 +19,13 @@ lets one einsum apply them all at once (the trick lucidrains' mixture-of-experts
 that naive loop, kept as the reference: tests/test_moe.py checks the einsum against it, studies/bench.py times both.
 
 Shape legend (whole codebase): B batch, L labels, D feature dim, S shared experts,
-T task experts per label, H expert hidden dim, E = S + T experts seen by each label.
+T task experts per label, H expert hidden dim, E = S + T experts seen by each label, N tokens of an image's
+map (h*w), I the width of what a gate reads (gating.py). backbone_moe.py keeps its papers' letters and says so.
 
     input  h:       (B, L, D)     one feature per image and label (from the label-query decoder)
     output experts: (B, L, E, D)  expert e's output for label l; e < S are shared, e >= S are label l's own
+
+    python experts.py    # a worked example: every expert of 3 labels on 2 images, checked against the equation by hand
 """
 import math
 

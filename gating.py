@@ -42,6 +42,8 @@ slot holds more than --collapse-threshold of it. The remedy is the load-balancin
 (--aux-loss-coef; the README measures its effect).
 
 Shapes (legend in experts.py): h (B, L, D), g (B, D) -> weights (B, L, E) float32, aux_loss scalar.
+
+    python gating.py     # a worked example: the four gate kinds on 2 images x 3 labels, the equation by hand, top-1
 """
 import torch
 import torch.nn as nn

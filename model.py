@@ -32,6 +32,10 @@ Choices the papers leave open, made here (each is a config field):
 
 Forward returns (logits (B, L), info) where info = {"gate_weights": (B, L, E) fp32, "aux_loss": scalar,
 "image_feature": g (B, D)}, so train.py adds the load-balancing loss and evaluate.py analyses the routing.
+
+    python model.py      # the forward pass taken apart stage by stage on two images, every shape printed
+
+This file holds DR-MoE alone and imports only its parts; zoo.py builds it (and every other model) by name.
 """
 from dataclasses import dataclass
 

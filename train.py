@@ -27,9 +27,13 @@ The equations, each next to the line that computes it:
     lr    one-cycle: cosine rise from lr/25 to lr over warmup_pct of the steps, then cosine annealing
           to lr/25/1e4 (torch's OneCycleLR defaults; Smith & Topin 2019)
 
-Config: every flag is a field of ModelConfig (model.py) or TrainConfig (config.py, with the dataset presets
-and the resolution order). The resolved config is printed at start and saved in every checkpoint, so
-evaluate.py can rebuild the model from the checkpoint alone.
+Config: every flag is a field of ModelConfig (zoo.py: each model's own fields) or TrainConfig (config.py, with
+the dataset presets and the resolution order). The resolved config is printed at start and saved in every
+checkpoint, so evaluate.py can rebuild the model from the checkpoint alone (zoo.load_checkpoint_model).
+
+Reading order: main() at the bottom tells the run top to bottom, data, model, optimiser, the epochs, the test;
+each step it calls is a function just above it, in the order it calls them; the pieces of one step
+(the loss, the EMA, weight decay by role, the training step) come first.
 Shapes (legend in experts.py): images (B, 3, S_img, S_img), targets (B, L) in {1, 0, -1}, logits (B, L).
 """
 import copy
