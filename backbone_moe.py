@@ -30,6 +30,15 @@ Sparse compute: only the k chosen experts run for a token. Assignments are sorte
 tokens gathered into one contiguous block, one matmul pair per expert, and the results scattered back
 (index_add). FLOPs scale with k, not N (studies/bench.py measures the step time).
 
+Memory. How many tokens an expert gets changes every step, so its two matmuls would see a new shape each
+time; on the CPU every new shape leaves memory behind (oneDNN keeps a primitive per shape, and glibc's malloc
+stops returning variable-size blocks to the system): a vit_tiny with every-2 MoE grew from 1.9 GB after one
+epoch to 2.8 GB after six while the dense model stayed at 1.6 GB. So each expert's block is padded with zero
+rows to a multiple of ROW_BUCKET = 256 (cut off again after the matmuls: the padding's outputs are never
+used and get no gradient). A handful of shapes recur, and memory stays flat (docs/backbones.md measures it:
+python -m studies.bench --only memory). The cost: under 256 extra rows per expert and layer, against the
+~2,000 tokens each of 4 experts gets from a 64-image batch of vit_tiny at k = 2.
+
 Placements (--backbone-moe), our reading of the names. ConvNeXt (and Swin) has stages; a ViT has none, so its
 blocks are taken in pairs, V-MoE's unit (vmoe/configs/vmoe_paper/common.py: "Every-2" = blocks 1, 3, 5, ..., "Last-n"
 = the last n of those), which makes "the last 2 stages' final blocks" the same phrase for both:
@@ -77,6 +86,7 @@ from gating import switch_balance
 
 PLACEMENTS = ("none", "last2", "last3", "every2", "stage")
 UPCYCLE_ROUTER_STD = 1e-3   # the upcycled router's start: near zero, but not tied (docstring, "Initialisation")
+ROW_BUCKET = 256            # an expert's block of tokens is padded to a multiple of this (docstring, "Memory")
 
 
 @dataclass
@@ -167,7 +177,10 @@ class SparseMoE(nn.Module):
         token, expert, weight = token[by_expert], expert[by_expert], weight[by_expert]
         counts = torch.bincount(expert, minlength=self.num_experts).tolist()
         chunks = flat[token].split(counts)                                         # N blocks of (n_i, D)
-        out_rows = torch.cat([self.expert(i, c) for i, c in enumerate(chunks)])    # (A, D)
+        # Each block is padded with zero rows to a multiple of ROW_BUCKET before its matmuls, and the padding
+        # cut off after: a few shapes recur instead of a new one per expert per step (docstring, "Memory").
+        out_rows = torch.cat([self.expert(i, F.pad(c, (0, 0, 0, -len(c) % ROW_BUCKET)))[:len(c)]
+                              for i, c in enumerate(chunks)])                      # (A, D)
         out = torch.zeros_like(flat).index_add_(0, token, (out_rows * weight[:, None]).to(flat.dtype))
         # Balance (gating.switch_balance): f = share of the T*k assignments before overflow, P = mean G.
         T = flat.shape[0]

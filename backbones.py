@@ -39,7 +39,7 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
 from backbone_moe import PLACEMENTS, MoEConfig, add_moe
-from lib.checkpoint import load_file
+from lib.checkpoint import judged_weights, load_file
 from lib.flags import config_field
 
 
@@ -158,26 +158,44 @@ def load_state(name: str, weights: str) -> dict:
         if trained != name:
             raise WeightsUnavailable(f"--weights {weights}: a checkpoint of a {trained} backbone, not {name}; "
                                      f"pass --backbone {trained} or another checkpoint")
-        src = state["ema"] if state.get("eval_weights") == "ema" else state["model"]
+        src = judged_weights(state)
         return {k[len("backbone."):]: v for k, v in src.items() if k.startswith("backbone.")}
     return state.get("state_dict", state)   # accept both a bare state_dict and {"state_dict": ...}
 
 
-def load_backbone_weights(net: nn.Module, body: nn.Module, name: str, weights: str):
+def load_backbone_weights(net: nn.Module, body: nn.Module, name: str, weights: str, where: str = "") -> str:
     """Fill the backbone with `weights`: a state_dict of the whole torchvision model (what DEFAULT and most
     files are) or of the cut backbone alone (`body`'s keys, e.g. "0.0.weight" of a ConvNeXt's .features). A
     ViT's position embeddings are interpolated to the grid it was built for when the weights were made for
-    another grid (torchvision's interpolate_embeddings)."""
+    another grid (torchvision's interpolate_embeddings). -> one line: what was loaded where, what was left.
+
+    Refused, naming the first misfit, when a tensor the backbone needs is missing from the file or has another
+    shape there (a checkpoint of another backbone, cut or MoE placement). Tensors of the file that the backbone
+    does not use (a ResNet cut earlier than the file's, the ImageNet classifier) are counted, not an error."""
     state = load_state(name, weights)
     if isinstance(net, VisionTransformer) and "encoder.pos_embedding" in state:
         if state["encoder.pos_embedding"].shape != net.encoder.pos_embedding.shape:
             state = interpolate_embeddings(net.image_size, net.patch_size, OrderedDict(state))
     target = body if set(body.state_dict()) <= set(state) else net
-    missing, _ = target.load_state_dict(state, strict=False)
+    own = target.state_dict()
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise WeightsUnavailable(f"--weights {weights}: {k} is {tuple(state[k].shape)} there and {tuple(own[k].shape)} "
+                                 f"in --backbone {name}{where} ({len(wrong)} tensors differ in shape): a checkpoint "
+                                 "of another backbone, cut or backbone-MoE placement")
+    missing, unused = target.load_state_dict(state, strict=False)
     # The ImageNet classifier is dropped anyway (ResNet fc, ConvNeXt/EfficientNet classifier, Swin/ViT head).
-    missing = [k for k in missing if not k.startswith(("fc.", "classifier.", "head.", "heads."))]
+    head = ("fc.", "classifier.", "head.", "heads.")
+    missing = [k for k in missing if not k.startswith(head)]
     if missing:
-        raise WeightsUnavailable(f"weights {weights!r} do not fit {name}: missing {missing[:5]}...")
+        raise WeightsUnavailable(f"--weights {weights}: no {missing[0]} in it ({len(missing)} tensors of --backbone "
+                                 f"{name}{where} missing, e.g. {missing[:3]}): a checkpoint of another backbone, cut "
+                                 "or backbone-MoE placement")
+    loaded = sum(1 for k in own if not k.startswith(head))
+    unused = [k for k in unused if not k.startswith(head)]
+    left = f"; {len(unused)} of its tensors not used ({', '.join(sorted({k.split('.')[0] for k in unused}))})" if unused else ""
+    return f"--weights {weights}: loaded {loaded} tensors into the backbone ({name}{where}){left}"
 
 
 def make_network(name: str, image_size: int) -> nn.Module:
@@ -227,8 +245,11 @@ def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer
     """
     net = make_network(name, image_size)
     body, channels = cut(net, name, feature_layer)
+    # What the weights put in, in one line; zoo.build_model prints it with the model's description.
+    body.weights_note = None
     if weights.lower() != "none":
-        load_backbone_weights(net, body, name, weights)
+        where = f" cut after {feature_layer}" if hasattr(net, "layer4") else ""
+        body.weights_note = load_backbone_weights(net, body, name, weights, where)
     if channels is None:
         # Read C off a dummy forward (eval mode, so BatchNorm statistics are not touched). Before add_moe:
         # the MoE does not change C, and its data-dependent dispatch cannot run on the meta device that

@@ -15,6 +15,7 @@ the resolved configs at start and saves them in every checkpoint, so evaluate.py
 from a checkpoint alone. Used by train.py, evaluate.py and studies/bench.py.
 """
 import argparse
+import hashlib
 import os
 import re
 from dataclasses import dataclass, fields
@@ -97,7 +98,10 @@ class TrainConfig:
     sync_bn: bool = config_field(False, "torchrun: SyncBatchNorm, batch statistics over all GPUs (small per-GPU batches)", "system")
     num_workers: int = config_field(None, "DataLoader worker processes", "system")
     out_dir: str = config_field(None, "where checkpoints, log.jsonl and metrics.json go; default "
-                                "runs/DATASET/<model, gate, S, T, the flags you changed, seed>", "system")
+                                "runs/DATASET/<model, gate, S, T, the flags you changed, seed>; a folder holds one run "
+                                "and a finished run in it is never trained over", "system")
+    keep_last: bool = config_field(True, "keep last.pt once the run has finished (what --resume needs; --no-keep-last "
+                                         "deletes it after the test, best.pt stays)", "system")
     # parse_args adds --resume by hand (a bare --resume means 'auto'), so its flag is skipped by add_config_args.
     resume: str = config_field(None, "continue from a checkpoint: a path, or 'auto' for OUT_DIR/last.pt", "system")
 
@@ -160,8 +164,9 @@ BUDGETS = {
 GROUPS = ("data", "model", "mixture of experts", "backbone MoE", "baselines", "ML-VPT", "training", "system")
 # Flags that change where or how fast a run runs, not what it learns: left out of the default run folder's name.
 # collapse_threshold is here too: it only decides when train.py warns, never what the run trains.
-SYSTEM = {"dataset", "data_root", "download", "device", "amp", "channels_last", "compile", "sync_bn",
-          "num_workers", "out_dir", "resume", "describe", "collapse_threshold"}
+# The data root and the weights file do change what is learned: they are named (by a hash of the full path).
+SYSTEM = {"dataset", "download", "device", "amp", "channels_last", "compile", "sync_bn",
+          "num_workers", "out_dir", "resume", "describe", "collapse_threshold", "keep_last"}
 
 
 def preset_value(name: str, dataset: str, model: str, default):
@@ -206,6 +211,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls, groups: dict, skip=())
             group.add_argument(flag, type=f.type, default=None, help=help, metavar=f.name.upper())
 
 
+PATHS = ("data_root", "weights", "word_vectors")   # flags whose value is a file or folder
+
+
 def default_out_dir(tcfg: TrainConfig, mcfg: ModelConfig, args: dict, preset: dict) -> str:
     """runs/<dataset>/<model>[-<gate>-S<s>-T<t>][-<each flag given with a non-preset value>]-seed<k>.
 
@@ -228,10 +236,15 @@ def default_out_dir(tcfg: TrainConfig, mcfg: ModelConfig, args: dict, preset: di
         flag = f.name.replace("_", "-")
         if isinstance(value, bool):
             parts.append(flag if value else "no-" + flag)
-        else:   # a path shows as its file name
-            parts.append(f"{flag}={os.path.basename(str(value).rstrip('/')) or value}")
+        elif f.name in PATHS and str(value).lower() not in ("none", "default"):
+            # A path shows as its last name, plus a short hash of where it really is: two data trees (or two
+            # best.pt files) with the same name are two runs, and one tree named from another folder is one.
+            where = hashlib.sha1(os.path.realpath(str(value)).encode()).hexdigest()[:6]
+            parts.append(f"{flag}={os.path.basename(str(value).rstrip('/')) or value}@{where}")
+        else:
+            parts.append(f"{flag}={value}")
     # Anything else (a space, the ',' of --mlvpt-branches co,dc, a quote) becomes '_': any shell takes the name.
-    name = re.sub(r"[^A-Za-z0-9.=_+-]", "_", "-".join(parts + [f"seed{tcfg.seed}"]))
+    name = re.sub(r"[^A-Za-z0-9.=_+@-]", "_", "-".join(parts + [f"seed{tcfg.seed}"]))
     return os.path.join("runs", tcfg.dataset, name)
 
 
@@ -390,6 +403,9 @@ def parse_args(argv=None):
             if "num_workers" in args and args["num_workers"] is not None and args["num_workers"] < 0:
                 raise ValueError(f"--num-workers {args['num_workers']}: must be an integer >= 0 "
                                  "(0 = load in the main process)")
+            if not os.path.isfile(path) and os.path.isfile(os.path.join(tcfg.out_dir, "metrics.json")):
+                raise ValueError(f"--resume: {tcfg.out_dir} holds a finished run (metrics.json; its last.pt was not "
+                                 "kept): there is nothing to resume; evaluate its best.pt instead")
             if not os.path.isfile(path):
                 raise ValueError(f"--resume: no checkpoint at {path} (a bare --resume looks in the folder the "
                                  "other flags name: repeat the run's flags, or pass --resume PATH/last.pt)")

@@ -83,7 +83,7 @@ class SyntheticMultiLabel(Dataset):
         self.objects = []  # per image, the Obj list actually drawn
         # Under torchrun every rank renders the split; only rank 0 shows it.
         progress = progress and is_main()
-        for i in tqdm(range(n), desc=f"synthetic {split}", disable=not progress, mininterval=0.5):
+        for i in tqdm(range(n), desc=f"synthetic {split}", disable=None if progress else True, mininterval=0.5):
             img, scene, objs = render_synthetic(seed, split, i, image_size)
             self.images[i] = torch.from_numpy(img).permute(2, 0, 1)
             self.targets[i] = torch.from_numpy(to_target(objs))

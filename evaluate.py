@@ -52,7 +52,8 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
     # on the other images of its batch (the metrics must not change with the batch size).
     model.eval()
     scores, targets, gates, feats, sigs, rows = [], [], [], [], [], []
-    for x, y in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not is_main()):
+    # A bar on a terminal only (disable=None): output redirected to a file gets no redraws.
+    for x, y in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=None if is_main() else True):
         # the memory format the model was trained in (channels_last for convolutions): the same kernels,
         # hence the same numerics as training's validation
         x = x.to(device, non_blocking=True, memory_format=memory_format)

@@ -58,7 +58,8 @@ from divdr import partition_centroids, split_structure, training_term
 from evaluate import predict
 from gating import expert_load, expert_names
 from lib import distributed
-from lib.checkpoint import copy_atomically, judged_weights, load_file, rng_state, save_checkpoint, set_rng_state
+from lib import analysis, plots
+from lib.checkpoint import judged_weights, load_file, rng_state, save_checkpoint, set_rng_state
 from lib.predictions import best_f1_thresholds
 from metrics import average_precision, multilabel_metrics
 from zoo import ModelConfig, build_model, flops_per_image, prepare, resolve_groups, set_memory_format
@@ -190,24 +191,16 @@ def peak_memory(device: torch.device) -> dict:
     return {"peak_memory_mb": rss, "peak_memory_of": "process resident set"}
 
 
-def cpu_warning(model, tcfg: TrainConfig, device, fmt, n_train: int, n_val: int) -> str:
-    """The papers' presets without a GPU: one timed forward pass, turned into the expected time per epoch.
-
-    Eval mode and no_grad: no BatchNorm statistic and no random stream is touched, so the run itself is the
-    same with or without this check. A training step costs about 3 forward passes (forward + backward).
-    """
-    model.eval()
-    x = torch.zeros(2, 3, tcfg.image_size, tcfg.image_size, device=device).contiguous(memory_format=fmt)
-    model(x)   # the first call pays one-off allocation costs
-    t0 = time.time()
-    model(x)
-    per_image = (time.time() - t0) / 2
-    model.train()
-    minutes = per_image * (3 * n_train + n_val) / 60
-    return (f"warning: training {tcfg.dataset} on the {device.type}, not a GPU: about {minutes:.0f} min per epoch here "
-            f"({tcfg.epochs} epochs: {minutes * tcfg.epochs / 60:.1f} h), measured on one forward pass. Use a GPU "
-            f"(--device cuda), a smaller --backbone/--image-size (e.g. --backbone resnet18 --weights none "
-            f"--image-size 96), or --limit 512 --epochs 1 for a smoke run (docs/datasets.md, 'A CPU smoke run')")
+def cpu_projection(tcfg: TrainConfig, given: set, step_s: float, steps: int, n_val: int) -> str:
+    """Off a GPU: the expected minutes per epoch, from the run's own first training steps (at its real batch
+    size, data loading included), and the ways to a shorter run that the command does not already take."""
+    minutes = (step_s * steps + step_s / 3 * n_val / tcfg.batch_size) / 60   # evaluation: ~1/3 of a step per batch
+    ways = [f for f, flag in (("--device cuda", "device"), ("a smaller --backbone (e.g. resnet18)", "backbone"),
+                              ("a smaller --image-size (e.g. 96)", "image_size"), ("--limit 512 --epochs 1 for a smoke run", "limit"))
+            if flag not in given]
+    return (f"note: training {tcfg.dataset} on the cpu: the first steps took {step_s:.2f} s each, about {minutes:.1f} min "
+            f"per epoch, {minutes * tcfg.epochs / 60:.1f} h for {tcfg.epochs} epochs"
+            + (f"; shorter: {', '.join(ways)} (docs/datasets.md, 'A CPU smoke run')" if ways else ""))
 
 
 class Diverged(RuntimeError):
@@ -272,7 +265,7 @@ def resume_configs(tcfg: TrainConfig, given: set, say):
     tcfg = TrainConfig(**{**legacy, **ckpt["train_config"], **keep})
     mcfg = ModelConfig(**ckpt["model_config"])
     say(f"resuming from {path}: epoch {ckpt['epoch'] + 1} of {tcfg.epochs} done, best val mAP {ckpt['best_map']:.2f}"
-        + (" (the run is finished: best.pt is tested again)" if ckpt["epoch"] + 1 >= tcfg.epochs else ""))
+        + (" (its epochs are done: best.pt is tested)" if ckpt["epoch"] + 1 >= tcfg.epochs else ""))
     ignored = given - set(keep) - {"dataset"}
     if ignored:
         say(f"  note: ignoring {sorted(ignored)} on resume (the checkpoint's config wins)")
@@ -366,8 +359,6 @@ def build_run_model(tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, labels, devi
     set_memory_format(model, fmt)
     gflops = flops_per_image(model, tcfg.image_size, device) / 1e9
     say(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px")
-    if device.type == "cpu" and not tcfg.dataset.startswith("synthetic") and main_proc:
-        say(cpu_warning(model, tcfg, device, fmt, len(ds["train"]), len(ds["val"])))
     return model, fmt, gflops
 
 
@@ -390,6 +381,34 @@ def restore(ckpt: dict, model, ema, optimizer, scheduler, scaler, device, rank: 
     return ckpt["epoch"] + 1, ckpt["best_map"], ckpt["step"], centroids
 
 
+def existing_run(out_dir: str):
+    """What the run folder already holds: "finished" (its metrics.json), "unfinished" (a last.pt, no metrics),
+    or None. A folder holds one run, and nothing here ever trains over a run that is in it."""
+    if os.path.isfile(os.path.join(out_dir, "metrics.json")):
+        return "finished"
+    return "unfinished" if os.path.isfile(os.path.join(out_dir, "last.pt")) else None
+
+
+def finished(out_dir: str, say) -> dict:
+    """The same command again over a finished run: say so, show its result, write nothing -> its metrics."""
+    metrics = json.load(open(os.path.join(out_dir, "metrics.json")))
+    say(f"{out_dir} holds a finished run (test mAP {metrics['mAP']:.2f}, best epoch {metrics.get('epoch', '?')}); nothing "
+        f"was trained or written. Evaluate it: python evaluate.py --checkpoint {os.path.join(out_dir, 'best.pt')}; "
+        "train another beside it: the same command with --out-dir NEW_FOLDER (or another --seed)")
+    return metrics
+
+
+# What evaluation and fine-tuning read from best.pt: the judged weights under "model" (which of raw and EMA
+# they are: "eval_weights"), the configs and the class names. No optimizer or EMA copy: last.pt has those.
+BEST_KEYS = ("eval_weights", "epoch", "step", "best_map", "val_map", "model_config", "train_config", "classes",
+             "world_size")
+
+
+def best_state(state: dict) -> dict:
+    """last.pt's state -> best.pt's: the judged weights and what describes them (a quarter of the size)."""
+    return {**{k: state[k] for k in BEST_KEYS}, "model": judged_weights(state), "ema": None}
+
+
 def start_log(out_dir: str, start_epoch: int, resumed: bool, main_proc: bool) -> str:
     """log.jsonl holds exactly this run's epochs 1..start_epoch: a fresh run starts it empty (an earlier run's
     rows in the same folder would otherwise mix into its curves and tables), and a resumed run drops the rows
@@ -403,19 +422,22 @@ def start_log(out_dir: str, start_epoch: int, resumed: bool, main_proc: bool) ->
 
 
 def train_epoch(step_model, model, ema, optimizer, scheduler, scaler, loader, tcfg: TrainConfig, mcfg: ModelConfig,
-                device, amp_dtype, fmt, epoch: int, step: int, centroids, world: int, main_proc: bool) -> dict:
+                device, amp_dtype, fmt, epoch: int, step: int, centroids, world: int, main_proc: bool, project=None) -> dict:
     """One pass over the training split -> the epoch's record: mean losses, speed, the step reached, and the
     routing watches: where the head gate sent its mass (gating.expert_load, the collapse watch), how the
-    backbone's experts shared the tokens (backbone_moe.routing_summary) and DivDR's next partition (divdr.py)."""
+    backbone's experts shared the tokens (backbone_moe.routing_summary) and DivDR's next partition (divdr.py).
+    project(seconds per step), when given, is called once, after the epoch's first steps (the CPU projection)."""
     moe_blocks = moe_layers(model)   # the backbone's MoE layers, if any
     sums = torch.zeros(4, device=device)   # running (classification, head aux, backbone aux, DivDR) losses
     signatures = []   # with --divdr-coef: this epoch's routing signatures, for the next epoch's k-means
     gate_mass, bb_load, bb_used = 0.0, 0.0, 0.0   # running sums of the routing watches' counts
     t0, n_seen, wait = time.time(), 0, 0.0
-    # One progress bar, rank 0's. The divergence watch: (step, classification loss, aux loss) of the first
+    # One progress bar, rank 0's, and only on a terminal (disable=None): redirected to a file, a run writes
+    # its epoch lines and no bar redraws. The divergence watch: (step, classification loss, aux loss) of the first
     # non-finite step, -1 = none. Kept on the device and read at the log points (and every step off CUDA, where
     # reading is free), so a GPU is not stalled each step; the run stops before this epoch's log line and last.pt.
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True, disable=not main_proc)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True,
+               disable=None if main_proc else True)
     watch = torch.full((3,), -1.0, device=device)
     t_ready = time.time()
     for i, (x, y) in enumerate(bar):
@@ -447,6 +469,11 @@ def train_epoch(step_model, model, ema, optimizer, scheduler, scaler, loader, tc
         n_seen += x.shape[0] * world
         if i % 10 == 0 and main_proc:   # .item() syncs with the GPU: only at log points
             bar.set_postfix(loss=f"{loss_cls.item():.4f}", img_s=f"{n_seen / (time.time() - t0):.0f}")
+        timed = min(4, len(loader) - 1)   # steps 2-5 (the first pays one-off costs), or as many as there are
+        if project is not None and i == timed > 0:
+            project((time.time() - t_first) / timed)
+        if i == 0:
+            t_first = time.time()
         t_ready = time.time()
     train_time = time.time() - t0
     # Means over every step of every rank (the sums are reduced once per epoch, not per step).
@@ -533,10 +560,26 @@ def final_test(model, tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, loaders: d
                             targets=np.asarray(targets, np.int8), ids=np.asarray(ds["test"].ids))
         with open(os.path.join(tcfg.out_dir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)
-        print(f"test ({best['eval_weights']} weights of epoch {best['epoch'] + 1}): "
-              + " | ".join(f"{k} {metrics[k]:.2f}" for k in ("mAP", "CF1", "OF1")))
-        print(f"wrote {os.path.join(tcfg.out_dir, 'metrics.json')}")
+        plots.curves(os.path.join(tcfg.out_dir, "curves.png"), analysis.read_log(os.path.join(tcfg.out_dir, "log.jsonl")),
+                     tcfg.collapse_threshold, f"{mcfg.model} on {tcfg.dataset}, seed {tcfg.seed}: {tcfg.out_dir}")
     return metrics
+
+
+def summary(tcfg: TrainConfig, metrics: dict, minutes: float) -> str:
+    """The lines a run ends with: what it took, what it chose and on which split, what it scored, where it is,
+    and what to run next."""
+    out, mb = tcfg.out_dir, lambda f: os.path.getsize(os.path.join(out, f)) / 2 ** 20
+    chosen = (f"chosen on the {tcfg.val_split} split" if tcfg.val_split != tcfg.test_split else
+              f"chosen on the test split itself ({tcfg.test_split}; VOC and COCO have no validation split, as in the papers)")
+    files = [f"{f} ({mb(f):.0f} MB)" for f in ("best.pt", "last.pt") if os.path.isfile(os.path.join(out, f))]
+    return "\n".join([
+        f"done in {minutes:.1f} min: best epoch {metrics['epoch']} of {tcfg.epochs} ({metrics['weights']} weights), {chosen} "
+        f"(val mAP {metrics['val_mAP']:.2f})",
+        f"test mAP {metrics['mAP']:.2f} | CF1 {metrics['CF1']:.2f} | OF1 {metrics['OF1']:.2f} (the {metrics['split']} "
+        "split, scored once, with best.pt)",
+        f"run folder: {out}: {', '.join(files)}, metrics.json, log.jsonl, curves.png",
+        f"next: python evaluate.py --checkpoint {os.path.join(out, 'best.pt')}                 # every metric, the gate per label",
+        f"      python evaluate.py --checkpoint {os.path.join(out, 'best.pt')} --image my.jpg   # the labels of a photo"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -551,16 +594,20 @@ def main(argv=None):
     rank, world, ddp_device = distributed.setup(tcfg.device)
     main_proc = rank == 0
     say = print if main_proc else (lambda *a, **k: None)
+    # A folder holds one run: a finished one is never trained over (nor re-tested), an unfinished one only resumed.
+    found = existing_run(tcfg.out_dir)
+    if found == "unfinished" and not tcfg.resume:
+        sys.exit(f"error: {tcfg.out_dir} holds an unfinished run (its last.pt); nothing was changed: continue it with "
+                 "the same command and --resume, or start another with --out-dir NEW_FOLDER")
     ckpt = None
     if tcfg.resume:   # a resumed run is the run that was started: its configs come from its checkpoint
-        tcfg, mcfg, ckpt = resume_configs(tcfg, given, say)
+        tcfg, mcfg, ckpt = resume_configs(tcfg, given, say if found != "finished" else (lambda *a, **k: None))
+    if found == "finished":
+        return finished(tcfg.out_dir, say)
     say("train config:", json.dumps(asdict(tcfg)))   # printed and saved: a log says what produced it
     say(f"run folder: {tcfg.out_dir}")
     if tcfg.batch_size % world:   # a usage error: one line, no traceback
         sys.exit(f"error: --batch-size {tcfg.batch_size} (the global batch) must divide evenly over {world} processes")
-    os.makedirs(tcfg.out_dir, exist_ok=True)
-    if ckpt is None and os.path.exists(os.path.join(tcfg.out_dir, "last.pt")):
-        say(f"note: {tcfg.out_dir} holds an earlier run; starting fresh (pass --resume to continue it instead)")
     # Per-rank seeds: dropout and flips differ between ranks (else every rank would augment alike). The
     # weights still start equal everywhere, because DDP copies rank 0's to all ranks when it wraps the model.
     seed_everything(tcfg.seed + rank)
@@ -598,6 +645,8 @@ def main(argv=None):
     if ckpt is not None:
         start_epoch, best_map, step, centroids = restore(ckpt, model, ema, optimizer, scheduler, scaler, device,
                                                          rank, world, say)
+    # The run folder is made only now: a start that fails (no data, no weights, a bad value) leaves none behind.
+    os.makedirs(tcfg.out_dir, exist_ok=True)
     log_path = start_log(tcfg.out_dir, start_epoch, ckpt is not None, main_proc)
 
     # ---- the epochs: train, validate on val, log, checkpoint
@@ -609,8 +658,11 @@ def main(argv=None):
         order.manual_seed((tcfg.seed * 1000 + epoch) * world + rank)
         if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
             train_loader.sampler.set_epoch(epoch)   # a new shuffle (the same on every rank) each epoch
+        project = None   # off a GPU, on photos: the minutes an epoch will take, from the first steps
+        if device.type == "cpu" and not tcfg.dataset.startswith("synthetic") and main_proc and epoch == start_epoch:
+            project = lambda s: tqdm.write(cpu_projection(tcfg, given, s, len(train_loader), len(ds["val"])))
         ep = train_epoch(step_model, model, ema, optimizer, scheduler, scaler, train_loader, tcfg, mcfg, device,
-                         amp_dtype, fmt, epoch, step, centroids, world, main_proc)
+                         amp_dtype, fmt, epoch, step, centroids, world, main_proc, project)
         step, centroids = ep.pop("step"), ep.pop("centroids")
         val_maps, routing = validate(model, ema, eval_loaders["val"], ds["val"], device, amp_dtype, fmt, tcfg, epoch, ep)
         which = max(val_maps, key=val_maps.get)   # raw or EMA: the better one is what this epoch is judged by
@@ -624,7 +676,7 @@ def main(argv=None):
         rng = distributed.all_gather_objects(rng_state(device))
         if main_proc:
             record = {"epoch": epoch + 1, "step": step, "lr": lr, "world_size": world, "val_mAP": val_maps,
-                      "time": time.time(), **{k: v for k, v in ep.items() if v is not None},
+                      "time": time.time(), **peak_memory(device), **{k: v for k, v in ep.items() if v is not None},
                       **({"routing": routing} if routing else {})}
             if tcfg.divdr_coef == 0:
                 record.pop("divdr_loss")
@@ -638,15 +690,18 @@ def main(argv=None):
                      "val_map": val_maps, "model_config": asdict(mcfg), "train_config": asdict(tcfg),
                      "classes": list(ds["train"].classes), "world_size": world, "rng": rng,
                      "divdr_centroids": centroids.cpu() if centroids is not None else None}
-            # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested):
-            # then the same bytes, copied rather than serialised twice (hundreds of MB at ResNet-101).
+            # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested and
+            # fine-tuned from: the judged weights alone, best_state).
             save_checkpoint(os.path.join(tcfg.out_dir, "last.pt"), state)
             if improved:
-                copy_atomically(os.path.join(tcfg.out_dir, "last.pt"), os.path.join(tcfg.out_dir, "best.pt"))
+                save_checkpoint(os.path.join(tcfg.out_dir, "best.pt"), best_state(state))
         distributed.barrier()   # best.pt is on disk before any rank may read it
 
     # ---- the test: the best checkpoint, scored once on the test split
     metrics = final_test(model, tcfg, mcfg, ds, eval_loaders, device, amp_dtype, fmt, gflops, world, run_start, main_proc)
+    if main_proc and not tcfg.keep_last:   # --no-keep-last: a finished run needs best.pt only
+        os.remove(os.path.join(tcfg.out_dir, "last.pt"))
+    say(summary(tcfg, metrics, (time.time() - run_start) / 60))
     distributed.cleanup()
     return metrics
 

@@ -65,6 +65,8 @@ def build_model(cfg: ModelConfig, verbose: bool = True, classes=None) -> nn.Modu
         model.backbone.requires_grad_(False)
     if verbose:
         print(describe(model, cfg))
+        if getattr(model.backbone, "weights_note", None):   # what --weights loaded (backbones.load_backbone_weights)
+            print("  " + model.backbone.weights_note)
     return model
 
 

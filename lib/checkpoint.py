@@ -2,7 +2,7 @@
 A run's checkpoint as a file: what train.py writes (the raw module's state_dict, its EMA, both configs, the
 class names, the optimizer and RNG states to resume), written atomically and read back safely.
 
-    save_checkpoint(path, state)     atomic write; copy_atomically(src, dst) the same for a copy
+    save_checkpoint(path, state)     atomic write: a temporary file, then a rename
     rng_state(device) / set_rng_state every random stream of a run, stored as tensors and plain values
     load_file(path)                  -> torch.load with weights_only=True (older files: numpy arrays allowed)
     read_checkpoint(path)            -> the dict, or a one-line ValueError saying what the file is not
@@ -22,8 +22,9 @@ import torch
 
 
 def judged_weights(ckpt) -> dict:
-    """The state_dict a checkpoint was judged by: its EMA weights or its raw ones (train.py picks the better)."""
-    return ckpt["ema"] if ckpt.get("eval_weights", "raw") == "ema" else ckpt["model"]
+    """The state_dict a checkpoint was judged by: its EMA weights or its raw ones (train.py picks the better).
+    A best.pt holds only those, under "model" (its "ema" is None); a last.pt holds both."""
+    return ckpt["ema"] if ckpt.get("eval_weights", "raw") == "ema" and ckpt.get("ema") is not None else ckpt["model"]
 
 
 def rng_state(device: torch.device) -> dict:
@@ -49,12 +50,6 @@ def save_checkpoint(path: str, state: dict):
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
-
-
-def copy_atomically(src: str, dst: str):
-    """The same temporary-file-then-rename rule for a copy."""
-    shutil.copyfile(src, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
 
 
 @torch.no_grad()

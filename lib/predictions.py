@@ -85,7 +85,7 @@ def predict_folder(model, files, load, image_size, device, fmt, batch_size=32, n
     """-> probabilities (n, L) for the readable files in order (NaN rows for the others), unreadable files."""
     loader = torch.utils.data.DataLoader(_Files(files, load, image_size), batch_size=batch_size, num_workers=num_workers)
     probs, bad = None, []
-    for x, index, ok in tqdm(loader, desc="predict", dynamic_ncols=True):
+    for x, index, ok in tqdm(loader, desc="predict", dynamic_ncols=True, disable=None):   # bars on a terminal only
         logits = model(x.to(device, memory_format=fmt))[0].float()          # (B, L)
         p = torch.sigmoid(logits).cpu().numpy()
         if not np.isfinite(p[ok.numpy()]).all():

@@ -10,6 +10,7 @@ data loader alone. Measures; asserts nothing. The README's speed figures come fr
     python -m studies.bench --only loader --workers 1 2 4 8               # JPEG decoding + augmentation at 448 px
     python -m studies.bench --only moe                                    # vit_tiny dense vs MoE in the last 2 pairs
                                                                   #   of blocks, N = 8 experts, k = 1 and 2
+    python -m studies.bench --only memory                                 # peak memory per epoch, dense vs MoE backbone
     python -m studies.bench --json bench.json                             # also write every record as JSON
 
 What each part times:
@@ -28,6 +29,8 @@ What each part times:
   it is a ViT, ConvNeXt or Swin, else on vit_tiny; dense against MoE inside the backbone (backbone_moe.py:
   last2, N = 8, k = 1 and 2, no capacity limit), timed in rounds. "vs dense" is the cost of the router and the dispatch, plus the
   k-th expert for k = 2; GFLOPs are the activated ones (the sparse path computes only the chosen experts).
+- memory: two real 4-epoch train.py runs (vit_tiny on 256 images, dense and every-2 MoE N = 4, k = 2), each
+  epoch's peak resident memory read from log.jsonl: whether memory stays flat over a run.
 - loader: a DataLoader with N worker processes over JPEGs through the training transform (resize to 448,
   flip, Cutout, RandAugment, normalise), batch 32 (the photo presets'): images per second over a second
   pass (the first starts the workers and is not timed). Without --data-root it writes 500 x 375 JPEGs
@@ -47,6 +50,7 @@ import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +70,7 @@ from lib.synthetic import render_synthetic
 # on/off words rather than --flag / --no-flag: --amp, --channels-last and --compile each take several values,
 # and every combination of them is timed in one call.
 ON_OFF = {"on": True, "off": False}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # where train.py is
 
 
 def sync(device: torch.device):
@@ -190,6 +195,24 @@ def bench_backbone_moe(args, device) -> list:
     return recs
 
 
+def bench_memory(args) -> list:
+    """Peak memory over a run, dense against MoE inside the backbone: each variant is a real 4-epoch train.py
+    run (vit_tiny, 256 images, its own process), and each epoch's log.jsonl record carries the process's peak
+    so far. Flat from epoch 1 to 4 means nothing piles up per step (backbone_moe.py, "Memory")."""
+    rows = []
+    for variant, flags in (("dense", []), ("every2 N=4 k=2", ["--backbone-moe", "every2", "--backbone-experts", "4",
+                                                               "--backbone-top-k", "2"])):
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, "train.py", "--backbone", "vit_tiny", *flags, "--limit", "256", "--epochs", "4",
+                   "--device", args.device, "--out-dir", out]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+            peaks = [json.loads(line).get("peak_memory_mb") for line in open(os.path.join(out, "log.jsonl"))]
+        rows.append({"kind": "memory", "variant": variant, "epoch1_mb": peaks[0], "epoch4_mb": peaks[-1],
+                     "growth": peaks[-1] / peaks[0] - 1, "per_epoch_mb": peaks})
+        print(f"  {variant:<15} peak MB per epoch: {', '.join(f'{p:.0f}' for p in peaks)}", flush=True)
+    return rows
+
+
 def bench_experts(device, labels: int, args) -> dict:
     """Experts.forward vs Experts.forward_loop, forward + backward -> an "experts" record."""
     torch.manual_seed(0)
@@ -276,7 +299,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
     p.add_argument("--only", nargs="+", default=["step", "experts", "moe", "loader"],
-                   choices=["step", "experts", "moe", "loader"])
+                   choices=["step", "experts", "moe", "loader", "memory"],
+                   help="which parts [step experts moe loader; memory trains two short runs: ask for it]")
     p.add_argument("--expert-labels", nargs="+", type=int, default=[20, 80], help="L values for the experts part")
     p.add_argument("--workers", nargs="+", type=int, default=sorted({1, config.WORKERS}),
                    help="DataLoader worker counts for the loader part [1 and train.py's default]")
@@ -336,6 +360,13 @@ def main(argv=None):
                          ("vs dense", "vs_dense", ".2f"), ("params (M)", "params_m", ".2f"),
                          ("activated GFLOPs/img", "gflops", ".3f")]))
         records += mo
+
+    if "memory" in args.only:
+        me = bench_memory(args)
+        print(f"\nmemory: peak after 1 and 4 epochs of train.py --backbone vit_tiny --limit 256 ({device})\n")
+        print(table(me, [("backbone", "variant", ""), ("epoch 1 MB", "epoch1_mb", ".0f"), ("epoch 4 MB", "epoch4_mb", ".0f"),
+                         ("growth", "growth", ".1%")]))
+        records += me
 
     if "loader" in args.only:
         with tempfile.TemporaryDirectory() as folder:

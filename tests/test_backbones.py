@@ -110,6 +110,21 @@ def test_sparse_dispatch_equals_a_token_loop(k, capacity, renorm):
         assert moe.stats["dropped"] > 0   # the case really overflowed
 
 
+def test_experts_see_only_bucketed_shapes(monkeypatch):
+    """backbone_moe.py, "Memory": however the tokens split, each expert's matmuls run on a multiple of ROW_BUCKET
+    rows (a handful of shapes, so memory stays flat over a run), and the output is still the token loop's."""
+    import backbone_moe
+    torch.manual_seed(0)
+    moe = SparseMoE(dim=12, hidden=20, experts=4, top_k=2)
+    torch.nn.init.normal_(moe.router.weight, std=1.0)
+    rows, expert = [], moe.expert
+    monkeypatch.setattr(moe, "expert", lambda i, x: rows.append(len(x)) or expert(i, x))
+    for n in (7, 30, 301):                               # batches of 7, 30 and 301 tokens: every count differs
+        x = torch.randn(1, n, 12)
+        torch.testing.assert_close(moe(x)[0], naive_moe(moe, x[0]), atol=1e-5, rtol=1e-5)
+    assert rows and all(r % backbone_moe.ROW_BUCKET == 0 for r in rows) and set(rows) <= {0, 256, 512}, rows
+
+
 def test_gradients_reach_router_and_experts():
     torch.manual_seed(0)
     moe = SparseMoE(dim=8, hidden=16, experts=4, top_k=2)

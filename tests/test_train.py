@@ -101,9 +101,11 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers):
     assert metrics_a["mAP"] == metrics_b["mAP"]
     log_b = [json.loads(r) for r in open(os.path.join(out_b, "log.jsonl"))]
     assert [r["epoch"] for r in log_b] == [1, 2, 3]                       # one row per epoch: no repeat, none lost
-    # A fresh run in a folder that holds an earlier run starts its log afresh.
-    run(tmp_path, "straight", "--epochs", "1", "--num-workers", str(workers))
-    assert [json.loads(r)["epoch"] for r in open(os.path.join(out_a, "log.jsonl"))] == [1]
+    # The same command over a finished run, and --resume of it, change nothing and give its metrics back.
+    files = {f: open(os.path.join(out_a, f), "rb").read() for f in ("best.pt", "last.pt", "metrics.json", "log.jsonl")}
+    assert run(tmp_path, "straight", "--epochs", "3", "--num-workers", str(workers))[1] == metrics_a
+    assert train.main(["--out-dir", out_a, "--resume"]) == metrics_a
+    assert all(open(os.path.join(out_a, f), "rb").read() == b for f, b in files.items())
 
 
 def test_checkpoint_round_trip_and_evaluate_cli(tmp_path, capsys):
