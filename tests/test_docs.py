@@ -96,8 +96,8 @@ def test_the_docs_hold_commands():
 def test_every_command_names_a_program_and_its_flags(doc, command):
     argv = shlex.split(command.replace("$RUN", "RUN"))
     program = entry(argv)
-    if program == ["-m", "pytest"]:
-        return
+    if program[0] == "-m" and program[1].split(".")[0] not in ("studies", "lib"):
+        return   # python -m pytest, python -m venv: not this project's programs
     path = program[1].replace(".", os.sep) + ".py" if program[0] == "-m" else program[0]
     assert os.path.isfile(os.path.join(ROOT, path)), f"{doc}: {command}: no {path}"
     flags = [a.split("=")[0] for a in argv if a.startswith("--")]

@@ -206,6 +206,7 @@ def test_trainable_parameter_count():
 
 def test_frozen_backbone_and_checkpoint_round_trip(tmp_path):
     import train
+    from lib.checkpoint import judged_weights
     from zoo import load_checkpoint_model
     pre, run = tmp_path / "pre", tmp_path / "run"
     tiny = ["--backbone", "vit_tiny", "--image-size", "32", "--limit", "32", "--batch-size", "16", "--num-workers", "0"]
@@ -213,7 +214,8 @@ def test_frozen_backbone_and_checkpoint_round_trip(tmp_path):
     train.main(["--model", "mlvpt", "--weights", str(pre / "best.pt"), "--epochs", "2", "--ema-decay", "0",
                 "--out-dir", str(run)] + tiny)
     source = torch.load(pre / "best.pt", weights_only=True)
-    source_w = source["ema"] if source["eval_weights"] == "ema" else source["model"]
+    source_w = judged_weights(source)   # best.pt holds the judged weights only
+    assert source["ema"] is None and set(source_w) == set(source["model"])
     model, ckpt = load_checkpoint_model(str(run / "best.pt"), "cpu")[:2]
     # --weights took the pretrained backbone, and two epochs of prompt tuning left it exactly as it was.
     for k, v in model.backbone.state_dict().items():
