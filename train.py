@@ -554,7 +554,9 @@ def final_test(model, tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, loaders: d
                     "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "activated_parameters": parameter_split(model)[1], **peak_memory(device),
                     "best_epoch_chosen_on": tcfg.val_split, "split": tcfg.test_split, "world_size": world,
-                    "train_minutes_this_session": (time.time() - run_start) / 60})
+                    "train_minutes_this_session": (time.time() - run_start) / 60,
+                    # what the run was, in full: a table built from metrics.json files shows each row's recipe
+                    "train_config": asdict(tcfg), "model_config": asdict(mcfg)})
     if main_proc:
         np.savez_compressed(os.path.join(tcfg.out_dir, "test_scores.npz"), scores=np.asarray(scores, np.float32),
                             targets=np.asarray(targets, np.int8), ids=np.asarray(ds["test"].ids))
