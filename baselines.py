@@ -64,9 +64,10 @@ MODEL_PRESETS = {
     "mlgcn": dict(),
     "linear": dict(),
     # ML-VPT's official configs: ASL with Q2L's settings (gamma- 2, gamma+ 0, clip 0, eps 1e-5, detached),
-    # the backbone frozen, prompts and head trained (mlvpt.py).
+    # the backbone frozen, prompts and head trained (mlvpt.py); its optimiser decays every trainable
+    # parameter ("single_lr") and clips no gradient (max_clip_grad_norm 0; config/vpt-group-moe-g5e3/...).
     "mlvpt": dict(freeze_backbone=True, loss="asl", asl_gamma_neg=2.0, asl_gamma_pos=0.0, asl_clip=0.0,
-                  asl_eps=1e-5, asl_detach_focusing=True),
+                  asl_eps=1e-5, asl_detach_focusing=True, decay_all=True, grad_clip=0.0),
 }
 
 

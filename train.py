@@ -95,15 +95,20 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
 # configure_optimizers and timm's no_weight_decay exempt the rest): every bias, every normalisation layer's
 # gain and shift, and what a module lists in its `no_weight_decay` (model.py: the label queries; experts.py:
 # the experts' stacked biases). Gate biases are "bias" too: the static gate's whole routing is its bias,
-# and decay would pull every label toward uniform routing. Q2L's own code decays every parameter.
+# and decay would pull every label toward uniform routing. And, by name, the backbones' learned inputs and
+# scales, which timm exempts too (its ViT's no_weight_decay: cls_token, pos_embed; its Swin's keyword
+# relative_position_bias_table; its ConvNeXt's layer-scale gamma, as a 1-D tensor): torchvision's names for
+# them in its ViT, ConvNeXt (layer_scale, (C, 1, 1) there) and Swin. Q2L's and ML-VPT's own code decay every
+# parameter: --decay-all (the mlvpt preset).
 NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
+NO_DECAY_NAMES = ("class_token", "pos_embedding", "layer_scale", "relative_position_bias_table")
 
 
 def decay_roles(model: torch.nn.Module):
     """-> ({name: parameter} decayed, {name: parameter} not decayed), by what each parameter is."""
     decay, keep = {}, {}
     for module_name, module in model.named_modules():
-        exempt = getattr(module, "no_weight_decay", ())
+        exempt = tuple(getattr(module, "no_weight_decay", ())) + NO_DECAY_NAMES
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:   # a frozen backbone (--freeze-backbone) is not in the optimizer at all
                 continue
@@ -115,8 +120,10 @@ def decay_roles(model: torch.nn.Module):
 
 def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW, weight decay on weights only (decay_roles): decaying biases, norm gains, label queries and
-    gate biases toward 0 only fights what they must learn."""
+    gate biases toward 0 only fights what they must learn. --decay-all: on every trainable parameter."""
     decay, keep = decay_roles(model)
+    if tcfg.decay_all:   # one group, as the official ML-VPT code builds it ("single_lr")
+        decay, keep = {**decay, **keep}, {}
     return torch.optim.AdamW([{"params": list(decay.values()), "weight_decay": tcfg.weight_decay},
                               {"params": list(keep.values()), "weight_decay": 0.0}], lr=tcfg.lr,
                              fused=device.type == "cuda")   # fused: one kernel for all tensors on CUDA

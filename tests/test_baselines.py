@@ -215,6 +215,13 @@ def test_weight_decay_by_role():
           "backbone.conv1.weight", "decoder.0.cross_attn.in_proj_weight"}),
         (["--model", "drmoe", "--gate", "static"], {"moe.0.gate.bias"}, {"moe.0.experts.task_w1"}),
         (["--model", "linear"], {"fc.bias"}, {"fc.weight"}),
+        # The backbones' learned inputs and scales, by their torchvision names (timm exempts its own).
+        (["--model", "linear", "--backbone", "vit_tiny"], {"backbone.class_token", "backbone.encoder.pos_embedding"},
+         {"backbone.conv_proj.weight", "backbone.encoder.layers.encoder_layer_0.mlp.0.weight"}),
+        (["--model", "linear", "--backbone", "convnext_mini"], {"backbone.1.0.layer_scale", "backbone.5.3.layer_scale"},
+         {"backbone.1.0.block.0.weight"}),
+        (["--model", "linear", "--backbone", "swin_t"],
+         {"backbone.features.1.0.attn.relative_position_bias_table"}, {"backbone.features.1.0.attn.qkv.weight"}),
     ]:
         model = build_model(train.parse_args(argv)[1], verbose=False)
         decay, keep = train.decay_roles(model)
@@ -228,6 +235,14 @@ def test_weight_decay_by_role():
     mlgcn = build_model(model_config("mlgcn"), verbose=False)
     _, keep = train.decay_roles(mlgcn)
     assert "embed" in keep
+    # --decay-all (the mlvpt preset, as ML-VPT's official optimiser): one decayed group with every parameter.
+    tcfg, mcfg, _ = train.parse_args(["--model", "mlvpt", "--backbone", "vit_tiny"])
+    assert tcfg.decay_all and tcfg.grad_clip == 0
+    model = build_model(mcfg, verbose=False)
+    groups = train.build_optimizer(model, tcfg, torch.device("cpu")).param_groups
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(groups[0]["params"]) == len(trainable) and groups[0]["weight_decay"] == tcfg.weight_decay
+    assert not groups[1]["params"]
 
 
 @pytest.mark.parametrize("name", MODELS)
