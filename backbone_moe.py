@@ -8,9 +8,13 @@ A ResNet's bottleneck blocks have no MLP to replace, so it gets none.)
 Seed paper: Videau, Leite, Schoenauer, Teytaud, "Mixture of Experts in Image Classification: What's the
 Sweet Spot?" (arXiv 2411.18322, TMLR 2025). No code was released, and the stored copies of the paper gave
 only its abstract: "a simple linear router performs best", "a Last-2 placement heuristic offers the most
-robust cross-architecture choice, with Every-2 slightly better for ViT". Everything else below follows
-V-MoE (Riquelme et al. 2021, "Scaling Vision with Sparse Mixture of Experts", github google-research/vmoe),
-which the sweet-spot paper builds on; where this file follows vmoe's code it names the file.
+robust cross-architecture choice, with Every-2 slightly better for ViT". Which implementation it trained
+could not be read. The rest follows V-MoE (Riquelme et al. 2021, "Scaling Vision with Sparse Mixture of
+Experts", github google-research/vmoe), the standard sparse MoE for vision, where this file says so and
+names vmoe's file, with two defaults that differ from V-MoE's and a flag for each: no router noise
+(V-MoE adds N(0, (1/N)^2) to the logits in training: --backbone-router-noise 1), and Switch's balance loss
+N sum_i f_i P_i (V-MoE's importance and load losses: --backbone-balance vmoe). The sweet-spot study ran with
+both defaults.
 
 The layer, for a token x (D,) after the block's norm, with a bias-free linear router W_r (D, N):
     G(x) = softmax(x W_r)                   over all N experts (vmoe/nn/routing.py: Dense(use_bias=False), softmax)
@@ -63,9 +67,12 @@ A capacity makes a token's output depend on the rest of the batch (whether its e
 --backbone-capacity > 0 scores change a little with the batch size and with which images share a batch;
 with capacity 0 (the default) every image is routed on its own.
 
-Balance: the Switch / Shazeer loss of gating.py, N * sum_i f_i P_i over the layer's tokens (f_i: fraction
-of the T*k assignments going to expert i, P_i: mean router probability), each layer's value left on the
-module (SparseMoE.aux_loss) for train.py to add with --aux-loss-coef. Routers run in float32 under AMP.
+Balance: by default the Switch / Shazeer loss of gating.py, N * sum_i f_i P_i over the layer's tokens (f_i:
+fraction of the T*k assignments going to expert i, P_i: mean router probability); --backbone-balance vmoe
+takes V-MoE's two losses instead (vmoe_balance: the importance, CV^2 of each expert's summed gate, and with
+router noise the load, CV^2 of each expert's chance to be chosen under a fresh draw of the noise). Each
+layer's value is left on the module (SparseMoE.aux_loss) for train.py to add with --aux-loss-coef. Routers
+run in float32 under AMP.
 
 Shapes (legend in experts.py; here T = tokens in the batch, N = experts of the layer, H = expert hidden):
     ViT block   y (B, n, D) -> (B, n, D)        ConvNeXt / Swin block   y (B, h, w, C) -> (B, h, w, C)
@@ -85,6 +92,7 @@ from torchvision.models.vision_transformer import EncoderBlock
 from gating import switch_balance
 
 PLACEMENTS = ("none", "last2", "last3", "every2", "stage")
+BALANCES = ("switch", "vmoe")
 UPCYCLE_ROUTER_STD = 1e-3   # the upcycled router's start: near zero, but not tied (docstring, "Initialisation")
 ROW_BUCKET = 256            # an expert's block of tokens is padded to a multiple of this (docstring, "Memory")
 
@@ -97,17 +105,22 @@ class MoEConfig:
     top_k: int = 1
     capacity: float = 0.0
     renorm: bool = False
+    noise: float = 0.0          # router noise in training, std noise / N (V-MoE: 1.0); 0 = none
+    balance: str = "switch"     # the balance loss: switch (N sum f P) | vmoe (importance + load)
 
 
 class SparseMoE(nn.Module):
     """N experts shaped like one MLP, a linear router, top-k sparse dispatch. x (..., D) -> (..., D)."""
 
     def __init__(self, dim: int, hidden: int, experts: int, top_k: int, capacity: float = 0.0,
-                 renorm: bool = False, dropout: float = 0.0):
+                 renorm: bool = False, dropout: float = 0.0, noise: float = 0.0, balance: str = "switch"):
         super().__init__()
         if not 1 <= top_k <= experts:
             raise ValueError(f"--backbone-top-k must be in 1..{experts} (the experts), got {top_k}")
+        if balance not in BALANCES:
+            raise ValueError(f"--backbone-balance must be one of {BALANCES}, got {balance!r}")
         self.num_experts, self.top_k, self.capacity, self.renorm = experts, top_k, capacity, renorm
+        self.noise, self.balance = noise, balance
         self.router = nn.Linear(dim, experts, bias=False)
         nn.init.normal_(self.router.weight, std=0.02)
         # Expert i's weights are slice i of one tensor each: (N, D, H), (N, H), (N, H, D), (N, D).
@@ -142,12 +155,22 @@ class SparseMoE(nn.Module):
         """E_i(x) for x (n, D) -> (n, D): the MLP's Linear, GELU, dropout, Linear, dropout."""
         return self.drop(self.drop(F.gelu(x @ self.w1[i] + self.b1[i])) @ self.w2[i] + self.b2[i])
 
-    def route(self, x: torch.Tensor):
-        """x (T, D) -> (probs G (T, N) fp32, chosen (T, k) expert indices, token (A,), expert (A,), weight (A,)):
-        the A kept assignments."""
-        T, N, k = x.shape[0], self.num_experts, self.top_k
+    def router_logits(self, x: torch.Tensor):
+        """x (T, D) -> (the logits x W_r (T, N), the same with V-MoE's training noise), both fp32. The noise,
+        N(0, (noise / N)^2) per logit (vmoe/nn/routing.py: noise_std = 1 / num_experts * noise_std), only in
+        training and only with --backbone-router-noise > 0; otherwise the two are one tensor."""
         with torch.autocast(x.device.type, enabled=False):   # routers in fp32 (gating.py says why)
-            probs = F.softmax(x.float() @ self.router.weight.float().T, dim=-1)   # G(x), (T, N)
+            logits = x.float() @ self.router.weight.float().T                      # (T, N)
+        if self.training and self.noise > 0:
+            return logits, logits + torch.randn_like(logits) * (self.noise / self.num_experts)
+        return logits, logits
+
+    def route(self, x: torch.Tensor, logits=None):
+        """x (T, D) [and its router logits, noisy in training] -> (probs G (T, N) fp32, chosen (T, k) expert
+        indices, token (A,), expert (A,), weight (A,)): the A kept assignments."""
+        T, N, k = x.shape[0], self.num_experts, self.top_k
+        logits = self.router_logits(x)[1] if logits is None else logits
+        probs = F.softmax(logits, dim=-1)                                         # G(x), (T, N)
         top_w, top_i = probs.topk(k, dim=-1)                                      # (T, k) each
         # Assignments rank-major: all first choices, then all second choices (BPR's order, vmoe/moe.py).
         order = torch.arange(T, device=x.device)
@@ -171,7 +194,8 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                                            # (..., D) -> (T, D)
-        probs, chosen, token, expert, weight = self.route(flat)
+        clean, noisy = self.router_logits(flat)                                    # (T, N) each
+        probs, chosen, token, expert, weight = self.route(flat, noisy)
         # Group the kept assignments by expert: one gather, one matmul pair per expert, one scatter back.
         by_expert = torch.argsort(expert, stable=True)
         token, expert, weight = token[by_expert], expert[by_expert], weight[by_expert]
@@ -182,10 +206,12 @@ class SparseMoE(nn.Module):
         out_rows = torch.cat([self.expert(i, F.pad(c, (0, 0, 0, -len(c) % ROW_BUCKET)))[:len(c)]
                               for i, c in enumerate(chunks)])                      # (A, D)
         out = torch.zeros_like(flat).index_add_(0, token, (out_rows * weight[:, None]).to(flat.dtype))
-        # Balance (gating.switch_balance): f = share of the T*k assignments before overflow, P = mean G.
+        # Balance. switch (gating.switch_balance): f = share of the T*k assignments before overflow, P = mean G.
+        # vmoe: V-MoE's importance and load losses (vmoe_balance).
         T = flat.shape[0]
         f = torch.bincount(chosen.reshape(-1), minlength=self.num_experts).float() / (T * self.top_k)
-        self.aux_loss = switch_balance(probs.mean(0), f)
+        self.aux_loss = (switch_balance(probs.mean(0), f) if self.balance == "switch" else
+                         vmoe_balance(clean, noisy, self.top_k, self.noise / self.num_experts))
         # The image's routing signature for divdr.py: its tokens' mean router probability, (B, N), with grad.
         self.image_probs = probs.reshape(shape[0], -1, self.num_experts).mean(1)
         # For the collapse watch and the log: f (share of assignments), the distinct experts an image's tokens
@@ -199,7 +225,27 @@ class SparseMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, capacity={self.capacity or 'unlimited'}, "
-                f"renorm={self.renorm}")
+                f"renorm={self.renorm}, noise={self.noise}, balance={self.balance}")
+
+
+def cv_squared(v: torch.Tensor) -> torch.Tensor:
+    """(std / mean)^2 over the last axis, std with 1/n (jnp.std): 0 when every entry is equal."""
+    return (v.std(-1, unbiased=False) / v.mean(-1)) ** 2
+
+
+def vmoe_balance(clean: torch.Tensor, noisy: torch.Tensor, k: int, std: float) -> torch.Tensor:
+    """V-MoE's auxiliary losses (Riquelme et al. 2021, Appendix A.2; vmoe/nn/routing.py), each of weight 1:
+        importance = CV^2( sum over tokens of softmax(clean logits) )          how much routing mass each expert gets
+        load       = CV^2( mean over tokens of P(expert i in the top-k) )     under a fresh draw of the noise, where
+                     P = 1 - Phi((k-th largest noisy logit - clean logit_i) / std)
+    clean, noisy (T, N) logits; std the noise's std (noise / N). Without noise (std 0) the load is not defined
+    and only the importance counts, as in V-MoE's deterministic router."""
+    loss = cv_squared(F.softmax(clean, dim=-1).sum(0))
+    if std > 0:
+        threshold = noisy.topk(k, dim=-1).values[:, -1:]                          # (T, 1) the k-th noisy logit
+        p = 1 - torch.distributions.Normal(0.0, 1.0).cdf((threshold - clean) / std)   # (T, N)
+        loss = loss + cv_squared(p.mean(0))
+    return loss
 
 
 def chosen_blocks(stages, placement: str):
@@ -219,7 +265,7 @@ def _vit_like_moe(mlp: nn.Sequential, cfg: MoEConfig, upcycle: bool) -> SparseMo
     """A SparseMoE for torchvision's MLP (ViT's MLPBlock, Swin's MLP): Linear, GELU, Dropout, Linear, Dropout."""
     fc1, fc2 = mlp[0], mlp[3]
     moe = SparseMoE(fc1.in_features, fc1.out_features, cfg.experts, cfg.top_k, cfg.capacity, cfg.renorm,
-                    dropout=mlp[2].p)
+                    dropout=mlp[2].p, noise=cfg.noise, balance=cfg.balance)
     if upcycle:
         moe.upcycle(fc1, fc2)
     else:   # ViT's MLPBlock and Swin's block init their MLP alike: xavier-uniform weights, N(0, 1e-6^2) biases
@@ -255,7 +301,8 @@ def add_moe(net: nn.Module, cfg: MoEConfig, upcycle: bool):
             block.mlp = _vit_like_moe(block.mlp, cfg, upcycle)
             continue
         fc1, fc2 = block.block[3], block.block[5]   # dwconv, Permute, LayerNorm, Linear, GELU, Linear, Permute
-        moe = SparseMoE(fc1.in_features, fc1.out_features, cfg.experts, cfg.top_k, cfg.capacity, cfg.renorm)
+        moe = SparseMoE(fc1.in_features, fc1.out_features, cfg.experts, cfg.top_k, cfg.capacity, cfg.renorm,
+                        noise=cfg.noise, balance=cfg.balance)
         if upcycle:
             moe.upcycle(fc1, fc2)
         else:   # torchvision's ConvNeXt init for Linear: trunc_normal(std 0.02) weights, zero biases

@@ -56,7 +56,7 @@ class BackboneConfig:
                                         "--image-size by train.py)")
     freeze_backbone: bool = config_field(False, "no gradient to the backbone's weights and none of them in the "
                                                 "optimizer; BatchNorm statistics frozen too (mlvpt: on)")
-    # MoE inside the backbone (backbone_moe.py): these five become its MoEConfig in backbone_from_config.
+    # MoE inside the backbone (backbone_moe.py): these become its MoEConfig in backbone_from_config.
     backbone_moe: str = config_field("none", "MoE in the backbone's MLPs (ViT, ConvNeXt, Swin): " + " | ".join(PLACEMENTS) +
                                      " (backbone_moe.py)", "backbone MoE")
     backbone_experts: int = config_field(8, "N, experts per backbone MoE layer", "backbone MoE")
@@ -65,6 +65,12 @@ class BackboneConfig:
                                                  "a batch's T tokens, the rest skip it (0 = no limit)", "backbone MoE")
     backbone_renorm: bool = config_field(False, "renormalise the k kept router weights to sum to 1 (V-MoE does not; "
                                                 "an upcycled model then starts equal to the dense one)", "backbone MoE")
+    backbone_router_noise: float = config_field(0.0, "std of the Gaussian noise on the router logits in training, in "
+                                                     "units of 1/N (V-MoE: 1.0; 0 = none, as the sweet-spot study ran)",
+                                                "backbone MoE")
+    backbone_balance: str = config_field("switch", "the balance loss --aux-loss-coef weighs: switch (N sum f P, as "
+                                                   "the head gate) | vmoe (V-MoE's importance + load losses; with "
+                                                   "its noise, --aux-loss-coef 0.005 as its configs)", "backbone MoE")
 
 
 # From-scratch backbones small enough to train on the embedded benchmark on two CPU cores. Not in
@@ -265,7 +271,8 @@ def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer
 
 def backbone_from_config(cfg: BackboneConfig):
     """The backbone a BackboneConfig (or any model's config, which extends it) names -> (module, C)."""
-    moe = MoEConfig(cfg.backbone_moe, cfg.backbone_experts, cfg.backbone_top_k, cfg.backbone_capacity, cfg.backbone_renorm)
+    moe = MoEConfig(cfg.backbone_moe, cfg.backbone_experts, cfg.backbone_top_k, cfg.backbone_capacity, cfg.backbone_renorm,
+                    cfg.backbone_router_noise, cfg.backbone_balance)
     return build_backbone(cfg.backbone, cfg.weights, cfg.feature_layer, cfg.image_size, moe)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from backbone_moe import PLACEMENTS, MoEConfig
+from backbone_moe import BALANCES, PLACEMENTS, MoEConfig
 from backbones import backbone_channels
 from baselines import MODEL_PRESETS, q2l_width
 from gating import GATE_KINDS
@@ -300,6 +300,7 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         (mcfg, "backbone_experts", lambda v: v >= 2, "an integer >= 2"),
         (mcfg, "backbone_top_k", lambda v: 1 <= v <= mcfg.backbone_experts, f"in 1..{mcfg.backbone_experts} (the experts)"),
         (mcfg, "backbone_capacity", lambda v: v >= 0, "a number >= 0 (0 = no limit)"),
+        (mcfg, "backbone_router_noise", lambda v: v >= 0, "a number >= 0 (0 = no noise; V-MoE: 1)"),
         (mcfg, "mlvpt_groups", lambda v: v >= 0, "an integer >= 0 (0 = pick by the Calinski-Harabasz score)"),
         (mcfg, "prompts_per_group", lambda v: v >= 1, "an integer >= 1"),
         (mcfg, "adapter_dim", lambda v: v >= 1, "an integer >= 1"),
@@ -318,7 +319,8 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
     for cfg, name, options in ((tcfg, "loss", ("bce", "asl")), (tcfg, "budget", tuple(BUDGETS)),
                                (tcfg, "difficult", ("positive", "ignore")),
                                (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS),
-                               (mcfg, "backbone_moe", PLACEMENTS), (mcfg, "mlvpt_grouping", GROUPINGS)):
+                               (mcfg, "backbone_moe", PLACEMENTS), (mcfg, "backbone_balance", BALANCES),
+                               (mcfg, "mlvpt_grouping", GROUPINGS)):
         if getattr(cfg, name) not in options:
             error(f"--{name.replace('_', '-')} must be one of {options}, got {getattr(cfg, name)!r}")
     experts = mcfg.shared_experts + mcfg.task_experts

@@ -92,7 +92,7 @@ def prepare(model: nn.Module, cfg: ModelConfig, targets, classes, seed: int = 0,
 def describe(model: nn.Module, cfg: ModelConfig) -> str:
     """One line: the model's name, its parameter count split into backbone and head, and its key settings.
     With MoE in the backbone also the activated parameters: what one token runs (k of each layer's N experts),
-    the count the sweet-spot paper plots accuracy against."""
+    the quantity the sweet-spot paper's abstract weighs MoE's benefit against ("parameter activation per sample")."""
     n_all, active = parameter_split(model)   # all parameters, and those one token activates
     n_bb = sum(p.numel() for p in model.backbone.parameters())
     # A ResNet is cut after --feature-layer (backbones.cut): say where, since its size depends on it.

@@ -138,9 +138,9 @@ def collect(out: str, names, seeds, args_of=None) -> dict:
             if "gate" in log[-1]:   # the last epoch's routing: the largest expert slot's share of the mass
                 m["max_expert_mass"] = max(log[-1]["gate"]["expert_mass"].values())
             if log[-1].get("backbone_moe"):
-                # How evenly one image uses the backbone's experts (the sweet-spot paper counts ~7 of 8 per
-                # image on ImageNet): backbone_moe's count over the last training epoch, the distinct experts
-                # among all k choices of an image's tokens, averaged over images, then over the MoE layers.
+                # How evenly one image uses the backbone's experts: backbone_moe's count over the last training
+                # epoch, the distinct experts among all k choices of an image's tokens, averaged over images,
+                # then over the MoE layers.
                 bb = log[-1]["backbone_moe"]
                 m["backbone_experts_per_image"] = float(np.mean(bb["experts_used_per_image"]))
                 m["backbone_experts"] = len(bb["token_share"][0])

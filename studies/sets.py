@@ -100,15 +100,20 @@ for _p in ("last2", "every2"):
 # ML-VPT (mlvpt.py) in a transfer setting: vit_tiny pretrained on the source task (synthetic-pretrain,
 # PRETRAIN below, run first by main()), then adapted to the benchmark. Each row names its own head and what
 # trains; compare.main() adds --weights <out>/pretrain/pretrain/seed0/best.pt to every row.
+# Every row trains with ML-VPT's official recipe, so that rows differ in how they adapt the backbone and in
+# nothing else: ASL with Q2L's settings and AdamW decaying every trainable parameter with no gradient clipping
+# (baselines.MODEL_PRESETS["mlvpt"]); the mlvpt rows have it from their preset, the others get it as flags.
 VIT = ["--backbone", "vit_tiny"]
-MLVPT_SET = {"linear probe": VIT + ["--model", "linear", "--freeze-backbone"],
+MLVPT_RECIPE = ["--loss", "asl", "--asl-gamma-neg", "2", "--asl-gamma-pos", "0", "--asl-clip", "0", "--asl-eps", "1e-5",
+                "--asl-detach-focusing", "--decay-all", "--grad-clip", "0"]
+MLVPT_SET = {"linear probe": VIT + ["--model", "linear", "--freeze-backbone"] + MLVPT_RECIPE,
              "vpt-deep": VIT + ["--model", "mlvpt", "--mlvpt-grouping", "none"],
              "mlvpt co": VIT + ["--model", "mlvpt", "--mlvpt-branches", "co"],
              "mlvpt dc": VIT + ["--model", "mlvpt", "--mlvpt-branches", "dc"],
              "mlvpt": VIT + ["--model", "mlvpt"],
              "mlvpt random groups": VIT + ["--model", "mlvpt", "--mlvpt-grouping", "random"],
-             "full fine-tuning": VIT + ["--model", "linear"],
-             "drmoe frozen": VIT + ["--model", "drmoe", "--freeze-backbone"]}
+             "full fine-tuning": VIT + ["--model", "linear"] + MLVPT_RECIPE,
+             "drmoe frozen": VIT + ["--model", "drmoe", "--freeze-backbone"] + MLVPT_RECIPE}
 # The source-task run every ML-VPT, vit_tiny sweet-spot and backbone-routing row starts from: the linear head
 # on vit_tiny, seed 0, the set's budget (convnext_mini's is the same on its backbone: pretraining()). The
 # sweet-spot rows start from it too: trained from scratch on 5,000 images, the small transformers were still

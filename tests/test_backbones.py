@@ -16,6 +16,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,42 @@ def test_experts_see_only_bucketed_shapes(monkeypatch):
         x = torch.randn(1, n, 12)
         torch.testing.assert_close(moe(x)[0], naive_moe(moe, x[0]), atol=1e-5, rtol=1e-5)
     assert rows and all(r % backbone_moe.ROW_BUCKET == 0 for r in rows) and set(rows) <= {0, 256, 512}, rows
+
+
+def test_router_noise_is_v_moes_in_training_only():
+    """--backbone-router-noise s adds N(0, (s / N)^2) to every router logit in training (vmoe/nn/routing.py),
+    and nothing in evaluation; the dispatch then follows the noisy logits."""
+    torch.manual_seed(0)
+    moe = SparseMoE(dim=8, hidden=16, experts=4, top_k=2, noise=1.0)
+    x = torch.randn(20000, 8)
+    clean, noisy = moe.router_logits(x)
+    assert abs((noisy - clean).std().item() - 1.0 / 4) < 0.005 and abs((noisy - clean).mean().item()) < 0.005
+    moe.eval()
+    clean, same = moe.router_logits(x)
+    assert torch.equal(clean, same)
+    quiet = SparseMoE(dim=8, hidden=16, experts=4, top_k=2)        # the default: no noise in training either
+    assert torch.equal(*quiet.router_logits(x))
+
+
+def test_vmoe_balance_by_hand():
+    """V-MoE's importance and load losses against an independent computation with scipy's normal CDF."""
+    from scipy.stats import norm
+    from backbone_moe import vmoe_balance
+    torch.manual_seed(0)
+    clean = torch.randn(50, 4, dtype=torch.float64)
+    noisy = clean + 0.25 * torch.randn_like(clean)
+    c, n = clean.numpy(), noisy.numpy()
+    imp = np.exp(c) / np.exp(c).sum(1, keepdims=True)
+    imp = imp.sum(0)
+    want = (imp.std() / imp.mean()) ** 2                               # the importance: CV^2 of the summed gates
+    thr = np.sort(n, axis=1)[:, -2][:, None]                           # the 2nd largest noisy logit per token
+    p = (1 - norm.cdf((thr - c) / 0.25)).mean(0)
+    want_load = (p.std() / p.mean()) ** 2                              # the load: CV^2 of P(in the top-2)
+    torch.testing.assert_close(vmoe_balance(clean, noisy, 2, 0.25), torch.tensor(want + want_load, dtype=torch.float64))
+    torch.testing.assert_close(vmoe_balance(clean, clean, 2, 0.0), torch.tensor(want, dtype=torch.float64))
+    # Balanced routing costs nothing: every expert with the same summed gate and the same chance.
+    flat = torch.zeros(50, 4, dtype=torch.float64)
+    assert vmoe_balance(flat, flat, 2, 0.25).item() < 1e-12
 
 
 def test_gradients_reach_router_and_experts():
