@@ -43,7 +43,8 @@ class TrainConfig:
     data_root: str = config_field(None, "folder holding the dataset (not needed for synthetic)", "data")
     download: bool = config_field(False, "voc: download VOC 2007 into --data-root first (coco: see README)", "data")
     train_split: str = config_field(None, "split to train on", "data")
-    val_split: str = config_field(None, "split that picks the best epoch (voc/coco: the test split, as the papers)", "data")
+    val_split: str = config_field(None, "split that picks the best epoch and the F1 thresholds (voc/coco: the test "
+                                  "split, as the papers); holdout = 10 %% of the training split instead", "data")
     test_split: str = config_field(None, "split the best checkpoint is finally evaluated on", "data")
     difficult: str = config_field("positive", "VOC labels marked difficult, in training: positive (as ML-GCN) | ignore", "data")
     empty_images: str = config_field("keep", "COCO images without annotation: keep as all-negative (Q2L) | drop (ML-GCN)", "data")
@@ -340,6 +341,9 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
               "a best.pt of this project)")
     if mcfg.word_vectors and not os.path.isfile(mcfg.word_vectors):
         error(f"--word-vectors {mcfg.word_vectors!r}: no such file (an .npz with names and vectors; see README)")
+    if tcfg.val_split == "holdout" and tcfg.dataset.startswith("synthetic"):
+        error("--val-split holdout holds images out of a dataset of files (voc, coco, csv, cocojson); the synthetic "
+              "benchmark has its own val split")
     # Choosing the best epoch on, or testing on, the images trained on would report memorisation as accuracy.
     if tcfg.train_split in (tcfg.val_split, tcfg.test_split):
         error(f"--train-split {tcfg.train_split} is also evaluated on; pick another split")

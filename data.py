@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from lib.distributed import is_main
-from lib.owndata import OWN_SPLITS, DatasetError, check_images, read_coco_json, read_own
+from lib.owndata import OWN_SPLITS, DatasetError, check_images, holdout, read_coco_json, read_own
 from lib.synthetic import (CLASSES, LABEL_GROUPS, SCENES, SOURCE_CLASSES, SOURCE_SEED, SPLIT_SIZES, SPLITS, labels_from_objects,
                        render_synthetic, source_labels_from_objects)
 
@@ -317,6 +317,19 @@ def build_dataset(name, split, root=None, image_size=None, augment=None, seed=0,
     n = len(paths) if limit is None else min(limit, len(paths))
     return ImageList(paths[:n], targets[:n], ids[:n], classes, image_size,
                      build_transform(image_size, augment, randaugment, cutout, hflip))
+
+
+def hold_out(train: ImageList, plain: ImageList):
+    """--val-split holdout: the training split, read with and without augmentation -> (its 90 % to train on,
+    the other 10 % to choose the best epoch and the thresholds on, with the evaluation transform). The rows
+    are lib/owndata.holdout's (seed 0: the same images for every --seed), as own data without a val file."""
+    if not isinstance(train, ImageList):
+        raise DatasetError("--val-split holdout holds images out of a dataset of files (voc, coco, csv, cocojson); "
+                           "the synthetic benchmark has its own val split")
+    keep, held = holdout(len(train))
+    part = lambda d, rows: ImageList([d.paths[i] for i in rows], d.targets[rows], [d.ids[i] for i in rows],
+                                     d.classes, d.image_size, d.transform)
+    return part(train, keep), part(plain, held)
 
 
 def load_image(path, image_size):

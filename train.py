@@ -53,7 +53,7 @@ from backbone_moe import backbone_aux_loss, moe_layers, parameter_split, routing
 from backbones import WeightsUnavailable
 from baselines import asymmetric_loss
 from config import TrainConfig, amp_dtype_for, parse_args, pick_device
-from data import NUM_LABELS, DatasetError, build_dataset, download_voc
+from data import NUM_LABELS, DatasetError, build_dataset, download_voc, hold_out
 from divdr import partition_centroids, split_structure, training_term
 from evaluate import predict
 from gating import expert_load, expert_names
@@ -311,13 +311,19 @@ def build_data(tcfg: TrainConfig, main_proc: bool):
         distributed.barrier()   # the other ranks read the files rank 0 fetched
         tcfg.data_root = tcfg.data_root or "data"
     roles = {"train": tcfg.train_split, "val": tcfg.val_split, "test": tcfg.test_split}
-    split_ds = {s: build_dataset(tcfg.dataset, s, tcfg.data_root, tcfg.image_size, augment=(s == roles["train"]),
-                                 limit=tcfg.limit, randaugment=tcfg.randaugment, cutout=tcfg.cutout,
-                                 empty=tcfg.empty_images, hflip=tcfg.hflip, size=getattr(tcfg, f"{s}_images", None))
-                for s in dict.fromkeys(roles.values())}   # each split read once (val and test may be one)
-    ds = {role: split_ds[s] for role, s in roles.items()}
+    read = lambda s, augment: build_dataset(tcfg.dataset, s, tcfg.data_root, tcfg.image_size, augment=augment,
+                                            limit=tcfg.limit, randaugment=tcfg.randaugment, cutout=tcfg.cutout,
+                                            empty=tcfg.empty_images, hflip=tcfg.hflip, size=getattr(tcfg, f"{s}_images", None))
+    # Each split read once (val and test may be one); --val-split holdout is carved out of the training split.
+    split_ds = {s: read(s, s == roles["train"]) for s in dict.fromkeys(roles.values()) if s != "holdout"}
+    ds = {role: split_ds.get(s) for role, s in roles.items()}
+    if roles["val"] == "holdout":   # 10 % of the training images choose the best epoch; the rest trains
+        ds["train"], ds["val"] = hold_out(ds["train"], read(roles["train"], False))
     if main_proc:
         print("splits: " + ", ".join(f"{role} = {s} ({len(ds[role])} images)" for role, s in roles.items()))
+        if roles["val"] == roles["test"]:   # said where it happens: the papers' protocol, not a held-out one
+            print(f"note: the best epoch and the per-label thresholds are chosen on the test split ({roles['test']}), "
+                  "as the papers in this line do; --val-split holdout chooses them on 10 % of the training split")
     # VOC marks "difficult" objects 0 in its files, -1 in `targets` (ignored by every metric). Training
     # counts them as present by default, as ML-GCN does; --difficult ignore drops them from the loss.
     labels = ds["train"].targets.clone()   # ML-GCN's graph and ML-VPT's groups count clear positives only
@@ -540,8 +546,9 @@ def epoch_line(epoch: int, tcfg: TrainConfig, ep: dict, lr: float, val_maps: dic
 def final_test(model, tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, loaders: dict, device, amp_dtype, fmt,
                gflops: float, world: int, run_start: float, main_proc: bool) -> dict:
     """The best checkpoint's judged weights, scored once on the test split -> metrics (also metrics.json, with
-    the per-image scores in test_scores.npz). First the per-label F1 thresholds on val (lib/predictions.py),
-    saved in best.pt for evaluate.py --thresholds best."""
+    the per-image scores in test_scores.npz). First the per-label F1 thresholds on the split that chose the
+    epoch (lib/predictions.py; the test split itself on the voc/coco presets, as the papers), saved in best.pt
+    for evaluate.py --thresholds best."""
     best = load_file(os.path.join(tcfg.out_dir, "best.pt"))
     model.load_state_dict(judged_weights(best))
     best["thresholds"] = best_f1_thresholds(*predict(model, loaders["val"], device, amp_dtype, fmt)[:2]).tolist()
@@ -560,7 +567,8 @@ def final_test(model, tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, loaders: d
                     "parameters": sum(p.numel() for p in model.parameters()), "model": mcfg.model,
                     "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "activated_parameters": parameter_split(model)[1], **peak_memory(device),
-                    "best_epoch_chosen_on": tcfg.val_split, "split": tcfg.test_split, "world_size": world,
+                    "best_epoch_chosen_on": tcfg.val_split, "chosen_on_test_split": tcfg.val_split == tcfg.test_split,
+                    "split": tcfg.test_split, "world_size": world,
                     "train_minutes_this_session": (time.time() - run_start) / 60,
                     # what the run was, in full: a table built from metrics.json files shows each row's recipe
                     "train_config": asdict(tcfg), "model_config": asdict(mcfg)})

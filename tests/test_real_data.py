@@ -213,6 +213,24 @@ def test_train_end_to_end_on_voc(tmp_path, capsys):
     assert log[0]["data_wait_s"] >= 0 and log[0]["compute_s"] > 0
 
 
+def test_voc_says_where_it_chooses_and_holdout_chooses_elsewhere(tmp_path, capsys):
+    """The voc preset chooses the best epoch on the test split, as the papers: the log says so and metrics.json
+    records it. --val-split holdout chooses on 10 % of trainval instead: images that neither train nor test."""
+    make_voc(tmp_path / "voc")
+    root = str(tmp_path / "voc")
+    paper = train.main(VOC_RUN + ["--data-root", root, "--out-dir", str(tmp_path / "paper")])
+    assert paper["best_epoch_chosen_on"] == "test" and paper["chosen_on_test_split"]
+    assert "chosen on the test split (test)" in capsys.readouterr().out
+    clean = train.main(VOC_RUN + ["--data-root", root, "--val-split", "holdout", "--out-dir", str(tmp_path / "clean")])
+    assert clean["best_epoch_chosen_on"] == "holdout" and not clean["chosen_on_test_split"]
+    assert "chosen on the test split" not in capsys.readouterr().out
+    trainval, plain = (data.build_dataset("voc", "trainval", root, 32, augment=a) for a in (True, False))
+    fit, held = data.hold_out(trainval, plain)
+    test_ids = set(data.build_dataset("voc", "test", root, 32).ids)
+    assert sorted(fit.ids + held.ids) == sorted(trainval.ids) and not set(fit.ids) & set(held.ids)
+    assert held.ids and not set(held.ids) & test_ids and held.transform is plain.transform
+
+
 def test_script_errors_without_traceback(tmp_path):
     make_voc(tmp_path / "voc")
     bad = tmp_path / "voc" / "VOCdevkit" / "VOC2007" / "JPEGImages" / "000004.jpg"
