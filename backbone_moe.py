@@ -36,8 +36,8 @@ tokens gathered into one contiguous block, one matmul pair per expert, and the r
 
 Memory. How many tokens an expert gets changes every step, so its two matmuls would see a new shape each
 time; on the CPU every new shape leaves memory behind (oneDNN keeps a primitive per shape, and glibc's malloc
-stops returning variable-size blocks to the system): a vit_tiny with every-2 MoE grew from 1.9 GB after one
-epoch to 2.8 GB after six while the dense model stayed at 1.6 GB. So each expert's block is padded with zero
+stops returning variable-size blocks to the system): a vit_tiny with every-2 MoE kept growing from epoch to
+epoch while the dense model stayed flat (docs/backbones.md has the figures). So each expert's block is padded with zero
 rows to a multiple of ROW_BUCKET = 256 (cut off again after the matmuls: the padding's outputs are never
 used and get no gradient). A handful of shapes recur, and memory stays flat (docs/backbones.md measures it:
 python -m studies.bench --only memory). The cost: under 256 extra rows per expert and layer, against the
