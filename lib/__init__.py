@@ -3,6 +3,7 @@ The library the scripts stand on, none of it an idea from a paper: a reader of t
 open it. Nothing here imports a file of the root, so every root file may import from here.
 
     checkpoint.py    write a run's checkpoint atomically, read it back with weights_only=True, RNG states
+    rundir.py        what a run folder holds: one run, never trained over; best.pt's contents; the summary
     distributed.py   torchrun + DistributedDataParallel: setup, the collectives the loop needs, gather_rows
     synthetic.py     the embedded benchmark's renderer: scenes, objects, labels (data.py wraps it)
     owndata.py       your own data's file formats: a CSV per split, COCO-style json; DatasetError

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import train
+from lib import rundir
 from backbones import WeightsUnavailable
 from config import parse_args
 from data import DatasetError
@@ -60,7 +61,7 @@ def test_lean_best_summary_and_curves(finished_run, capsys):
     assert "optimizer" not in best and best["ema"] is None and best["model_config"]["dim"] == 32
     assert os.path.getsize(os.path.join(out, "best.pt")) <= 0.5 * os.path.getsize(os.path.join(out, "last.pt"))
     assert os.path.isfile(os.path.join(out, "curves.png"))
-    summary = train.summary(train.TrainConfig(**best["train_config"]), metrics, 1.0).splitlines()
+    summary = rundir.summary(train.TrainConfig(**best["train_config"]), metrics, 1.0).splitlines()
     assert summary[0].startswith("done in 1.0 min: best epoch") and "chosen on the val split" in summary[0]
     assert f"mAP {metrics['mAP']:.2f}" in summary[1] and out in summary[2] and "evaluate.py" in summary[3]
 
@@ -114,11 +115,11 @@ def test_no_keep_last_and_a_redirected_log(tmp_path):
 
 def test_cpu_projection_advises_only_what_the_command_lacks():
     tcfg = parse_args(["--dataset", "voc", "--backbone", "resnet18", "--image-size", "96"])[0]
-    line = train.cpu_projection(tcfg, {"dataset", "backbone", "image_size"}, 2.0, 150, 1000)
+    line = rundir.cpu_projection(tcfg, {"dataset", "backbone", "image_size"}, 2.0, 150, 1000)
     assert "the first steps took 2.00 s each" in line and f"{(2.0 * 150 + 2.0 / 3 * 1000 / 32) / 60:.1f} min" in line
     assert "--device cuda" in line and "--limit" in line and "--backbone" not in line and "--image-size" not in line
     everything = {"device", "backbone", "image_size", "limit"}
-    assert "shorter" not in train.cpu_projection(tcfg, everything, 2.0, 150, 1000)
+    assert "shorter" not in rundir.cpu_projection(tcfg, everything, 2.0, 150, 1000)
 
 
 def test_describe_names_where_a_resnet_is_cut():
