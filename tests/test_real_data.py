@@ -213,22 +213,33 @@ def test_train_end_to_end_on_voc(tmp_path, capsys):
     assert log[0]["data_wait_s"] >= 0 and log[0]["compute_s"] > 0
 
 
-def test_voc_says_where_it_chooses_and_holdout_chooses_elsewhere(tmp_path, capsys):
+def test_voc_says_where_it_chooses_and_holdout_chooses_elsewhere(tmp_path, capsys, monkeypatch):
     """The voc preset chooses the best epoch on the test split, as the papers: the log says so and metrics.json
-    records it. --val-split holdout chooses on 10 % of trainval instead: images that neither train nor test."""
+    records it. --val-split holdout chooses on 10 % of trainval instead: images that neither train nor test.
+    What is checked is the images the loop really validates on (the loader handed to train.validate)."""
     make_voc(tmp_path / "voc")
     root = str(tmp_path / "voc")
-    paper = train.main(VOC_RUN + ["--data-root", root, "--out-dir", str(tmp_path / "paper")])
-    assert paper["best_epoch_chosen_on"] == "test" and paper["chosen_on_test_split"]
-    assert "chosen on the test split (test)" in capsys.readouterr().out
-    clean = train.main(VOC_RUN + ["--data-root", root, "--val-split", "holdout", "--out-dir", str(tmp_path / "clean")])
-    assert clean["best_epoch_chosen_on"] == "holdout" and not clean["chosen_on_test_split"]
-    assert "chosen on the test split" not in capsys.readouterr().out
+    seen = []   # the image ids of every loader the training loop validates on
+    real_validate = train.validate
+    monkeypatch.setattr(train, "validate", lambda model, ema, loader, *a, **k:
+                        seen.append(set(loader.dataset.ids)) or real_validate(model, ema, loader, *a, **k))
     trainval, plain = (data.build_dataset("voc", "trainval", root, 32, augment=a) for a in (True, False))
     fit, held = data.hold_out(trainval, plain)
     test_ids = set(data.build_dataset("voc", "test", root, 32).ids)
     assert sorted(fit.ids + held.ids) == sorted(trainval.ids) and not set(fit.ids) & set(held.ids)
     assert held.ids and not set(held.ids) & test_ids and held.transform is plain.transform
+
+    paper = train.main(VOC_RUN + ["--data-root", root, "--out-dir", str(tmp_path / "paper")])
+    assert paper["best_epoch_chosen_on"] == "test" and paper["chosen_on_test_split"]
+    assert "chosen on the test split (test)" in capsys.readouterr().out
+    assert seen and all(ids == test_ids for ids in seen)
+    seen.clear()
+    clean = train.main(VOC_RUN + ["--data-root", root, "--val-split", "holdout", "--out-dir", str(tmp_path / "clean")])
+    assert clean["best_epoch_chosen_on"] == "holdout" and not clean["chosen_on_test_split"]
+    out = capsys.readouterr().out
+    assert "chosen on the test split" not in out
+    assert f"val = holdout ({len(held.ids)} images)" in out and f"train = trainval ({len(fit.ids)} images)" in out
+    assert seen and all(ids == set(held.ids) for ids in seen)   # validated on the held-out images, not on test
 
 
 def test_script_errors_without_traceback(tmp_path):
