@@ -24,8 +24,8 @@ equation could be read here; where a step below says "official" it was checked i
    Checked against the official files (tests/test_mlvpt.py): on VOC 2007 trainval's and COCO 2014 train's
    label counts (ML-GCN's), tau = 2 and k = 5 give exactly the official CO groups of both datasets and the
    official DC groups of VOC (the lowest-inertia k-means, found from every seed 0-9 with 1,000 restarts;
-   10 or 100 restarts often miss it); COCO's DC file is
-   reproduced by no tau tried (1-4; best ARI 0.52-0.58 at tau 3, seeds 0-4), so the DC reading stays unconfirmed there.
+   10 or 100 restarts often miss it); COCO's DC file is reproduced by no tau tried (1-4; best ARI
+   0.52-0.58 at tau 3, seeds 0-4), so the DC reading stays unconfirmed there.
    k = 5 (--mlvpt-groups; the official configs' aux_tokens: 5 for VOC at 448 px, COCO, NUS);
    --mlvpt-groups 0 picks k in 2..10 by the Calinski-Harabasz score of the spectral embedding.
 2. Deep visual prompt tuning (Jia et al., ECCV 2022, "VPT-deep"): at every block of the ViT a fresh set of P
