@@ -68,11 +68,18 @@ A capacity makes a token's output depend on the rest of the batch (whether its e
 with capacity 0 (the default) every image is routed on its own.
 
 Balance: by default the Switch / Shazeer loss of gating.py, N * sum_i f_i P_i over the layer's tokens (f_i:
-fraction of the T*k assignments going to expert i, P_i: mean router probability); --backbone-balance vmoe
-takes V-MoE's two losses instead (vmoe_balance: the importance, CV^2 of each expert's summed gate, and with
-router noise the load, CV^2 of each expert's chance to be chosen under a fresh draw of the noise). Each
-layer's value is left on the module (SparseMoE.aux_loss) for train.py to add with --aux-loss-coef. Routers
-run in float32 under AMP.
+fraction of the T*k assignments going to expert i, P_i: mean router probability; Switch Transformer's eq. 4);
+--backbone-balance vmoe takes V-MoE's two losses instead (vmoe_balance: the importance, CV^2 of each expert's
+summed gate, and with router noise the load, CV^2 of each expert's chance to be chosen under a fresh draw of
+the noise). Routers run in float32 under AMP.
+
+How this file plugs into the rest (a file a DR-MoE fork can delete): its fields are BackboneMoEConfig, checked
+by check(); zoo.py lists `edit` in backbones.EDITS, so every model's backbone gets its MoE layers right after
+its weights are loaded, whatever the head. A layer sits inside a torchvision block, whose forward returns the
+block's output only, so each SparseMoE leaves its forward's routing record and balance loss on itself
+(route_record, aux_loss) and the model's forward collects them (lib/routing.collect): the balance loss,
+averaged over the layers and weighted by --aux-loss-coef, as "backbone balance"; each layer's routing as
+"backbone moe i", whose health the loop watches like any router's.
 
 Shapes (legend in experts.py; here T = tokens in the batch, N = experts of the layer, H = expert hidden):
     ViT block   y (B, n, D) -> (B, n, D)        ConvNeXt / Swin block   y (B, h, w, C) -> (B, h, w, C)
@@ -89,7 +96,10 @@ from torchvision.models.convnext import CNBlock
 from torchvision.models.swin_transformer import SwinTransformerBlock, SwinTransformerBlockV2
 from torchvision.models.vision_transformer import EncoderBlock
 
+from backbones import build_backbone
 from gating import switch_balance
+from lib.flags import config_field
+from lib.routing import route
 
 PLACEMENTS = ("none", "last2", "last3", "every2", "stage")
 BALANCES = ("switch", "vmoe")
@@ -98,8 +108,27 @@ ROW_BUCKET = 256            # an expert's block of tokens is padded to a multipl
 
 
 @dataclass
+class BackboneMoEConfig:
+    """The flags of this file, fields of zoo.ModelConfig (config_field's third argument: the --help section)."""
+    backbone_moe: str = config_field("none", "MoE in the backbone's MLPs (ViT, ConvNeXt, Swin): " + " | ".join(PLACEMENTS) +
+                                     " (backbone_moe.py)", "backbone MoE")
+    backbone_experts: int = config_field(8, "N, experts per backbone MoE layer", "backbone MoE")
+    backbone_top_k: int = config_field(1, "k experts per token", "backbone MoE")
+    backbone_capacity: float = config_field(0.0, "capacity factor c: an expert takes at most ceil(c T k / N) of "
+                                                 "a batch's T tokens, the rest skip it (0 = no limit)", "backbone MoE")
+    backbone_renorm: bool = config_field(False, "renormalise the k kept router weights to sum to 1 (V-MoE does not; "
+                                                "an upcycled model then starts equal to the dense one)", "backbone MoE")
+    backbone_router_noise: float = config_field(0.0, "std of the Gaussian noise on the router logits in training, in "
+                                                     "units of 1/N (V-MoE: 1.0; 0 = none, as the sweet-spot study ran)",
+                                                "backbone MoE")
+    backbone_balance: str = config_field("switch", "the balance loss --aux-loss-coef weighs: switch (N sum f P, as "
+                                                   "the head gate) | vmoe (V-MoE's importance + load losses; with "
+                                                   "its noise, --aux-loss-coef 0.005 as its configs)", "backbone MoE")
+
+
+@dataclass
 class MoEConfig:
-    """The backbone-MoE settings (ModelConfig's backbone_* fields, passed on by the model)."""
+    """One MoE layer's settings, read from BackboneMoEConfig's fields by moe_config()."""
     placement: str = "none"
     experts: int = 8
     top_k: int = 1
@@ -107,13 +136,24 @@ class MoEConfig:
     renorm: bool = False
     noise: float = 0.0          # router noise in training, std noise / N (V-MoE: 1.0); 0 = none
     balance: str = "switch"     # the balance loss: switch (N sum f P) | vmoe (importance + load)
+    aux_coef: float = 0.0       # the weight of the balance loss in the training loss (--aux-loss-coef)
+
+
+def moe_config(cfg) -> MoEConfig:
+    """A model config's backbone_* fields (and --aux-loss-coef) -> the layers' MoEConfig."""
+    return MoEConfig(cfg.backbone_moe, cfg.backbone_experts, cfg.backbone_top_k, cfg.backbone_capacity,
+                     cfg.backbone_renorm, cfg.backbone_router_noise, cfg.backbone_balance,
+                     getattr(cfg, "aux_loss_coef", 0.0))
 
 
 class SparseMoE(nn.Module):
     """N experts shaped like one MLP, a linear router, top-k sparse dispatch. x (..., D) -> (..., D)."""
 
+    routes = True   # lib/routing.routes: this module routes
+
     def __init__(self, dim: int, hidden: int, experts: int, top_k: int, capacity: float = 0.0,
-                 renorm: bool = False, dropout: float = 0.0, noise: float = 0.0, balance: str = "switch"):
+                 renorm: bool = False, dropout: float = 0.0, noise: float = 0.0, balance: str = "switch",
+                 aux_coef: float = 0.0):
         super().__init__()
         if not 1 <= top_k <= experts:
             raise ValueError(f"--backbone-top-k must be in 1..{experts} (the experts), got {top_k}")
@@ -133,14 +173,20 @@ class SparseMoE(nn.Module):
         for i in range(experts):   # as a dense Linear would be; the callers re-initialise as their MLP does
             nn.init.xavier_uniform_(self.w1[i].T)
             nn.init.xavier_uniform_(self.w2[i].T)
-        self.aux_loss = None   # set by every forward: the balance loss of this layer's last batch
-        self.stats = None      # set by every forward: routing counts for the collapse watch (detached)
-        self.image_probs = None   # set by every forward: each image's mean router probability (B, N)
+        # What lib/routing.collect reads after every forward (see the docstring): this layer's balance loss
+        # and routing record, the names they are logged under, and the loss's weight.
+        self.aux_loss, self.route_record = None, None
+        self.route_name, self.loss_name, self.loss_weight = "backbone moe", "backbone balance", aux_coef
 
     def __getstate__(self):
         # copy.deepcopy (train.py's EMA copy) refuses tensors that carry autograd history: the last batch's
-        # loss and counts are not part of the module's state, so copies start without them.
-        return {**super().__getstate__(), "aux_loss": None, "stats": None, "image_probs": None}
+        # loss and record are not part of the module's state, so copies start without them.
+        return {**super().__getstate__(), "aux_loss": None, "route_record": None}
+
+    def idle_parameters(self) -> int:
+        """Parameters a token does not run: the N - k experts it is not sent to (zoo.activated_parameters)."""
+        per_expert = sum(p[0].numel() for p in (self.w1, self.b1, self.w2, self.b2))
+        return (self.num_experts - self.top_k) * per_expert
 
     def upcycle(self, fc1: nn.Linear, fc2: nn.Linear):
         """Every expert a copy of the dense MLP fc2(GELU(fc1(x))); router near zero (see the docstring)."""
@@ -212,15 +258,17 @@ class SparseMoE(nn.Module):
         f = torch.bincount(chosen.reshape(-1), minlength=self.num_experts).float() / (T * self.top_k)
         self.aux_loss = (switch_balance(probs.mean(0), f) if self.balance == "switch" else
                          vmoe_balance(clean, noisy, self.top_k, self.noise / self.num_experts))
-        # The image's routing signature for divdr.py: its tokens' mean router probability, (B, N), with grad.
-        self.image_probs = probs.reshape(shape[0], -1, self.num_experts).mean(1)
-        # For the collapse watch and the log: f (share of assignments), the distinct experts an image's tokens
-        # chose among all their k choices (a ViT's class token included: it is routed like the patches), and
-        # the share of assignments that overflowed the capacity.
+        # The routing record (lib/routing.py): each image's mean router probability as its one routing row
+        # (B, 1, N), with gradient (what a method that trains routing reads); the load f; the tokens' own
+        # rows for the entropy; the share of assignments that overflowed the capacity; and, as an extra,
+        # the distinct experts an image's tokens chose among all their k choices (a ViT's class token
+        # included: it is routed like the patches).
         # (T, k, N) -> (T, N) -> (B, T/B, N) -> (B, N): how many of the image's tokens chose each expert
         per_image = F.one_hot(chosen, self.num_experts).sum(1).reshape(shape[0], -1, self.num_experts).sum(1)
-        self.stats = {"load": f.detach(), "used_per_image": (per_image > 0).sum(1).float().mean().detach(),
-                      "dropped": torch.tensor(1.0 - len(token) / (T * self.top_k), device=flat.device)}
+        image_probs = probs.reshape(shape[0], -1, self.num_experts).mean(1)    # (B, T/B, N) -> (B, N)
+        self.route_record = route(image_probs[:, None], load=f, k=self.top_k, kind="backbone", rows=probs,
+                                  dropped=torch.tensor(1.0 - len(token) / (T * self.top_k), device=flat.device),
+                                  extra={"experts_per_image": (per_image > 0).sum(1).float().mean().detach()})
         return out.reshape(shape)
 
     def extra_repr(self) -> str:
@@ -265,7 +313,7 @@ def _vit_like_moe(mlp: nn.Sequential, cfg: MoEConfig, upcycle: bool) -> SparseMo
     """A SparseMoE for torchvision's MLP (ViT's MLPBlock, Swin's MLP): Linear, GELU, Dropout, Linear, Dropout."""
     fc1, fc2 = mlp[0], mlp[3]
     moe = SparseMoE(fc1.in_features, fc1.out_features, cfg.experts, cfg.top_k, cfg.capacity, cfg.renorm,
-                    dropout=mlp[2].p, noise=cfg.noise, balance=cfg.balance)
+                    dropout=mlp[2].p, noise=cfg.noise, balance=cfg.balance, aux_coef=cfg.aux_coef)
     if upcycle:
         moe.upcycle(fc1, fc2)
     else:   # ViT's MLPBlock and Swin's block init their MLP alike: xavier-uniform weights, N(0, 1e-6^2) biases
@@ -302,7 +350,7 @@ def add_moe(net: nn.Module, cfg: MoEConfig, upcycle: bool):
             continue
         fc1, fc2 = block.block[3], block.block[5]   # dwconv, Permute, LayerNorm, Linear, GELU, Linear, Permute
         moe = SparseMoE(fc1.in_features, fc1.out_features, cfg.experts, cfg.top_k, cfg.capacity, cfg.renorm,
-                        noise=cfg.noise, balance=cfg.balance)
+                        noise=cfg.noise, balance=cfg.balance, aux_coef=cfg.aux_coef)
         if upcycle:
             moe.upcycle(fc1, fc2)
         else:   # torchvision's ConvNeXt init for Linear: trunc_normal(std 0.02) weights, zero biases
@@ -317,45 +365,59 @@ def moe_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, SparseMoE)]
 
 
-def routing_counts(layers):
-    """After a forward pass, the collapse watch's counts per MoE layer: (token share per expert (layers, N),
-    (experts per image, overflow) (layers, 2)). The share is k * f: each token takes k distinct experts, so
-    f <= 1/k, and a watch on f alone could never fire at k >= 2."""
-    load = torch.stack([m.top_k * m.stats["load"] for m in layers])                         # (layers, N)
-    used = torch.stack([torch.stack([m.stats["used_per_image"], m.stats["dropped"]]) for m in layers])   # (layers, 2)
-    return load, used
+def edit(body: nn.Module, cfg):
+    """backbones.EDITS's entry: MoE layers into a built backbone as the model config's backbone_* fields say
+    (nothing for --backbone-moe none). Upcycled (every expert a copy of the pretrained MLP) when the backbone
+    was loaded with weights."""
+    if cfg.backbone_moe != "none":
+        add_moe(body, moe_config(cfg), upcycle=cfg.weights.lower() != "none")
 
 
-def routing_summary(layers, load, used, aux: float, threshold: float):
-    """An epoch's mean routing_counts -> (the log record, a collapse warning or None). A layer whose k covers most
-    of its N experts takes k/N of the tokens per expert even when perfectly balanced: it is watched only where
-    balance sits below the threshold."""
-    record = {"aux_loss": aux, "token_share": [[round(v, 4) for v in r] for r in load.tolist()],
-              "experts_used_per_image": used[:, 0].tolist(), "overflow": used[:, 1].tolist()}
-    watched = [i for i, m in enumerate(layers) if m.top_k / m.num_experts < threshold]
-    top = load[watched].max().item() if watched else 0.0
-    warning = None
-    if top > threshold:
-        warning = (f"backbone expert collapse: one expert takes {100 * top:.0f}% of a layer's tokens; "
-                   "remedy: --aux-loss-coef 0.01 (it weighs the backbone's balance loss too)")
-    return record, warning
+def moe_backbone(name: str, moe: MoEConfig, weights: str = "none", feature_layer: str = "layer4",
+                 image_size: int = 224):
+    """build_backbone with MoE layers in it -> (module, C): for tests and worked examples."""
+    body, channels = build_backbone(name, weights, feature_layer, image_size)
+    if moe.placement != "none":
+        add_moe(body, moe, upcycle=weights.lower() != "none")
+    return body, channels
 
 
-def backbone_aux_loss(model: nn.Module):
-    """Mean balance loss over the backbone's MoE layers after a forward pass; None without any."""
+CONFIG = BackboneMoEConfig   # this file's fields, joined into zoo.ModelConfig: one --flag each
+
+
+def check(tcfg, mcfg, error):
+    """The values of this file's flags that cannot work, caught before anything is built: error(one line)."""
+    ranges = [  # (field, ok, what is allowed)
+        # a mixture of one expert would be the dense block again
+        ("backbone_experts", lambda v: v >= 2, "an integer >= 2"),
+        ("backbone_top_k", lambda v: 1 <= v <= mcfg.backbone_experts, f"in 1..{mcfg.backbone_experts} (the experts)"),
+        ("backbone_capacity", lambda v: v >= 0, "a number >= 0 (0 = no limit)"),
+        ("backbone_router_noise", lambda v: v >= 0, "a number >= 0 (0 = no noise; V-MoE: 1)"),
+        ("backbone_moe", lambda v: v in PLACEMENTS, f"one of {PLACEMENTS}"),
+        ("backbone_balance", lambda v: v in BALANCES, f"one of {BALANCES}"),
+    ]
+    for name, ok, allowed in ranges:
+        if not ok(getattr(mcfg, name)):
+            error(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(mcfg, name)!r}")
+    if mcfg.backbone_moe == "none":
+        return
+    # The placement exists in this backbone: built on the meta device (no memory, no initialisation).
+    try:
+        with torch.device("meta"):
+            moe_backbone(mcfg.backbone, moe_config(mcfg), "none", mcfg.feature_layer)
+    except ValueError as e:
+        error(str(e))
+
+
+def describe(model: nn.Module, cfg) -> str:
+    """zoo.describe's part for a backbone with MoE layers: how many, and what one token activates."""
+    if cfg.backbone_moe == "none":
+        return ""
     layers = moe_layers(model)
-    return torch.stack([m.aux_loss for m in layers]).mean() if layers else None
-
-
-def parameter_split(model: nn.Module):
-    """(total, activated per token) parameters: a token runs k of a layer's N experts, so the other N - k
-    experts' weights of each MoE layer are not activated by it."""
     total = sum(p.numel() for p in model.parameters())
-    idle = 0
-    for m in moe_layers(model):
-        per_expert = sum(p[0].numel() for p in (m.w1, m.b1, m.w2, m.b2))
-        idle += (m.num_experts - m.top_k) * per_expert
-    return total, total - idle
+    active = total - sum(m.idle_parameters() for m in layers)
+    return (f"; backbone MoE {cfg.backbone_moe}: {len(layers)} layers x {cfg.backbone_experts} experts, top-{cfg.backbone_top_k}, "
+            f"{active / 1e6:.2f}M of {total / 1e6:.2f}M parameters activated per token")
 
 
 if __name__ == "__main__":
@@ -380,3 +442,6 @@ if __name__ == "__main__":
     print(f"sparse dispatch against the token-by-token sum: max |difference| = {(y - by_hand).abs().max():.1e}")
     print(f"tokens per expert {torch.bincount(chosen.reshape(-1), minlength=N).tolist()}; balance loss N sum_i f_i P_i "
           f"= {moe.aux_loss:.3f} (1 = balanced, {N} = all on one)")
+    r = moe.route_record
+    print(f"routing record    probs {tuple(r['probs'].shape)} (B, 1, N), load {[round(v, 3) for v in r['load'].tolist()]} "
+          f"(sums to 1), k = {r['k']}, row entropy {r['row_entropy']:.3f} of ln N = {math.log(N):.3f}")

@@ -23,8 +23,11 @@ of yet another size at run time, by the same interpolation on the fly (ViTMap.po
 
 Weights: --weights none (from scratch) | DEFAULT (torchvision's ImageNet weights: downloaded once into the
 torch hub cache; offline, WeightsUnavailable says which file to fetch and where to put it) | PATH (a
-state_dict of the torchvision model). MoE inside the backbone (backbone_moe.py) is applied after the weights
-are loaded, so its experts can start as copies of the pretrained MLPs.
+state_dict of the torchvision model).
+
+A system may change a built backbone in place (MoE in the backbone's MLPs does: it replaces them with experts
+that can start as copies of the pretrained MLPs). It lists a function in EDITS (zoo.py puts it there), and
+backbone_from_config applies every one after the weights are loaded; this file names none of them.
 """
 import os
 import warnings
@@ -38,7 +41,6 @@ import torchvision
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
-from backbone_moe import PLACEMENTS, MoEConfig, add_moe
 from lib.checkpoint import judged_weights, load_file
 from lib.flags import config_field
 
@@ -46,7 +48,7 @@ from lib.flags import config_field
 @dataclass
 class BackboneConfig:
     """What every model here shares: the L labels it predicts and the backbone it reads images with. Each
-    model's config adds its own fields to these (model.DRMoEConfig, baselines.MLGCNConfig, mlvpt.MLVPTConfig)."""
+    model's config adds its own fields to these (model.DRMoEConfig, and each system file's)."""
     num_labels: int = config_field(20, "L, the number of labels (set from the dataset by train.py)")
     backbone: str = config_field("resnet18", "torchvision name (ResNet, ConvNeXt, Swin, ViT, EfficientNet, MobileNet) "
                                  "or a small from-scratch one: vit_tiny | convnext_mini (backbones.SMALL)")
@@ -56,31 +58,18 @@ class BackboneConfig:
                                         "--image-size by train.py)")
     freeze_backbone: bool = config_field(False, "no gradient to the backbone's weights and none of them in the "
                                                 "optimizer; BatchNorm statistics frozen too (mlvpt: on)")
-    # MoE inside the backbone (backbone_moe.py): these become its MoEConfig in backbone_from_config.
-    backbone_moe: str = config_field("none", "MoE in the backbone's MLPs (ViT, ConvNeXt, Swin): " + " | ".join(PLACEMENTS) +
-                                     " (backbone_moe.py)", "backbone MoE")
-    backbone_experts: int = config_field(8, "N, experts per backbone MoE layer", "backbone MoE")
-    backbone_top_k: int = config_field(1, "k experts per token", "backbone MoE")
-    backbone_capacity: float = config_field(0.0, "capacity factor c: an expert takes at most ceil(c T k / N) of "
-                                                 "a batch's T tokens, the rest skip it (0 = no limit)", "backbone MoE")
-    backbone_renorm: bool = config_field(False, "renormalise the k kept router weights to sum to 1 (V-MoE does not; "
-                                                "an upcycled model then starts equal to the dense one)", "backbone MoE")
-    backbone_router_noise: float = config_field(0.0, "std of the Gaussian noise on the router logits in training, in "
-                                                     "units of 1/N (V-MoE: 1.0; 0 = none, as the sweet-spot study ran)",
-                                                "backbone MoE")
-    backbone_balance: str = config_field("switch", "the balance loss --aux-loss-coef weighs: switch (N sum f P, as "
-                                                   "the head gate) | vmoe (V-MoE's importance + load losses; with "
-                                                   "its noise, --aux-loss-coef 0.005 as its configs)", "backbone MoE")
+
 
 
 # From-scratch backbones small enough to train on the embedded benchmark on two CPU cores. Not in
-# torchvision's model list; built from torchvision's own classes, so the code paths (and backbone MoE)
-# are exactly those of the big models.
+# torchvision's model list; built from torchvision's own classes, so the code paths (and any edit of their
+# blocks) are exactly those of the big models.
 SMALL = {
     # DeiT-Ti's width (Touvron et al. 2021: D = 192, 3 heads, MLP 4D = 768). Patch 8 gives the 8 x 8 = 64
     # token map at 64 px that the label queries attend to (ResNet-18 layer3 gives 4 x 4 there). Depth 6,
     # not DeiT-Ti's 12: every pair of blocks costs CPU time (measured in docs/backbones.md), and 6 is the
-    # shallowest depth at which the backbone-MoE placements differ (at 4, last2 and every2 are both blocks 1, 3).
+    # shallowest depth at which the sweet-spot paper's MoE placements differ (at 4, its last-2 and every-2 are
+    # both blocks 1, 3).
     "vit_tiny": dict(kind="vit", patch_size=8, num_layers=6, num_heads=3, hidden_dim=192, mlp_dim=768),
     # ConvNeXt's block and stem at half of ConvNeXt-T's width (96, 192, 384), three of its four stages (stride 4, 8, 16): at 64 px
     # the last map is 4 x 4, like ResNet-18's layer3. Stages 2, 2, 4 deep.
@@ -96,7 +85,7 @@ class ViTMap(nn.Module):
     """torchvision's VisionTransformer without its head: image (B, 3, H, W) -> patch-token map (B, D, H/p, W/p).
 
     The modules are the torchvision model's own (conv_proj, class_token, encoder), so its state_dict keys,
-    its pretrained weights and its blocks (where backbone MoE goes) are unchanged.
+    its pretrained weights and its blocks are unchanged.
     """
 
     def __init__(self, vit: VisionTransformer):
@@ -176,7 +165,7 @@ def load_backbone_weights(net: nn.Module, body: nn.Module, name: str, weights: s
     another grid (torchvision's interpolate_embeddings). -> one line: what was loaded where, what was left.
 
     Refused, naming the first misfit, when a tensor the backbone needs is missing from the file or has another
-    shape there (a checkpoint of another backbone, cut or MoE placement). Tensors of the file that the backbone
+    shape there (a checkpoint of another backbone, another cut, or one with MoE layers). Tensors of the file that the backbone
     does not use (a ResNet cut earlier than the file's, the ImageNet classifier) are counted, not an error."""
     state = load_state(name, weights)
     if isinstance(net, VisionTransformer) and "encoder.pos_embedding" in state:
@@ -189,7 +178,7 @@ def load_backbone_weights(net: nn.Module, body: nn.Module, name: str, weights: s
         k = wrong[0]
         raise WeightsUnavailable(f"--weights {weights}: {k} is {tuple(state[k].shape)} there and {tuple(own[k].shape)} "
                                  f"in --backbone {name}{where} ({len(wrong)} tensors differ in shape): a checkpoint "
-                                 "of another backbone, cut or backbone-MoE placement")
+                                 "of another backbone, another cut, or a backbone with MoE layers")
     missing, unused = target.load_state_dict(state, strict=False)
     # The ImageNet classifier is dropped anyway (ResNet fc, ConvNeXt/EfficientNet classifier, Swin/ViT head).
     head = ("fc.", "classifier.", "head.", "heads.")
@@ -197,7 +186,7 @@ def load_backbone_weights(net: nn.Module, body: nn.Module, name: str, weights: s
     if missing:
         raise WeightsUnavailable(f"--weights {weights}: no {missing[0]} in it ({len(missing)} tensors of --backbone "
                                  f"{name}{where} missing, e.g. {missing[:3]}): a checkpoint of another backbone, cut "
-                                 "or backbone-MoE placement")
+                                 "or a backbone with MoE layers")
     loaded = sum(1 for k in own if not k.startswith(head))
     unused = [k for k in unused if not k.startswith(head)]
     left = f"; {len(unused)} of its tensors not used ({', '.join(sorted({k.split('.')[0] for k in unused}))})" if unused else ""
@@ -242,13 +231,8 @@ def cut(net: nn.Module, name: str, feature_layer: str):
                      "(ConvNeXt, EfficientNet, MobileNet, VGG, DenseNet), a Swin or a ViT")
 
 
-def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer4", image_size: int = 224,
-                   moe=None):
-    """A backbone by name, cut before its pooling/classifier -> (module returning (B, C, h, w), C).
-
-    `moe`: a backbone_moe.MoEConfig, or None for the dense backbone; applied after the weights are loaded,
-    in place in the blocks the cut backbone shares with the full model.
-    """
+def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer4", image_size: int = 224):
+    """A backbone by name, cut before its pooling/classifier -> (module returning (B, C, h, w), C)."""
     net = make_network(name, image_size)
     body, channels = cut(net, name, feature_layer)
     # What the weights put in, in one line; zoo.build_model prints it with the model's description.
@@ -257,41 +241,45 @@ def build_backbone(name: str, weights: str = "none", feature_layer: str = "layer
         where = f" cut after {feature_layer}" if hasattr(net, "layer4") else ""
         body.weights_note = load_backbone_weights(net, body, name, weights, where)
     if channels is None:
-        # Read C off a dummy forward (eval mode, so BatchNorm statistics are not touched). Before add_moe:
-        # the MoE does not change C, and its data-dependent dispatch cannot run on the meta device that
+        # Read C off a dummy forward (eval mode, so BatchNorm statistics are not touched), before any EDITS:
+        # they keep C, and a data-dependent layer they add cannot run on the meta device that
         # backbone_channels builds on.
         body.eval()
         with torch.no_grad():
             channels = body(torch.zeros(1, 3, 64, 64)).shape[1]
         body.train()
-    if moe is not None and moe.placement != "none":
-        add_moe(net, moe, upcycle=weights.lower() != "none")
     return body, channels
+
+
+# Functions f(body, cfg) that change a built backbone in place, applied in order by backbone_from_config after
+# its weights are loaded. Empty here; zoo.py adds the edit of each system file that has one.
+EDITS = []
 
 
 def backbone_from_config(cfg: BackboneConfig):
     """The backbone a BackboneConfig (or any model's config, which extends it) names -> (module, C)."""
-    moe = MoEConfig(cfg.backbone_moe, cfg.backbone_experts, cfg.backbone_top_k, cfg.backbone_capacity, cfg.backbone_renorm,
-                    cfg.backbone_router_noise, cfg.backbone_balance)
-    return build_backbone(cfg.backbone, cfg.weights, cfg.feature_layer, cfg.image_size, moe)
+    body, channels = build_backbone(cfg.backbone, cfg.weights, cfg.feature_layer, cfg.image_size)
+    for edit in EDITS:
+        edit(body, cfg)
+    return body, channels
 
 
-_CHANNELS = {}   # (name, feature_layer, moe settings) -> C: --help asks for the same backbones many times
+_CHANNELS = {}   # (name, feature_layer) -> C: --help asks for the same backbones many times
 
 
-def backbone_channels(name: str, feature_layer: str = "layer4", moe=None) -> int:
+def backbone_channels(name: str, feature_layer: str = "layer4") -> int:
     """C of build_backbone(name, feature_layer) without building it for real: on the meta device no memory is
     allocated and no weight is initialised, so config.py can ask it at parse time (ResNet-101 in ~0.1 s).
     Raises ValueError for a model that is not a torchvision classifier of a supported kind."""
     # Some torchvision builders warn (googlenet, inception_v3) or cannot run on meta tensors (regnet's
     # init copies values): at parse time either must still end in one line, never a traceback.
-    key = (name, feature_layer, None if moe is None else tuple(vars(moe).values()))
+    key = (name, feature_layer)
     if key in _CHANNELS:
         return _CHANNELS[key]
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            _CHANNELS[key] = build_backbone(name, "none", feature_layer, moe=moe)[1]
+            _CHANNELS[key] = build_backbone(name, "none", feature_layer)[1]
             return _CHANNELS[key]
         except ValueError:
             raise

@@ -6,15 +6,16 @@ The baselines DR-MoE is measured against, on one backbone, one data pipeline, on
     mlgcn     ML-GCN (Chen et al., CVPR 2019): a GCN over a        MLGCN, label_cooccurrence,
               label graph turns word vectors into L classifiers    mlgcn_adjacency, below
     q2l       Query2Label (Liu et al., 2021): transformer encoder  model.DRMoE with moe_layers=0,
-              + label-query decoder + asymmetric loss              asymmetric_loss below
+              + label-query decoder + asymmetric loss              losses.asymmetric_loss
     hsq       HSQ (Yin et al., ICLR 2024): the Q2L decoder, then   model.DRMoE with gate="label",
-              hybrid sharing layers of shared + task experts       settings in MODEL_PRESETS
+              hybrid sharing layers of shared + task-specific      settings in MODELS
+              experts
     drmoe     DR-MoE: as HSQ, but the gate also reads the image    model.DRMoE (the default)
 
 Query2Label, HSQ and DR-MoE are one class (model.DRMoE) with different settings, so that they differ only
-where the papers differ. Exactly these settings (MODEL_PRESETS; all other fields are shared):
+where the papers differ. Exactly these settings (MODELS below; all other fields are shared):
 
-                  encoder  decoder  self-attn  MoE layers  gate reads          T (own experts)  loss
+                  encoder  decoder  self-attn  MoE layers  gate reads          T (task-specific)  loss
     q2l           1        2        no         0           -                   -                ASL
     hsq           0        1        yes        1           h[b,l] (label)      2                BCE
     drmoe         0        1        yes        1           [h[b,l]; g[b]]      1                BCE
@@ -33,16 +34,19 @@ where the papers differ. Exactly these settings (MODEL_PRESETS; all other fields
 - The loss is a flag (--loss bce|asl), so any model can be trained with either; the defaults follow
   each paper (ML-GCN trains with MultiLabelSoftMarginLoss, which is BCE averaged over labels).
 
-ML-GCN's label graph is built from the training labels (train.py calls `model.set_label_graph`) and
+ML-GCN's label graph is built from the training labels (train.py calls `model.prepare`, zoo.prepare) and
 stored in the checkpoint, so evaluation needs neither the labels nor the word-vector file again.
 
-Shapes (legend in experts.py): images (B, 3, S_img, S_img) -> logits (B, L); C backbone channels,
-V = 300 word-vector dim. Every model returns (logits, {"gate_weights": None or (B, L, E), "aux_loss",
-"image_feature": the pooled backbone feature (B, C)}).
+How this file plugs in (a file a DR-MoE fork can delete): zoo.py reads its MODELS (name -> builder, settings,
+one-line description), its config fields (MLGCNConfig) and check(); nothing else names it.
 
-    python baselines.py  # a worked example: ML-GCN's graph from 5 images, the two heads' shapes, ASL against BCE
+Shapes (legend in experts.py): images (B, 3, S_img, S_img) -> logits (B, L); C backbone channels,
+V = 300 word-vector dim. Every model returns (logits, {"losses": {}, "routing": {} (what routers in the
+backbone left, lib/routing.collect), "image_feature": the pooled backbone feature (B, C)}).
+
+    python baselines.py  # a worked example: ML-GCN's graph from 5 images, the two heads' shapes
 """
-import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,24 +55,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbones import BackboneConfig, WeightsUnavailable, backbone_from_config
+from data import label_cooccurrence
 from lib.flags import config_field
+from lib.routing import collect
+from model import DRMoE
 
-# Per-model settings layered over the dataset preset (train.py: flag > model preset > dataset preset).
-MODEL_PRESETS = {
-    "drmoe": dict(),
-    "hsq": dict(gate="label", task_experts=2),
-    # Query2Label's released recipe (SlongLiu/query2labels, main_mlc.py and README): ASL with gamma- 2,
-    # gamma+ 0, clip 0, eps 1e-5 and the focusing weights detached (--dtgfl); its width is set by q2l_width.
-    "q2l": dict(enc_layers=1, layers=2, decoder_self_attn=False, moe_layers=0, loss="asl",
-                asl_gamma_neg=2.0, asl_gamma_pos=0.0, asl_clip=0.0, asl_eps=1e-5, asl_detach_focusing=True),
-    "mlgcn": dict(),
-    "linear": dict(),
-    # ML-VPT's official configs: ASL with Q2L's settings (gamma- 2, gamma+ 0, clip 0, eps 1e-5, detached),
-    # the backbone frozen, prompts and head trained (mlvpt.py); its optimiser decays every trainable
-    # parameter ("single_lr") and clips no gradient (max_clip_grad_norm 0; config/vpt-group-moe-g5e3/...).
-    "mlvpt": dict(freeze_backbone=True, loss="asl", asl_gamma_neg=2.0, asl_gamma_pos=0.0, asl_clip=0.0,
-                  asl_eps=1e-5, asl_detach_focusing=True, decay_all=True, grad_clip=0.0),
-}
+# Query2Label's released recipe (SlongLiu/query2labels, main_mlc.py and README): 1 encoder + 2 decoder layers
+# without decoder self-attention; ASL with gamma- 2, gamma+ 0, clip 0, eps 1e-5 and the focusing weights detached
+# (--dtgfl); its width follows the backbone (q2l_width).
+Q2L = dict(enc_layers=1, layers=2, decoder_self_attn=False, moe_layers=0, loss="asl",
+           asl_gamma_neg=2.0, asl_gamma_pos=0.0, asl_clip=0.0, asl_eps=1e-5, asl_detach_focusing=True)
 
 
 def q2l_width(channels: int) -> dict:
@@ -78,9 +74,6 @@ def q2l_width(channels: int) -> dict:
     --dim_feedforward 8192); config.py applies this unless --dim / --ff-dim are given.
     """
     return dict(dim=channels, ff_dim=4 * channels)
-
-
-MODELS = tuple(MODEL_PRESETS)
 
 
 class LinearHead(nn.Module):
@@ -97,8 +90,8 @@ class LinearHead(nn.Module):
         # of mantissa, so the ranking that mAP measures would see ~1,400 distinct scores instead of ~40k.
         with torch.autocast(x.device.type, enabled=False):
             logits = self.fc(f)                                            # (B, L) fp32
-        return logits, {"gate_weights": None, "aux_loss": f.new_zeros((), dtype=torch.float32),
-                        "image_feature": f.detach()}
+        losses, routing = collect(self.backbone)   # what routers in the backbone left, if any
+        return logits, {"losses": losses, "routing": routing, "image_feature": f.detach()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,20 +103,6 @@ class MLGCNConfig(BackboneConfig):
     gcn_hidden: int = config_field(1024, "ML-GCN: hidden width of its two-layer GCN (300 -> hidden -> C)", "baselines")
     gcn_threshold: float = config_field(0.4, "ML-GCN: t, binarise P(j|i) at this value (paper eq. 7)", "baselines")
     gcn_reweight: float = config_field(0.2, "ML-GCN: p, weight of the neighbours vs the node itself (eq. 8)", "baselines")
-
-
-def label_cooccurrence(targets):
-    """targets (N, L) in {1, 0, -1} -> (counts (L, L) int64, zero diagonal; nums (L,) int64).
-
-    counts[i, j] = images where labels i and j are both present, nums[i] = images where i is present
-    (ML-GCN's adj_file "adj" and "nums"). Only entries equal to 1 count: a difficult or ignored label
-    (-1) is not evidence that the object is there.
-    """
-    pos = (torch.as_tensor(np.asarray(targets)) == 1).long()              # (N, L)
-    counts = pos.T @ pos                                                  # (L, N) @ (N, L) -> (L, L)
-    nums = counts.diagonal().clone()                                      # (L,) the diagonal is N_i
-    counts.fill_diagonal_(0)
-    return counts.numpy(), nums.numpy()
 
 
 def mlgcn_adjacency(counts, nums, t: float = 0.4, p: float = 0.2) -> torch.Tensor:
@@ -204,6 +183,10 @@ class MLGCN(nn.Module):
         counts, nums = label_cooccurrence(targets)
         self.adj.copy_(mlgcn_adjacency(counts, nums, self.cfg.gcn_threshold, self.cfg.gcn_reweight))
 
+    def prepare(self, targets, classes=None, seed: int = 0, verbose: bool = True):
+        """What zoo.prepare calls with the training labels before training: the label graph."""
+        self.set_label_graph(targets)
+
     def forward(self, x: torch.Tensor):
         f = self.backbone(x).float().amax(dim=(2, 3))                      # (B, C, h, w) -> (B, C) max pool
         # The GCN and the classifier in fp32 even under autocast: fp32 logits, as every model's (LinearHead).
@@ -211,74 +194,53 @@ class MLGCN(nn.Module):
             h1 = F.leaky_relu(self.adj @ (self.embed @ self.gc1), 0.2)    # (L, L) @ (L, V) @ (V, H1) -> (L, H1)
             w = self.adj @ (h1 @ self.gc2)                                # (L, H1) @ (H1, C) -> (L, C)
             logits = f @ w.t()                                            # (B, C) @ (C, L) -> (B, L) fp32
-        return logits, {"gate_weights": None, "aux_loss": f.new_zeros((), dtype=torch.float32),
-                        "image_feature": f.detach()}
+        losses, routing = collect(self.backbone)   # what routers in the backbone left, if any
+        return logits, {"losses": losses, "routing": routing, "image_feature": f.detach()}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Losses
-def asymmetric_loss(logits, targets, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05,
-                    eps: float = 1e-8, detach_focusing: bool = True):
-    """ASL (Ridnik et al., ICCV 2021), averaged over the valid entries; targets -1 are ignored.
-
-        p = sigmoid(x),  p_m = max(p - clip, 0)                   probability shifting of negatives (eq. 4)
-        L+ = (1 - p)^gamma+ * log(max(p, eps))                    positives
-        L- = p_m^gamma- * log(max(1 - p_m, eps))                  negatives, down-weighted when easy
-        loss = -(sum of L+ over positives + sum of L- over negatives) / (number of valid entries)
-
-    Defaults are ASL's own (Alibaba-MIIL/ASL, src/loss_functions/losses.py, AsymmetricLoss: gamma- 4,
-    gamma+ 1 in the class but 0 in its train.py, clip 0.05, eps 1e-8, disable_torch_grad_focal_loss);
-    Query2Label's released recipe (baselines.MODEL_PRESETS["q2l"]) is gamma- 2, gamma+ 0, clip 0, eps 1e-5.
-
-    - detach_focusing: the weights (1 - p)^gamma+ and p_m^gamma- are constants for the gradient, as ASL's
-      training script and Q2L's --dtgfl run it ("disable torch grad focal loss"): the gradient is that of
-      a re-weighted cross-entropy. False lets gradient flow through them too (the loss's literal derivative).
-    - Each branch gets the real logit only on the entries it applies to (torch.where, not a multiplication
-      by y or 1 - y): a masked-out branch can still have an infinite derivative, e.g. (1 - p)^0.5 at p = 1,
-      and inf * 0 = NaN would poison the whole gradient. Where a branch does apply, _focusing's floor keeps
-      base^gamma differentiable at base = 0 (a saturated logit of the right sign).
-    - log(max(p, eps)) is computed as max(logsigmoid(x), log eps): the same value and gradient as ASL's
-      log(p.clamp(min=eps)), without first rounding p to 0 or 1 in fp32.
-    Difference from the official code, on purpose: the mean over valid entries instead of ASL's sum over
-    B * L (a sum grows with L and the batch, which would change what --lr and --grad-clip mean).
-    With gamma+ = gamma- = 0, clip = 0 and eps = 0 this is exactly masked BCE (a test checks it).
-    Shapes: logits, targets (B, L) -> scalar.
-    """
-    x = logits.float()
-    pos, neg = targets == 1, targets == 0                                  # (B, L) bool each; -1 is neither
-    floor = math.log(eps) if eps > 0 else -math.inf
-    # Each branch sees the real logit only where it applies and a harmless 0 elsewhere ("double where"):
-    # same values, no inf * 0 in the backward pass, and static shapes (no boolean indexing, so no GPU sync).
-    xp, xn = torch.where(pos, x, 0.0), torch.where(neg, x, 0.0)           # (B, L) each
-    # Positives: L+ = (1 - p)^gamma+ log p, with 1 - p = sigmoid(-x).
-    loss_pos = F.logsigmoid(xp).clamp(min=floor)
-    w_pos = _focusing(torch.sigmoid(-xp), gamma_pos, detach_focusing)
-    # Negatives: 1 - p_m = min(1 - p + clip, 1), as ASL's code computes it; without clip log(1 - p) = logsigmoid(-x).
-    if clip > 0:
-        q = (torch.sigmoid(-xn) + clip).clamp(max=1)                       # 1 - p_m
-        loss_neg = q.log().clamp(min=floor)                               # q >= clip > 0: finite
-    else:
-        q = torch.sigmoid(-xn)
-        loss_neg = F.logsigmoid(-xn).clamp(min=floor)
-    w_neg = _focusing(1 - q, gamma_neg, detach_focusing)                  # p_m^gamma-
-    total = torch.where(pos, w_pos * loss_pos, 0.0) + torch.where(neg, w_neg * loss_neg, 0.0)   # (B, L)
-    return -total.sum() / (pos | neg).sum().clamp(min=1)
+# What zoo.py reads: the models by name, this file's checks
 
 
-def _focusing(base, gamma: float, detach: bool):
-    """base^gamma, ASL's focusing weight; a constant for the gradient when detach (ASL's default)."""
-    if gamma == 0:
-        return torch.ones_like(base)
-    if detach:
-        base = base.detach()
-    # base can be exactly 0 (a saturated logit, or p <= clip), where d/d base of base^gamma is infinite for
-    # gamma < 1; the floor keeps that derivative finite, and clamp passes no gradient below it anyway.
-    return base.clamp(min=torch.finfo(base.dtype).tiny).pow(gamma)
+def _describe_q2l(model, cfg) -> str:
+    return f"D={cfg.dim}, enc={cfg.enc_layers}, dec={cfg.layers}"
+
+
+# Each model: how to build it (a config and the class names -> the module), its settings layered over the dataset
+# preset (flag > model's settings > dataset preset: config.parse_args), settings that follow the backbone's
+# channels C, and its part of zoo.describe's line. Q2L and HSQ are DR-MoE's class with their papers' settings.
+MODELS = {
+    "hsq": dict(build=lambda cfg, classes: DRMoE(cfg), preset=dict(gate="label", task_experts=2), gated=True,
+                describe=lambda model, cfg: f"gate={cfg.gate}, S={cfg.shared_experts}, T={cfg.task_experts}, "
+                                            f"moe_layers={cfg.moe_layers}"),
+    "q2l": dict(build=lambda cfg, classes: DRMoE(cfg), preset=Q2L, width=q2l_width, describe=_describe_q2l),
+    "mlgcn": dict(build=lambda cfg, classes: MLGCN(cfg, classes=classes),
+                  describe=lambda model, cfg: f"gcn 300->{cfg.gcn_hidden}->C"),
+    "linear": dict(build=lambda cfg, classes: LinearHead(cfg), describe=lambda model, cfg: "GAP + linear"),
+}
+
+
+CONFIG = MLGCNConfig   # this file's fields, joined into zoo.ModelConfig: one --flag each
+
+
+def check(tcfg, mcfg, error):
+    """ML-GCN's values that cannot work, caught before anything is built: error(one line) exits."""
+    ranges = [
+        ("gcn_hidden", lambda v: v >= 1, "an integer >= 1"),
+        ("gcn_threshold", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+        # ML-GCN's eq. 8 as p / (1 - p) (mlgcn_adjacency): p = 0 drops the neighbours, 1 divides by 0
+        ("gcn_reweight", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    ]
+    for name, ok, allowed in ranges:
+        if not ok(getattr(mcfg, name)):
+            error(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(mcfg, name)!r}")
+    if mcfg.word_vectors and not os.path.isfile(mcfg.word_vectors):
+        error(f"--word-vectors {mcfg.word_vectors!r}: no such file (an .npz with names and vectors; see README)")
 
 
 if __name__ == "__main__":
     # A worked example on tiny inputs: ML-GCN's label graph from 5 images x 3 labels, its two baselines on
-    # 2 images, and ASL against BCE on one batch of logits.
+    # 2 images.
     torch.manual_seed(0)
     targets = np.array([[1, 1, 0], [1, 1, 0], [1, 0, 0], [0, 0, 1], [1, 0, -1]])   # (N, L); -1 = not counted
     counts, nums = label_cooccurrence(targets)
@@ -292,14 +254,9 @@ if __name__ == "__main__":
     x = torch.randn(2, 3, 64, 64)
     for head in (LinearHead(cfg), MLGCN(cfg)):
         if isinstance(head, MLGCN):
-            head.set_label_graph(targets)
+            head.prepare(targets)
             print(f"MLGCN embeddings  {tuple(head.embed.shape)}       (L, V) -> GCN weights {tuple(head.gc1.shape)}, "
                   f"{tuple(head.gc2.shape)} -> one classifier per label (L, C)")
         logits, info = head.eval()(x)
         print(f"{type(head).__name__:<17} images {tuple(x.shape)} -> logits {tuple(logits.shape)} (B, L), "
               f"image feature {tuple(info['image_feature'].shape)} (B, C)")
-    # ASL with every focusing and shifting switched off is BCE; Q2L's settings weigh easy negatives down.
-    z, y = torch.randn(2, 3), torch.tensor([[1.0, 0, 0], [0, 1, -1]])
-    bce = F.binary_cross_entropy_with_logits(z, y.clamp(min=0), reduction="none")[y >= 0].mean()
-    print(f"ASL(gamma 0, clip 0, eps 0) = {asymmetric_loss(z, y, 0, 0, 0, 0):.4f} = BCE {bce:.4f}; "
-          f"Q2L's ASL (gamma- 2, eps 1e-5) = {asymmetric_loss(z, y, 2, 0, 0, 1e-5):.4f}")

@@ -10,7 +10,7 @@ The run's configuration: what to train on, how long, with which settings, on whi
     amp_dtype_for          the mixed-precision dtype: bf16 where the GPU has it, else fp16; none on CPU/MPS
 
 Resolution order, later wins: the dataclass default < the dataset's preset (PRESETS) < the model's
-settings (baselines.MODEL_PRESETS; for q2l, D = the backbone's channels) < what you pass. train.py prints
+settings (zoo.preset: each model's file says them; some follow the backbone's channels) < what you pass. train.py prints
 the resolved configs at start and saves them in every checkpoint, so evaluate.py can rebuild the model
 from a checkpoint alone. Used by train.py, evaluate.py and studies/bench.py.
 """
@@ -22,12 +22,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from backbone_moe import BALANCES, PLACEMENTS, MoEConfig
+import zoo
 from backbones import backbone_channels
-from baselines import MODEL_PRESETS, q2l_width
 from gating import GATE_KINDS
 from lib.flags import Parser, config_field
-from mlvpt import GROUPINGS
+from losses import LOSSES
 from zoo import ModelConfig
 
 DESCRIPTION = "Train DR-MoE (or a variant of its gate, or a baseline) for multi-label image classification."
@@ -67,22 +66,18 @@ class TrainConfig:
                                        "and the experts' included), norms, label queries, ML-GCN's embedding "
                                        "(train.decay_roles); --decay-all: on every parameter", "training")
     decay_all: bool = config_field(False, "weight decay on every trainable parameter, as ML-VPT's and Q2L's official "
-                                          "code (mlvpt: on), instead of on weights only", "training")
+                                          "code (some models' settings turn it on), instead of on weights only", "training")
     warmup_pct: float = config_field(0.2, "fraction of the steps spent warming up (one-cycle pct_start)", "training")
     grad_clip: float = config_field(1.0, "clip the global gradient norm to this (0 = off)", "training")
     ema_decay: float = config_field(None, "EMA decay per step (0 = no EMA)", "training")
     ema_warmup: bool = config_field(True, "warm the EMA decay up as min(d, (1+t)/(10+t)) (TensorFlow's "
                                     "ExponentialMovingAverage num_updates); off = constant d, as Q2L and timm", "training")
-    aux_loss_coef: float = config_field(0.0, "weight of the gate's load-balancing loss (0 = off)", "training")
-    divdr_coef: float = config_field(0.0, "weight of the DivDR loss that trains routing to partition the images "
-                                           "(divdr.py; 0 = off; needs a gate or --backbone-moe)", "training")
-    divdr_clusters: int = config_field(8, "K: k-means clusters of the routing signatures, for DivDR and for the "
-                                          "routing-structure measures logged each epoch", "training")
-    divdr_margin: float = config_field(1.0, "m: DivDR pushes partition means apart up to this mean squared distance "
-                                            "per routing row (2 = every row on a different expert)", "training")
-    collapse_threshold: float = config_field(0.8, "warn when one expert slot takes more than this share of the gate mass", "training")
-    # ASL's own defaults (Alibaba-MIIL/ASL); --model q2l and mlvpt take Q2L's released ones (baselines.MODEL_PRESETS).
-    loss: str = config_field("bce", "bce | asl (asymmetric loss, baselines.py)", "training")
+    collapse_threshold: float = config_field(0.8, "warn when one expert of a router takes more than this share of "
+                                                  "its rows (lib/routing.py)", "training")
+    dead_share: float = config_field(0.1, "an expert whose share of a router's rows is under this fraction of the "
+                                          "fair share 1/E is counted dead (lib/routing.py)", "training")
+    # ASL's own defaults (Alibaba-MIIL/ASL); some models take Q2L's released ones (their settings, zoo.preset).
+    loss: str = config_field("bce", "bce | asl (asymmetric loss; losses.py)", "training")
     asl_gamma_neg: float = config_field(4.0, "ASL gamma-: focusing on negatives", "training")
     asl_gamma_pos: float = config_field(0.0, "ASL gamma+: focusing on positives", "training")
     asl_clip: float = config_field(0.05, "ASL probability margin m for negatives (0 = off)", "training")
@@ -164,39 +159,50 @@ BUDGETS = {
     "demo": dict(),
     "study": dict(epochs=20, test_images=10000),
 }
-GROUPS = ("data", "model", "mixture of experts", "backbone MoE", "baselines", "ML-VPT", "training", "system")
+# The --help sections: the core's, with each system's own sections (its fields' third config_field argument)
+# before "training".
+GROUPS = tuple(dict.fromkeys(["data", "model", "mixture of experts"] + [f.metadata.get("group", "model") for f in
+                                                                         fields(ModelConfig)] + ["training", "system"]))
+GROUPS = tuple(g for g in GROUPS if g not in ("training", "system")) + ("training", "system")
 # Flags that change where or how fast a run runs, not what it learns: left out of the default run folder's name.
-# collapse_threshold is here too: it only decides when train.py warns, never what the run trains.
+# collapse_threshold and dead_share are here too: they only decide what train.py reports, never what it trains.
 # The data root and the weights file do change what is learned: they are named (by a hash of the full path).
 SYSTEM = {"dataset", "download", "device", "amp", "channels_last", "compile", "sync_bn",
-          "num_workers", "out_dir", "resume", "describe", "collapse_threshold", "keep_last"}
+          "num_workers", "out_dir", "resume", "describe", "collapse_threshold", "dead_share", "keep_last"}
+
+
+def channels_of(dataset: str, model: str, args: dict = None):
+    """f() -> C of the backbone a run would use (what the flags say, else the presets): for zoo.preset."""
+    args = args or {}
+    base = {**PRESETS[dataset], **zoo.preset(model)}
+    pick = lambda name: args.get(name) or base.get(name, getattr(ModelConfig, name))
+    return lambda: backbone_channels(pick("backbone"), pick("feature_layer"))
 
 
 def preset_value(name: str, dataset: str, model: str, default):
     """What a flag resolves to when not given: the model's settings over the dataset's preset over the default."""
     # No budget layer: --help shows the demo budget, the default one, which changes nothing (BUDGETS["demo"]).
-    return {**PRESETS[dataset], **MODEL_PRESETS[model]}.get(name, default)
+    return {**PRESETS[dataset], **zoo.preset(model, channels_of(dataset, model))}.get(name, default)
 
 
 def shown_default(f) -> str:
     """The default --help shows: the real value under each preset and each model, not the dataclass's."""
-    # drmoe's model settings are empty (MODEL_PRESETS), so by_dataset is each dataset's preset alone; the
-    # models are then compared on the synthetic preset, and only those that change the value are named.
+    # drmoe's model settings are empty, so by_dataset is each dataset's preset alone; the models are then
+    # compared on each dataset, and only those that change the value are named.
     by_dataset = {d: preset_value(f.name, d, "drmoe", f.default) for d in PRESETS}
-    by_model = {m: preset_value(f.name, "synthetic", m, f.default) for m in MODEL_PRESETS}
     # parts: value -> the datasets that share it, so --help reads "synthetic, ...: 64; voc, ...: 448"
     parts = {}
     for d, v in by_dataset.items():
         parts.setdefault(str(v), []).append(d)
     text = "; ".join(f"{', '.join(ds)}: {v}" for v, ds in parts.items()) if len(parts) > 1 else next(iter(parts))
-    special = [f"{m}: {v}" for m, v in by_model.items() if v != by_dataset["synthetic"]]
-    if f.name in ("dim", "ff_dim"):   # q2l's width follows its backbone (parse_args): show what that gives
-        widths = {d: q2l_width(backbone_channels(preset_value("backbone", d, "q2l", ModelConfig.backbone),
-                                                 preset_value("feature_layer", d, "q2l", ModelConfig.feature_layer)))[f.name]
-                  for d in PRESETS}
-        special = [f"q2l: {4 if f.name == 'ff_dim' else 1}x the backbone's C ("
-                   + ", ".join(f"{d} {w}" for d, w in widths.items()) + ")"]
-    return f" [default: {text}" + ("; --model " + ", ".join(special) if special else "") + "]"
+    special = []
+    for m in zoo.models():
+        values = {d: preset_value(f.name, d, m, f.default) for d in PRESETS}
+        if values != by_dataset:   # this model sets the field: its value, per dataset where they differ
+            shown = sorted(set(map(str, values.values())), key=list(map(str, values.values())).index)
+            special.append(f"{m}: " + (shown[0] if len(shown) == 1 else
+                                       ", ".join(f"{d} {v}" for d, v in values.items())))
+    return f" [default: {text}" + ("; --model " + "; ".join(special) if special else "") + "]"
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, groups: dict, skip=()):
@@ -224,7 +230,7 @@ def default_out_dir(tcfg: TrainConfig, mcfg: ModelConfig, args: dict, preset: di
     `python train.py --gate label` never overwrite each other's best.pt.
     """
     parts = [mcfg.model]
-    if mcfg.model in ("drmoe", "hsq") and mcfg.moe_layers:
+    if zoo.gated(mcfg):
         parts += [mcfg.gate, f"S{mcfg.shared_experts}", f"T{mcfg.task_experts}"]
     # fields the name already holds (model, gate, S, T, seed) or must never hold (SYSTEM)
     in_name = {"model", "gate", "shared_experts", "task_experts", "seed"} | SYSTEM
@@ -246,7 +252,7 @@ def default_out_dir(tcfg: TrainConfig, mcfg: ModelConfig, args: dict, preset: di
             parts.append(f"{flag}={os.path.basename(str(value).rstrip('/')) or value}@{where}")
         else:
             parts.append(f"{flag}={value}")
-    # Anything else (a space, the ',' of --mlvpt-branches co,dc, a quote) becomes '_': any shell takes the name.
+    # Anything else (a space, a ',' as in co,dc, a quote) becomes '_': any shell takes the name.
     name = re.sub(r"[^A-Za-z0-9.=_+@-]", "_", "-".join(parts + [f"seed{tcfg.seed}"]))
     return os.path.join("runs", tcfg.dataset, name)
 
@@ -270,11 +276,8 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         (tcfg, "grad_clip", lambda v: v >= 0, "a number >= 0 (0 = off)"),
         # a constant d = 1 would never move the average off the initial weights
         (tcfg, "ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1) (0 = no EMA)"),
-        (tcfg, "aux_loss_coef", lambda v: v >= 0, "a number >= 0"),
-        (tcfg, "divdr_coef", lambda v: v >= 0, "a number >= 0"),
-        (tcfg, "divdr_clusters", lambda v: v >= 2, "an integer >= 2"),
-        (tcfg, "divdr_margin", lambda v: v > 0, "a number > 0"),
         (tcfg, "collapse_threshold", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+        (tcfg, "dead_share", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
         (tcfg, "asl_gamma_neg", lambda v: v >= 0, "a number >= 0"),
         (tcfg, "asl_gamma_pos", lambda v: v >= 0, "a number >= 0"),
         # p_m = max(p - clip, 0): a clip of 1 or more would zero every negative's loss
@@ -293,21 +296,7 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         (mcfg, "task_experts", lambda v: v >= 0, "an integer >= 0"),
         (mcfg, "expert_hidden", lambda v: v >= 1, "an integer >= 1"),
         (mcfg, "gate_temperature", lambda v: v > 0, "a number > 0"),
-        (mcfg, "gcn_hidden", lambda v: v >= 1, "an integer >= 1"),
-        (mcfg, "gcn_threshold", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-        # ML-GCN's eq. 8 as p / (1 - p) (baselines.mlgcn_adjacency): p = 0 drops the neighbours, 1 divides by 0
-        (mcfg, "gcn_reweight", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
-        # backbone_experts: a mixture of one expert would be the dense block again
-        (mcfg, "backbone_experts", lambda v: v >= 2, "an integer >= 2"),
-        (mcfg, "backbone_top_k", lambda v: 1 <= v <= mcfg.backbone_experts, f"in 1..{mcfg.backbone_experts} (the experts)"),
-        (mcfg, "backbone_capacity", lambda v: v >= 0, "a number >= 0 (0 = no limit)"),
-        (mcfg, "backbone_router_noise", lambda v: v >= 0, "a number >= 0 (0 = no noise; V-MoE: 1)"),
-        (mcfg, "mlvpt_groups", lambda v: v >= 0, "an integer >= 0 (0 = pick by the Calinski-Harabasz score)"),
-        (mcfg, "prompts_per_group", lambda v: v >= 1, "an integer >= 1"),
-        (mcfg, "adapter_dim", lambda v: v >= 1, "an integer >= 1"),
-        (mcfg, "mlvpt_tau", lambda v: v > 0, "a number > 0"),
-        (mcfg, "mlvpt_branches", lambda v: v.split(",") and set(v.split(",")) <= {"co", "dc"},
-         "co, dc or co,dc"),
+        (mcfg, "aux_loss_coef", lambda v: v >= 0, "a number >= 0"),
     ]
     for cfg, name, ok, allowed in ranges:
         if not ok(getattr(cfg, name)):
@@ -317,30 +306,19 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
     if not tcfg.dataset.startswith("synthetic") and synthetic_only:
         error(f"--{synthetic_only[0].replace('_', '-')} applies to the synthetic benchmark only (its splits are "
               f"drawn, yours are read from files); use --limit N on --dataset {tcfg.dataset}")
-    for cfg, name, options in ((tcfg, "loss", ("bce", "asl")), (tcfg, "budget", tuple(BUDGETS)),
+    for cfg, name, options in ((tcfg, "loss", LOSSES), (tcfg, "budget", tuple(BUDGETS)),
                                (tcfg, "difficult", ("positive", "ignore")),
-                               (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS),
-                               (mcfg, "backbone_moe", PLACEMENTS), (mcfg, "backbone_balance", BALANCES),
-                               (mcfg, "mlvpt_grouping", GROUPINGS)):
+                               (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS)):
         if getattr(cfg, name) not in options:
             error(f"--{name.replace('_', '-')} must be one of {options}, got {getattr(cfg, name)!r}")
     experts = mcfg.shared_experts + mcfg.task_experts
-    if mcfg.model in ("drmoe", "hsq") and mcfg.moe_layers and experts < 1:
+    if zoo.gated(mcfg) and experts < 1:
         error("--shared-experts plus --task-experts must be >= 1 for a mixture (or --moe-layers 0 for none)")
     if not 0 <= mcfg.top_k <= experts:
         error(f"--top-k must be in [0, {experts}] (0 = dense; there are S + T = {experts} experts), got {mcfg.top_k}")
-    routes = (mcfg.model in ("drmoe", "hsq") and mcfg.moe_layers > 0) or mcfg.backbone_moe != "none"
-    if tcfg.divdr_coef > 0 and not routes:
-        error(f"--divdr-coef trains routing, and --model {mcfg.model} here routes nothing: use --model drmoe or hsq "
-              "(with --moe-layers >= 1) or --backbone-moe last2 on a vit_*/convnext_*/swin_* backbone")
-    if mcfg.model == "mlvpt" and not mcfg.backbone.startswith("vit"):
-        error(f"--model mlvpt prompts a ViT: --backbone {mcfg.backbone} is not one (use vit_tiny, or vit_b_16 "
-              "--weights DEFAULT)")
     if mcfg.weights.lower() not in ("none", "default") and not os.path.isfile(mcfg.weights):
         error(f"--weights {mcfg.weights!r}: no such file (allowed: none, DEFAULT, the path of a state_dict or "
               "a best.pt of this project)")
-    if mcfg.word_vectors and not os.path.isfile(mcfg.word_vectors):
-        error(f"--word-vectors {mcfg.word_vectors!r}: no such file (an .npz with names and vectors; see README)")
     if tcfg.val_split == "holdout" and tcfg.dataset.startswith("synthetic"):
         error("--val-split holdout holds images out of a dataset of files (voc, coco, csv, cocojson); the synthetic "
               "benchmark has its own val split")
@@ -349,11 +327,11 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         error(f"--train-split {tcfg.train_split} is also evaluated on; pick another split")
     try:
         check_device(tcfg.device)
-        # The name, the cut and the MoE placement exist (built on the meta device: free).
-        backbone_channels(mcfg.backbone, mcfg.feature_layer, MoEConfig(mcfg.backbone_moe, mcfg.backbone_experts,
-                                                                       mcfg.backbone_top_k))
+        # The name and the cut exist (built on the meta device: free).
+        backbone_channels(mcfg.backbone, mcfg.feature_layer)
     except ValueError as e:
         error(str(e))
+    zoo.check(tcfg, mcfg, error)   # each system's own values
 
 
 def parse_args(argv=None):
@@ -373,24 +351,18 @@ def parse_args(argv=None):
     dataset, model = args["dataset"] or TrainConfig.dataset, args["model"] or ModelConfig.model
     if dataset not in PRESETS:
         parser.error(f"--dataset must be one of {sorted(PRESETS)}, got {dataset!r}")
-    if model not in MODEL_PRESETS:
-        parser.error(f"--model must be one of {list(MODEL_PRESETS)}, got {model!r}")
+    if model not in zoo.models():
+        need = zoo.missing(model)
+        parser.error(f"--model {model} needs {need}, which is not in this copy" if need else
+                     f"--model must be one of {list(zoo.models())}, got {model!r}")
     budget = args["budget"] or TrainConfig.budget
     if budget not in BUDGETS:
         parser.error(f"--budget must be one of {list(BUDGETS)}, got {budget!r}")
-    # Layers, later ones win: the dataset's preset, the budget, the model's settings (baselines.py).
+    # Layers, later ones win: the dataset's preset, the budget, the model's settings (zoo.preset). Some
+    # follow the backbone's channels (Q2L's width: its released commands pass --hidden_dim = the backbone's C).
     # On a dataset of files the split sizes are what the files hold: only the budget's training length applies.
     layer = {k: v for k, v in BUDGETS[budget].items() if dataset.startswith("synthetic") or not k.endswith("_images")}
-    preset = {**PRESETS[dataset], **layer, **MODEL_PRESETS[model]}
-    if model == "q2l":
-        # Q2L's width follows its backbone (its released commands pass --hidden_dim = the backbone's C), so no
-        # projection: ResNet-101 -> the official D = 2048; ResNet-18 at layer3 -> 256. Unknown backbone: the
-        # error comes below, from check_values.
-        try:
-            preset.update(q2l_width(backbone_channels(args["backbone"] or preset.get("backbone", ModelConfig.backbone),
-                                                      args["feature_layer"] or preset.get("feature_layer", ModelConfig.feature_layer))))
-        except ValueError:
-            pass
+    preset = {**PRESETS[dataset], **layer, **zoo.preset(model, channels_of(dataset, model, args))}
 
     # Every flag defaults to None, so "not given" can be told from "given the default value":
     # only then can a preset (e.g. 448 px for voc) sit between the dataclass default and the user.

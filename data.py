@@ -9,6 +9,9 @@ build_dataset(name, split, root, image_size, augment, seed, limit, ...).
   the standard library's json (no pycocotools); the 80 classes in category-id order.
 - csv, cocojson: your own data, a CSV per split or COCO-style json (readers in lib/owndata.py).
 
+label_cooccurrence counts which labels appear together in a split's targets: ML-GCN's label graph and
+ML-VPT's label groups are both built from it, and `--stats` prints it.
+
 Every dataset returns ds[i] = (image float32 (3, S, S) normalised with ImageNet mean/std, target
 float32 (L,)) with 1 = present, 0 = absent, -1 = ignore (VOC's difficult; every metric skips it), and
 has `classes` (L names), `targets` (N, L), `ids` (N strings), `image_size`. Photos are read lazily (in
@@ -358,6 +361,20 @@ def preview(ds, path, rows=4, cols=8, zoom=3):
             draw.text((x + 2, y + side + 2 + k * line), name, fill="black", font=font)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     grid.save(path)
+
+
+def label_cooccurrence(targets):
+    """targets (N, L) in {1, 0, -1} -> (counts (L, L) int64, zero diagonal; nums (L,) int64).
+
+    counts[i, j] = images where labels i and j are both present, nums[i] = images where i is present
+    (ML-GCN's adj_file "adj" and "nums"). Only entries equal to 1 count: a difficult or ignored label
+    (-1) is not evidence that the object is there.
+    """
+    pos = (torch.as_tensor(np.asarray(targets)) == 1).long()              # (N, L)
+    counts = pos.T @ pos                                                  # (L, N) @ (N, L) -> (L, L)
+    nums = counts.diagonal().clone()                                      # (L,) the diagonal is N_i
+    counts.fill_diagonal_(0)
+    return counts.numpy(), nums.numpy()
 
 
 def print_stats(ds):

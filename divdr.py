@@ -6,10 +6,11 @@ arXiv 2209.13071). Its point: a dynamic-routing network left alone "reverts to u
 experts"; DivDR clusters the gate activations of the training images and trains the routing so that the
 clusters are tight and far apart, i.e. so that routing partitions the data without supervision.
 
-The routing signature of an image (routing_signature), the rows of every router that sees it, concatenated:
-    head gate (DR-MoE, HSQ, --gate ...):  w[b, l, :] for every label l       L rows of E
-    backbone MoE layers (backbone_moe.py): the mean router probability of     one row of N per layer
-                                           the image's tokens
+The routing signature of an image (routing_signature), the rows of every router that sees it, concatenated,
+read from the routing records every model's forward returns (info["routing"], lib/routing.py):
+    the head gate (DR-MoE, HSQ, --gate ...):  w[b, l, :] for every label l       L rows of E
+    a router inside the backbone:             the mean router probability of     one row of N per layer
+                                              the image's tokens
 Each row sums to 1. Distances are squared Euclidean divided by R, the number of rows (the mean over rows),
 so a margin means the same for any number of labels or layers: two images whose every row puts all its
 mass on a different expert are at distance 2, identical routings at 0.
@@ -39,75 +40,66 @@ expert takes as some row's top-1 choice (head and backbone apart: their expert i
 For scale (agreement()): the same k-means and NMI / ARI on the image feature the gate reads and on the
 label vectors (evaluate.py prints them beside the routing's).
 
+How this file plugs into the loop (a file a DR-MoE fork can delete): its flags are DivDRConfig's, checked by
+check(); zoo.loop_hooks builds a DivDR hook for every model that routes, and the loop calls it by what it does,
+never by name: losses(info) in every step (the term above, "divdr" in the log), end_epoch() at every epoch's
+end (step 1's k-means; its partition's health is logged like a router's, "divdr partition"), measure() on
+the validation split every epoch (with --divdr-coef) and on the test split at the end (the structure
+measures above, "routing" in log.jsonl and metrics.json), and its state (the centroids) rides in the
+checkpoint, so --resume continues the term.
+
 Shapes (legend in experts.py): gate weights (B, L, E), backbone rows (B, N) -> signature (B, F), F = L*E + sum N.
 
     python divdr.py      # a worked example: two routes in 6 images, k-means, the DivDR loss, NMI and ARI
 """
+import os
+import sys
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from backbone_moe import moe_layers
+from lib.flags import config_field
+from lib.kmeans import kmeans
+from lib.routing import route, routes
 
 
-def routing_signature(info: dict, model):
-    """A forward pass's routing -> (signature (B, F) float32 with gradient, rows [("head", E)] * L +
-    [("backbone", N)] * layers); (None, []) for a model that routes nothing (linear head, dense backbone)."""
+@dataclass
+class DivDRConfig:
+    """The flags of this file, fields of zoo.ModelConfig (config_field's third argument: the --help section)."""
+    divdr_coef: float = config_field(0.0, "weight of the DivDR loss that trains routing to partition the images "
+                                          "(divdr.py; 0 = off; needs a model that routes)", "training")
+    divdr_clusters: int = config_field(8, "K: k-means clusters of the routing signatures, for DivDR and for the "
+                                          "routing-structure measures", "training")
+    divdr_margin: float = config_field(1.0, "m: DivDR pushes partition means apart up to this mean squared distance "
+                                            "per routing row (2 = every row on a different expert)", "training")
+
+
+def routing_signature(routing: dict):
+    """A forward pass's routing records {name: record} -> (signature (B, F) float32 with gradient, rows
+    [(kind, E)] * R per router, in the records' order); (None, []) for a model that routes nothing."""
     parts, rows = [], []
-    if info.get("gate_weights") is not None:
-        w = info["gate_weights"].float()                                   # (B, L, E)
-        parts.append(w.flatten(1))                                         # (B, L*E)
-        rows += [("head", w.shape[2])] * w.shape[1]
-    for m in moe_layers(model):
-        parts.append(m.image_probs.float())                                # (B, N)
-        rows.append(("backbone", m.image_probs.shape[1]))
+    for r in routing.values():
+        p = r["probs"].float()                                             # (B, R, E)
+        parts.append(p.flatten(1))                                         # (B, R*E)
+        rows += [(r["kind"], p.shape[2])] * p.shape[1]
     return (torch.cat(parts, 1), rows) if parts else (None, [])
 
 
-def sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Squared distances x (n, F), c (k, F) -> (n, k), as |x|^2 - 2 x.c + |c|^2: no (n, k, F) temporary,
-    which at tens of thousands of training signatures would be hundreds of MB per k-means iteration."""
-    return np.maximum((x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None], 0.0)
+def stored_signature(routing: dict, kinds: dict):
+    """The same from an evaluation's stored rows {name: (N, R, E) array} and {name: kind} -> ((N, F), rows)."""
+    if not routing:
+        return None, []
+    rows = [(kinds[name], p.shape[2]) for name, p in routing.items() for _ in range(p.shape[1])]
+    return np.concatenate([p.reshape(len(p), -1) for p in routing.values()], 1), rows
 
 
-def kmeans(x: np.ndarray, k: int, seed: int = 0, restarts: int = 4, iters: int = 100):
-    """Lloyd's k-means, k-means++ starts, the best of `restarts` by inertia; deterministic by `seed` (its own
-    numpy generator: no global random stream is touched). x (n, F) -> (centroids (k, F), assignment (n,))."""
-    x = np.asarray(x, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    k = min(k, len(x))
-    best = None
-    for _ in range(restarts):
-        # k-means++ (Arthur & Vassilvitskii 2007): each next start drawn with probability ~ squared distance.
-        c = x[[rng.integers(len(x))]]
-        for _ in range(1, k):
-            d2 = sq_dist(x, c).min(1)                                       # (n,)
-            p = d2 / d2.sum() if d2.sum() > 0 else np.full(len(x), 1 / len(x))
-            c = np.vstack([c, x[rng.choice(len(x), p=p)]])
-        for _ in range(iters):
-            a = sq_dist(x, c).argmin(1)                                     # (n,) nearest centroid
-            new = np.array([x[a == j].mean(0) if (a == j).any() else c[j] for j in range(k)])
-            if np.allclose(new, c):
-                break
-            c = new
-        a = sq_dist(x, c).argmin(1)
-        inertia = ((x - c[a]) ** 2).sum()
-        if best is None or inertia < best[0]:
-            best = (inertia, c, a)
-    return best[1], best[2]
-
-
-def training_term(info: dict, model, centroids, margin: float):
-    """The objective's step 2 inside a training step -> (L_within + L_between, or 0 before the first partition;
-    the batch's signatures, detached, for the next epoch's k-means). centroids: the last epoch's (K, F) or None."""
-    sig, rows = routing_signature(info, model)
-    loss = divdr_loss(sig, centroids, len(rows), margin)[0] if centroids is not None else sig.new_zeros(())
-    return loss, sig.detach()
-
-
-def partition_centroids(signatures, k: int, seed: int) -> torch.Tensor:
-    """Step 1 of the objective: k-means of an epoch's routing signatures (n, F) -> the centroids (K, F) float32
-    that the next epoch's divdr_loss pulls toward (deterministic by seed: every rank computes the same)."""
-    return torch.from_numpy(kmeans(np.asarray(signatures), k, seed=seed)[0]).float()
+def partition(signatures, k: int, seed: int):
+    """Step 1 of the objective: k-means of an epoch's routing signatures (n, F) -> (the centroids (K, F) float32
+    that the next epoch's divdr_loss pulls toward, each image's partition (n,)); deterministic by seed: every
+    rank computes the same."""
+    centroids, assign = kmeans(np.asarray(signatures), k, seed=seed)
+    return torch.from_numpy(centroids).float(), assign
 
 
 def divdr_loss(r: torch.Tensor, centroids: torch.Tensor, num_rows: int, margin: float):
@@ -236,6 +228,121 @@ def structure(signatures: np.ndarray, rows, reference=None, k: int = 8, seed: in
     return out
 
 
+# --------------------------------------------------------------------------------------------------------
+# What the loop calls (zoo.loop_hooks builds it), and this file's checks
+
+
+class DivDR:
+    """DivDR in the training loop: the term in every step, the partition at every epoch's end, the structure
+    measures. Built for every model that routes: with --divdr-coef 0 it only measures the test split."""
+
+    name = "divdr"
+
+    def __init__(self, cfg, seed: int):
+        self.coef, self.k, self.margin, self.seed = cfg.divdr_coef, cfg.divdr_clusters, cfg.divdr_margin, seed
+        self.trains = self.coef > 0          # the term, the partition and the per-epoch measure
+        self.centroids, self.signatures, self.device = None, [], None
+
+    def losses(self, info: dict) -> dict:
+        """Step 2 inside a training step: {"divdr": coef * (L_within + L_between)} from the second epoch on."""
+        if not self.trains:
+            return {}
+        sig, rows = routing_signature(info["routing"])
+        self.device = sig.device
+        self.signatures.append(sig.detach())   # stays on the device: .cpu() each step would sync a GPU
+        if self.centroids is None:   # the first epoch has no partition to pull toward
+            return {}
+        return {"divdr": self.coef * divdr_loss(sig, self.centroids, len(rows), self.margin)[0]}
+
+    def end_epoch(self, epoch: int, gather) -> dict:
+        """Step 1: the partition the next epoch pulls toward, from this epoch's signatures of every process
+        (gather: a list of every rank's copy) -> {"divdr partition": a routing record of the images' share per
+        partition} for the loop's routing watch."""
+        if not self.signatures:
+            return {}
+        sig = torch.cat(gather(torch.cat(self.signatures).cpu()))   # one copy per epoch, (n, F)
+        self.signatures = []
+        centroids, assign = partition(sig.numpy(), self.k, seed=self.seed * 1000 + epoch)
+        self.centroids = centroids.to(self.device)
+        share = torch.bincount(torch.as_tensor(assign), minlength=self.k).float() / len(assign)   # (K,)
+        return {"divdr partition": route(share[None, None], kind="partition")}
+
+    def measure(self, pred: dict, dataset, every_epoch: bool) -> dict:
+        """The structure measures on one split (evaluate.predict's output) -> {"routing": ...}, or {} when
+        there is nothing to measure (per epoch only while training the term)."""
+        sig, rows = stored_signature(pred["routing"], pred["kinds"])
+        if sig is None or (every_epoch and not self.trains):
+            return {}
+        # The reference partition is read here, after training's step: never by the model or a loss.
+        return {"routing": split_structure(sig, rows, dataset, pred["targets"], self.k)}
+
+    def report(self, pred: dict, dataset, features=None) -> dict:
+        """evaluate.py's routing section: the measures on its split, printed, and for scale the same k-means of
+        the label vectors and of the image features the gate reads -> {"routing": ...} or {}."""
+        res = self.measure(pred, dataset, every_epoch=False).get("routing")
+        if res is None:
+            return {}
+        targets = pred["targets"]
+        print(f"\nrouting: {res['clusters']} k-means clusters of the routing vs the {res['reference']}: NMI "
+              f"{res['nmi']:.3f}, ARI {res['ari']:.3f}; {res['distinct_routes']} distinct top-1 routes "
+              f"({res['route_entropy_bits']:.2f} bits)")
+        # For scale: an NMI means little alone. The same k-means on the label vectors shows how much of the
+        # reference partition the labels themselves carry, and on the image features how much the features the
+        # gate reads already hold; a routing below both has found less structure than its own input.
+        ref = reference_partition(dataset, targets)[0]
+        res["for_scale"] = {"labels": agreement((targets == 1).astype(np.float64), ref, self.k)}
+        if features is not None:
+            res["for_scale"]["image_feature"] = agreement(features, ref, self.k)
+        shown = {"labels": "label vectors", "image_feature": "image features"}
+        print("         for scale, the same k-means of " + "; of ".join(
+            f"the {shown[name]}: NMI {v['nmi']:.3f}, ARI {v['ari']:.3f}" for name, v in res["for_scale"].items()))
+        return {"routing": res}
+
+    def draw(self, folder: str, result: dict, title: str) -> list:
+        """evaluate.py --analysis: routing_clusters.png, the clusters x reference table -> the files written."""
+        from lib import plots
+        res = result.get("routing")
+        if res is None:
+            return []
+        plots.routing_clusters(os.path.join(folder, "routing_clusters.png"), res["contingency"],
+                               [f"cluster {i}" for i in range(len(res["contingency"]))], res["reference_names"],
+                               f"Routing clusters vs {res['reference']}: NMI {res['nmi']:.3f}, ARI {res['ari']:.3f}",
+                               f"{title}; k-means (K = {res['clusters']}) of each image's routing signature (divdr.py)")
+        return ["routing_clusters.png"]
+
+    def state_dict(self) -> dict:
+        return {"centroids": self.centroids.cpu() if self.centroids is not None else None}
+
+    def load(self, ckpt: dict, device):
+        """The centroids a checkpoint holds (an older one keeps them as "divdr_centroids")."""
+        state = ckpt.get("hooks", {}).get(self.name) or {"centroids": ckpt.get("divdr_centroids")}
+        self.centroids = state["centroids"].to(device) if state["centroids"] is not None else None
+        self.device = device
+
+
+def loop_hook(tcfg, mcfg, model):
+    """zoo.loop_hooks's entry: a DivDR for a model that routes, else None (or an error with --divdr-coef)."""
+    if not routes(model):
+        if mcfg.divdr_coef > 0:
+            sys.exit(f"error: --divdr-coef trains routing, and --model {mcfg.model} here routes nothing: use a model "
+                     "with a gate (drmoe, hsq with --moe-layers >= 1) or MoE layers in the backbone")
+        return None
+    return DivDR(mcfg, tcfg.seed)
+
+
+CONFIG = DivDRConfig   # this file's fields, joined into zoo.ModelConfig: one --flag each
+
+
+def check(tcfg, mcfg, error):
+    """DivDR's values that cannot work, caught before anything is built: error(one line) exits."""
+    ranges = [("divdr_coef", lambda v: v >= 0, "a number >= 0"),
+              ("divdr_clusters", lambda v: v >= 2, "an integer >= 2"),
+              ("divdr_margin", lambda v: v > 0, "a number > 0")]
+    for name, ok, allowed in ranges:
+        if not ok(getattr(mcfg, name)):
+            error(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(mcfg, name)!r}")
+
+
 if __name__ == "__main__":
     # A worked example: B = 6 images, a head gate over L = 2 labels x E = 3 experts. Images 0-2 route every
     # label to expert 0, images 3-5 to expert 2: two routes, which k-means should find as two partitions.
@@ -244,7 +351,7 @@ if __name__ == "__main__":
     w[:3, :, 0], w[3:, :, 2] = 0.9, 0.9                                 # rows sum to 1
     w = w + 0.02 * torch.rand_like(w)
     w = w / w.sum(-1, keepdim=True)                                     # a little noise; rows still sum to 1
-    sig, rows = routing_signature({"gate_weights": w}, torch.nn.Identity())
+    sig, rows = routing_signature({"gate": route(w)})
     print(f"gate weights      {tuple(w.shape)}   (B, L, E)")
     print(f"signature r       {tuple(sig.shape)}      (B, F), F = L*E = {sig.shape[1]}; rows {rows}")
     centroids, assign = kmeans(sig.numpy(), 2, seed=0)

@@ -9,8 +9,9 @@ Evaluation: a checkpoint over a dataset split, or over your own images, with eve
 The first rebuilds the model from the checkpoint alone (zoo.load_checkpoint_model), scores the split with `predict`
 (train.py uses it too, for validation), prints mAP, CP/CR/CF1, OP/OR/OF1 and their top-3 variants
 (metrics.py, ML-GCN's definitions), a per-label AP table beside analysis.gate_statistics (how the gate
-splits each label's mass between shared and task experts), the routing's structure where the model routes
-(divdr.py), and writes them to JSON; with --analysis it draws lib/analysis.py's pictures.
+splits each label's mass between shared and task-specific experts), what the systems' hooks report on the
+split (zoo.loop_hooks: the routing's structure, say), and writes them to JSON; with --analysis it draws
+lib/analysis.py's pictures.
 
 Shapes (legend in experts.py; N images here): scores (N, L) probabilities, targets (N, L) in {1, 0, -1},
 gate weights (N, L, E), image features (N, D).
@@ -19,6 +20,7 @@ import functools
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from config import amp_dtype_for, check_device, pick_device
 from data import load_image
-from divdr import agreement, reference_partition, routing_signature, split_structure
+import zoo
 from lib import analysis, predictions
 from lib.checkpoint import read_checkpoint
 from lib.distributed import gather_rows, is_main
@@ -37,13 +39,10 @@ from zoo import load_checkpoint_model
 
 # ----------------------------------------------------------------------------- running a model
 @torch.no_grad()
-def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_last, features=False,
-            routing=False):
-    """Run a model over a loader in eval mode.
-
-    -> scores (N, L) probabilities, targets (N, L) in {1, 0, -1}, gate weights (N, L, E) or None,
-    with features=True also the pooled image features (N, D) the gate reads (lib/analysis.py uses them), and
-    with routing=True also the routing signatures (N, F) or None and their rows (divdr.routing_signature).
+def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_last, features=False) -> dict:
+    """Run a model over a loader in eval mode -> {"scores": (N, L) probabilities, "targets": (N, L) in {1, 0, -1},
+    "routing": {router: (N, R, E) routing rows}, "kinds": {router: its kind}} (lib/routing.py), and with
+    features=True "features": the pooled image features (N, D) the gate reads (lib/analysis.py uses them).
     Leaves the model in eval mode; train.py switches it back at the start of every epoch.
     Under torchrun the loader has a DistributedSampler: each rank scores its shard, and the shards are
     gathered back into the whole split, in order and each image once (distributed.gather_rows).
@@ -51,7 +50,7 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
     # eval mode: dropout off and BatchNorm on its running statistics, so an image's score does not depend
     # on the other images of its batch (the metrics must not change with the batch size).
     model.eval()
-    scores, targets, gates, feats, sigs, rows = [], [], [], [], [], []
+    scores, targets, feats, rows, kinds = [], [], [], {}, {}
     # A bar on a terminal only (disable=None): output redirected to a file gets no redraws.
     for x, y in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=None if is_main() else True):
         # the memory format the model was trained in (channels_last for convolutions): the same kernels,
@@ -64,26 +63,26 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
         # top scores change the ranking, hence the AP
         scores.append(torch.sigmoid(logits.float()).cpu())
         targets.append(y)
-        if info.get("gate_weights") is not None:
-            gates.append(info["gate_weights"].float().cpu())
         if features:
             feats.append(info["image_feature"].float().cpu())
-        if routing:
-            sig, rows = routing_signature(info, model)
-            if sig is not None:
-                sigs.append(sig.cpu())
-    # (N_r, ...) each: this rank's rows, or all N rows in a single process; None where the model has none
-    out = [torch.cat(v) if v else None for v in (scores, targets, gates, feats, sigs)]
+        for name, r in info["routing"].items():
+            rows.setdefault(name, []).append(r["probs"].float().cpu())           # (B, R, E)
+            kinds[name] = r["kind"]
+    # (N_r, ...) each: this rank's rows, or all N rows in a single process
+    out = {"scores": torch.cat(scores), "targets": torch.cat(targets), **({"features": torch.cat(feats)} if features else {}),
+           "routing": {name: torch.cat(v) for name, v in rows.items()}}
     if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
         index, n = torch.tensor(list(loader.sampler)), len(loader.dataset)   # this rank's dataset rows (n_r,)
-        out = [gather_rows(v, index, n) if v is not None else None for v in out]
-    out = [v.numpy() if v is not None else None for v in out]
-    return tuple(out[:3]) + ((out[3],) if features else ()) + ((out[4], rows) if routing else ())
+        gather = lambda v: gather_rows(v, index, n)
+        out = {k: ({name: gather(t) for name, t in v.items()} if k == "routing" else gather(v)) for k, v in out.items()}
+    out = {k: ({name: t.numpy() for name, t in v.items()} if k == "routing" else v.numpy()) for k, v in out.items()}
+    out["kinds"] = kinds
+    return out
 
 
 def score_split(path: str, split, data_root, device, ckpt=None):
-    """A checkpoint's model over a dataset split -> (scores, targets, gates, features, ckpt, dataset, split name,
-    (routing signatures or None, their rows)).
+    """A checkpoint's model over a dataset split -> (predict's output with the features, ckpt, dataset, split
+    name, the model).
 
     The dataset is rebuilt from the run's own config (its image size, limit, ...), with the same batch
     size and memory format as training: identical numerics, hence identical metrics.
@@ -98,13 +97,12 @@ def score_split(path: str, split, data_root, device, ckpt=None):
     # no shuffle: the rows keep the dataset's order, so targets, gates and features line up with ds.ids
     # (--compare-to relies on it to pair two runs' images)
     loader = torch.utils.data.DataLoader(ds, batch_size=tcfg["batch_size"], num_workers=tcfg["num_workers"])
-    scores, targets, gates, feats, sigs, rows = predict(model, loader, device, amp_dtype_for(device, tcfg["amp"]), fmt,
-                                                        features=True, routing=True)
-    bad = ~np.isfinite(scores).all(1)
+    pred = predict(model, loader, device, amp_dtype_for(device, tcfg["amp"]), fmt, features=True)
+    bad = ~np.isfinite(pred["scores"]).all(1)
     if bad.any():   # NaN weights (a diverged run) give NaN scores: name the file, not a bare ValueError
         raise ValueError(f"--checkpoint {path}: the model gives non-finite scores on {int(bad.sum())} of {len(bad)} "
                          f"{split} images; its weights hold NaN or inf (a diverged run?); use an earlier checkpoint")
-    return scores, targets, gates, feats, ckpt, ds, split, (sigs, rows)
+    return pred, ckpt, ds, split, model
 
 
 def main(argv=None):
@@ -191,10 +189,12 @@ def main(argv=None):
 
     # ---- a labelled split: every metric, the per-label table, the gate and routing statistics
     try:
-        scores, targets, gates, feats, ckpt, ds, args.split, (sigs, rows) = score_split(
-            args.checkpoint, args.split, args.data_root, device, loaded[args.checkpoint])
-    except ValueError as e:   # non-finite scores: one line naming the checkpoint
+        pred, ckpt, ds, args.split, model = score_split(args.checkpoint, args.split, args.data_root, device,
+                                                        loaded[args.checkpoint])
+    except ValueError as e:   # non-finite scores, or a model this copy cannot build: one line naming the checkpoint
         sys.exit(f"error: {e}")
+    scores, targets, feats = pred["scores"], pred["targets"], pred["features"]
+    gates = pred["routing"].get("gate")   # DR-MoE's gate (N, L, E); None for a model without it
     classes, mc = ckpt["classes"], ckpt["model_config"]
     print(f"{args.checkpoint}: {run_name(ckpt)}, epoch {ckpt['epoch'] + 1}, {ckpt.get('eval_weights', 'raw')} weights")
     # metrics.py's definitions, the ones train.py wrote to metrics.json: on the run's test split and at
@@ -205,7 +205,7 @@ def main(argv=None):
     print(" | ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
     result = {"checkpoint": args.checkpoint, "split": args.split, **metrics,
               "per_label_AP": {c: float(a) * 100 for c, a in zip(classes, ap)}}
-    # gates (N, L, E) exist only for the mixture heads (hsq, drmoe); the baselines have no gate to report.
+    # gates (N, L, E) exist only for the label-query mixtures; other models have no gate to report.
     if gates is not None:
         stats = analysis.gate_statistics(gates, targets, mc["shared_experts"], classes)
         result["gate"] = stats
@@ -230,12 +230,16 @@ def main(argv=None):
               f"{o['num_single_label_images']} single-label images, {o['shared_mass_multi']:.3f} on "
               f"{o['num_multi_label_images']} multi-label images; variability across images {o['variability']:.4f}")
         print("      mean weight per expert (shared first): " + ", ".join(f"{w:.3f}" for w in o["mean_weight_per_expert"]))
-    if sigs is not None:   # does routing follow the images' scenes (synthetic) or their most frequent label?
-        result["routing"] = routing_structure(sigs, rows, targets, ds, ckpt, feats)
+    # What the systems report on this split (the routing's structure, say: does it follow the scenes?).
+    hooks = zoo.loop_hooks(SimpleNamespace(**ckpt["train_config"]), zoo.model_config(mc, ckpt["train_config"]), model)
+    for hook in hooks:
+        result.update(hook.report(pred, ds, feats))
     if args.analysis:
         result["analysis"] = run_analysis(args, targets, gates, feats, ckpt, ds, ap, result.get("gate"), device)
-        if sigs is not None:
-            draw_routing(args.analysis, result["routing"], ckpt)
+        for hook in hooks:
+            written = hook.draw(args.analysis, result, run_name(ckpt))
+            if written:
+                print(f"analysis: wrote {', '.join(written)} into {args.analysis}")
     # JSON, not a pickle or npz: the numbers are read by people and by other tools (studies/compare.py reads metrics.json).
     # Next to the checkpoint by default, named by split, so evaluating val and test keeps both files.
     out = args.json or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval_{args.split}.json")
@@ -246,43 +250,12 @@ def main(argv=None):
 
 
 def run_name(ckpt) -> str:
-    """"drmoe gate=dynamic S=2 T=1" for a mixture, just the model's name for the others: a title for plots."""
+    """"drmoe gate=dynamic S=2 T=1" for a gated mixture, just the model's name for the others: a title for plots."""
     mc = ckpt["model_config"]
-    if not mc.get("moe_layers", 1):
-        return mc.get("model", "drmoe")
-    return f"{mc.get('model', 'drmoe')} gate={mc['gate']} S={mc['shared_experts']} T={mc['task_experts']}"
-
-
-def routing_structure(sigs, rows, targets, ds, ckpt, feats=None) -> dict:
-    """divdr.split_structure on the split: k-means of the routing signatures against the reference partition;
-    for scale, the same clustering of the image features the gate reads and of the label vectors."""
-    # The run's own cluster count, so this reprints what train.py logged; 8 for checkpoints from before it.
-    k = ckpt["train_config"].get("divdr_clusters", 8)
-    res = split_structure(sigs, rows, ds, targets, k)
-    print(f"\nrouting: {res['clusters']} k-means clusters of the routing vs the {res['reference']}: NMI {res['nmi']:.3f}, "
-          f"ARI {res['ari']:.3f}; {res['distinct_routes']} distinct top-1 routes ({res['route_entropy_bits']:.2f} bits)")
-    # For scale: an NMI means little alone. The same k-means on the label vectors shows how much of the
-    # reference partition the labels themselves carry, and on the image features how much the features the
-    # gate reads already hold; a routing below both has found less structure than its own input.
-    ref = reference_partition(ds, targets)[0]
-    res["for_scale"] = {"labels": agreement((targets == 1).astype(np.float64), ref, k)}
-    if feats is not None:
-        res["for_scale"]["image_feature"] = agreement(feats, ref, k)
-    shown = {"labels": "label vectors", "image_feature": "image features"}
-    print("         for scale, the same k-means of " + "; of ".join(
-        f"the {shown[name]}: NMI {v['nmi']:.3f}, ARI {v['ari']:.3f}" for name, v in res["for_scale"].items()))
-    return res
-
-
-def draw_routing(folder, res, ckpt):
-    """routing_clusters.png: the clusters x reference table, NMI and ARI in the title."""
-    from lib import plots
-    os.makedirs(folder, exist_ok=True)
-    plots.routing_clusters(os.path.join(folder, "routing_clusters.png"), res["contingency"],
-                           [f"cluster {i}" for i in range(len(res["contingency"]))], res["reference_names"],
-                           f"Routing clusters vs {res['reference']}: NMI {res['nmi']:.3f}, ARI {res['ari']:.3f}",
-                           f"{run_name(ckpt)}; k-means (K = {res['clusters']}) of each image's routing signature (divdr.py)")
-    print(f"analysis: wrote routing_clusters.png into {folder}")
+    cfg = zoo.model_config(mc, ckpt["train_config"])
+    if not zoo.gated(cfg):
+        return cfg.model
+    return f"{cfg.model} gate={cfg.gate} S={cfg.shared_experts} T={cfg.task_experts}"
 
 
 def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> dict:
@@ -295,8 +268,9 @@ def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> di
     if args.compare_to:
         from data import DatasetError
         try:
-            o_scores, o_targets, _, o_feats, o_ckpt, o_ds = score_split(args.compare_to, args.split, args.data_root,
-                                                                        device, args.compare_ckpt)[:6]
+            o_pred, o_ckpt, o_ds = score_split(args.compare_to, args.split, args.data_root, device,
+                                               args.compare_ckpt)[:3]
+            o_scores, o_targets, o_feats = o_pred["scores"], o_pred["targets"], o_pred["features"]
         except ValueError as e:   # non-finite scores: one line naming that checkpoint
             sys.exit(f"error: {e}".replace("--checkpoint", "--compare-to"))
         # The gain is per label and per image set: both runs must have seen the same labels and images.

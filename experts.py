@@ -1,5 +1,5 @@
 """
-The experts of the mixture: shared experts used by every label, task experts owned by one label.
+The experts of the mixture: shared experts used by every label, task-specific experts owned by one label (the DR-MoE and HSQ papers' term).
 
 DR-MoE (and HSQ before it, Yin et al., ICLR 2024, §3.3) decode one feature h[b, l] per label and pass it
 through a set of small feed-forward networks ("experts"). Two kinds exist:
@@ -8,22 +8,22 @@ through a set of small feed-forward networks ("experts"). Two kinds exist:
     task expert   t = 1..T   E_{l,t}(x) = W2_{l,t} · GELU(W1_{l,t} · x + b1_{l,t}) + b2_{l,t}
                                                                                   owned by label l only
 
-Shared experts let labels pool what they have in common ("round things", "red things"); task experts
+Shared experts let labels pool what they have in common ("round things", "red things"); task-specific experts
 give each label capacity of its own. The gate (gating.py) decides, per image and per label, how much of
 each to use. This file only computes every expert's output; combining them is the gate's and model.py's job.
 
 Why stacked weights and einsum: the naive implementation is a ModuleList of S + L*T small MLPs and a
 Python loop over labels and experts. With L = 80 labels that is hundreds of tiny matmuls per step.
-Storing each group's weights as one tensor, (S, D, H) for shared and (L, T, D, H) for task experts,
+Storing each group's weights as one tensor, (S, D, H) for shared and (L, T, D, H) for task-specific experts,
 lets one einsum apply them all at once (the trick lucidrains' mixture-of-experts uses). `forward_loop` is
 that naive loop, kept as the reference: tests/test_moe.py checks the einsum against it, studies/bench.py times both.
 
 Shape legend (whole codebase): B batch, L labels, D feature dim, S shared experts,
-T task experts per label, H expert hidden dim, E = S + T experts seen by each label, N tokens of an image's
+T task-specific experts per label, H expert hidden dim, E = S + T experts seen by each label, N tokens of an image's
 map (h*w), I the width of what a gate reads (gating.py). backbone_moe.py keeps its papers' letters and says so.
 
     input  h:       (B, L, D)     one feature per image and label (from the label-query decoder)
-    output experts: (B, L, E, D)  expert e's output for label l; e < S are shared, e >= S are label l's own
+    output experts: (B, L, E, D)  expert e's output for label l; e < S are shared, e >= S are label l's task-specific ones
 
     python experts.py    # a worked example: every expert of 3 labels on 2 images, checked against the equation by hand
 """
@@ -44,7 +44,7 @@ class Experts(nn.Module):
         self.num_labels, self.dim, self.hidden = num_labels, dim, hidden
         self.shared, self.task = shared, task
         L, D, H, S, T = num_labels, dim, hidden, shared, task
-        # Stacked weights: one leading axis per expert (and per label for task experts).
+        # Stacked weights: one leading axis per expert (and per label for task-specific experts).
         self.shared_w1 = nn.Parameter(torch.empty(S, D, H))
         self.shared_b1 = nn.Parameter(torch.empty(S, H))
         self.shared_w2 = nn.Parameter(torch.empty(S, H, D))
@@ -110,7 +110,7 @@ class Experts(nn.Module):
 
 if __name__ == "__main__":
     # A worked example on a tiny input: B = 2 images, L = 3 labels, D = 8, H = 16, S = 2 shared experts, T = 1
-    # own expert per label, so every label sees E = S + T = 3 experts.
+    # task-specific expert per label, so every label sees E = S + T = 3 experts.
     torch.manual_seed(0)
     B, L, D, H, S, T = 2, 3, 8, 16, 2, 1
     show = lambda name, t, what: print(f"{name:<12} {str(tuple(t.shape)):<15} {what}")
@@ -119,13 +119,13 @@ if __name__ == "__main__":
     out = experts(h)
     show("h", h, "(B, L, D): one feature per image and label")
     show("shared_w1", experts.shared_w1, "(S, D, H): one matrix per shared expert")
-    show("task_w1", experts.task_w1, "(L, T, D, H): label l's own experts")
-    show("experts(h)", out, f"(B, L, E, D), E = {experts.num_experts}: the shared experts first, then the own")
+    show("task_w1", experts.task_w1, "(L, T, D, H): label l's task-specific experts")
+    show("experts(h)", out, f"(B, L, E, D), E = {experts.num_experts}: the shared experts first, then the task-specific")
     # Expert e of label l by hand, E(x) = W2 GELU(W1 x + b1) + b2: shared expert 1 on label 2 of image 0 ...
     x, gelu = h[0, 2], torch.nn.functional.gelu                         # x (D,)
     by_hand = gelu(x @ experts.shared_w1[1] + experts.shared_b1[1]) @ experts.shared_w2[1] + experts.shared_b2[1]
     print(f"shared expert 1 on label 2 of image 0: |einsum - by hand| = {(out[0, 2, 1] - by_hand).abs().max():.1e}")
-    # ... and label 2's own expert, which no other label ever sees.
+    # ... and label 2's task-specific expert, which no other label ever sees.
     by_hand = gelu(x @ experts.task_w1[2, 0] + experts.task_b1[2, 0]) @ experts.task_w2[2, 0] + experts.task_b2[2, 0]
-    print(f"label 2's own expert on image 0:       |einsum - by hand| = {(out[0, 2, S] - by_hand).abs().max():.1e}")
+    print(f"label 2's task-specific expert, image 0: |einsum - by hand| = {(out[0, 2, S] - by_hand).abs().max():.1e}")
     print(f"the four einsums against forward_loop: max |difference| = {(out - experts.forward_loop(h)).abs().max():.1e}")

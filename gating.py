@@ -35,11 +35,11 @@ the top-k choice. The gate is tiny (B * L * I * E multiply-adds), so fp32 costs 
 weights are cast to the experts' dtype only for the weighted sum in model.py.
 
 Expert collapse. A gate can learn to send (almost) all mass to one expert slot, e.g. every label to its
-own task expert, so the shared experts stop receiving gradient and the mixture is a mixture in name only
-(Shazeer et al. 2017 call this the self-reinforcing imbalance of gated experts). `expert_load` below turns
-an epoch of gate weights into the mass per expert slot; train.py logs it every epoch and warns when one
-slot holds more than --collapse-threshold of it. The remedy is the load-balancing loss above
-(--aux-loss-coef; the README measures its effect).
+task-specific expert, so the shared experts stop receiving gradient and the mixture is a mixture in name only
+(Shazeer et al. 2017 call this the self-reinforcing imbalance of gated experts). model.py hands the gate's
+weights to the loop as a routing record (lib/routing.py), whose watch gives the mass per expert slot every
+epoch and warns when one slot holds more than --collapse-threshold of it, as for every router. The remedy
+is the load-balancing loss above (--aux-loss-coef; results/compare measures its effect).
 
 Shapes (legend in experts.py): h (B, L, D), g (B, D) -> weights (B, L, E) float32, aux_loss scalar.
 
@@ -121,33 +121,12 @@ def switch_balance(P: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def expert_names(shared: int, task: int):
-    """Names of the E gate slots, in the gate's order: the S shared experts, then the label's T own ones."""
-    return [f"shared{s}" for s in range(shared)] + [f"own{t}" for t in range(task)]
-
-
-def expert_load(mass: torch.Tensor, names, threshold: float):
-    """mass (L, E): each label's mean gate weight on each expert over an epoch -> (summary dict, warning or None).
-
-    slot_mass[e] = mean over labels of mass[l, e]: how much of all routing goes to slot e (sums to 1).
-    A label is "concentrated" when one expert holds more than `threshold` of its mass; one such label is
-    specialisation (a colour label may rightly live in its own expert), but when one *slot* holds more
-    than `threshold` of everything, the other experts are starved: that is the collapse warned about.
-    """
-    mass = mass.float()
-    slot_mass = mass.mean(0)                                               # (L, E) -> (E,)
-    concentrated = int((mass.max(dim=1).values > threshold).sum())         # labels with one dominant expert
-    summary = {"expert_mass": dict(zip(names, slot_mass.tolist())), "labels_concentrated": concentrated}
-    top = int(slot_mass.argmax())
-    # With E = 1 there is nothing to route, hence nothing to collapse.
-    if len(names) > 1 and slot_mass[top] > threshold:
-        return summary, (f"expert collapse: {names[top]} takes {100 * slot_mass[top]:.0f}% of the gate mass "
-                         f"(> {100 * threshold:.0f}%); the other experts get almost no gradient. "
-                         f"Remedy: the load-balancing loss, e.g. --aux-loss-coef 0.01 (gating.py)")
-    return summary, None
+    """Names of the E gate slots, in the gate's order: the S shared experts, then the label's T task-specific ones."""
+    return [f"shared{s}" for s in range(shared)] + [f"task{t}" for t in range(task)]
 
 
 if __name__ == "__main__":
-    # A worked example: B = 2 images, L = 3 labels, D = 4, E = 3 experts per label (S = 2 shared, T = 1 own).
+    # A worked example: B = 2 images, L = 3 labels, D = 4, E = 3 experts per label (S = 2 shared, T = 1 task-specific).
     torch.manual_seed(0)
     B, L, D, E = 2, 3, 4, 3
     h, g = torch.randn(B, L, D), torch.randn(B, D)                     # label features, image feature

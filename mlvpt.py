@@ -12,7 +12,7 @@ equation could be read here; where a step below says "official" it was checked i
 1. Label groups (label_groups). The official repository ships its groups as precomputed JSON files and no
    grouping code (data/aux_data/<set>/<set>_coocurrence5_0.json for CO, <set>_cluster5_0.json for DC), so
    this follows the paper's equation as we read it, and is checked against those files. From the training labels
-   (positives only; baselines.label_cooccurrence): S_ij = images with labels i and j, A_ij = S_ij / N_i
+   (positives only; data.label_cooccurrence): S_ij = images with labels i and j, A_ij = S_ij / N_i
    (= P(j | i)), the tau-th root with tau = 2 (--mlvpt-tau), symmetrised:
        M+ = (A^(1/tau) + (A^(1/tau))^T) / 2        correlative (CO) affinity: labels that appear together
        M- = 1 - M+                                 discriminative (DC) affinity: labels that exclude each other
@@ -20,7 +20,7 @@ equation could be read here; where a step below says "official" it was checked i
    each as scikit-learn's SpectralClustering(affinity="precomputed") does it (spectral_embedding): the k
    eigenvectors of the normalised Laplacian I - D^-1/2 M D^-1/2 with the smallest eigenvalues, each row
    divided by sqrt(d_i) (scikit-learn's "diffusion map" scaling; not Ng-Jordan-Weiss's rows of unit length,
-   which an earlier version used), then k-means with 1,000 restarts (divdr.kmeans), deterministic by seed.
+   which an earlier version used), then k-means with 1,000 restarts (lib/kmeans.py), deterministic by seed.
    Checked against the official files (tests/test_mlvpt.py): on VOC 2007 trainval's and COCO 2014 train's
    label counts (ML-GCN's), tau = 2 and k = 5 give exactly the official CO groups of both datasets and the
    official DC groups of VOC (the lowest-inertia k-means, found from every seed 0-9 with 1,000 restarts;
@@ -50,8 +50,13 @@ equation could be read here; where a step below says "official" it was checked i
    Prediction: (logit_CO + logit_DC) / 2 (official). Loss, official: ASL (gamma- 2, gamma+ 0, clip 0, eps
    1e-5, focusing detached) on logit_CO, logit_DC, gate_logit_CO and gate_logit_DC, each weight 1, and not
    on the mean (--no-mlvpt-gate-loss drops the two gate terms, --mlvpt-fused-loss adds the mean's); our ASL
-   is a mean over entries where the official one is a sum / (B L) * 1000 (baselines.py: --lr keeps its
-   meaning across label counts).
+   is a mean over entries where the official one is a sum / (B L) * 1000 (losses.py: --lr keeps its
+   meaning across label counts). Each branch's gate is a router: its weights w (B, L, m) go to the loop as a
+   routing record (lib/routing.py), "co gate" and "dc gate", whose health is watched like every router's.
+How this file plugs in (a file a DR-MoE fork can delete): zoo.py reads MODELS (the model, its settings), the
+config fields (MLVPTConfig), check() and resolve() (--mlvpt-groups 0 from the training labels); the loop calls
+the model's prepare() with the training labels (the groups) and takes the loss on every output the forward
+lists in info["loss_logits"]. Nothing outside this file names it but zoo.py's list of systems.
 Ablations (studies/compare.py --set mlvpt): --mlvpt-branches co | dc | co,dc; --mlvpt-grouping label | random (each
 branch's groups keep their sizes, the labels are shuffled: does the grouping matter?) | none (plain VPT-deep:
 the same 2 m k prompts shared by all labels, no attention mask, one linear head on the class token).
@@ -71,9 +76,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbones import BackboneConfig, ViTMap, backbone_from_config
-from baselines import label_cooccurrence
-from divdr import kmeans
+from data import label_cooccurrence
 from lib.flags import config_field
+from lib.kmeans import kmeans
+from lib.routing import collect, route
 
 BRANCHES = ("co", "dc")
 GROUPINGS = ("label", "random", "none")
@@ -100,7 +106,7 @@ class MLVPTConfig(BackboneConfig):
 
 
 def cooccurrence(targets):
-    """targets (N, L) in {1, 0, -1} -> (counts (L, L), nums (L,)) as baselines.label_cooccurrence; a pair
+    """targets (N, L) in {1, 0, -1} -> (counts (L, L), nums (L,)) as data.label_cooccurrence; a pair
     (counts, nums) passes through: the grouping needs only these, and some datasets publish just them
     (ML-GCN's adj files for VOC and COCO; tests/voc2007_trainval_cooccurrence.txt)."""
     return targets if isinstance(targets, tuple) else label_cooccurrence(targets)
@@ -308,6 +314,7 @@ class MLVPT(nn.Module):
             raise ValueError("MLVPT needs the number of groups: --mlvpt-groups 0 is resolved by train.py")
         self.branches = [b for b in cfg.mlvpt_branches.split(",") if b]
         self.grouped = cfg.mlvpt_grouping != "none"
+        self.routes = self.grouped   # lib/routing.routes: the group gates route (VPT-deep has none)
         # "none" (VPT-deep) gets as many prompts as ML-VPT with both branches: the same prompt budget.
         P = m * k * (len(self.branches) if self.grouped else 2)
         self.k, self.m, self.num_prompts = k, m, P
@@ -347,6 +354,10 @@ class MLVPT(nn.Module):
                 print(f"ML-VPT {kind.upper()} groups ({cfg.mlvpt_grouping}): "
                       + " | ".join(", ".join(names[i] for i in members) for members in groups))
 
+    def prepare(self, targets, classes=None, seed: int = 0, verbose: bool = True):
+        """What zoo.prepare calls with the training labels (N, L) before training: the label groups."""
+        self.set_label_groups(np.asarray(targets), classes, seed=seed, verbose=verbose)
+
     def label_groups_of(self, branch: int):
         """The groups of one branch as k lists of label indices (read back from the buffer)."""
         g = self.groups[branch].tolist()
@@ -359,7 +370,8 @@ class MLVPT(nn.Module):
 
     def forward(self, x: torch.Tensor):
         cls, z = prompted_tokens(self.backbone, x, self.prompts, masked=self.grouped)   # (B, D), (B, P, D)
-        info = {"gate_weights": None, "aux_loss": torch.zeros((), device=x.device), "image_feature": cls.detach()}
+        losses, routing = collect(self.backbone)   # what routers inside the ViT left, if any (lib/routing.py)
+        info = {"losses": losses, "routing": routing, "image_feature": cls.detach()}
         if not self.grouped:
             with torch.autocast(x.device.type, enabled=False):            # fp32 logits, as every model's
                 logits = self.head(cls.float())
@@ -381,6 +393,9 @@ class MLVPT(nn.Module):
             weights.append(w)
         logits = torch.stack(outs).mean(0)                                 # (B, L) mean of the branches
         info["branch_gates"] = torch.stack(weights, 1)                     # (B, branches, L, m), rows sum to 1
+        # Each branch's gate is a router over its group's m prompt tokens: L rows per image (lib/routing.py).
+        names = [f"prompt{s}" for s in range(self.m)]
+        info["routing"] = {**{f"{b} gate": route(w, names=names) for b, w in zip(self.branches, weights)}, **routing}
         info["loss_logits"] = (outs + (gate_outs if self.cfg.mlvpt_gate_loss else [])
                                + ([logits] if self.cfg.mlvpt_fused_loss else []))
         return logits, info
@@ -398,7 +413,7 @@ def worked_example():
     print(grouping_report(targets, ds.classes, k=5, draws=200))
     cfg = MLVPTConfig(num_labels=len(ds.classes), backbone="vit_tiny", image_size=64, freeze_backbone=True)
     model = MLVPT(cfg).eval()
-    model.set_label_groups(targets, ds.classes, verbose=False)
+    model.prepare(targets, ds.classes, verbose=False)
     x = torch.stack([ds[i][0] for i in range(2)])                         # (B, 3, 64, 64)
     with torch.no_grad():
         cls, z = prompted_tokens(model.backbone, x, model.prompts)
@@ -408,9 +423,58 @@ def worked_example():
           f"every block sees {n_tokens} tokens [class, P prompts, 64 patches]; mask {tuple(prompt_mask(model.num_prompts, n_tokens).shape)}")
     print(f"   images {tuple(x.shape)} -> class token {tuple(cls.shape)} (B, D), prompt outputs z {tuple(z.shape)} (B, P, D)")
     print(f"3. adapters {tuple(model.w1.shape)} (P, D, r); gates {tuple(model.gate.shape)} (branches, L, m, D); "
-          f"gate weights {tuple(info['branch_gates'].shape)} (B, branches, L, m), rows sum to 1")
+          f"gate weights {tuple(info['branch_gates'].shape)} (B, branches, L, m), rows sum to 1; routers "
+          f"{list(info['routing'])}")
     print(f"   logits {tuple(logits.shape)} (B, L) = the mean of the CO and DC branches; the loss is taken on "
           f"{len(info['loss_logits'])} outputs (two branches, two gates)")
+
+
+# --------------------------------------------------------------------------------------------------------
+# What zoo.py reads: the model by name, this file's checks, and --mlvpt-groups 0 resolved from the labels
+
+# ML-VPT's official configs: ASL with Q2L's settings (gamma- 2, gamma+ 0, clip 0, eps 1e-5, detached), the
+# backbone frozen, prompts and head trained; its optimiser decays every trainable parameter ("single_lr") and
+# clips no gradient (max_clip_grad_norm 0; config/vpt-group-moe-g5e3/...).
+PRESET = dict(freeze_backbone=True, loss="asl", asl_gamma_neg=2.0, asl_gamma_pos=0.0, asl_clip=0.0,
+              asl_eps=1e-5, asl_detach_focusing=True, decay_all=True, grad_clip=0.0)
+
+
+def _describe(model, cfg) -> str:
+    return (f"{model.num_prompts} prompts x {len(model.prompts)} blocks, grouping {cfg.mlvpt_grouping}, "
+            f"branches {cfg.mlvpt_branches}")
+
+
+MODELS = {"mlvpt": dict(build=lambda cfg, classes: MLVPT(cfg), preset=PRESET, describe=_describe)}
+
+
+CONFIG = MLVPTConfig   # this file's fields, joined into zoo.ModelConfig: one --flag each
+
+
+def check(tcfg, mcfg, error):
+    """ML-VPT's values that cannot work, caught before anything is built: error(one line) exits."""
+    ranges = [
+        ("mlvpt_groups", lambda v: v >= 0, "an integer >= 0 (0 = pick by the Calinski-Harabasz score)"),
+        ("prompts_per_group", lambda v: v >= 1, "an integer >= 1"),
+        ("adapter_dim", lambda v: v >= 1, "an integer >= 1"),
+        ("mlvpt_tau", lambda v: v > 0, "a number > 0"),
+        ("mlvpt_branches", lambda v: v.split(",") and set(v.split(",")) <= set(BRANCHES), "co, dc or co,dc"),
+        ("mlvpt_grouping", lambda v: v in GROUPINGS, f"one of {GROUPINGS}"),
+    ]
+    for name, ok, allowed in ranges:
+        if not ok(getattr(mcfg, name)):
+            error(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(mcfg, name)!r}")
+    if mcfg.model == "mlvpt" and not mcfg.backbone.startswith("vit"):
+        error(f"--model mlvpt prompts a ViT: --backbone {mcfg.backbone} is not one (use vit_tiny, or vit_b_16 "
+              "--weights DEFAULT)")
+
+
+def resolve(cfg, targets, say=print):
+    """--mlvpt-groups 0: k from the training labels (Calinski-Harabasz, pick_k), fixed in the config before the
+    model is built (the prompt count depends on it), so that a checkpoint rebuilds the same model."""
+    if cfg.model == "mlvpt" and cfg.mlvpt_groups == 0:
+        kind = cfg.mlvpt_branches.split(",")[0]   # one k for both branches: the first branch's choice
+        cfg.mlvpt_groups = pick_k(affinities(np.asarray(targets), cfg.mlvpt_tau)[BRANCHES.index(kind)], seed=0)
+        say(f"ML-VPT: k = {cfg.mlvpt_groups} groups, chosen by the Calinski-Harabasz score")
 
 
 if __name__ == "__main__":

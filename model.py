@@ -1,14 +1,21 @@
 """
-DR-MoE: a backbone, label queries, a mixture of shared and task experts routed by an input-conditioned gate.
+DR-MoE: a backbone, label queries, a mixture of shared and task-specific experts routed by an input-conditioned gate.
+
+Paper: "Dynamic Routing Mixture of Experts for Enhanced Multi-Label Image Classification", ICLR 2025 submission
+(OpenReview, forum gFUomIaycw). Its abstract: input-dependent gating that "adaptively selects and weights both
+shared and task-specific experts based on the input image features", against HSQ's gate, which reads the label
+feature alone. Its full text could not be read here, so its equation numbers are not given; what its reviews
+state (T = 1 task-specific expert per label by default, a BCE loss) is what this file does. Everything else
+follows Query2Label (the decoder) and HSQ (the experts and the per-label gate), cited where computed.
 
     image (B, 3, H_img, W_img)
       -> backbone (backbones.py: ResNet, ConvNeXt, Swin, ViT, ...)   feature map (B, C, h, w)
-         [MoE in the backbone's MLPs: backbone_moe.py, --backbone-moe]
       -> 1x1 conv to D (identity if C = D), plus 2-D sine positions  memory      (B, N, D), N = h*w tokens
       -> [transformer encoder over the tokens: Q2L only, enc_layers]
       -> label-query transformer decoder (one learnable query per label; Query2Label, Liu et al. 2021)
                                                                      h           (B, L, D)
-      -> MoE layer  z[b,l] = h[b,l] + sum_e w[b,l,e] * E_e(h[b,l])   (experts.py, gating.py; moe_layers of them)
+      -> MoE layer  z[b,l] = h[b,l] + sum_e w[b,l,e] * E_e(h[b,l])   (experts.py, gating.py; moe_layers of them):
+         the S shared experts and label l's T task-specific ones
                                                                      z           (B, L, D)
       -> per-label linear classifier  logit[b,l] = <W_l, z[b,l]> + c_l   (Q2L's GroupWiseLinear)
                                                                      logits      (B, L)
@@ -30,8 +37,13 @@ Choices the papers leave open, made here (each is a config field):
   label queries to attend to; layer3 gives 4x4 = 16 (the synthetic preset uses it). At 448 px, layer4
   (14x14 = 196 tokens) is the papers' setting.
 
-Forward returns (logits (B, L), info) where info = {"gate_weights": (B, L, E) fp32, "aux_loss": scalar,
-"image_feature": g (B, D)}, so train.py adds the load-balancing loss and evaluate.py analyses the routing.
+Forward returns (logits (B, L), info), the record every model of the codebase returns (zoo.py):
+    info["losses"]         {"balance": --aux-loss-coef x the gate's balance loss}, already weighted: train.py
+                           adds every entry to the loss and logs it by name, knowing nothing of what it is
+    info["routing"]        {"gate": the last MoE layer's routing record (lib/routing.py), probs = w (B, L, E)}:
+                           its health is watched every epoch, evaluate.py analyses the gate per label
+    info["image_feature"]  g (B, D), detached: what the gate reads, for the analyses
+plus whatever routers inside the backbone left (lib/routing.collect: none for a plain backbone).
 
     python model.py      # the forward pass taken apart stage by stage on two images, every shape printed
 
@@ -44,8 +56,9 @@ import torch.nn as nn
 
 from backbones import BackboneConfig, backbone_from_config
 from experts import Experts
-from gating import Gate
+from gating import Gate, expert_names
 from lib.flags import config_field
+from lib.routing import collect, route
 
 
 @dataclass
@@ -62,10 +75,12 @@ class DRMoEConfig(BackboneConfig):
     moe_layers: int = config_field(1, "stacked MoE layers after the decoder (0 = none, i.e. Query2Label)", "mixture of experts")
     gate: str = config_field("dynamic", "what the gate reads: static | label (HSQ) | image | dynamic (DR-MoE)", "mixture of experts")
     shared_experts: int = config_field(2, "S, experts shared by all labels", "mixture of experts")
-    task_experts: int = config_field(1, "T, experts owned by each label", "mixture of experts")
+    task_experts: int = config_field(1, "T, task-specific experts of each label (its own)", "mixture of experts")
     expert_hidden: int = config_field(256, "H, hidden width of each expert", "mixture of experts")
     top_k: int = config_field(0, "0 = dense routing; k > 0 keeps each row's k largest gate logits", "mixture of experts")
     gate_temperature: float = config_field(1.0, "tau in softmax(gate logits / tau)", "mixture of experts")
+    aux_loss_coef: float = config_field(0.0, "weight of every router's load-balancing loss: the gate's (gating.py), "
+                                             "and any router a system adds (0 = off)", "mixture of experts")
 
 
 def sine_positional_encoding(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -126,7 +141,9 @@ class LabelDecoderLayer(nn.Module):
 
 
 class MoELayer(nn.Module):
-    """z[b,l] = h[b,l] + sum_e w[b,l,e] * E_e(h[b,l]): S shared + T own experts, weighted by the gate."""
+    """z[b,l] = h[b,l] + sum_e w[b,l,e] * E_e(h[b,l]): S shared + T task-specific experts, weighted by the gate."""
+
+    routes = True   # lib/routing.routes: this module routes (a method that trains routing may take it)
 
     def __init__(self, cfg: DRMoEConfig):
         super().__init__()
@@ -187,8 +204,14 @@ class DRMoE(nn.Module):
             hq, weights, aux = layer(hq, g)                               # (B, L, D), (B, L, E)
             aux_loss = aux_loss + aux / len(self.moe)                     # mean over layers: same scale for any depth
         logits = (hq * self.cls_weight).sum(-1) + self.cls_bias           # (B, L)
-        # With several MoE layers the last layer's weights are reported (the one feeding the classifier).
-        return logits, {"gate_weights": weights, "aux_loss": aux_loss, "image_feature": g.detach()}
+        # The record (docstring): what routers in the backbone left, then the gate's loss and routing. With
+        # several MoE layers the last layer's weights are reported (the one feeding the classifier).
+        losses, routing = collect(self.backbone)
+        if self.moe:
+            losses = {"balance": self.cfg.aux_loss_coef * aux_loss, **losses}
+            routing = {"gate": route(weights, names=expert_names(self.cfg.shared_experts, self.cfg.task_experts)),
+                       **routing}
+        return logits, {"losses": losses, "routing": routing, "image_feature": g.detach()}
 
 
 if __name__ == "__main__":

@@ -1,25 +1,33 @@
 """
-Train DR-MoE (or a variant of its gate, or a baseline) for multi-label classification, top to bottom in one file.
+Train DR-MoE (or a variant of its gate, or any model zoo.py names) for multi-label classification, top to bottom
+in one file.
 
     python train.py                                   # embedded synthetic benchmark, CPU-sized, a few minutes
-    python train.py --gate label                      # HSQ's gate (reads only the label's feature)
+    python train.py --gate label                      # a gate that reads only the label's feature
     python train.py --shared-experts 2 --task-experts 2 --gate static
     python train.py --dataset voc --data-root ~/data  # ImageNet ResNet-101 at 448 px, the papers' setting (GPU)
     python train.py --dataset voc --data-root ~/data --download   # fetch VOC 2007 first
-    python train.py --model q2l                       # a baseline: linear | mlgcn | q2l | hsq (baselines.py)
-    python train.py --model hsq --dataset coco --describe   # parameters and GFLOPs only, no data read
+    python train.py --model NAME                      # another model (zoo.py lists them)
+    python train.py --dataset coco --describe         # parameters and GFLOPs only, no data read
     python train.py --resume                          # continue the run in --out-dir where it stopped
 
 The loop: AdamW + one-cycle learning rate, binary cross-entropy over the L labels (or the asymmetric loss,
---loss asl; entries marked -1 are ignored) plus the gate's load-balancing loss times --aux-loss-coef, gradient clipping, an exponential
-moving average (EMA) of the weights evaluated beside the raw weights, mixed precision through one code
-path (bf16 where the GPU has it, else fp16 with a GradScaler; fp32 on CPU). After every epoch: validation
-mAP, one log line, a JSONL record, `last.pt` and (if better) `best.pt`, written atomically. At the end the
-best checkpoint is evaluated on the test split and written to `<out-dir>/metrics.json`.
+--loss asl; entries marked -1 are ignored; losses.py) plus the losses the model adds (its routers' balance
+losses, already weighted), gradient clipping, an exponential moving average (EMA) of the weights evaluated
+beside the raw weights, mixed precision through one code path (bf16 where the GPU has it, else fp16 with a
+GradScaler; fp32 on CPU). After every epoch: validation mAP, one log line, a JSONL record with every router's
+health (lib/routing.py), `last.pt` and (if better) `best.pt`, written atomically. At the end the best
+checkpoint is evaluated on the test split and written to `<out-dir>/metrics.json`, and routing.png drawn.
+
+The model and the loop meet in one contract (zoo.py): forward(x) -> (logits, info) with info["losses"]
+(name -> weighted scalar: summed into the loss, logged by name) and info["routing"] (name -> routing record:
+watched). What a system adds to the loop comes as hooks (zoo.loop_hooks), called by what they do: their
+losses in every step, end_epoch at every epoch's end, measure on the evaluated splits. This file names no
+model but DR-MoE's defaults and no system.
 
 The equations, each next to the line that computes it:
-    loss  = sum_{b,l} m[b,l] BCE(y[b,l], x[b,l]) / sum_{b,l} m[b,l],   m = 1 where y != -1 (masked_bce)
-            + aux_coef * aux   (gating.py's load-balancing loss, Switch Transformer eq. 4)
+    loss  = sum_{b,l} m[b,l] BCE(y[b,l], x[b,l]) / sum_{b,l} m[b,l],   m = 1 where y != -1 (losses.masked_bce)
+            + sum of info["losses"]   (DR-MoE: --aux-loss-coef x gating.py's balance loss, Switch Transformer eq. 4)
     EMA   theta_ema <- d theta_ema + (1 - d) theta   after every step t (ema_update; Polyak averaging),
           d = ema_decay, constant, as Q2L's and timm's ModelEma (the voc/coco presets); with --ema-warmup
           (the synthetic preset's 624 steps) d = min(ema_decay, (1 + t) / (10 + t)), TensorFlow's
@@ -27,7 +35,7 @@ The equations, each next to the line that computes it:
     lr    one-cycle: cosine rise from lr/25 to lr over warmup_pct of the steps, then cosine annealing
           to lr/25/1e4 (torch's OneCycleLR defaults; Smith & Topin 2019)
 
-Config: every flag is a field of ModelConfig (zoo.py: each model's own fields) or TrainConfig (config.py, with
+Config: every flag is a field of ModelConfig (zoo.py: each model's and system's own fields) or TrainConfig (config.py, with
 the dataset presets and the resolution order). The resolved config is printed at start and saved in every
 checkpoint, so evaluate.py can rebuild the model from the checkpoint alone (zoo.load_checkpoint_model).
 
@@ -49,21 +57,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from backbone_moe import backbone_aux_loss, moe_layers, parameter_split, routing_counts, routing_summary
+import zoo
 from backbones import WeightsUnavailable
-from baselines import asymmetric_loss
 from config import TrainConfig, amp_dtype_for, parse_args, pick_device
 from data import NUM_LABELS, DatasetError, build_dataset, download_voc, hold_out
-from divdr import partition_centroids, split_structure, training_term
 from evaluate import predict
-from gating import expert_load, expert_names
-from lib import distributed
-from lib import analysis, plots
+from lib import analysis, distributed, plots, routing
 from lib.checkpoint import judged_weights, load_file, rng_state, save_checkpoint, set_rng_state
-from lib.rundir import best_state, cpu_projection, existing_run, finished, peak_memory, start_log, summary
 from lib.predictions import best_f1_thresholds
+from lib.rundir import (best_state, cpu_projection, existing_run, finished, peak_memory, provenance, start_log,
+                        summary)
+from losses import asymmetric_loss, masked_bce
 from metrics import average_precision, multilabel_metrics
-from zoo import ModelConfig, build_model, flops_per_image, prepare, resolve_groups, set_memory_format
+from zoo import ModelConfig, build_model, flops_per_image, set_memory_format
 
 
 def seed_everything(seed: int):
@@ -71,15 +77,6 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)   # also seeds every CUDA device
-
-
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy averaged over the entries whose target is 0 or 1; -1 (ignore) contributes nothing."""
-    # Dividing by the number of valid entries (not B*L) keeps the loss scale the same whether a batch
-    # holds many ignored labels (VOC's "difficult") or none.
-    valid = (targets >= 0).float()                                               # (B, L)
-    loss = F.binary_cross_entropy_with_logits(logits.float(), targets.clamp(min=0), reduction="none")
-    return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -99,8 +96,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
 # and decay would pull every label toward uniform routing. And, by name, the backbones' learned inputs and
 # scales, which timm exempts too (its ViT's no_weight_decay: cls_token, pos_embed; its Swin's keyword
 # relative_position_bias_table; its ConvNeXt's layer-scale gamma, as a 1-D tensor): torchvision's names for
-# them in its ViT, ConvNeXt (layer_scale, (C, 1, 1) there) and Swin. Q2L's and ML-VPT's own code decay every
-# parameter: --decay-all (the mlvpt preset).
+# them in its ViT, ConvNeXt (layer_scale, (C, 1, 1) there) and Swin. Q2L's official code decays every
+# parameter: --decay-all (some models' settings turn it on).
 NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
 NO_DECAY_NAMES = ("class_token", "pos_embedding", "layer_scale", "relative_position_bias_table")
 
@@ -123,7 +120,7 @@ def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: torch.dev
     """AdamW, weight decay on weights only (decay_roles): decaying biases, norm gains, label queries and
     gate biases toward 0 only fights what they must learn. --decay-all: on every trainable parameter."""
     decay, keep = decay_roles(model)
-    if tcfg.decay_all:   # one group, as the official ML-VPT code builds it ("single_lr")
+    if tcfg.decay_all:   # one group for every trainable parameter
         decay, keep = {**decay, **keep}, {}
     return torch.optim.AdamW([{"params": list(decay.values()), "weight_decay": tcfg.weight_decay},
                               {"params": list(keep.values()), "weight_decay": 0.0}], lr=tcfg.lr,
@@ -131,48 +128,41 @@ def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, device: torch.dev
 
 
 def classification_loss(outputs, y: torch.Tensor, tcfg: TrainConfig) -> torch.Tensor:
-    """The loss on the logits, or summed over the outputs a model lists (ML-VPT: each branch and each gate alone)."""
+    """The loss on the logits, or summed over the outputs a model lists in info["loss_logits"] (zoo.py)."""
     if tcfg.loss == "asl":
         return sum(asymmetric_loss(out, y, tcfg.asl_gamma_neg, tcfg.asl_gamma_pos, tcfg.asl_clip, tcfg.asl_eps,
                                    tcfg.asl_detach_focusing) for out in outputs)
     return sum(masked_bce(out, y) for out in outputs)
 
 
-def train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg: TrainConfig, amp_dtype, step: int,
-               centroids=None):
-    """One optimisation step on one batch -> (classification loss, info), both still on the device.
+def train_step(run, x, y, tcfg: TrainConfig, step: int):
+    """One optimisation step on one batch -> (the classification loss, {name: every other loss, weighted}, the
+    forward's info), all still on the device.
 
-    centroids: DivDR's k-means centroids of the last epoch's routing (K, F), or None (divdr.py). With
-    --divdr-coef, info["signature"] holds the batch's routing signatures (detached) for the next k-means.
-
-    step_model is what runs forward (maybe compiled, maybe DDP-wrapped); model is the raw module whose
+    run.step_model is what runs forward (maybe compiled, maybe DDP-wrapped); run.model is the raw module whose
     parameters are clipped and averaged into the EMA. studies/bench.py times exactly this function.
     """
     # Mixed precision for the forward pass only; the gate's softmax and the loss run in fp32 inside.
-    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits, info = step_model(x)
+    with torch.autocast(x.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        logits, info = run.step_model(x)
         loss_cls = classification_loss(info.get("loss_logits", [logits]), y, tcfg)
-        # The balance losses: the head gate's (gating.py) and, with MoE inside the backbone, each MoE layer's,
-        # left on the layer by its forward (backbone_moe.py). One --aux-loss-coef weighs both; they are logged apart.
-        bb_aux = backbone_aux_loss(model)
-        info["backbone_aux"] = bb_aux if bb_aux is not None else torch.zeros((), device=x.device)
-        loss = loss_cls + tcfg.aux_loss_coef * (info["aux_loss"] + info["backbone_aux"])
-        info["divdr"], info["signature"] = torch.zeros((), device=x.device), None
-        if tcfg.divdr_coef > 0:   # DivDR: routing pulled toward the last epoch's partition (divdr.py)
-            divdr_term, info["signature"] = training_term(info, model, centroids, tcfg.divdr_margin)
-            if centroids is not None:   # from the second epoch on
-                info["divdr"] = divdr_term
-                loss = loss + tcfg.divdr_coef * divdr_term
-    optimizer.zero_grad(set_to_none=True)   # None, not zeros: no memset, and the first accumulation is a copy
-    scaler.scale(loss).backward()   # under DDP, backward also averages the gradients over the ranks
+        # The model's own losses (its routers' balance losses), then what the hooks add: each already weighted.
+        losses = dict(info["losses"])
+        for hook in run.hooks:
+            losses.update(hook.losses(info))
+        loss = loss_cls
+        for value in losses.values():
+            loss = loss + value
+    run.optimizer.zero_grad(set_to_none=True)   # None, not zeros: no memset, and the first accumulation is a copy
+    run.scaler.scale(loss).backward()   # under DDP, backward also averages the gradients over the ranks
     if tcfg.grad_clip > 0:
-        scaler.unscale_(optimizer)   # clip the true gradients, not the fp16-scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    if ema is not None:
-        ema_update(ema, model, ema_decay_at(tcfg, step))
-    return loss_cls, info
+        run.scaler.unscale_(run.optimizer)   # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.ema is not None:
+        ema_update(run.ema, run.model, ema_decay_at(tcfg, step))
+    return loss_cls, losses, info
 
 
 def ema_decay_at(tcfg: TrainConfig, step: int) -> float:
@@ -192,10 +182,10 @@ class Diverged(RuntimeError):
 
 def diverged_message(watch, epoch: int, tcfg: TrainConfig) -> str:
     """One line: where it happened, the loss parts, what is on disk, and what to try."""
-    step, loss, aux = watch
+    step, loss, other = watch
     kept = f"last.pt holds epoch {epoch}" if epoch > 0 else "no checkpoint was written (it diverged in epoch 1)"
     where = f"at step {int(step)}" if step >= 0 else "in the weights (validation scores)"
-    return (f"the loss became non-finite {where} (epoch {epoch + 1}): classification loss {loss}, aux loss {aux}; "
+    return (f"the loss became non-finite {where} (epoch {epoch + 1}): classification loss {loss}, other losses {other}; "
             f"{kept} in {tcfg.out_dir}; start a new run (another --out-dir: --resume keeps the old settings) "
             f"with a lower --lr (now {tcfg.lr:g}), --no-amp, or --grad-clip 1 (now {tcfg.grad_clip:g})")
 
@@ -212,7 +202,8 @@ def describe_only(tcfg: TrainConfig, mcfg: ModelConfig):
     print("model config:", json.dumps(asdict(mcfg)))
     model = build_model(mcfg)   # prints the parameter count
     gflops = flops_per_image(model, tcfg.image_size) / 1e9
-    sparse = " (activated: each token runs k of the backbone's N experts)" if mcfg.backbone_moe != "none" else ""
+    sparse = (" (activated: a sparse layer runs k of its N experts per token)"
+              if zoo.activated_parameters(model) < sum(p.numel() for p in model.parameters()) else "")
     print(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px ({mcfg.num_labels} labels){sparse}")
     return model, gflops
 
@@ -244,9 +235,12 @@ def resume_configs(tcfg: TrainConfig, given: set, say):
     # A checkpoint older than a field carries no value for it: continue it as the code that wrote it
     # trained (ASL's gradient through the focusing weights, EMA warm-up always on), not with today's
     # defaults. Later fields keep their defaults, which are what the older code did.
+    # Fields an older checkpoint kept with the training config and the model config holds now (the routers'
+    # loss weights) move over (zoo.model_config); fields of neither are dropped.
     legacy = {"asl_detach_focusing": False, "ema_warmup": True}
-    tcfg = TrainConfig(**{**legacy, **ckpt["train_config"], **keep})
-    mcfg = ModelConfig(**ckpt["model_config"])
+    known = set(TrainConfig.__dataclass_fields__)
+    tcfg = TrainConfig(**{k: v for k, v in {**legacy, **ckpt["train_config"], **keep}.items() if k in known})
+    mcfg = zoo.model_config(ckpt["model_config"], ckpt["train_config"])
     say(f"resuming from {path}: epoch {ckpt['epoch'] + 1} of {tcfg.epochs} done, best val mAP {ckpt['best_map']:.2f}"
         + (" (its epochs are done: best.pt is tested)" if ckpt["epoch"] + 1 >= tcfg.epochs else ""))
     ignored = given - set(keep) - {"dataset"}
@@ -301,8 +295,8 @@ def build_data(tcfg: TrainConfig, main_proc: bool):
             print(f"note: the best epoch and the per-label thresholds are chosen on the test split ({roles['test']}), "
                   "as the papers in this line do; --val-split holdout chooses them on 10 % of the training split")
     # VOC marks "difficult" objects 0 in its files, -1 in `targets` (ignored by every metric). Training
-    # counts them as present by default, as ML-GCN does; --difficult ignore drops them from the loss.
-    labels = ds["train"].targets.clone()   # ML-GCN's graph and ML-VPT's groups count clear positives only
+    # counts them as present by default, as the papers' code does; --difficult ignore drops them from the loss.
+    labels = ds["train"].targets.clone()   # what a model prepares from (zoo.prepare): clear positives only
     if tcfg.difficult == "positive":
         ds["train"].targets[ds["train"].targets == -1] = 1.0
     return ds, labels
@@ -330,8 +324,8 @@ def make_loaders(ds: dict, tcfg: TrainConfig, world: int, device, order: torch.G
 
 def build_run_model(tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, labels, device, world: int, main_proc: bool, say):
     """The model as this run trains it -> (the raw module on the device, its memory format, GFLOPs per image):
-    built (zoo.py), prepared from the training labels (ML-GCN's graph, ML-VPT's groups), laid out for fast
-    convolutions, measured."""
+    built (zoo.py), prepared from the training labels (a label graph or label groups, zoo.prepare), laid out
+    for fast convolutions, measured."""
     # --init-seed draws the initial weights from a stream of their own (fork_rng restores the global one
     # afterwards), so that the weights and the rest of the run's randomness (data order, flips, dropout: all
     # from --seed) can be varied one at a time (results/noise/). Without it, one seed drives everything.
@@ -339,7 +333,7 @@ def build_run_model(tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, labels, devi
         if tcfg.init_seed is not None:
             torch.manual_seed(tcfg.init_seed)
         model = build_model(mcfg, verbose=main_proc, classes=ds["train"].classes).to(device)
-    prepare(model, mcfg, labels, ds["train"].classes, seed=tcfg.seed, verbose=main_proc)
+    zoo.prepare(model, labels, ds["train"].classes, seed=tcfg.seed, verbose=main_proc)
     if tcfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # same state_dict keys as BatchNorm
     # channels_last (NHWC) is the layout oneDNN and cuDNN convolutions run fastest on; the transformer
@@ -351,72 +345,75 @@ def build_run_model(tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, labels, devi
     return model, fmt, gflops
 
 
-def restore(ckpt: dict, model, ema, optimizer, scheduler, scaler, device, rank: int, world: int, say):
+def restore(ckpt: dict, run, say):
     """Everything that shapes the rest of the run, RNG states included, so that the resumed run is the
-    uninterrupted one (tests/test_train.py checks it bit for bit) -> (first epoch, best val mAP, step, DivDR centroids)."""
-    model.load_state_dict(ckpt["model"])
-    if ema is not None:
-        ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
+    uninterrupted one (tests/test_train.py checks it bit for bit) -> (first epoch, best val mAP, step)."""
+    run.model.load_state_dict(ckpt["model"])
+    if run.ema is not None:
+        run.ema.load_state_dict(ckpt["ema"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    for hook in run.hooks:   # what a hook carries from epoch to epoch
+        hook.load(ckpt, run.device)
     states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]   # one per rank
-    if len(states) == world:
-        set_rng_state(states[rank], device)
+    if len(states) == run.world:
+        set_rng_state(states[run.rank], run.device)
     else:
-        say(f"  note: the checkpoint was written by {len(states)} processes, this run has {world}: "
+        say(f"  note: the checkpoint was written by {len(states)} processes, this run has {run.world}: "
             "random streams restart (the run continues, but not bit for bit)")
-    centroids = ckpt["divdr_centroids"].to(device) if ckpt.get("divdr_centroids") is not None else None
-    return ckpt["epoch"] + 1, ckpt["best_map"], ckpt["step"], centroids
+    return ckpt["epoch"] + 1, ckpt["best_map"], ckpt["step"]
 
 
-def train_epoch(step_model, model, ema, optimizer, scheduler, scaler, loader, tcfg: TrainConfig, mcfg: ModelConfig,
-                device, amp_dtype, fmt, epoch: int, step: int, centroids, world: int, main_proc: bool, project=None) -> dict:
-    """One pass over the training split -> the epoch's record: mean losses, speed, the step reached, and the
-    routing watches: where the head gate sent its mass (gating.expert_load, the collapse watch), how the
-    backbone's experts shared the tokens (backbone_moe.routing_summary) and DivDR's next partition (divdr.py).
-    project(seconds per step), when given, is called once, after the epoch's first steps (the CPU projection)."""
-    moe_blocks = moe_layers(model)   # the backbone's MoE layers, if any
-    sums = torch.zeros(4, device=device)   # running (classification, head aux, backbone aux, DivDR) losses
-    signatures = []   # with --divdr-coef: this epoch's routing signatures, for the next epoch's k-means
-    gate_mass, bb_load, bb_used = 0.0, 0.0, 0.0   # running sums of the routing watches' counts
+class Run:
+    """What every step of the run works with, in one place: the model (raw, and as the step runs it), its EMA,
+    the optimiser, schedule and loss scaler, the hooks, where it runs, the precision, the layout, the ranks."""
+
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+
+def train_epoch(run, loader, tcfg: TrainConfig, epoch: int, step: int, project=None) -> dict:
+    """One pass over the training split -> the epoch's record: each loss's mean, speed, the step reached and
+    every router's health (lib/routing.py). project(seconds per step), when given, is called once, after the
+    epoch's first steps (the CPU projection)."""
+    sums = {}   # running sum of each loss on the device: "classification", then the others by name
+    watch = routing.Watch()   # every router's records, added up
     t0, n_seen, wait = time.time(), 0, 0.0
     # One progress bar, rank 0's, and only on a terminal (disable=None): redirected to a file, a run writes
-    # its epoch lines and no bar redraws. The divergence watch: (step, classification loss, aux loss) of the first
-    # non-finite step, -1 = none. Kept on the device and read at the log points (and every step off CUDA, where
-    # reading is free), so a GPU is not stalled each step; the run stops before this epoch's log line and last.pt.
+    # its epoch lines and no bar redraws. The divergence watch: (step, classification loss, other losses) of
+    # the first non-finite step, -1 = none. Kept on the device and read at the log points (and every step off
+    # CUDA, where reading is free), so a GPU is not stalled each step; the run stops before this epoch's log
+    # line and last.pt.
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False, dynamic_ncols=True,
-               disable=None if main_proc else True)
-    watch = torch.full((3,), -1.0, device=device)
+               disable=None if run.rank == 0 else True)
+    diverged = torch.full((3,), -1.0, device=run.device)
     t_ready = time.time()
     for i, (x, y) in enumerate(bar):
         wait += time.time() - t_ready   # time spent waiting for data, to tell a slow loader from a slow model
-        x = x.to(device, non_blocking=True, memory_format=fmt)
-        y = y.to(device, non_blocking=True)
+        x = x.to(run.device, non_blocking=True, memory_format=run.fmt)
+        y = y.to(run.device, non_blocking=True)
         step += 1
-        loss_cls, info = train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg, amp_dtype, step,
-                                    centroids=centroids)
-        scheduler.step()
-        # Accumulate on the device; reading a value (.item()) every step would stall a GPU on each step.
-        parts = torch.stack([loss_cls.detach().float(), info["aux_loss"].detach().float()])
-        sums += torch.cat([parts, info["backbone_aux"].detach().float()[None], info["divdr"].detach().float()[None]])
-        if info["signature"] is not None:
-            signatures.append(info["signature"])   # stays on the device: .cpu() each step would sync a GPU
-        fresh = ~torch.isfinite(parts).all() & (watch[0] < 0)
-        watch = torch.where(fresh, torch.cat([parts.new_tensor([step]), parts]), watch)
-        if world > 1:   # every rank stops together (else the others would wait in the next all-reduce)
-            stop = (i % 10 == 0 or i + 1 == len(loader)) and distributed.all_sum((watch[0] >= 0).float()) > 0
+        loss_cls, losses, info = train_step(run, x, y, tcfg, step)
+        run.scheduler.step()
+        # The log: accumulate on the device; reading a value (.item()) every step would stall a GPU.
+        for name, value in {"classification": loss_cls, **losses}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+        watch.add(info["routing"])
+        # The watch: a non-finite loss stops the run (every rank together under torchrun, else the others
+        # would wait in the next all-reduce).
+        parts = torch.stack([loss_cls.detach().float(), sum(v.detach().float() for v in losses.values())
+                             if losses else loss_cls.new_zeros((), dtype=torch.float32)])
+        fresh = ~torch.isfinite(parts).all() & (diverged[0] < 0)
+        diverged = torch.where(fresh, torch.cat([parts.new_tensor([step]), parts]), diverged)
+        if run.world > 1:
+            stop = (i % 10 == 0 or i + 1 == len(loader)) and distributed.all_sum((diverged[0] >= 0).float()) > 0
         else:
-            stop = (device.type != "cuda" or i % 10 == 0 or i + 1 == len(loader)) and watch[0].item() >= 0
+            stop = (run.device.type != "cuda" or i % 10 == 0 or i + 1 == len(loader)) and diverged[0].item() >= 0
         if stop:
-            raise Diverged(diverged_message(watch.tolist(), epoch, tcfg))
-        if info["gate_weights"] is not None:   # the collapse watch: where the gate sent this batch
-            gate_mass = gate_mass + info["gate_weights"].detach().mean(0)   # (B, L, E) -> (L, E)
-        if moe_blocks:   # the same watch for the backbone's experts: the share of tokens each one took
-            load, used = routing_counts(moe_blocks)
-            bb_load, bb_used = bb_load + load, bb_used + used
-        n_seen += x.shape[0] * world
-        if i % 10 == 0 and main_proc:   # .item() syncs with the GPU: only at log points
+            raise Diverged(diverged_message(diverged.tolist(), epoch, tcfg))
+        n_seen += x.shape[0] * run.world
+        if i % 10 == 0 and run.rank == 0:   # .item() syncs with the GPU: only at log points
             bar.set_postfix(loss=f"{loss_cls.item():.4f}", img_s=f"{n_seen / (time.time() - t0):.0f}")
         timed = min(4, len(loader) - 1)   # steps 2-5 (the first pays one-off costs), or as many as there are
         if project is not None and i == timed > 0:
@@ -426,74 +423,66 @@ def train_epoch(step_model, model, ema, optimizer, scheduler, scaler, loader, tc
         t_ready = time.time()
     train_time = time.time() - t0
     # Means over every step of every rank (the sums are reduced once per epoch, not per step).
-    steps = len(loader) * world
-    loss_avg, aux_avg, bb_aux_avg, divdr_avg = (distributed.all_sum(sums) / steps).tolist()
-    ep = {"step": step, "train_loss": loss_avg, "aux_loss": aux_avg, "img_per_s": n_seen / train_time,
-          "data_wait_s": wait, "compute_s": train_time - wait, "train_s": train_time, "divdr_loss": divdr_avg,
-          "centroids": centroids, "gate": None, "backbone_moe": None, "warnings": []}
-    if signatures:   # DivDR: the partition the next epoch pulls toward (every rank computes the same one)
-        sig = torch.cat(distributed.all_gather_objects(torch.cat(signatures).cpu()))   # one copy per epoch
-        ep["centroids"] = partition_centroids(sig.numpy(), tcfg.divdr_clusters, seed=tcfg.seed * 1000 + epoch).to(device)
-    if torch.is_tensor(gate_mass):
-        ep["gate"], warning = expert_load(distributed.all_sum(gate_mass) / steps,
-                                          expert_names(mcfg.shared_experts, mcfg.task_experts), tcfg.collapse_threshold)
-        ep["warnings"].append(warning)
-    if moe_blocks:
-        bb_load, bb_used = (distributed.all_sum(t) / steps for t in (bb_load, bb_used))
-        ep["backbone_moe"], warning = routing_summary(moe_blocks, bb_load, bb_used, bb_aux_avg, tcfg.collapse_threshold)
-        ep["warnings"].append(warning)
-    return ep
+    steps = len(loader) * run.world
+    means = {name: (distributed.all_sum(torch.as_tensor(v, device=run.device).float()) / steps).item()
+             for name, v in sums.items()}
+    # What hooks add at the epoch's end (a partition, say) is watched like any router.
+    for hook in run.hooks:
+        watch.add(hook.end_epoch(epoch, distributed.all_gather_objects))
+    routers, warnings = watch.health(tcfg.collapse_threshold, tcfg.dead_share, distributed.all_sum)
+    return {"step": step, "train_loss": means.pop("classification"), "losses": means, "img_per_s": n_seen / train_time,
+            "data_wait_s": wait, "compute_s": train_time - wait, "train_s": train_time, "routers": routers,
+            "warnings": warnings}
 
 
-def validate(model, ema, loader, dataset, device, amp_dtype, fmt, tcfg: TrainConfig, epoch: int, ep: dict):
-    """-> ({"raw": val mAP, "ema": val mAP}, how the raw weights route the val images or None). The better of
-    raw and EMA is what "best" means (Q2L reports its EMA numbers)."""
-    distributed.sync_buffers(model)   # one set of BatchNorm statistics (rank 0's) on every rank
-    routing = None
+def validate(run, loader, dataset, tcfg: TrainConfig, epoch: int, ep: dict):
+    """-> ({"raw": val mAP, "ema": val mAP}, what the hooks measure on the raw weights' predictions). The better
+    of raw and EMA is what "best" means (Q2L reports its EMA numbers)."""
+    distributed.sync_buffers(run.model)   # one set of BatchNorm statistics (rank 0's) on every rank
+    measured = {}
 
     def val_map(net):
-        nonlocal routing
-        out = predict(net, loader, device, amp_dtype, fmt, routing=net is model)
-        scores, targets = out[:2]
-        if not np.isfinite(scores).all():   # the epoch's last update made the weights NaN: no loss saw it
-            raise Diverged(diverged_message([-1, ep["train_loss"], ep["aux_loss"]], epoch, tcfg))
-        if net is model and out[3] is not None:
-            # The reference partition is read here, after training's step: never by the model or a loss.
-            routing = split_structure(out[3], out[4], dataset, targets, tcfg.divdr_clusters)
-        return multilabel_metrics(scores, targets)["mAP"]
-    val_maps = {"raw": val_map(model)}
-    if ema is not None:
-        distributed.sync_buffers(ema)
-        val_maps["ema"] = val_map(ema)
-    return val_maps, routing
+        pred = predict(net, loader, run.device, run.amp_dtype, run.fmt)
+        if not np.isfinite(pred["scores"]).all():   # the epoch's last update made the weights NaN: no loss saw it
+            raise Diverged(diverged_message([-1, ep["train_loss"], sum(ep["losses"].values())], epoch, tcfg))
+        if net is run.model:
+            for hook in run.hooks:
+                measured.update(hook.measure(pred, dataset, every_epoch=True))
+        return multilabel_metrics(pred["scores"], pred["targets"])["mAP"]
+    val_maps = {"raw": val_map(run.model)}
+    if run.ema is not None:
+        distributed.sync_buffers(run.ema)
+        val_maps["ema"] = val_map(run.ema)
+    return val_maps, measured
 
 
-def epoch_line(epoch: int, tcfg: TrainConfig, ep: dict, lr: float, val_maps: dict, improved: bool, routing) -> str:
+def epoch_line(epoch: int, tcfg: TrainConfig, ep: dict, lr: float, val_maps: dict, improved: bool, measured) -> str:
     """The one line an epoch prints (docs/training.md, 'Reading the numbers')."""
-    return (f"epoch {epoch + 1:3d}/{tcfg.epochs} | loss {ep['train_loss']:.4f} | aux {ep['aux_loss']:.4f} | lr {lr:.2e} | "
+    return (f"epoch {epoch + 1:3d}/{tcfg.epochs} | loss {ep['train_loss']:.4f} | "
+            + "".join(f"{name} {v:.4f} | " for name, v in ep["losses"].items()) + f"lr {lr:.2e} | "
             f"{ep['img_per_s']:.0f} img/s (data wait {100 * ep['data_wait_s'] / ep['train_s']:.0f}%) | val mAP "
             + " ".join(f"{k} {v:.2f}" for k, v in val_maps.items()) + (" *" if improved else "")
-            + (" | gate " + " ".join(f"{v:.2f}" for v in ep["gate"]["expert_mass"].values()) if ep["gate"] else "")
-            + (" | backbone experts/image " + " ".join(f"{v:.1f}" for v in ep["backbone_moe"]["experts_used_per_image"])
-               if ep["backbone_moe"] else "")
-            + (f" | routing NMI {routing['nmi']:.3f}" if routing and "nmi" in routing else ""))
+            + (" | " + routing.summary(ep["routers"]) if ep["routers"] else "")
+            + (f" | routing NMI {measured['routing']['nmi']:.3f}" if "nmi" in measured.get("routing", {}) else ""))
 
 
-def final_test(model, tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, loaders: dict, device, amp_dtype, fmt,
-               gflops: float, world: int, run_start: float, main_proc: bool) -> dict:
+def final_test(run, tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, loaders: dict, gflops: float, run_start: float) -> dict:
     """The best checkpoint's judged weights, scored once on the test split -> metrics (also metrics.json, with
     the per-image scores in test_scores.npz). First the per-label F1 thresholds on the split that chose the
     epoch (lib/predictions.py; the test split itself on the voc/coco presets, as the papers), saved in best.pt
-    for evaluate.py --thresholds best."""
+    for evaluate.py --thresholds best. Then routing.png, every router's load over the epochs."""
+    model, main_proc = run.model, run.rank == 0
     best = load_file(os.path.join(tcfg.out_dir, "best.pt"))
     model.load_state_dict(judged_weights(best))
-    best["thresholds"] = best_f1_thresholds(*predict(model, loaders["val"], device, amp_dtype, fmt)[:2]).tolist()
+    val = predict(model, loaders["val"], run.device, run.amp_dtype, run.fmt)
+    best["thresholds"] = best_f1_thresholds(val["scores"], val["targets"]).tolist()
     if main_proc:
         save_checkpoint(os.path.join(tcfg.out_dir, "best.pt"), best)
-    scores, targets, _, sigs, rows = predict(model, loaders["test"], device, amp_dtype, fmt, routing=True)
+    test = predict(model, loaders["test"], run.device, run.amp_dtype, run.fmt)
+    scores, targets = test["scores"], test["targets"]
     metrics = multilabel_metrics(scores, targets)
-    if sigs is not None:   # the routing structure on test, as evaluate.py reports it (divdr.structure)
-        metrics["routing"] = split_structure(sigs, rows, ds["test"], targets, tcfg.divdr_clusters)
+    for hook in run.hooks:   # what a hook measures on the test split (the routing's structure, say)
+        metrics.update(hook.measure(test, ds["test"], every_epoch=False))
     # Each label's AP (which labels carry the seed noise, results/noise/) and the test scores themselves:
     # the paired bootstrap of the study tables (studies/tables.py) resamples the images of two runs together.
     ap = average_precision(scores, targets) * 100
@@ -502,19 +491,24 @@ def final_test(model, tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, loaders: d
                     "weights": best["eval_weights"], "val_mAP": best["best_map"], "gflops": gflops,
                     "parameters": sum(p.numel() for p in model.parameters()), "model": mcfg.model,
                     "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                    "activated_parameters": parameter_split(model)[1], **peak_memory(device),
+                    "activated_parameters": zoo.activated_parameters(model), **peak_memory(run.device),
                     "best_epoch_chosen_on": tcfg.val_split, "chosen_on_test_split": tcfg.val_split == tcfg.test_split,
-                    "split": tcfg.test_split, "world_size": world,
+                    "split": tcfg.test_split, "world_size": run.world,
                     "train_minutes_this_session": (time.time() - run_start) / 60,
-                    # what the run was, in full: a table built from metrics.json files shows each row's recipe
-                    "train_config": asdict(tcfg), "model_config": asdict(mcfg)})
+                    # what the run was, in full: a table built from metrics.json files shows each row's recipe,
+                    # and the code and machine that made it (lib/rundir.provenance)
+                    "train_config": asdict(tcfg), "model_config": asdict(mcfg), **provenance()})
     if main_proc:
         np.savez_compressed(os.path.join(tcfg.out_dir, "test_scores.npz"), scores=np.asarray(scores, np.float32),
                             targets=np.asarray(targets, np.int8), ids=np.asarray(ds["test"].ids))
         with open(os.path.join(tcfg.out_dir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)
-        plots.curves(os.path.join(tcfg.out_dir, "curves.png"), analysis.read_log(os.path.join(tcfg.out_dir, "log.jsonl")),
-                     tcfg.collapse_threshold, f"{mcfg.model} on {tcfg.dataset}, seed {tcfg.seed}: {tcfg.out_dir}")
+        log = os.path.join(tcfg.out_dir, "log.jsonl")
+        title = f"{mcfg.model} on {tcfg.dataset}, seed {tcfg.seed}: {tcfg.out_dir}"
+        plots.curves(os.path.join(tcfg.out_dir, "curves.png"), analysis.read_log(log), tcfg.collapse_threshold, title)
+        routers = analysis.read_routers(log)
+        if routers:
+            plots.routing(os.path.join(tcfg.out_dir, "routing.png"), routers, tcfg.collapse_threshold, title)
     return metrics
 
 
@@ -553,7 +547,7 @@ def main(argv=None):
     ds, labels = build_data(tcfg, main_proc)
     mcfg.num_labels = len(ds["train"].classes)   # L comes from the data, so one config serves any dataset
     mcfg.image_size = tcfg.image_size   # a ViT's position embeddings are made for this grid (backbones.py)
-    resolve_groups(mcfg, labels, say)   # --mlvpt-groups 0: ML-VPT's k from the training labels (zoo.py)
+    zoo.resolve(mcfg, labels, say)   # fields a system fixes from the training labels (a number of label groups)
     if mcfg.freeze_backbone and mcfg.weights.lower() == "none":
         say("  warning: --freeze-backbone with --weights none: the frozen backbone stays random. Pass --weights "
             "DEFAULT (ImageNet), or pretrain offline: python train.py --dataset synthetic-pretrain --backbone "
@@ -564,6 +558,7 @@ def main(argv=None):
 
     # ---- model, EMA, optimizer, schedule, loss scaler
     model, fmt, gflops = build_run_model(tcfg, mcfg, ds, labels, device, world, main_proc, say)
+    hooks = zoo.loop_hooks(tcfg, mcfg, model)   # what systems add to the loop for this model (zoo.py), often none
     # `model` stays the raw module: it is what is saved, evaluated and averaged into the EMA. The step runs
     # through `step_model`, which may be compiled and wrapped in DDP (their state_dict keys differ).
     step_model = distributed.wrap(torch.compile(model) if use_compile else model, device)
@@ -577,10 +572,11 @@ def main(argv=None):
                                                     pct_start=tcfg.warmup_pct)
     # Enabled only for fp16: with bf16 or fp32 it passes everything through, so one code path serves all.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, best_map, step, centroids = 0, -1.0, 0, None   # centroids: DivDR's last partition (divdr.py)
+    run = Run(model=model, step_model=step_model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+              hooks=hooks, device=device, amp_dtype=amp_dtype, fmt=fmt, rank=rank, world=world)
+    start_epoch, best_map, step = 0, -1.0, 0
     if ckpt is not None:
-        start_epoch, best_map, step, centroids = restore(ckpt, model, ema, optimizer, scheduler, scaler, device,
-                                                         rank, world, say)
+        start_epoch, best_map, step = restore(ckpt, run, say)
     # The run folder is made only now: a start that fails (no data, no weights, a bad value) leaves none behind.
     os.makedirs(tcfg.out_dir, exist_ok=True)
     log_path = start_log(tcfg.out_dir, start_epoch, ckpt is not None, main_proc)
@@ -597,25 +593,21 @@ def main(argv=None):
         project = None   # off a GPU, on photos: the minutes an epoch will take, from the first steps
         if device.type == "cpu" and not tcfg.dataset.startswith("synthetic") and main_proc and epoch == start_epoch:
             project = lambda s: tqdm.write(cpu_projection(tcfg, given, s, len(train_loader), len(ds["val"])))
-        ep = train_epoch(step_model, model, ema, optimizer, scheduler, scaler, train_loader, tcfg, mcfg, device,
-                         amp_dtype, fmt, epoch, step, centroids, world, main_proc, project)
-        step, centroids = ep.pop("step"), ep.pop("centroids")
-        val_maps, routing = validate(model, ema, eval_loaders["val"], ds["val"], device, amp_dtype, fmt, tcfg, epoch, ep)
+        ep = train_epoch(run, train_loader, tcfg, epoch, step, project)
+        step = ep.pop("step")
+        val_maps, measured = validate(run, eval_loaders["val"], ds["val"], tcfg, epoch, ep)
         which = max(val_maps, key=val_maps.get)   # raw or EMA: the better one is what this epoch is judged by
         improved = val_maps[which] > best_map
         best_map = max(best_map, val_maps[which])
         lr = scheduler.get_last_lr()[0]
-        say(epoch_line(epoch, tcfg, ep, lr, val_maps, improved, routing))
-        for warning in filter(None, ep.pop("warnings")):
+        say(epoch_line(epoch, tcfg, ep, lr, val_maps, improved, measured))
+        for warning in ep.pop("warnings"):
             say("  warning: " + warning)
         # Every rank's random streams go into the checkpoint (a collective step, so all ranks take it).
         rng = distributed.all_gather_objects(rng_state(device))
         if main_proc:
             record = {"epoch": epoch + 1, "step": step, "lr": lr, "world_size": world, "val_mAP": val_maps,
-                      "time": time.time(), **peak_memory(device), **{k: v for k, v in ep.items() if v is not None},
-                      **({"routing": routing} if routing else {})}
-            if tcfg.divdr_coef == 0:
-                record.pop("divdr_loss")
+                      "time": time.time(), **peak_memory(device), **ep, **measured}
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             # Everything needed to resume, evaluate or rebuild: the raw module's weights (never a compiled or
@@ -625,7 +617,7 @@ def main(argv=None):
                      "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_map": best_map,
                      "val_map": val_maps, "model_config": asdict(mcfg), "train_config": asdict(tcfg),
                      "classes": list(ds["train"].classes), "world_size": world, "rng": rng,
-                     "divdr_centroids": centroids.cpu() if centroids is not None else None}
+                     "hooks": {hook.name: hook.state_dict() for hook in hooks}}
             # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested and
             # fine-tuned from: the judged weights alone, best_state).
             save_checkpoint(os.path.join(tcfg.out_dir, "last.pt"), state)
@@ -634,7 +626,7 @@ def main(argv=None):
         distributed.barrier()   # best.pt is on disk before any rank may read it
 
     # ---- the test: the best checkpoint, scored once on the test split
-    metrics = final_test(model, tcfg, mcfg, ds, eval_loaders, device, amp_dtype, fmt, gflops, world, run_start, main_proc)
+    metrics = final_test(run, tcfg, mcfg, ds, eval_loaders, gflops, run_start)
     if main_proc and not tcfg.keep_last:   # --no-keep-last: a finished run needs best.pt only
         os.remove(os.path.join(tcfg.out_dir, "last.pt"))
     say(summary(tcfg, metrics, (time.time() - run_start) / 60))

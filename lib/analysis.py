@@ -160,8 +160,28 @@ def read_log(path: str) -> dict:
     out = {"epoch": [r["epoch"] for r in rows], "train_loss": [r["train_loss"] for r in rows]}
     for which in rows[0]["val_mAP"]:
         out[f"val_mAP_{which}"] = [r["val_mAP"].get(which) for r in rows]
-    if "gate" in rows[0]:
+    if "gate" in rows[0]:   # the head gate's mass per expert slot (logs written before lib/routing.py)
         out["expert_mass"] = {e: [r["gate"]["expert_mass"][e] for r in rows] for e in rows[0]["gate"]["expert_mass"]}
+    gate = rows[0].get("routers", {}).get("gate")
+    if gate is not None:    # the same from a router's health record (lib/routing.py)
+        names = gate.get("experts") or [str(e) for e in range(len(gate["load"]))]
+        out["expert_mass"] = {e: [r["routers"]["gate"]["load"][i] for r in rows] for i, e in enumerate(names)}
+    return out
+
+
+def read_routers(path: str) -> dict:
+    """A run's log.jsonl -> {router: {"epoch": [...], "load": {expert: [share per epoch]}}}, what routing.png
+    draws; {} for a run whose log has no router (a linear head) or no log."""
+    if not os.path.isfile(path):
+        return {}
+    rows = [json.loads(line) for line in open(path)]
+    out = {}
+    for name in dict.fromkeys(n for r in rows for n in r.get("routers", {})):
+        have = [r for r in rows if name in r.get("routers", {})]
+        first = have[0]["routers"][name]
+        names = first.get("experts") or [f"expert {e}" for e in range(len(first["load"]))]
+        out[name] = {"epoch": [r["epoch"] for r in have],
+                     "load": {e: [r["routers"][name]["load"][i] for r in have] for i, e in enumerate(names)}}
     return out
 
 

@@ -5,6 +5,7 @@ needs, each a function that takes numbers and writes one PNG.
     heatmap(path, mean_w (L, E), variability (L,), ...)    labels x experts, values in the cells, a colour bar
     shared_vs_task(path, gate statistics, ...)             0..1 bars per label, two per label
     curves(path, log, ...)                                 per-epoch lines, one panel per quantity
+    routing(path, routers, ...)                            each router's load per expert over the epochs
     heterogeneity(path, test, ...)                         a labelled scatter around a zero line
     label_noise(path, classes, positives, series, ...)     per label, one bar per series (noise.py)
     seed_dots(path, rows, ...)                             per configuration, one dot per seed (compare.py)
@@ -236,6 +237,40 @@ def curves(path, log, threshold, title):
                 d.line([(x, y), (x + 6, y)], fill=SERIES[3], width=1)
             d.text((box[2] - 4, y - 3), f"collapse warning above {threshold:g}", fill=SERIES[3], font=font(11), anchor="rd")
         legend(d, (W + 20, box[1]), [(n, SERIES[k % len(SERIES)]) for k, n in enumerate(series)])
+    img.save(path)
+
+
+def routing(path, routers, threshold, title):
+    """routing.png: one panel per router, each expert's share of its rows against the epoch (lib/routing.py).
+
+    routers: {router name: {"epoch": [...], "load": {expert name: [share per epoch]}, "dead_share": s}}."""
+    W, ph = 620, 200
+    img = Image.new("RGB", (W + 200, 60 + len(routers) * (ph + 90)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((20, 18), title, fill=FG, font=font(16))
+    for p, (name, r) in enumerate(routers.items()):
+        box = (100, 80 + p * (ph + 90), W, 80 + p * (ph + 90) + ph)
+        ep = r["epoch"]
+        xlim = (min(ep) - 0.5, max(ep) + 0.5)
+        # A share of 1: the full 0..1 axis, so that an expert near the collapse line looks near it.
+        to_px = axes(img, box, xlim, (0.0, 1.0), "epoch", "share of rows", f"{name}: load per expert",
+                     xticks=range(1, max(ep) + 1, max(1, math.ceil(max(ep) / 10))))
+        for k, (expert, s) in enumerate(r["load"].items()):
+            pts = [to_px(e, v) for e, v in zip(ep, s)]
+            d.line(pts, fill=SERIES[k % len(SERIES)], width=2)
+            for x, y in pts:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=SERIES[k % len(SERIES)])
+        # dashed: the collapse warning's threshold and the fair share 1/E (a balanced router sits on it)
+        fair = 1 / len(r["load"])
+        for level, text, rgb in ((threshold, f"collapse warning above {threshold:g}", SERIES[3]),
+                                 (fair, f"fair share 1/E = {fair:.2g}", MUTED)):
+            y = to_px(xlim[0], level)[1]
+            for x in range(box[0], box[2], 12):   # ImageDraw.line has no dash style: 6 px drawn, 6 left out
+                d.line([(x, y), (x + 6, y)], fill=rgb, width=1)
+            d.text((box[2] - 4, y - 3), text, fill=rgb, font=font(11), anchor="rd")
+        items = list(r["load"])
+        shown = items[:8] + ([f"... {len(items) - 8} more"] if len(items) > 8 else [])   # a legend that fits
+        legend(d, (W + 20, box[1]), [(n, SERIES[k % len(SERIES)]) for k, n in enumerate(shown)])
     img.save(path)
 
 

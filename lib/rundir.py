@@ -9,18 +9,50 @@ need not open.
     peak_memory(device)         the process's (or the CUDA allocator's) peak, logged every epoch
     cpu_projection(...)         off a GPU: the minutes an epoch will take, from the run's own first steps
     summary(tcfg, metrics, ...) the lines a run ends with
+    provenance()                the code and machine behind a run: git commit, whether the source differs
+                                from it, a hash of the source, the CPU, torch's version (metrics.json)
 
 A folder holds one run, and nothing here ever trains over, or deletes, a run that is in it (docs/training.md,
 "A folder holds one run"). The configs are read by attribute (config.TrainConfig), so this file imports no
 root file.
 """
+import hashlib
 import json
 import os
+import platform
+import subprocess
 import sys
 
 import torch
 
 from lib.checkpoint import judged_weights
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project's folder
+
+
+def provenance() -> dict:
+    """What produced a run, for metrics.json: the git commit (None outside a git checkout), the .py files that
+    differ from it, a hash of every .py file's content (the same code gives the same hash, committed or not),
+    the CPU's model name and torch's version."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    files = sorted(os.path.relpath(os.path.join(d, f), ROOT) for d, dirs, names in os.walk(ROOT)
+                   for f in names if f.endswith(".py") and not any(p.startswith(".") or p in ("runs", "results")
+                                                                     for p in os.path.relpath(d, ROOT).split(os.sep)))
+    digest = hashlib.sha1()
+    for f in files:   # the path and the content of each file, in a fixed order
+        digest.update(f.encode())
+        digest.update(open(os.path.join(ROOT, f), "rb").read())
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):   # Linux names the model there; platform.processor() often does not
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "*.py").splitlines() if line.strip()]
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "source_changed": changed, "source_hash": digest.hexdigest()[:12],
+            "cpu": cpu, "torch": torch.__version__}
 
 
 def existing_run(out_dir: str):
