@@ -65,7 +65,7 @@ class TrainConfig:
     weight_decay: float = config_field(1e-2, "AdamW weight decay on weights only: not on biases (the gates' "
                                        "and the experts' included), norms, label queries, ML-GCN's embedding "
                                        "(train.decay_roles); --decay-all: on every parameter", "training")
-    decay_all: bool = config_field(False, "weight decay on every trainable parameter, as ML-VPT's and Q2L's official "
+    decay_all: bool = config_field(False, "weight decay on every trainable parameter, as Q2L's official "
                                           "code (some models' settings turn it on), instead of on weights only", "training")
     warmup_pct: float = config_field(0.2, "fraction of the steps spent warming up (one-cycle pct_start)", "training")
     grad_clip: float = config_field(1.0, "clip the global gradient norm to this (0 = off)", "training")

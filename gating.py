@@ -23,8 +23,8 @@ Options, all off by default:
   With k = 1 the kept softmax is the constant 1, whose gradient is zero, so the gate would never learn;
   there we use the straight-through estimator (Bengio et al., 2013): the forward value is the one-hot
   row, the backward pass uses the dense softmax's gradient;
-- a load-balancing auxiliary loss (Switch Transformer, Fedus et al. 2022, eq. 4), returned for train.py
-  to add with coefficient `--aux-loss-coef`:  aux = E · Σ_e f_e · P_e, averaged over labels, where
+- a load-balancing auxiliary loss (Switch Transformer, Fedus et al. 2022, eq. 4), returned for model.py to
+  weigh by `--aux-loss-coef` (the loop adds what the model returns):  aux = E · Σ_e f_e · P_e, averaged over labels, where
   P_e = mean over the batch of the dense softmax and f_e = fraction of rows routed to e (top-k), or
   f_e = P_e for dense routing. It equals 1 for perfectly balanced routing and E when all mass goes to
   one expert, so the coefficient means the same thing for any E.
@@ -113,7 +113,8 @@ class Gate(nn.Module):
 
 
 def switch_balance(P: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer's balance loss (Fedus et al. 2022, eq. 4), E * sum_e f_e * P_e, for P and f (..., E):
+    """Switch Transformer's balance loss (Fedus et al. 2022, eq. 4; f_e its eq. 5, P_e its eq. 6), E * sum_e f_e * P_e,
+    for P and f (..., E):
     P the mean routing probability, f the fraction routed: for a top-k router a count (detached by the
     caller, as in Switch), for the dense gate f = P itself, so there the gradient flows through both and the
     loss is E * sum_e P_e^2. Rows (the head gate's labels) are averaged. At perfect balance (f = P = 1/E) it is 1; on one expert, E."""

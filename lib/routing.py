@@ -13,7 +13,7 @@ The record of one forward pass (route()):
     probs        (B, R, E) fp32, each image's R routing rows, each summing to 1, with gradient: what a
                  method that trains routing reads (divdr.py builds its routing signature from these)
     load         (E,) the share of this batch's routing each expert took, summing to 1: a soft gate's mean
-                 weight; a top-k router's share of its assignments (the f_i of Switch Transformer's eq. 4,
+                 weight; a top-k router's share of its assignments (the f_i of Switch Transformer's eq. 5,
                  Fedus et al. 2022)
     row_entropy  () the mean entropy of the routing rows, in nats: how undecided the router is per row
     k            experts each row is sent to (1 for a soft gate, whose load is then its mass)

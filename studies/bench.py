@@ -61,9 +61,9 @@ from PIL import Image
 
 import config
 import train
-from baselines import MODELS
 from data import NUM_LABELS, ImageList, build_dataset, build_transform
 from experts import Experts
+import zoo
 from zoo import build_model, flops_per_image, set_memory_format
 from lib.synthetic import render_synthetic
 
@@ -137,7 +137,9 @@ def make_step(model_name, args, device, amp: bool, channels_last: bool, compile_
     y = (torch.rand(B, L, device=device) < 0.15).float()                           # (B, L)
     model.train()
     # step=100: past the EMA's decay warm-up, as in most of a run
-    step = lambda: train.train_step(step_model, model, ema, optimizer, scaler, x, y, tcfg, amp_dtype, 100)
+    run = train.Run(model=model, step_model=step_model, ema=ema, optimizer=optimizer, scaler=scaler, hooks=[],
+                    device=device, amp_dtype=amp_dtype, fmt=fmt, rank=0, world=1)
+    step = lambda: train.train_step(run, x, y, tcfg, 100)
     for _ in range(args.warmup + (3 if compile_ else 0)):   # compile happens in the first call
         step()
     sync(device)
@@ -276,14 +278,14 @@ def table(rows, cols):
 def default_models(backbone) -> list:
     """Every model the backbone can carry: mlvpt prompts a ViT, and train.py refuses it on any other
     backbone (the presets' ResNets), so the default list leaves it out there rather than stop at it."""
-    return [m for m in MODELS if m != "mlvpt" or str(backbone).startswith("vit")]
+    return [m for m in zoo.models() if m != "mlvpt" or str(backbone).startswith("vit")]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="synthetic", choices=list(NUM_LABELS),
                    help="whose preset (backbone, size, batch, labels) to measure [synthetic = the CPU demo]")
-    p.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
+    p.add_argument("--models", nargs="+", default=None, choices=list(zoo.models()),
                    help="models to time [all; mlvpt only on a vit_* --backbone, since it prompts a ViT]")
     p.add_argument("--backbone", default=None, help="override the preset's backbone")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")

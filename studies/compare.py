@@ -137,6 +137,13 @@ def collect(out: str, names, seeds, args_of=None) -> dict:
             m["img_per_s"] = float(np.median([r["img_per_s"] for r in log]))
             if "gate" in log[-1]:   # the last epoch's routing: the largest expert slot's share of the mass
                 m["max_expert_mass"] = max(log[-1]["gate"]["expert_mass"].values())
+            routers = log[-1].get("routers", {})   # the same from the routers' health records (lib/routing.py)
+            if "gate" in routers:
+                m["max_expert_mass"] = max(routers["gate"]["load"])
+            backbone = [r for r in routers.values() if r["kind"] == "backbone"]
+            if backbone:   # experts per image, averaged over the backbone's MoE layers, and N
+                m["backbone_experts_per_image"] = float(np.mean([r["experts_per_image"] for r in backbone]))
+                m["backbone_experts"] = len(backbone[0]["load"])
             if log[-1].get("backbone_moe"):
                 # How evenly one image uses the backbone's experts: backbone_moe's count over the last training
                 # epoch, the distinct experts among all k choices of an image's tokens, averaged over images,

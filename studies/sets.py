@@ -102,7 +102,7 @@ for _p in ("last2", "every2"):
 # trains; compare.main() adds --weights <out>/pretrain/pretrain/seed0/best.pt to every row.
 # Every row trains with ML-VPT's official recipe, so that rows differ in how they adapt the backbone and in
 # nothing else: ASL with Q2L's settings and AdamW decaying every trainable parameter with no gradient clipping
-# (baselines.MODEL_PRESETS["mlvpt"]); the mlvpt rows have it from their preset, the others get it as flags.
+# (mlvpt.PRESET); the mlvpt rows have it from their preset, the others get it as flags.
 VIT = ["--backbone", "vit_tiny"]
 MLVPT_RECIPE = ["--loss", "asl", "--asl-gamma-neg", "2", "--asl-gamma-pos", "0", "--asl-clip", "0", "--asl-eps", "1e-5",
                 "--asl-detach-focusing", "--decay-all", "--grad-clip", "0"]

@@ -5,7 +5,7 @@ Seeing inside the gate (analysis.py, evaluate.py --analysis / --compare-to) and 
   label matrix, and the visual share of feature variance;
 - gate statistics on hand-made examples: shared mass over single- and multi-label images, variability,
   and the same restricted to the images that contain the label;
-- expert_load: slot masses, concentrated labels, and the collapse warning only above the threshold;
+- lib/routing.py: a router's health record by hand (load, entropies, dead, dropped), the alarm only above the threshold;
 - evaluate.py --analysis on a tiny trained checkpoint writes PNG files that open and JSON whose numbers
   equal the gate statistics evaluate.py prints and returns (and the curves equal log.jsonl);
 - --compare-to between two real checkpoints: each label's gain is the difference of the two runs' own
@@ -26,7 +26,6 @@ from scipy import stats as sps
 from lib import analysis
 import evaluate
 import train
-from gating import expert_load
 from tiny import TINY_MODEL
 
 TINY = TINY_MODEL + ["--limit", "64", "--batch-size", "16", "--ema-decay", "0.9", "--epochs", "2"]
@@ -103,16 +102,37 @@ def test_gate_statistics_on_present_labels_by_hand():
     assert o["shared_mass_present_multi"] == pytest.approx((0.6 + 0.5) / 2)
 
 
-def test_expert_load_warns_only_on_collapse():
-    names = ["shared0", "own0"]
-    mass = torch.tensor([[0.5, 0.5], [0.1, 0.9], [0.2, 0.8]])     # (L, E) per-label mean gate weights
-    summary, warning = expert_load(mass, names, threshold=0.8)
-    assert summary["expert_mass"] == pytest.approx({"shared0": 0.8 / 3, "own0": 2.2 / 3})
-    assert summary["labels_concentrated"] == 1                     # only 0.9 > 0.8 (0.8 is not above it)
-    assert warning is None                                         # 0.73 of all mass: not yet collapse
-    summary, warning = expert_load(torch.tensor([[0.05, 0.95], [0.1, 0.9]]), names, threshold=0.8)
-    assert "own0" in warning and "--aux-loss-coef" in warning
-    assert expert_load(torch.ones(3, 1), ["own0"], 0.8)[1] is None  # one expert: nothing to collapse
+def test_routing_health_by_hand_and_collapse_only_above_the_threshold():
+    """lib/routing.py: the health record against numbers worked out by hand, and the alarm."""
+    from lib.routing import Watch, route
+    # Two steps of a soft gate over E = 2 experts: mean weights (0.2, 0.8) and (0.4, 0.6) -> load (0.3, 0.7).
+    watch = Watch()
+    for w in ([0.2, 0.8], [0.4, 0.6]):
+        watch.add({"gate": route(torch.tensor(w).expand(3, 4, 2), names=["shared0", "task0"])})
+    rec, warnings = watch.health(collapse=0.8, dead_share=0.1)
+    r = rec["gate"]
+    assert r["load"] == pytest.approx([0.3, 0.7]) and r["experts"] == ["shared0", "task0"]
+    assert r["entropy"] == pytest.approx(-(0.3 * math.log(0.3) + 0.7 * math.log(0.7)))
+    assert r["max_entropy"] == pytest.approx(math.log(2)) and r["dead"] == [] and not r["collapsed"]
+    # mean row entropy: the rows are (0.2, 0.8) and (0.4, 0.6), half of the steps each
+    h = lambda p: -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    assert r["row_entropy"] == pytest.approx((h(0.2) + h(0.4)) / 2, rel=1e-5) and not warnings
+    # One expert over the threshold: the alarm, naming it; an expert under dead_share / E: dead.
+    watch = Watch()
+    watch.add({"gate": route(torch.tensor([0.04, 0.96]).expand(2, 3, 2), names=["shared0", "task0"])})
+    rec, warnings = watch.health(collapse=0.8, dead_share=0.1)
+    assert rec["gate"]["collapsed"] and rec["gate"]["dead"] == [0]
+    assert "task0" in warnings[0] and "--aux-loss-coef" in warnings[0]
+    # A top-2 router over 4 experts: its load sums to 1, each expert at most 1/2; collapse reads k * load.
+    watch = Watch()
+    watch.add({"moe": route(torch.full((2, 1, 4), 0.25), load=torch.tensor([0.45, 0.45, 0.05, 0.05]), k=2,
+                            dropped=torch.tensor(0.1), kind="backbone")})
+    rec, warnings = watch.health(collapse=0.8, dead_share=0.1)
+    assert rec["moe"]["collapsed"] and rec["moe"]["dropped"] == pytest.approx(0.1) and rec["moe"]["dead"] == []
+    # One expert: nothing to route, nothing to collapse.
+    watch = Watch()
+    watch.add({"one": route(torch.ones(2, 3, 1))})
+    assert not watch.health(0.8, 0.1)[0]["one"]["collapsed"]
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +166,11 @@ def test_analysis_pictures_and_numbers(two_runs, capsys):
     # The curves are the run's log, epoch by epoch.
     log = [json.loads(line) for line in open(two_runs / "dynamic" / "log.jsonl")]
     assert saved["curves"]["train_loss"] == [r["train_loss"] for r in log]
-    assert saved["curves"]["expert_mass"]["shared0"] == [r["gate"]["expert_mass"]["shared0"] for r in log]
+    assert saved["curves"]["expert_mass"]["shared0"] == [r["routers"]["gate"]["load"][0] for r in log]
+    # Every epoch's record holds the gate's health (lib/routing.py), and the run drew routing.png.
+    assert all({"load", "entropy", "dead"} <= set(r["routers"]["gate"]) for r in log)
+    with Image.open(two_runs / "dynamic" / "routing.png") as im:
+        assert im.format == "PNG" and im.width > 300
 
 
 def test_heterogeneity_between_two_checkpoints(two_runs):

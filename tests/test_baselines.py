@@ -29,7 +29,10 @@ import torch
 
 import evaluate
 import train
-from baselines import MODELS, asymmetric_loss, label_cooccurrence, load_word_vectors, mlgcn_adjacency
+import zoo
+from baselines import load_word_vectors, mlgcn_adjacency
+from data import label_cooccurrence
+from losses import asymmetric_loss
 from data import build_dataset
 from zoo import ModelConfig, build_model
 
@@ -44,7 +47,7 @@ def model_config(name: str, **kw) -> ModelConfig:
     return ModelConfig(**{**mcfg.__dict__, **SMALL, **(dict(image_size=32) if vit else {}), **kw})
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", list(zoo.models()))
 def test_each_model_shapes_and_learns(name):
     torch.manual_seed(0)
     model = build_model(model_config(name), verbose=False)
@@ -245,7 +248,7 @@ def test_weight_decay_by_role():
     assert not groups[1]["params"]
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", list(zoo.models()))
 def test_fp32_logits_under_bf16_autocast(name):
     # Scores are ranked for AP: bf16 logits (8 bits of mantissa) would tie thousands of scores, for two
     # baselines only. Every model must hand back fp32 logits from a bf16 forward.
@@ -272,14 +275,14 @@ def test_hsq_static_gate_is_input_independent():
         model.moe[0].gate.bias.normal_()                # a non-uniform learned routing
         _, a = model(torch.randn(2, 3, 32, 32))
         _, b = model(torch.randn(2, 3, 32, 32) * 3)
-    w = torch.cat([a["gate_weights"], b["gate_weights"]])   # (4, L, E)
+    w = torch.cat([a["routing"]["gate"]["probs"], b["routing"]["gate"]["probs"]])   # (4, L, E)
     assert torch.allclose(w, w[:1].expand_as(w)) and not torch.allclose(w[0, 0], w[0, 1])
     # ... while HSQ's own gate (the label's feature) does depend on the image.
     model = build_model(model_config("hsq"), verbose=False).eval()
     with torch.no_grad():
         model.moe[0].gate.weight.normal_()
         _, a = model(torch.randn(2, 3, 32, 32))
-    assert not torch.allclose(a["gate_weights"][0], a["gate_weights"][1])
+    assert not torch.allclose(a["routing"]["gate"]["probs"][0], a["routing"]["gate"]["probs"][1])
 
 
 def test_word_vectors_by_name(tmp_path):

@@ -68,7 +68,8 @@ def worker(out: str):
     loader = torch.utils.data.DataLoader(test, batch_size=4,
                                          sampler=torch.utils.data.DistributedSampler(test, shuffle=False))
     distributed.sync_buffers(model)
-    scores, targets, gates = predict(model, loader, device)
+    pred = predict(model, loader, device)
+    scores, targets, gates = pred["scores"], pred["targets"], pred["routing"]["gate"]
     torch.save({"rank": rank, "losses": losses, "before_wrap": before_wrap, "start": start, "every": every,
                 "state": model.state_dict(), "scores": scores, "targets": targets, "gates": gates},
                os.path.join(out, f"rank{rank}.pt"))
@@ -89,7 +90,8 @@ def test_ddp_steps_sync_ranks_and_evaluation_gathers_exactly(tmp_path):
     model = build_model(ModelConfig(**CFG), verbose=False)
     model.load_state_dict(r0["state"])
     test = build_dataset("synthetic", "test", image_size=32, limit=13)
-    scores, targets, gates = predict(model, torch.utils.data.DataLoader(test, batch_size=4), torch.device("cpu"))
+    pred = predict(model, torch.utils.data.DataLoader(test, batch_size=4), torch.device("cpu"))
+    scores, targets, gates = pred["scores"], pred["targets"], pred["routing"]["gate"]
     for r in (r0, r1):
         assert r["scores"].shape == scores.shape == (13, 20)
         assert (r["targets"] == targets).all()

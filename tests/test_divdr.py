@@ -70,7 +70,7 @@ def test_divdr_gradient_reaches_the_gate_not_the_classifier():
         if type(g).__name__ == "Gate":
             torch.nn.init.normal_(g.weight, std=0.5)
     logits, info = model(torch.randn(6, 3, 64, 64))
-    sig, rows = routing_signature(info, model)
+    sig, rows = routing_signature(info["routing"])
     assert sig.shape == (6, 5 * 3) and rows == [("head", 3)] * 5
     centroids = torch.stack([sig[0].detach(), sig[3].detach()])
     divdr_loss(sig, centroids, len(rows), 1.0)[0].backward()
@@ -93,7 +93,7 @@ def test_divdr_reaches_backbone_routers_and_a_run_logs_their_structure(tmp_path)
         if type(m).__name__ == "SparseMoE":
             torch.nn.init.normal_(m.router.weight, std=0.5)
     logits, info = model(torch.randn(6, 3, 32, 32))
-    sig, rows = routing_signature(info, model)
+    sig, rows = routing_signature(info["routing"])
     assert sig.shape == (6, 2 * 4) and rows == [("backbone", 4)] * 2
     assert torch.allclose(sig.sum(1), torch.full((6,), 2.0))   # two rows, each a distribution
     centroids = torch.stack([sig[0].detach(), sig[3].detach()])
@@ -105,7 +105,10 @@ def test_divdr_reaches_backbone_routers_and_a_run_logs_their_structure(tmp_path)
                 "--image-size", "32", "--divdr-coef", "0.5", "--divdr-clusters", "3", "--epochs", "2", "--limit", "48",
                 "--batch-size", "16", "--num-workers", "0", "--out-dir", str(out)])
     log = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert log[1]["divdr_loss"] != 0 and "nmi" in log[-1]["routing"]
+    assert log[1]["losses"]["divdr"] != 0 and "nmi" in log[-1]["routing"]
+    # The partition's health is logged like any router's (lib/routing.py): K = 3 shares summing to 1.
+    part = log[-1]["routers"]["divdr partition"]
+    assert len(part["load"]) == 3 and abs(sum(part["load"]) - 1) < 1e-4
     assert "backbone_largest_expert_share" in log[-1]["routing"]
 
 
@@ -167,9 +170,9 @@ def test_scenes_are_never_read_by_training(tmp_path, monkeypatch):
     train.main(flags + ["--out-dir", str(tmp_path / "b")])
     logs = [[json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in "ab"]
     for ea, eb in zip(*logs):
-        assert ea["train_loss"] == eb["train_loss"] and ea["divdr_loss"] == eb["divdr_loss"]
+        assert ea["train_loss"] == eb["train_loss"] and ea["losses"] == eb["losses"]
         assert ea["val_mAP"] == eb["val_mAP"]
-    assert logs[0][1]["divdr_loss"] != 0   # the second epoch really trained with the DivDR term
+    assert logs[0][1]["losses"]["divdr"] != 0   # the second epoch really trained with the DivDR term
     assert logs[0][-1]["routing"]["contingency"] != logs[1][-1]["routing"]["contingency"]
 
 

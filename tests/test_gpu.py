@@ -43,9 +43,11 @@ def test_amp_train_step(dtype):
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(8, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(8, 20, device=device) < 0.2).float()
-    loss, info = train.train_step(model, model, ema, opt, scaler, x, y, tcfg, dtype, 1)
+    run = train.Run(model=model, step_model=model, ema=ema, optimizer=opt, scaler=scaler, hooks=[], device=device,
+                    amp_dtype=dtype, fmt=torch.channels_last, rank=0, world=1)
+    loss, losses, info = train.train_step(run, x, y, tcfg, 1)
     assert torch.isfinite(loss)
-    w = info["gate_weights"]
+    w = info["routing"]["gate"]["probs"]
     assert w.dtype == torch.float32 and torch.allclose(w.sum(-1), torch.ones_like(w.sum(-1)), atol=1e-5)
     moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
     assert sum(moved) == len(moved)

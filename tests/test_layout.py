@@ -24,17 +24,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDERS = ("lib", "studies")
 # Lower tiers are imported by higher ones, never the other way round.
 TIER = {"lib": 0,                                                     # plumbing: imports nothing of the root
-        "experts": 1, "gating": 1, "metrics": 1, "data": 1,           # parts that stand alone
-        "backbone_moe": 2,                                            # uses gating's balance loss
-        "backbones": 3, "divdr": 3,                                   # use backbone_moe
-        "model": 4, "baselines": 4,                                   # the models over a backbone
-        "mlvpt": 5,                                                   # uses baselines' label counts
-        "zoo": 6,                                                     # every model by name
-        "config": 7,                                                  # the flags of every config
-        "evaluate": 8, "train": 9,                                    # the scripts (train validates with evaluate.predict)
-        "studies": 10}                                                # the study machinery, on top of everything
-CONCEPT_FILES = ["experts.py", "gating.py", "model.py", "backbone_moe.py", "baselines.py", "mlvpt.py", "divdr.py",
-                 "zoo.py"]
+        "experts": 1, "gating": 1, "metrics": 1, "data": 1, "losses": 1,   # parts that stand alone
+        "backbones": 2,                                               # any torchvision backbone -> a map
+        "model": 3,                                                   # DR-MoE over a backbone
+        # The systems, one tier: sideways imports are refused, so no system needs another.
+        "baselines": 4, "mlvpt": 4, "backbone_moe": 4, "divdr": 4,
+        "zoo": 5,                                                     # every model and system by name
+        "config": 6,                                                  # the flags of every config
+        "evaluate": 7, "train": 8,                                    # the scripts (train validates with evaluate.predict)
+        "studies": 9}                                                 # the study machinery, on top of everything
+SYSTEMS = ("baselines", "mlvpt", "backbone_moe", "divdr")
+# What a DR-MoE fork keeps (zoo.py beside it, which names the systems by string and imports them with importlib).
+CORE = ("experts", "gating", "model", "backbones", "data", "metrics", "losses", "train", "evaluate", "config", "lib")
+CONCEPT_FILES = ["experts.py", "gating.py", "model.py", "losses.py", "backbone_moe.py", "baselines.py", "mlvpt.py",
+                 "divdr.py", "zoo.py"]
 
 
 def node_of(path: str) -> str:
@@ -85,8 +88,36 @@ def test_the_import_graph_has_no_circle():
             visit(node, [node])
 
 
+def test_the_core_reaches_no_system_and_no_system_another():
+    """The core (and zoo.py, through which it builds models) reaches none of the four system files, following
+    imports transitively; and no system file imports another."""
+    edges = graph()
+    for start in CORE + ("zoo",):
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            for nxt in edges.get(node, ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        assert not seen & set(SYSTEMS), f"{start} reaches {sorted(seen & set(SYSTEMS))}"
+    for system in SYSTEMS:
+        assert not edges.get(system, set()) & set(SYSTEMS), f"{system} imports {edges[system] & set(SYSTEMS)}"
+
+
+def test_the_loop_names_no_system():
+    """train.py, evaluate.py and config.py call models and systems through zoo.py only: no system's file or
+    name appears in them, comments included."""
+    names = re.compile(r"mlvpt|ml-vpt|divdr|backbone_moe|backbone moe|baselines\.py|import baselines", re.I)
+    for f in ("train.py", "evaluate.py", "config.py"):
+        found = names.findall(open(os.path.join(ROOT, f)).read())
+        assert not found, f"{f} names {sorted(set(found))}"
+
+
 def test_model_py_reads_alone():
     assert imported(os.path.join(ROOT, "model.py")) == {"backbones", "experts", "gating", "lib"}
+    # ... and DR-MoE's reader needs four files: experts.py, gating.py, model.py and train.py, whose own
+    # imports are the core's and zoo.py (the registry), never a system.
 
 
 def test_train_main_is_short():

@@ -157,7 +157,7 @@ def test_model_moe_combination_by_hand():
     model.decoder[-1].register_forward_hook(lambda m, i, o: captured.setdefault("h", o))
     x = torch.randn(2, 3, 64, 64)
     logits, info = model(x)
-    h, w = captured["h"], info["gate_weights"]
+    h, w = captured["h"], info["routing"]["gate"]["probs"]
     assert logits.shape == (2, L) and w.shape == (2, L, 4)
     z = h + torch.einsum("ble,bled->bld", w, model.moe[0].experts(h))
     ref = torch.stack([z[:, l] @ model.cls_weight[l] + model.cls_bias[l] for l in range(L)], dim=1)

@@ -267,7 +267,7 @@ def test_train_evaluate_and_predict_a_folder(tmp_path, capsys):
     model, _, fmt = evaluate.load_checkpoint_model(os.path.join(out, "best.pt"), torch.device("cpu"))
     ds = data.ImageList([str(folder / n) for n in sorted(names)], np.zeros((5, 3)), sorted(names), CLASSES, 32,
                         data.build_transform(32, False))
-    ref = evaluate.predict(model, torch.utils.data.DataLoader(ds, batch_size=2), torch.device("cpu"), None, fmt)[0]
+    ref = evaluate.predict(model, torch.utils.data.DataLoader(ds, batch_size=2), torch.device("cpu"), None, fmt)["scores"]
     got = np.array([[float(r[c]) for c in CLASSES] for r in rows])
     assert np.allclose(got, ref, atol=1e-5)
     thr = np.asarray(ckpt["thresholds"])
@@ -314,8 +314,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_epoch(tmp_path, monkeypatch
     real = train.train_step
 
     def poisoned(*args, **kw):   # epoch 2's second step returns a NaN loss, as an absurd learning rate would
-        loss, info = real(*args, **kw)
-        return (loss * float("nan"), info) if args[-1] == 4 else (loss, info)
+        loss, losses, info = real(*args, **kw)
+        return (loss * float("nan"), losses, info) if args[-1] == 4 else (loss, losses, info)
     monkeypatch.setattr(train, "train_step", poisoned)
     with pytest.raises(train.Diverged, match=r"non-finite at step 4 \(epoch 2\): classification loss nan.*"
                                              r"last.pt holds epoch 1.*new run.*--lr.*--no-amp.*--grad-clip"):
@@ -348,11 +348,11 @@ def test_nan_weights_after_an_epochs_last_step_are_caught_at_validation(tmp_path
     validation scores, which must stop the run the same way (not a traceback inside the metrics)."""
     real = train.train_step
 
-    def poison_weights(step_model, model, *rest, **kw):
-        out = real(step_model, model, *rest, **kw)
+    def poison_weights(run, *rest, **kw):
+        out = real(run, *rest, **kw)
         if rest[-1] == 2:                                   # the last step of epoch 1 (2 steps per epoch)
             with torch.no_grad():
-                next(model.parameters()).fill_(float("nan"))
+                next(run.model.parameters()).fill_(float("nan"))
         return out
     monkeypatch.setattr(train, "train_step", poison_weights)
     tiny = ["--image-size", "32", "--feature-layer", "layer2", "--dim", "32", "--heads", "2", "--ff-dim", "64",

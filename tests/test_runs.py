@@ -27,7 +27,7 @@ from lib import rundir
 from backbones import WeightsUnavailable
 from config import parse_args
 from data import DatasetError
-from tiny import TINY_MODEL
+from tiny import TINY_MODEL, have
 from zoo import ModelConfig, build_model, describe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def test_data_roots_and_weights_files_name_the_folder(tmp_path, monkeypatch):
     assert parse_args(csv + ["--data-root", "photos"])[0].out_dir == dir_a
     for w in (a, b):
         torch.save({}, w / "best.pt")
-    vit = ["--model", "mlvpt", "--backbone", "vit_tiny"]
+    vit = ["--model", "mlvpt", "--backbone", "vit_tiny"] if have("mlvpt.py") else ["--backbone", "vit_tiny"]
     assert len({parse_args(vit + ["--weights", str(w / "best.pt")])[0].out_dir for w in (a, b)}) == 2
 
 
@@ -124,5 +124,5 @@ def test_cpu_projection_advises_only_what_the_command_lacks():
 
 def test_describe_names_where_a_resnet_is_cut():
     for layer in ("layer3", "layer4"):
-        cfg = ModelConfig(model="linear", backbone="resnet50", feature_layer=layer)
+        cfg = ModelConfig(model="linear" if have("baselines.py") else "drmoe", backbone="resnet50", feature_layer=layer)
         assert f"resnet50 cut after {layer}" in describe(build_model(cfg, verbose=False), cfg)

@@ -49,7 +49,7 @@ def test_few_steps_lower_the_loss(gate):
     losses = []
     for _ in range(15):
         logits, info = model(x)
-        loss = train.masked_bce(logits, y) + 0.01 * info["aux_loss"]
+        loss = train.masked_bce(logits, y) + 0.01 * info["losses"]["balance"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -154,8 +154,8 @@ def test_init_seed_moves_the_weights_only(tmp_path):
     """--init-seed k --seed s: the weights come from k, the data order from s (results/noise/)."""
     first_batch = {}
     real = train.train_step
-    def spy(step_model, model, ema, optimizer, scaler, x, y, *rest, **kw):
-        first_batch.setdefault(len(first_batch), (x.clone(), {k: v.clone() for k, v in model.state_dict().items()}))
+    def spy(run, x, y, *rest, **kw):
+        first_batch.setdefault(len(first_batch), (x.clone(), {k: v.clone() for k, v in run.model.state_dict().items()}))
         raise KeyboardInterrupt   # one step is enough to see the batch and the initial weights
     train.train_step = spy
     try:
