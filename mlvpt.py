@@ -300,7 +300,7 @@ def prompted_tokens(vit: ViTMap, x: torch.Tensor, prompts: torch.Tensor, masked:
 
 class MLVPT(nn.Module):
     """Frozen ViT + deep prompts per label group + the group-to-label mixture (docstring). x -> (logits (B, L),
-    info); info["loss_logits"] lists the outputs the loss is taken on (train.train_step)."""
+    info); info["loss_logits"] lists the outputs the loss is taken on (train.classification_loss)."""
 
     def __init__(self, cfg: MLVPTConfig):
         super().__init__()

@@ -63,7 +63,7 @@ from lib.routing import collect, route
 
 @dataclass
 class DRMoEConfig(BackboneConfig):
-    """DR-MoE's settings (and Q2L's and HSQ's, which are this model with other values: baselines.MODEL_PRESETS),
+    """DR-MoE's settings (and Q2L's and HSQ's, which are this model with other values: baselines.MODELS["q2l"], ["hsq"], read through zoo.preset),
     on top of the backbone's (backbones.BackboneConfig)."""
     dim: int = config_field(256, "D, width of the label decoder and the experts (q2l: the backbone's C, as Q2L's commands)")
     heads: int = config_field(4, "attention heads in the encoder and the label decoder")

@@ -10,4 +10,7 @@ open it. Nothing here imports a file of the root, so every root file may import 
     predictions.py   per-label F1 thresholds, predictions for a folder of images into a CSV
     analysis.py      gate statistics and the heterogeneity test behind evaluate.py --analysis
     plots.py         the charts, drawn with Pillow alone (no matplotlib)
+    routing.py       every router's record and health, one way for all: route, collect, Watch, summary
+    kmeans.py        k-means with k-means++ starts (DivDR's partitions, ML-VPT's label groups)
+    flags.py         config_field (a field with its --help) and the one-line-error parser
 """

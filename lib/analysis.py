@@ -8,8 +8,8 @@ heterogeneous labels most (the paper's claim "particularly for labels with high 
 
 writes into OUT (pictures drawn with pillow alone, as the design card's packages say):
     gate_heatmap.png         labels x experts: mean gate weight over the split (shared columns, then the
-                             label's own), and beside it each label's routing variability
-    gate_shared_vs_task.png  mass on shared vs own experts, single-label vs multi-label images, per label
+                             label's task-specific ones), and beside it each label's routing variability
+    gate_shared_vs_task.png  mass on shared vs task-specific experts, single-label vs multi-label images, per label
     curves.png               training loss, validation mAP and the mass per expert slot, per epoch (log.jsonl)
     heterogeneity.png        with --compare-to: each label's AP gain over the other model vs its heterogeneity
     analysis.json            every number behind the pictures
@@ -204,7 +204,7 @@ def write_analysis(out_dir, classes, targets, gates, features, gate_stats, ap, e
         plots.heatmap(os.path.join(out_dir, "gate_heatmap.png"), mean_w, variability, classes, experts, num_shared,
                      f"Gate routing: {title}")
         plots.shared_vs_task(os.path.join(out_dir, "gate_shared_vs_task.png"), gate_stats, classes,
-                            f"Shared vs own experts: {title}")
+                            f"Shared vs task-specific experts: {title}")
         written += ["gate_heatmap.png", "gate_shared_vs_task.png"]
     if log:
         result["curves"] = log

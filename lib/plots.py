@@ -152,7 +152,7 @@ def heatmap(path, mean_w, variability, classes, experts, num_shared, title):
             d.line([(x, y + 14), (x, y + 19)], fill=FG)
             d.text((x, y + 21), f"{t:g}", fill=FG, font=font(11), anchor="mt")
     d.text((left, y + 40), "mean gate weight over the split (each row sums to 1)", fill=FG, font=font(12))
-    d.text((left, y + 58), "shared: experts every label uses; task: the label's own experts", fill=MUTED, font=font(12))
+    d.text((left, y + 58), "shared: experts every label uses; task: the label's task-specific experts", fill=MUTED, font=font(12))
     img.save(path)
 
 
@@ -178,7 +178,7 @@ def shared_vs_task(path, stats, classes, title):
         for k, (key, _, rgb) in enumerate(kinds):
             yy = y + 3 + k * 12   # two thin bars per row: single-label images above, multi-label below
             v = s[key]
-            # Filled up to v (the shared mass), outlined from v to 1 (the rest, on the label's own
+            # Filled up to v (the shared mass), outlined from v to 1 (the rest, on its task-specific
             # experts): the two parts of one bar add up to the whole mass, which is what a reader checks.
             if v == v:                                                  # NaN: no such image in the split
                 d.rectangle([left, yy, left + v * width, yy + 10], fill=rgb)
@@ -186,11 +186,11 @@ def shared_vs_task(path, stats, classes, title):
                 d.text((left + width + 6, yy + 5), f"{v:.2f}", fill=FG, font=font(11), anchor="lm")
         if i == 0:
             d.line([(left - 140, y + rh), (left + width + 50, y + rh)], fill=MUTED)
-    d.text((left + width / 2, top + len(rows) * rh + 24), "mass on shared experts (the rest goes to the label's own)",
+    d.text((left + width / 2, top + len(rows) * rh + 24), "mass on shared experts (the rest goes to its task-specific experts)",
            fill=FG, font=font(13), anchor="mt")
     legend(d, (left + width + 60, top), [(n, rgb) for _, n, rgb in kinds])
     d.text((left + width + 60, top + 44), "filled: shared experts", fill=FG, font=font(12))
-    d.text((left + width + 60, top + 60), "outlined: the label's own", fill=FG, font=font(12))
+    d.text((left + width + 60, top + 60), "outlined: task-specific", fill=FG, font=font(12))
     d.text((left + width + 60, top + 76), "(images that contain", fill=MUTED, font=font(11))
     d.text((left + width + 60, top + 90), "the label; no bar: none)", fill=MUTED, font=font(11))
     img.save(path)
@@ -201,7 +201,7 @@ def curves(path, log, threshold, title):
     # log: analysis.read_log(log.jsonl) — "epoch" and one list per quantity, None where an epoch has none
     # (e.g. no validation). One panel per quantity, stacked, all on the same epoch axis.
     panels = [("train_loss", "training loss")] + [("val_mAP", "validation mAP")]
-    if "expert_mass" in log:   # runs from before the collapse watch have no expert masses
+    if "expert_mass" in log:   # only a head gate's log has expert masses (none for other models)
         panels.append(("expert_mass", "mass per expert slot"))
     W, ph = 620, 230
     img = Image.new("RGB", (W + 200, 60 + len(panels) * (ph + 90)), "white")
@@ -243,7 +243,7 @@ def curves(path, log, threshold, title):
 def routing(path, routers, threshold, title):
     """routing.png: one panel per router, each expert's share of its rows against the epoch (lib/routing.py).
 
-    routers: {router name: {"epoch": [...], "load": {expert name: [share per epoch]}, "dead_share": s}}."""
+    routers: {router name: {"epoch": [...], "load": {expert name: [share per epoch]}}} (analysis.read_routers)."""
     W, ph = 620, 200
     img = Image.new("RGB", (W + 200, 60 + len(routers) * (ph + 90)), "white")
     d = ImageDraw.Draw(img)

@@ -18,7 +18,8 @@ The record of one forward pass (route()):
     row_entropy  () the mean entropy of the routing rows, in nats: how undecided the router is per row
     k            experts each row is sent to (1 for a soft gate, whose load is then its mass)
     dropped      () the share of assignments that overflowed an expert's capacity, or None (no capacity)
-    kind         where the router sits, "head" or "backbone": expert indices mean something only within one
+    kind         where the router sits, "head" or "backbone" (or "partition": DivDR's), expert indices mean
+                 something only within one kind
     names        the E experts' names, or None
 
 An epoch's health, per router (Watch.health):
@@ -134,7 +135,8 @@ class Watch:
 
 
 def summary(records: dict) -> str:
-    """The epoch line's part: each router's load (in %), its balance H/ln E, and its dead experts if any."""
+    """The epoch line's part: each router's load (in %), its balance H/ln E, its dead experts and its overflow
+    (dropped) if any."""
     parts = []
     for name, r in records.items():
         load = " ".join(f"{100 * p:.0f}" for p in r["load"])

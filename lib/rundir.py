@@ -132,6 +132,6 @@ def summary(tcfg, metrics: dict, minutes: float) -> str:
         f"(val mAP {metrics['val_mAP']:.2f})",
         f"test mAP {metrics['mAP']:.2f} | CF1 {metrics['CF1']:.2f} | OF1 {metrics['OF1']:.2f} (the {metrics['split']} "
         "split, scored once, with best.pt)",
-        f"run folder: {out}: {', '.join(files)}, metrics.json, log.jsonl, curves.png",
+        f"run folder: {out}: {', '.join(files + [f for f in ('metrics.json', 'log.jsonl', 'test_scores.npz', 'curves.png', 'routing.png') if os.path.isfile(os.path.join(out, f))])}",
         f"next: python evaluate.py --checkpoint {os.path.join(out, 'best.pt')}                 # every metric, the gate per label",
         f"      python evaluate.py --checkpoint {os.path.join(out, 'best.pt')} --image my.jpg   # the labels of a photo"])

@@ -135,7 +135,7 @@ def collect(out: str, names, seeds, args_of=None) -> dict:
             # below over seeds, so that a run that shared the machine with other work for a while does
             # not drag the figure down.
             m["img_per_s"] = float(np.median([r["img_per_s"] for r in log]))
-            if "gate" in log[-1]:   # the last epoch's routing: the largest expert slot's share of the mass
+            if "gate" in log[-1]:   # (logs before lib/routing.py, as the committed results/) the largest slot's share
                 m["max_expert_mass"] = max(log[-1]["gate"]["expert_mass"].values())
             routers = log[-1].get("routers", {})   # the same from the routers' health records (lib/routing.py)
             if "gate" in routers:
@@ -144,7 +144,7 @@ def collect(out: str, names, seeds, args_of=None) -> dict:
             if backbone:   # experts per image, averaged over the backbone's MoE layers, and N
                 m["backbone_experts_per_image"] = float(np.mean([r["experts_per_image"] for r in backbone]))
                 m["backbone_experts"] = len(backbone[0]["load"])
-            if log[-1].get("backbone_moe"):
+            if log[-1].get("backbone_moe"):   # the same, from a log written before lib/routing.py
                 # How evenly one image uses the backbone's experts: backbone_moe's count over the last training
                 # epoch, the distinct experts among all k choices of an image's tokens, averaged over images,
                 # then over the MoE layers.

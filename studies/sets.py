@@ -6,7 +6,7 @@ only in what their names say. compare.py trains them over seeds and builds the t
 design of the experiments, with the calibration behind each choice (the write-ups in results/<study>/).
 
     models            every model, and DR-MoE with every gate kind (the README's "comparison")
-    ablation          gate kind x S shared experts {0, 1, 2, 4} x T own experts {1, 2}: which part of the
+    ablation          gate kind x S shared experts {0, 1, 2, 4} x T task-specific experts {1, 2}: which part of the
                       mixture matters, and whether the input-conditioned gate wins at any size
     balance           expert collapse and its remedy: dense and top-1 routing, each without and with the
                       load-balancing loss (gating.py)

@@ -93,7 +93,7 @@ def report(rows: dict, reference: str, draws: int = 1000) -> str:
     # Routing structure on test (divdr.structure, train.py's metrics.json): against the scenes, mean over seeds.
     routed = any("nmi" in r.get("routing", {}) for runs in rows.values() for r in runs)
     # Parameter-efficient rows (a frozen backbone) show what trains; sparse ones (backbone MoE) what one
-    # token activates; both show the run's peak memory (train.peak_memory: on CUDA the allocator's peak over
+    # token activates; both show the run's peak memory (lib/rundir.peak_memory: on CUDA the allocator's peak over
     # the whole run, EMA and evaluation included; on a CPU the process's resident set, the data included).
     every = [r for runs in rows.values() for r in runs]
     frozen = any(r.get("trainable_parameters", r["parameters"]) < r["parameters"] for r in every)

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from divdr import agreement, ari, contingency, divdr_loss, dominant_label, kmeans, nmi, routing_signature  # noqa: E402
+from divdr import agreement, ari, contingency, divdr_loss, dominant_label, nmi, routing_signature  # noqa: E402
+from lib.kmeans import kmeans  # noqa: E402
 
 
 def two_clusters(n=8, rows=4, E=3, noise=1e-3):
