@@ -249,7 +249,8 @@ def test_train_evaluate_and_predict_a_folder(tmp_path, capsys):
     ckpt = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     assert ckpt["classes"] == CLASSES and len(ckpt["thresholds"]) == 3
     # the saved thresholds are best_f1_thresholds of the val split's scores (not test's)
-    val_scores, val_targets = evaluate.score_split(os.path.join(out, "best.pt"), "val", None, torch.device("cpu"))[:2]
+    val = evaluate.score_split(os.path.join(out, "best.pt"), "val", None, torch.device("cpu"))[0]
+    val_scores, val_targets = val["scores"], val["targets"]
     assert np.allclose(ckpt["thresholds"], best_f1_thresholds(val_scores, val_targets))
     # then extreme ones, so that --thresholds best visibly decides: car always, cat never, dog at 0.5
     ckpt["thresholds"] = [1.01, 0.5, 0.0]

@@ -222,8 +222,8 @@ def test_voc_says_where_it_chooses_and_holdout_chooses_elsewhere(tmp_path, capsy
     root = str(tmp_path / "voc")
     seen = []   # the image ids of every loader the training loop validates on
     real_validate = train.validate
-    monkeypatch.setattr(train, "validate", lambda model, ema, loader, *a, **k:
-                        seen.append(set(loader.dataset.ids)) or real_validate(model, ema, loader, *a, **k))
+    monkeypatch.setattr(train, "validate", lambda run, loader, *a, **k:
+                        seen.append(set(loader.dataset.ids)) or real_validate(run, loader, *a, **k))
     trainval, plain = (data.build_dataset("voc", "trainval", root, 32, augment=a) for a in (True, False))
     fit, held = data.hold_out(trainval, plain)
     test_ids = set(data.build_dataset("voc", "test", root, 32).ids)

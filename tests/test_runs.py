@@ -110,7 +110,7 @@ def test_no_keep_last_and_a_redirected_log(tmp_path):
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and len(lines) < 60 and "\r" not in r.stdout, r.stdout[-3000:]
     assert sum(l.startswith("epoch ") for l in lines) == 2 and lines[-2].startswith("next: python evaluate.py")
-    assert sorted(os.listdir(out)) == ["best.pt", "curves.png", "log.jsonl", "metrics.json", "test_scores.npz"]
+    assert sorted(os.listdir(out)) == ["best.pt", "curves.png", "log.jsonl", "metrics.json", "routing.png", "test_scores.npz"]
 
 
 def test_cpu_projection_advises_only_what_the_command_lacks():

@@ -144,7 +144,8 @@ def test_study_budget_is_saved_and_reproduced(tmp_path):
     saved = json.load(open(os.path.join(out, "metrics.json")))
     result = evaluate.main(["--checkpoint", os.path.join(out, "best.pt")])
     assert result["mAP"] == saved["mAP"]
-    scores, targets = evaluate.score_split(os.path.join(out, "best.pt"), None, None, torch.device("cpu"))[:2]
+    pred = evaluate.score_split(os.path.join(out, "best.pt"), None, None, torch.device("cpu"))[0]
+    scores, targets = pred["scores"], pred["targets"]
     npz = np.load(os.path.join(out, "test_scores.npz"))
     assert scores.shape == (40, 20) and np.array_equal(npz["scores"], scores) and np.array_equal(npz["targets"], targets)
     assert set(saved["AP"]) == set(ckpt["classes"])
