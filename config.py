@@ -98,8 +98,8 @@ class TrainConfig:
     out_dir: str = config_field(None, "where checkpoints, log.jsonl and metrics.json go; default "
                                 "runs/DATASET/<model, gate, S, T, the flags you changed, seed>; a folder holds one run "
                                 "and a finished run in it is never trained over", "system")
-    keep_last: bool = config_field(True, "keep last.pt once the run has finished (what --resume needs; --no-keep-last "
-                                         "deletes it after the test, best.pt stays)", "system")
+    keep_last: bool = config_field(False, "keep last.pt once the run has finished (a finished run is never resumed, and "
+                                          "last.pt is about 4x best.pt: by default only best.pt stays)", "system")
     # parse_args adds --resume by hand (a bare --resume means 'auto'), so its flag is skipped by add_config_args.
     resume: str = config_field(None, "continue from a checkpoint: a path, or 'auto' for OUT_DIR/last.pt", "system")
 
@@ -253,8 +253,15 @@ def default_out_dir(tcfg: TrainConfig, mcfg: ModelConfig, args: dict, preset: di
         else:
             parts.append(f"{flag}={value}")
     # Anything else (a space, a ',' as in co,dc, a quote) becomes '_': any shell takes the name.
-    name = re.sub(r"[^A-Za-z0-9.=_+@-]", "_", "-".join(parts + [f"seed{tcfg.seed}"]))
-    return os.path.join("runs", tcfg.dataset, name)
+    name = re.sub(r"[^A-Za-z0-9.=_+@-]", "_", "-".join(parts))
+    if len(name) > NAME_CHARS:
+        # A long list of flags: a readable prefix and a short hash of the whole (config.json in the folder
+        # holds every value), so the name stays one a terminal shows and a shell takes.
+        name = name[:NAME_CHARS - 9].rstrip("-_=.") + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return os.path.join("runs", tcfg.dataset, f"{name}-seed{tcfg.seed}")
+
+
+NAME_CHARS = 50   # a run folder's name before "-seed<k>": under 60 characters in all
 
 
 def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):

@@ -48,6 +48,7 @@ import copy
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -65,8 +66,8 @@ from evaluate import predict
 from lib import analysis, distributed, plots, routing
 from lib.checkpoint import judged_weights, load_file, rng_state, save_checkpoint, set_rng_state
 from lib.predictions import best_f1_thresholds
-from lib.rundir import (best_state, cpu_projection, existing_run, finished, peak_memory, provenance, start_log,
-                        summary)
+from lib.rundir import (best_state, code_changed, cpu_projection, existing_run, finished, peak_memory, point_latest,
+                        provenance, start_log, summary)
 from losses import asymmetric_loss, masked_bce
 from metrics import average_precision, multilabel_metrics
 from zoo import ModelConfig, build_model, flops_per_image, set_memory_format
@@ -512,77 +513,11 @@ def final_test(run, tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, loaders: dic
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The run, top to bottom
-
-
-def main(argv=None):
-    tcfg, mcfg, given = parse_args(argv)
-    if "describe" in given:
-        return describe_only(tcfg, mcfg)
-    # Under torchrun: one process per GPU (or CPU slot); only rank 0 talks (lib/distributed.py). Plain python: rank 0 of 1.
-    rank, world, ddp_device = distributed.setup(tcfg.device)
-    main_proc = rank == 0
-    say = print if main_proc else (lambda *a, **k: None)
-    # A folder holds one run: a finished one is never trained over (nor re-tested), an unfinished one only resumed.
-    found = existing_run(tcfg.out_dir)
-    if found == "unfinished" and not tcfg.resume:
-        sys.exit(f"error: {tcfg.out_dir} holds an unfinished run (its last.pt); nothing was changed: continue it with "
-                 "the same command and --resume, or start another with --out-dir NEW_FOLDER")
-    ckpt = None
-    if tcfg.resume:   # a resumed run is the run that was started: its configs come from its checkpoint
-        tcfg, mcfg, ckpt = resume_configs(tcfg, given, say if found != "finished" else (lambda *a, **k: None))
-    if found == "finished":
-        return finished(tcfg.out_dir, say)
-    say("train config:", json.dumps(asdict(tcfg)))   # printed and saved: a log says what produced it
-    say(f"run folder: {tcfg.out_dir}")
-    if tcfg.batch_size % world:   # a usage error: one line, no traceback
-        sys.exit(f"error: --batch-size {tcfg.batch_size} (the global batch) must divide evenly over {world} processes")
-    # Per-rank seeds: dropout and flips differ between ranks (else every rank would augment alike). The
-    # weights still start equal everywhere, because DDP copies rank 0's to all ranks when it wraps the model.
-    seed_everything(tcfg.seed + rank)
-    device, amp_dtype, use_compile = pick_runtime(tcfg, ddp_device, world, say)
-
-    # ---- data: every split read and checked, then the loaders
-    ds, labels = build_data(tcfg, main_proc)
-    mcfg.num_labels = len(ds["train"].classes)   # L comes from the data, so one config serves any dataset
-    mcfg.image_size = tcfg.image_size   # a ViT's position embeddings are made for this grid (backbones.py)
-    zoo.resolve(mcfg, labels, say)   # fields a system fixes from the training labels (a number of label groups)
-    if mcfg.freeze_backbone and mcfg.weights.lower() == "none":
-        say("  warning: --freeze-backbone with --weights none: the frozen backbone stays random. Pass --weights "
-            "DEFAULT (ImageNet), or pretrain offline: python train.py --dataset synthetic-pretrain --backbone "
-            f"{mcfg.backbone} --model linear, then --weights <that run>/best.pt")
-    say("model config:", json.dumps(asdict(mcfg)))
-    order = torch.Generator()   # the data order, re-seeded every epoch (make_loaders says why)
-    train_loader, eval_loaders = make_loaders(ds, tcfg, world, device, order)
-
-    # ---- model, EMA, optimizer, schedule, loss scaler
-    model, fmt, gflops = build_run_model(tcfg, mcfg, ds, labels, device, world, main_proc, say)
-    hooks = zoo.loop_hooks(tcfg, mcfg, model)   # what systems add to the loop for this model (zoo.py), often none
-    # `model` stays the raw module: it is what is saved, evaluated and averaged into the EMA. The step runs
-    # through `step_model`, which may be compiled and wrapped in DDP (their state_dict keys differ).
-    step_model = distributed.wrap(torch.compile(model) if use_compile else model, device)
-    # The EMA is a second copy of the model whose weights trail the trained ones, evaluated beside them every
-    # epoch. Copied after the DDP wrap, so it starts from rank 0's weights on every rank.
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.ema_decay else None
-    optimizer = build_optimizer(model, tcfg, device)
-    # One-cycle (Smith & Topin 2019; Q2L trains with it): warm up to lr over warmup_pct of the steps,
-    # then anneal to ~0. The schedule is per step, so it needs the total number of steps up front.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tcfg.lr, total_steps=tcfg.epochs * len(train_loader),
-                                                    pct_start=tcfg.warmup_pct)
-    # Enabled only for fp16: with bf16 or fp32 it passes everything through, so one code path serves all.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    run = Run(model=model, step_model=step_model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-              hooks=hooks, device=device, amp_dtype=amp_dtype, fmt=fmt, rank=rank, world=world)
-    start_epoch, best_map, step = 0, -1.0, 0
-    if ckpt is not None:
-        start_epoch, best_map, step = restore(ckpt, run, say)
-    # The run folder is made only now: a start that fails (no data, no weights, a bad value) leaves none behind.
-    os.makedirs(tcfg.out_dir, exist_ok=True)
-    log_path = start_log(tcfg.out_dir, start_epoch, ckpt is not None, main_proc)
-
-    # ---- the epochs: train, validate on val, log, checkpoint
-    run_start = time.time()
+def train_epochs(run, tcfg, mcfg, ds, train_loader, eval_loaders, order, given, start_epoch, best_map, step,
+                 log_path, code, say):
+    """The epochs of main(): train, validate on val, log, checkpoint (last.pt every epoch, best.pt when better)."""
+    model, ema, device, world, rank, main_proc = run.model, run.ema, run.device, run.world, run.rank, run.rank == 0
+    step_model, optimizer, scheduler, scaler, hooks = run.step_model, run.optimizer, run.scheduler, run.scaler, run.hooks
     for epoch in range(start_epoch, tcfg.epochs):
         step_model.train()
         if mcfg.freeze_backbone:
@@ -617,7 +552,7 @@ def main(argv=None):
                      "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_map": best_map,
                      "val_map": val_maps, "model_config": asdict(mcfg), "train_config": asdict(tcfg),
                      "classes": list(ds["train"].classes), "world_size": world, "rng": rng,
-                     "hooks": {hook.name: hook.state_dict() for hook in hooks}}
+                     "hooks": {hook.name: hook.state_dict() for hook in hooks}, "code": code}
             # last.pt every epoch (what --resume reads), best.pt when validation improved (what is tested and
             # fine-tuned from: the judged weights alone, best_state).
             save_checkpoint(os.path.join(tcfg.out_dir, "last.pt"), state)
@@ -625,9 +560,123 @@ def main(argv=None):
                 save_checkpoint(os.path.join(tcfg.out_dir, "best.pt"), best_state(state))
         distributed.barrier()   # best.pt is on disk before any rank may read it
 
+
+class Interrupted(RuntimeError):
+    """Ctrl-C during the epochs: the message says what is on disk and what to run next."""
+
+
+def interrupted_message(tcfg: TrainConfig, made: bool) -> str:
+    """What an interrupted run leaves and what to run. With no epoch finished nothing is worth keeping: the
+    files this start wrote go, and the folder too if this start made it, so the same command starts afresh."""
+    log = os.path.join(tcfg.out_dir, "log.jsonl")
+    done = sum(1 for _ in open(log)) if os.path.isfile(log) else 0
+    if os.path.isfile(os.path.join(tcfg.out_dir, "last.pt")):
+        return (f"interrupted: {tcfg.out_dir}/last.pt holds epoch {done} of {tcfg.epochs}; rerun the same command "
+                "with --resume to continue from there")
+    if made and distributed.is_main():
+        for f in ("log.jsonl", "config.json"):
+            if os.path.isfile(os.path.join(tcfg.out_dir, f)):
+                os.remove(os.path.join(tcfg.out_dir, f))
+        if not os.listdir(tcfg.out_dir):
+            os.rmdir(tcfg.out_dir)
+    return "interrupted before any epoch finished: nothing was kept; rerun the same command"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run, top to bottom
+
+
+def main(argv=None):
+    tcfg, mcfg, given = parse_args(argv)
+    if "describe" in given:
+        return describe_only(tcfg, mcfg)
+    # Under torchrun: one process per GPU (or CPU slot); only rank 0 talks (lib/distributed.py). Plain python: rank 0 of 1.
+    rank, world, ddp_device = distributed.setup(tcfg.device)
+    main_proc = rank == 0
+    say = print if main_proc else (lambda *a, **k: None)
+    # A folder holds one run: a finished one is never trained over (nor re-tested), an unfinished one only resumed.
+    found = existing_run(tcfg.out_dir)
+    if found == "unfinished" and not tcfg.resume:
+        sys.exit(f"error: {tcfg.out_dir} holds an unfinished run (its last.pt); nothing was changed: continue it with "
+                 "the same command and --resume, or start another with --out-dir NEW_FOLDER")
+    ckpt, code = None, provenance()   # code: the commit and a hash of the source this run runs
+    if tcfg.resume:   # a resumed run is the run that was started: its configs come from its checkpoint
+        tcfg, mcfg, ckpt = resume_configs(tcfg, given, say if found != "finished" else (lambda *a, **k: None))
+    elif found == "finished" and code_changed(tcfg.out_dir, code["source_hash"]):
+        # The same command after the code changed is a new run, in a folder of its own: the finished one stays.
+        old, tcfg.out_dir = tcfg.out_dir, f"{tcfg.out_dir}-code{code['source_hash'][:6]}"
+        say(f"the code changed since {old} was trained (source {code_changed(old, code['source_hash'])[:6]} -> "
+            f"{code['source_hash'][:6]}): a new run, in {tcfg.out_dir}; the finished one is left as it is")
+        found = existing_run(tcfg.out_dir)
+    if found == "finished":
+        return finished(tcfg.out_dir, say)
+    if tcfg.batch_size % world:   # a usage error: one line, no traceback
+        sys.exit(f"error: --batch-size {tcfg.batch_size} (the global batch) must divide evenly over {world} processes")
+    # Per-rank seeds: dropout and flips differ between ranks (else every rank would augment alike). The
+    # weights still start equal everywhere, because DDP copies rank 0's to all ranks when it wraps the model.
+    seed_everything(tcfg.seed + rank)
+    device, amp_dtype, use_compile = pick_runtime(tcfg, ddp_device, world, say)
+
+    # ---- data: every split read and checked, then the loaders
+    ds, labels = build_data(tcfg, main_proc)
+    mcfg.num_labels = len(ds["train"].classes)   # L comes from the data, so one config serves any dataset
+    mcfg.image_size = tcfg.image_size   # a ViT's position embeddings are made for this grid (backbones.py)
+    zoo.resolve(mcfg, labels, say)   # fields a system fixes from the training labels (a number of label groups)
+    if mcfg.freeze_backbone and mcfg.weights.lower() == "none":
+        say("  warning: --freeze-backbone with --weights none: the frozen backbone stays random. Pass --weights "
+            "DEFAULT (ImageNet), or pretrain offline: python train.py --dataset synthetic-pretrain --backbone "
+            f"{mcfg.backbone} --model linear, then --weights <that run>/best.pt")
+    order = torch.Generator()   # the data order, re-seeded every epoch (make_loaders says why)
+    train_loader, eval_loaders = make_loaders(ds, tcfg, world, device, order)
+
+    # ---- model, EMA, optimizer, schedule, loss scaler
+    model, fmt, gflops = build_run_model(tcfg, mcfg, ds, labels, device, world, main_proc, say)
+    hooks = zoo.loop_hooks(tcfg, mcfg, model)   # what systems add to the loop for this model (zoo.py), often none
+    # `model` stays the raw module: it is what is saved, evaluated and averaged into the EMA. The step runs
+    # through `step_model`, which may be compiled and wrapped in DDP (their state_dict keys differ).
+    step_model = distributed.wrap(torch.compile(model) if use_compile else model, device)
+    # The EMA is a second copy of the model whose weights trail the trained ones, evaluated beside them every
+    # epoch. Copied after the DDP wrap, so it starts from rank 0's weights on every rank.
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.ema_decay else None
+    optimizer = build_optimizer(model, tcfg, device)
+    # One-cycle (Smith & Topin 2019; Q2L trains with it): warm up to lr over warmup_pct of the steps,
+    # then anneal to ~0. The schedule is per step, so it needs the total number of steps up front.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tcfg.lr, total_steps=tcfg.epochs * len(train_loader),
+                                                    pct_start=tcfg.warmup_pct)
+    # Enabled only for fp16: with bf16 or fp32 it passes everything through, so one code path serves all.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    run = Run(model=model, step_model=step_model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+              hooks=hooks, device=device, amp_dtype=amp_dtype, fmt=fmt, rank=rank, world=world)
+    start_epoch, best_map, step = 0, -1.0, 0
+    if ckpt is not None:
+        start_epoch, best_map, step = restore(ckpt, run, say)
+    # The run folder is made only now: a start that fails (no data, no weights, a bad value) leaves none behind.
+    # The resolved configs go into it (config.json); the screen gets one line.
+    made = not os.path.isdir(tcfg.out_dir)
+    os.makedirs(tcfg.out_dir, exist_ok=True)
+    log_path = start_log(tcfg.out_dir, start_epoch, ckpt is not None, main_proc)
+    if main_proc:
+        with open(os.path.join(tcfg.out_dir, "config.json"), "w") as fh:
+            json.dump({"train_config": asdict(tcfg), "model_config": asdict(mcfg), "code": code}, fh, indent=2)
+        point_latest(tcfg.out_dir)
+    say(f"run folder: {tcfg.out_dir} ({mcfg.model} on {tcfg.dataset}, seed {tcfg.seed}, {tcfg.epochs} epoch{'s' * (tcfg.epochs != 1)} of "
+        f"batch {tcfg.batch_size}, lr {tcfg.lr:g}; every setting in its config.json)")
+
+    # ---- the epochs: train, validate on val, log, checkpoint
+    run_start, epoch = time.time(), start_epoch
+    try:
+        train_epochs(run, tcfg, mcfg, ds, train_loader, eval_loaders, order, given, start_epoch, best_map, step,
+                     log_path, code, say)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(tcfg, made)) from None
+    except DatasetError as e:   # a file that breaks mid-run (an image that cannot be read): what is kept, what to run
+        done = os.path.isfile(os.path.join(tcfg.out_dir, "last.pt"))
+        raise DatasetError(str(e).strip().splitlines()[-1] + ("; after fixing it, the same command with --resume keeps "
+                           "the finished epochs" if done else "")) from None
+
     # ---- the test: the best checkpoint, scored once on the test split
     metrics = final_test(run, tcfg, mcfg, ds, eval_loaders, gflops, run_start)
-    if main_proc and not tcfg.keep_last:   # --no-keep-last: a finished run needs best.pt only
+    if main_proc and not tcfg.keep_last:   # a finished run needs best.pt only (--keep-last keeps last.pt)
         os.remove(os.path.join(tcfg.out_dir, "last.pt"))
     say(summary(tcfg, metrics, (time.time() - run_start) / 60))
     distributed.cleanup()
@@ -640,9 +689,13 @@ if __name__ == "__main__":
     except (WeightsUnavailable, DatasetError, FileNotFoundError) as e:
         # A setup problem the user can fix: the message, not a traceback. An error raised inside a
         # DataLoader worker (a corrupt image) arrives wrapped with the worker's traceback: keep its last line.
+        # The worker's line reads "lib.owndata.DatasetError: ...": the message alone, no internal class name.
         msg = str(e).strip()
-        sys.exit("error: " + (msg.splitlines()[-1] if "Original Traceback" in msg else msg))
+        sys.exit("error: " + (re.sub(r"^[\w.]+(Error|Unavailable): ", "", msg.splitlines()[-1])
+                              if "Original Traceback" in msg else msg))
     except Diverged as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("\ninterrupted: last.pt holds the last finished epoch; rerun with --resume to continue")
+    except Interrupted as e:
+        sys.exit(f"\n{e}")
+    except KeyboardInterrupt:   # before the epochs began: nothing was written
+        sys.exit("\ninterrupted before any epoch finished: nothing was kept; rerun the same command")

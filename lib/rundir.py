@@ -32,17 +32,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the proje
 
 
 def provenance() -> dict:
-    """What produced a run, for metrics.json: the git commit (None outside a git checkout), the .py files that
-    differ from it, a hash of every .py file's content (the same code gives the same hash, committed or not),
-    the CPU's model name and torch's version."""
+    """What produced a run, for metrics.json and its checkpoints: the git commit (None outside a git checkout),
+    the .py files that differ from it, a hash of the code a run runs (every .py file of the project's root and
+    of lib/, path and content: the same code gives the same hash, committed or not; tests and studies are not
+    part of a run), the CPU's model name and torch's version."""
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
-    files = sorted(os.path.relpath(os.path.join(d, f), ROOT) for d, dirs, names in os.walk(ROOT)
-                   for f in names if f.endswith(".py") and not any(p.startswith(".") or p in ("runs", "results")
-                                                                     for p in os.path.relpath(d, ROOT).split(os.sep)))
+    files = sorted(f for folder in ("", "lib") for f in (os.path.join(folder, n) for n in os.listdir(os.path.join(ROOT, folder)))
+                   if f.endswith(".py"))
     digest = hashlib.sha1()
     for f in files:   # the path and the content of each file, in a fixed order
         digest.update(f.encode())
@@ -52,7 +52,7 @@ def provenance() -> dict:
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
     changed = [line[3:] for line in git("status", "--porcelain", "--", "*.py").splitlines() if line.strip()]
     return {"commit": git("rev-parse", "HEAD").strip() or None, "source_changed": changed, "source_hash": digest.hexdigest()[:12],
-            "cpu": cpu, "torch": torch.__version__}
+            "cpu": cpu, "torch": str(torch.__version__)}
 
 
 def existing_run(out_dir: str):
@@ -61,6 +61,26 @@ def existing_run(out_dir: str):
     if os.path.isfile(os.path.join(out_dir, "metrics.json")):
         return "finished"
     return "unfinished" if os.path.isfile(os.path.join(out_dir, "last.pt")) else None
+
+
+def code_changed(out_dir: str, source_hash: str):
+    """The source hash a finished run in out_dir was trained with, when it differs from `source_hash`; None when it
+    is the same, or the run predates the hash (its code unknown: today's no-op)."""
+    old = json.load(open(os.path.join(out_dir, "metrics.json"))).get("source_hash")
+    return old if old and old != source_hash else None
+
+
+def point_latest(out_dir: str):
+    """runs/latest -> the newest run folder (a symbolic link; skipped where the system has none)."""
+    link = os.path.join("runs", "latest")
+    try:
+        os.makedirs("runs", exist_ok=True)
+        if os.path.islink(link):
+            os.remove(link)
+        if not os.path.exists(link):
+            os.symlink(os.path.abspath(out_dir), link)
+    except OSError:   # Windows without the privilege, a read-only tree: the RUN= line still says where
+        pass
 
 
 def finished(out_dir: str, say) -> dict:
@@ -75,12 +95,12 @@ def finished(out_dir: str, say) -> dict:
 # What evaluation and fine-tuning read from best.pt: the judged weights under "model" (which of raw and EMA
 # they are: "eval_weights"), the configs and the class names. No optimizer or EMA copy: last.pt has those.
 BEST_KEYS = ("eval_weights", "epoch", "step", "best_map", "val_map", "model_config", "train_config", "classes",
-             "world_size")
+             "world_size", "code")
 
 
 def best_state(state: dict) -> dict:
     """last.pt's state -> best.pt's: the judged weights and what describes them (a quarter of the size)."""
-    return {**{k: state[k] for k in BEST_KEYS}, "model": judged_weights(state), "ema": None}
+    return {**{k: state.get(k) for k in BEST_KEYS}, "model": judged_weights(state), "ema": None}
 
 
 def start_log(out_dir: str, start_epoch: int, resumed: bool, main_proc: bool) -> str:
@@ -114,9 +134,10 @@ def cpu_projection(tcfg, given: set, step_s: float, steps: int, n_val: int) -> s
     minutes = (step_s * steps + step_s / 3 * n_val / tcfg.batch_size) / 60   # evaluation: ~1/3 of a step per batch
     ways = [f for f, flag in (("--device cuda", "device"), ("a smaller --backbone (e.g. resnet18)", "backbone"),
                               ("a smaller --image-size (e.g. 96)", "image_size"), ("--limit 512 --epochs 1 for a smoke run", "limit"))
-            if flag not in given]
+            if flag not in given and (flag != "limit" or steps * tcfg.batch_size > 512)]   # --limit: only where it cuts
     return (f"note: training {tcfg.dataset} on the cpu: the first steps took {step_s:.2f} s each, about {minutes:.1f} min "
-            f"per epoch, {minutes * tcfg.epochs / 60:.1f} h for {tcfg.epochs} epochs"
+            f"per epoch, " + (f"{minutes * tcfg.epochs / 60:.1f} h" if minutes * tcfg.epochs >= 60 else
+                              f"{minutes * tcfg.epochs:.0f} min") + f" for {tcfg.epochs} epoch{'s' * (tcfg.epochs != 1)}"
             + (f"; shorter: {', '.join(ways)} (docs/datasets.md, 'A CPU smoke run')" if ways else ""))
 
 
@@ -132,6 +153,9 @@ def summary(tcfg, metrics: dict, minutes: float) -> str:
         f"(val mAP {metrics['val_mAP']:.2f})",
         f"test mAP {metrics['mAP']:.2f} | CF1 {metrics['CF1']:.2f} | OF1 {metrics['OF1']:.2f} (the {metrics['split']} "
         "split, scored once, with best.pt)",
-        f"run folder: {out}: {', '.join(files + [f for f in ('metrics.json', 'log.jsonl', 'test_scores.npz', 'curves.png', 'routing.png') if os.path.isfile(os.path.join(out, f))])}",
-        f"next: python evaluate.py --checkpoint {os.path.join(out, 'best.pt')}                 # every metric, the gate per label",
-        f"      python evaluate.py --checkpoint {os.path.join(out, 'best.pt')} --image my.jpg   # the labels of a photo"])
+        f"run folder: {', '.join(files + [f for f in ('metrics.json', 'log.jsonl', 'test_scores.npz', 'curves.png', 'routing.png', 'config.json') if os.path.isfile(os.path.join(out, f))])}",
+        f"RUN={out}",
+        "next: python evaluate.py --checkpoint $RUN/best.pt                  # every metric, the gate per label",
+        "      python evaluate.py --checkpoint $RUN/best.pt --image my.jpg    # the labels of a photo",
+        "      python evaluate.py --checkpoint $RUN/best.pt --analysis $RUN/analysis --compare-to OTHER/best.pt"
+        "   # what differs from another run (docs/training.md)"])

@@ -8,13 +8,18 @@ Nothing lost, nothing surprising: what a run folder holds and what a command may
   over an unfinished one it refuses, pointing at --resume; a start that fails leaves no folder behind.
 - --weights reports in one line what it loaded into the backbone and what it left, and refuses, naming the
   tensor, a checkpoint whose backbone does not fit.
-- best.pt holds the judged weights and the configs (at most half of last.pt), --no-keep-last drops last.pt
-  once the run is finished, and the run ends with a summary and curves.png.
+- best.pt holds the judged weights and the configs (at most half of last.pt); a finished run keeps no last.pt
+  unless --keep-last, and ends with a summary (a RUN= line to copy), curves.png and routing.png.
+- A run knows its code: the same command after the source changed is a new run in its own folder, said in
+  one line, the finished run byte for byte as it was; unchanged code is the same finished run (no-op).
+- Ctrl-C before any epoch finished leaves no folder and says to rerun the same command (no --resume); after
+  one, it says --resume. Default folder names stay under 60 characters however many flags are given.
 - With its output redirected (not a terminal) a run writes one line per epoch, no progress bars.
 - Off a GPU, the projected time per epoch never advises a flag the command already gives.
 
 Run: python -m pytest -q tests/test_runs.py
 """
+import json
 import os
 import subprocess
 import sys
@@ -51,7 +56,7 @@ def test_data_roots_and_weights_files_name_the_folder(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "tiny")
-    metrics = train.main(TINY + ["--epochs", "2", "--out-dir", out])
+    metrics = train.main(TINY + ["--epochs", "2", "--keep-last", "--out-dir", out])
     return out, metrics
 
 
@@ -63,7 +68,7 @@ def test_lean_best_summary_and_curves(finished_run, capsys):
     assert os.path.isfile(os.path.join(out, "curves.png"))
     summary = rundir.summary(train.TrainConfig(**best["train_config"]), metrics, 1.0).splitlines()
     assert summary[0].startswith("done in 1.0 min: best epoch") and "chosen on the val split" in summary[0]
-    assert f"mAP {metrics['mAP']:.2f}" in summary[1] and out in summary[2] and "evaluate.py" in summary[3]
+    assert f"mAP {metrics['mAP']:.2f}" in summary[1] and summary[3] == f"RUN={out}" and "evaluate.py" in summary[4]
 
 
 def test_an_unfinished_run_is_never_started_over(finished_run, tmp_path, capsys):
@@ -109,8 +114,9 @@ def test_no_keep_last_and_a_redirected_log(tmp_path):
                        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and len(lines) < 60 and "\r" not in r.stdout, r.stdout[-3000:]
-    assert sum(l.startswith("epoch ") for l in lines) == 2 and lines[-2].startswith("next: python evaluate.py")
-    assert sorted(os.listdir(out)) == ["best.pt", "curves.png", "log.jsonl", "metrics.json", "routing.png", "test_scores.npz"]
+    assert sum(l.startswith("epoch ") for l in lines) == 2 and lines[-3].startswith("next: python evaluate.py")
+    assert sorted(os.listdir(out)) == ["best.pt", "config.json", "curves.png", "log.jsonl", "metrics.json", "routing.png",
+                                       "test_scores.npz"]
 
 
 def test_cpu_projection_advises_only_what_the_command_lacks():
@@ -126,3 +132,62 @@ def test_describe_names_where_a_resnet_is_cut():
     for layer in ("layer3", "layer4"):
         cfg = ModelConfig(model="linear" if have("baselines.py") else "drmoe", backbone="resnet50", feature_layer=layer)
         assert f"resnet50 cut after {layer}" in describe(build_model(cfg, verbose=False), cfg)
+
+
+def snapshot(folder) -> dict:
+    """Every file of a folder and its bytes."""
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+def test_changed_code_is_a_new_run_and_the_old_one_stays(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    first = train.main(TINY + ["--epochs", "1", "--out-dir", out])
+    assert not os.path.isfile(os.path.join(out, "last.pt"))                     # lean by default
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert saved["source_hash"] == rundir.provenance()["source_hash"] and saved["cpu"] and saved["torch"]
+    before = snapshot(out)
+    # The same command, the same code: the finished run, nothing written.
+    assert train.main(TINY + ["--epochs", "1", "--out-dir", out])["mAP"] == first["mAP"]
+    assert snapshot(out) == before and "holds a finished run" in capsys.readouterr().out
+    # The same command after an edit (another source hash): a new run beside it, said in one line.
+    real = rundir.provenance()
+    monkeypatch.setattr(train, "provenance", lambda: {**real, "source_hash": "e" * 12})
+    train.main(TINY + ["--epochs", "1", "--out-dir", out])
+    said = capsys.readouterr().out
+    assert f"the code changed since {out}" in said and os.path.isfile(out + "-codeeeeeee/metrics.json")
+    assert snapshot(out) == before                                             # the finished run untouched
+    assert json.load(open(out + "-codeeeeeee/metrics.json"))["source_hash"] == "e" * 12
+
+
+def test_interrupted_before_the_first_epoch_leaves_nothing(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    real = train.train_step
+
+    def ctrl_c(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "train_step", ctrl_c)
+    with pytest.raises(train.Interrupted, match="before any epoch finished: nothing was kept; rerun the same command"):
+        train.main(TINY + ["--epochs", "2", "--out-dir", out])
+    assert not os.path.exists(out)
+    # After one epoch: last.pt is there, and the advice is --resume, which then finishes the run.
+    calls = []
+
+    def ctrl_c_in_epoch_2(run, *rest, **kw):
+        calls.append(1)
+        if len(calls) == 3:                                    # 2 steps per epoch: the first step of epoch 2
+            raise KeyboardInterrupt
+        return real(run, *rest, **kw)
+    monkeypatch.setattr(train, "train_step", ctrl_c_in_epoch_2)
+    with pytest.raises(train.Interrupted, match="last.pt holds epoch 1 of 2; rerun the same command with --resume"):
+        train.main(TINY + ["--epochs", "2", "--out-dir", out])
+    monkeypatch.setattr(train, "train_step", real)
+    assert train.main(TINY + ["--epochs", "2", "--out-dir", out, "--resume"])["epoch"] >= 1
+
+
+def test_default_folder_names_stay_short():
+    many = ["--lr", "3e-4", "--epochs", "12", "--batch-size", "16", "--weight-decay", "0.05", "--ema-decay", "0.999",
+            "--dim", "128", "--heads", "8", "--expert-hidden", "128", "--gate-temperature", "2", "--warmup-pct", "0.1"]
+    name = os.path.basename(parse_args(many)[0].out_dir)
+    assert len(name) < 60 and name.startswith("drmoe-dynamic-S2-T1-") and name.endswith("-seed0")
+    assert os.path.basename(parse_args(many + ["--seed", "1"])[0].out_dir) != name   # still one folder per run
+    assert os.path.basename(parse_args(many[:-2])[0].out_dir) != name
