@@ -177,6 +177,7 @@ class SparseMoE(nn.Module):
         # and routing record, the names they are logged under, and the loss's weight.
         self.aux_loss, self.route_record = None, None
         self.route_name, self.loss_name, self.loss_weight = "backbone moe", "backbone balance", aux_coef
+        self.pad_rows = True   # pad each expert's rows to ROW_BUCKET (docstring, "Memory"); off while FLOPs are counted
 
     def __getstate__(self):
         # copy.deepcopy (train.py's EMA copy) refuses tensors that carry autograd history: the last batch's
@@ -249,7 +250,8 @@ class SparseMoE(nn.Module):
         chunks = flat[token].split(counts)                                         # N blocks of (n_i, D)
         # Each block is padded with zero rows to a multiple of ROW_BUCKET before its matmuls, and the padding
         # cut off after: a few shapes recur instead of a new one per expert per step (docstring, "Memory").
-        out_rows = torch.cat([self.expert(i, F.pad(c, (0, 0, 0, -len(c) % ROW_BUCKET)))[:len(c)]
+        bucket = ROW_BUCKET if self.pad_rows else 1   # zoo.flops_per_image counts the real rows only
+        out_rows = torch.cat([self.expert(i, F.pad(c, (0, 0, 0, -len(c) % bucket)))[:len(c)]
                               for i, c in enumerate(chunks)])                      # (A, D)
         out = torch.zeros_like(flat).index_add_(0, token, (out_rows * weight[:, None]).to(flat.dtype))
         # Balance. switch (gating.switch_balance): f = share of the T*k assignments before overflow, P = mean G.

@@ -177,6 +177,20 @@ def ema_decay_at(tcfg: TrainConfig, step: int) -> float:
     return min(tcfg.ema_decay, (1 + step) / (10 + step)) if tcfg.ema_warmup else tcfg.ema_decay
 
 
+def fit_ema(tcfg: TrainConfig, steps: int, say):
+    """A constant EMA decay d averages over about 1/(1 - d) steps. The photo presets' 0.9997 (Q2L's) is a
+    3,333-step memory, which a short run on a small dataset never leaves: MIML's 440 steps kept most of the
+    initial weights in the average, and its EMA scored far below the raw weights every epoch. So on a dataset
+    of files the memory is capped at a tenth of the run, d <= 1 - 10 / steps (this project's rule; Q2L's COCO
+    recipe, 80 epochs of 641 steps, sits at about a fifteenth). The warm-up rule (--ema-warmup, the synthetic
+    preset) and runs long enough are left as they are."""
+    cap = 1 - 10 / steps
+    if tcfg.ema_decay and not tcfg.ema_warmup and tcfg.ema_decay > cap:
+        say(f"note: --ema-decay {tcfg.ema_decay:g} averages over ~{1 / (1 - tcfg.ema_decay):.0f} steps, more than a "
+            f"tenth of this run's {steps}: {max(cap, 0.0):.4f} instead (train.fit_ema)")
+        tcfg.ema_decay = max(cap, 0.0)
+
+
 class Diverged(RuntimeError):
     """The loss became NaN or inf: training stops at once (last.pt keeps the last finished epoch)."""
 
@@ -288,10 +302,16 @@ def build_data(tcfg: TrainConfig, main_proc: bool):
     # Each split read once (val and test may be one); --val-split holdout is carved out of the training split.
     split_ds = {s: read(s, s == roles["train"]) for s in dict.fromkeys(roles.values()) if s != "holdout"}
     ds = {role: split_ds.get(s) for role, s in roles.items()}
+    for s, d in split_ds.items():   # photos: every file's header, now, not a worker's error mid-run
+        if hasattr(d, "check_readable"):
+            d.check_readable(s)
     if roles["val"] == "holdout":   # 10 % of the training images choose the best epoch; the rest trains
+        source = getattr(ds["train"], "source", roles["train"])
         ds["train"], ds["val"] = hold_out(ds["train"], read(roles["train"], False))
-    if main_proc:
-        print("splits: " + ", ".join(f"{role} = {s} ({len(ds[role])} images)" for role, s in roles.items()))
+        ds["train"].source, ds["val"].source = f"{source} less its held-out 10 %", f"10 % held out of {source}"
+    if main_proc:   # where each split comes from: a file, a part of one, a folder (data.build_dataset says)
+        print("splits: " + ", ".join(f"{role} = {getattr(ds[role], 'source', s)} ({len(ds[role])} images)"
+                                     for role, s in roles.items()))
         if roles["val"] == roles["test"]:   # said where it happens: the papers' protocol, not a held-out one
             print(f"note: the best epoch and the per-label thresholds are chosen on the test split ({roles['test']}), "
                   "as the papers in this line do; --val-split holdout chooses them on 10 % of the training split")
@@ -628,6 +648,7 @@ def main(argv=None):
             f"{mcfg.backbone} --model linear, then --weights <that run>/best.pt")
     order = torch.Generator()   # the data order, re-seeded every epoch (make_loaders says why)
     train_loader, eval_loaders = make_loaders(ds, tcfg, world, device, order)
+    fit_ema(tcfg, tcfg.epochs * len(train_loader), say)   # an EMA whose memory fits the run's length
 
     # ---- model, EMA, optimizer, schedule, loss scaler
     model, fmt, gflops = build_run_model(tcfg, mcfg, ds, labels, device, world, main_proc, say)
@@ -667,15 +688,15 @@ def main(argv=None):
     try:
         train_epochs(run, tcfg, mcfg, ds, train_loader, eval_loaders, order, given, start_epoch, best_map, step,
                      log_path, code, say)
+        # ---- the test: the best checkpoint, scored once on the test split
+        metrics = final_test(run, tcfg, mcfg, ds, eval_loaders, gflops, run_start)
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(tcfg, made)) from None
     except DatasetError as e:   # a file that breaks mid-run (an image that cannot be read): what is kept, what to run
         done = os.path.isfile(os.path.join(tcfg.out_dir, "last.pt"))
-        raise DatasetError(str(e).strip().splitlines()[-1] + ("; after fixing it, the same command with --resume keeps "
-                           "the finished epochs" if done else "")) from None
-
-    # ---- the test: the best checkpoint, scored once on the test split
-    metrics = final_test(run, tcfg, mcfg, ds, eval_loaders, gflops, run_start)
+        msg = re.sub(r"^[\w.]+(Error|Unavailable): ", "", str(e).strip().splitlines()[-1])
+        raise DatasetError(msg + ("; after fixing it, the same command with --resume keeps the finished epochs (and "
+                                  "only tests, if they are all done)" if done else "")) from None
     if main_proc and not tcfg.keep_last:   # a finished run needs best.pt only (--keep-last keeps last.pt)
         os.remove(os.path.join(tcfg.out_dir, "last.pt"))
     say(summary(tcfg, metrics, (time.time() - run_start) / 60))

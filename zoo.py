@@ -235,9 +235,16 @@ def flops_per_image(model: nn.Module, image_size: int, device="cpu") -> float:
     from torch.utils.flop_counter import FlopCounterMode
     was_training = model.training
     model.eval()
+    # A layer that pads its work for memory's sake (sparse experts padded to a bucket of rows) counts only the
+    # rows it really computes: the activated FLOPs, the same whatever the bucket and from call to call.
+    padded = [m for m in model.modules() if getattr(m, "pad_rows", False)]
+    for m in padded:
+        m.pad_rows = False
     x = torch.zeros(1, 3, image_size, image_size, device=device)
     with FlopCounterMode(display=False) as counter:
         model(x)
+    for m in padded:
+        m.pad_rows = True
     model.train(was_training)
     return float(counter.get_total_flops())
 

@@ -265,6 +265,20 @@ def read_csv_split(path, root, classes):
     return paths, np.stack([targets[k] for k in keep]), names
 
 
+def own_source(kind, root, split) -> str:
+    """Where a split of your own data comes from, in words for the start of a run: "test.csv", "10 % held out
+    of train.csv", "train.csv less its held-out 10 %", "val.json" (cocojson without test.json tests on it)."""
+    ext = "csv" if kind == "csv" else "json"
+    has = lambda s: os.path.isfile(os.path.join(root or "", f"{s}.{ext}"))
+    val_is_test = kind == "cocojson" and not has("test")
+    held_out = val_is_test or not has("val")
+    if split == "test":
+        return f"val.{ext}" if val_is_test else f"test.{ext}"
+    if split == "val":
+        return f"{round(100 * HOLDOUT_FRACTION)} % held out of train.{ext}" if held_out else f"val.{ext}"
+    return f"train.{ext} less its held-out {round(100 * HOLDOUT_FRACTION)} %" if held_out else f"train.{ext}"
+
+
 def read_own(kind, root, split, empty="keep"):
     """--dataset csv | cocojson: (paths, targets, ids, classes) of a split, holding out val when needed."""
     if not root or not os.path.isdir(root):

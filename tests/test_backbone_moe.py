@@ -275,3 +275,16 @@ def test_sparse_moe_under_bf16_autocast_on_gpu():
     ref = naive_moe(moe, x.reshape(-1, 64)).reshape_as(x)
     assert moe.aux_loss.dtype == torch.float32
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_moe_gflops_count_the_activated_rows_only_and_are_stable():
+    """One GFLOPs figure: the padding to ROW_BUCKET rows is memory's, not compute's. k = 1 of 8 experts runs one
+    MLP per token (plus the router), so the MoE backbone costs the dense one plus its routers, call after call."""
+    from zoo import ModelConfig, build_model, flops_per_image
+    cfg = dict(num_labels=20, backbone="vit_tiny", image_size=64, model="linear")
+    dense = flops_per_image(build_model(ModelConfig(**cfg), verbose=False), 64)
+    moe = build_model(ModelConfig(**cfg, backbone_moe="last2", backbone_experts=8, backbone_top_k=1), verbose=False)
+    counts = {flops_per_image(moe, 64) for _ in range(3)}
+    tokens, D, N = 1 + 64, 192, 8                                    # the class token and 8 x 8 patches
+    assert len(counts) == 1 and counts.pop() == pytest.approx(dense + 2 * tokens * 2 * D * N, rel=1e-6)
+    assert all(m.pad_rows for m in moe_layers(moe))                   # training pads again afterwards

@@ -239,8 +239,30 @@ def test_voc_says_where_it_chooses_and_holdout_chooses_elsewhere(tmp_path, capsy
     assert clean["best_epoch_chosen_on"] == "holdout" and not clean["chosen_on_test_split"]
     out = capsys.readouterr().out
     assert "chosen on the test split" not in out
-    assert f"val = holdout ({len(held.ids)} images)" in out and f"train = trainval ({len(fit.ids)} images)" in out
+    assert f"val = 10 % held out of VOC 2007 trainval ({len(held.ids)} images)" in out
+    assert f"train = VOC 2007 trainval less its held-out 10 % ({len(fit.ids)} images)" in out
     assert seen and all(ids == set(held.ids) for ids in seen)   # validated on the held-out images, not on test
+
+
+def test_a_broken_test_image_found_late_says_resume_and_resume_tests(tmp_path):
+    """A test image whose header reads but whose pixels do not (a truncated download) passes the start-up check
+    and fails at the test: the message names it and says --resume; after the fix, --resume writes metrics.json."""
+    make_voc(tmp_path / "voc")
+    first_test = data.build_dataset("voc", "test", str(tmp_path / "voc"), 32).ids[0]
+    bad = tmp_path / "voc" / "VOCdevkit" / "VOC2007" / "JPEGImages" / f"{first_test}.jpg"
+    whole = bad.read_bytes()
+    # --val-split holdout: the test split is read at the end only (the voc preset validates on it)
+    flags = VOC_RUN + ["--val-split", "holdout", "--data-root", str(tmp_path / "voc"), "--out-dir", str(tmp_path / "run")]
+    bad.write_bytes(whole[:200])                  # no header left: stopped at start-up, before any training
+    with pytest.raises(data.DatasetError, match=f"test split cannot be read: .*{first_test}.jpg"):
+        train.main(flags)
+    assert not os.path.exists(tmp_path / "run")
+    bad.write_bytes(whole[:len(whole) // 2])      # the header survives, the pixels do not: found at the test
+    with pytest.raises(data.DatasetError, match=f"{first_test}.jpg.*--resume keeps the finished epochs"):
+        train.main(flags)
+    assert os.path.isfile(tmp_path / "run" / "last.pt") and not os.path.isfile(tmp_path / "run" / "metrics.json")
+    bad.write_bytes(whole)                                          # fixed
+    assert train.main(flags + ["--resume"])["mAP"] >= 0 and os.path.isfile(tmp_path / "run" / "metrics.json")
 
 
 def test_script_errors_without_traceback(tmp_path):
