@@ -141,6 +141,10 @@ def main(argv=None):
         loaded = {args.checkpoint: read_checkpoint(args.checkpoint)}
         if args.compare_to:
             args.compare_ckpt = read_checkpoint(args.compare_to)
+            # Checked now, not after scoring both: the gain is per label, so both runs must know the same labels.
+            if args.compare_ckpt["classes"] != loaded[args.checkpoint]["classes"]:
+                raise ValueError(f"--compare-to {args.compare_to}: another label set than {args.checkpoint}'s; "
+                                 "cannot compare per label")
         if args.image:
             for path in args.image:
                 if not os.path.isfile(path):
@@ -258,6 +262,26 @@ def run_name(ckpt) -> str:
     return f"{cfg.model} gate={cfg.gate} S={cfg.shared_experts} T={cfg.task_experts}"
 
 
+# Settings that change where or how a run ran, not what it learned: left out of what_differs.
+NOT_LEARNED = {"out_dir", "resume", "device", "num_workers", "amp", "compile", "channels_last", "sync_bn", "keep_last",
+               "collapse_threshold", "dead_share", "download", "data_root"}
+
+
+def what_differs(ckpt, other, most: int = 4) -> str:
+    """What two runs differ in, for a title: the code (the source hash each was trained with), then the settings
+    that differ, "name a vs b", at most `most` of them; "nothing recorded" when both say the same."""
+    parts = []
+    a, b = (c.get("code") or {} for c in (ckpt, other))
+    if a.get("source_hash") != b.get("source_hash"):
+        parts.append(f"code {str(a.get('source_hash', '?'))[:6]} vs {str(b.get('source_hash', '?'))[:6]}")
+    for key in ("model_config", "train_config"):
+        x, y = ckpt[key], other[key]
+        parts += [f"{k} {x.get(k)} vs {y.get(k)}" for k in sorted(set(x) | set(y))
+                  if k not in NOT_LEARNED and x.get(k) != y.get(k)]
+    shown = parts[:most] + ([f"{len(parts) - most} more"] if len(parts) > most else [])
+    return ", ".join(shown) or "nothing recorded (the same code and settings: another seed's noise only)"
+
+
 def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> dict:
     """--analysis (and --compare-to): the pictures and analysis.json of lib/analysis.py."""
     from gating import expert_names
@@ -276,7 +300,10 @@ def run_analysis(args, targets, gates, feats, ckpt, ds, ap, stats, device) -> di
         # The gain is per label and per image set: both runs must have seen the same labels and images.
         if o_ckpt["classes"] != classes or list(o_ds.ids) != list(ds.ids):
             raise DatasetError(f"--compare-to {args.compare_to}: another label set or other images; cannot compare per label")
-        other = {"name": run_name(o_ckpt), "ap": average_precision(o_scores, o_targets), "features": o_feats}
+        other = {"name": run_name(o_ckpt), "ap": average_precision(o_scores, o_targets), "features": o_feats,
+                 "differs": what_differs(ckpt, o_ckpt)}
+        print(f"\ncompared with {args.compare_to}: test mAP {100 * np.nanmean(ap):.2f} here, "
+              f"{100 * np.nanmean(other['ap']):.2f} there; the runs differ in {other['differs']}")
     # The training curves come from the run's own log.jsonl, beside the checkpoint (none: no curves drawn).
     log = analysis.read_log(os.path.join(os.path.dirname(args.checkpoint) or ".", "log.jsonl"))
     res = analysis.write_analysis(args.analysis, classes, targets, gates, feats, stats, ap,

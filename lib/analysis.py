@@ -216,7 +216,8 @@ def write_analysis(out_dir, classes, targets, gates, features, gate_stats, ap, e
                                  np.mean(vis, axis=0) if vis else None)   # (L,): both models' scores averaged
         het["other"] = other["name"]
         result["heterogeneity"] = het
-        plots.heterogeneity(os.path.join(out_dir, "heterogeneity.png"), het, f"{title} minus {other['name']}, per label")
+        plots.heterogeneity(os.path.join(out_dir, "heterogeneity.png"), het,
+                            f"{title} minus {other['name']}, per label; the runs differ in {other.get('differs', '?')}")
         written.append("heterogeneity.png")
     with open(os.path.join(out_dir, "analysis.json"), "w") as fh:
         json.dump(result, fh, indent=2)

@@ -88,6 +88,25 @@ def axes(img, box, xlim, ylim, xlabel, ylabel, title, xticks=None, yticks=None, 
     return to_px
 
 
+def title_text(draw, xy, text: str, width: int, size: int = 16, lines: int = 2):
+    """A title wrapped at word boundaries to `width` pixels, at most `lines` lines (the last one cut with an
+    ellipsis): a run folder's path or a list of differences does not run off the picture's edge."""
+    fnt, words, rows = font(size), text.split(" "), [""]
+    for w in words:
+        trial = f"{rows[-1]} {w}".strip()
+        if rows[-1] and draw.textlength(trial, font=fnt) > width:
+            rows.append(w)
+        else:
+            rows[-1] = trial
+    if len(rows) > lines:
+        rows = rows[:lines]
+        while rows[-1] and draw.textlength(rows[-1] + " ...", font=fnt) > width:
+            rows[-1] = rows[-1][:-1]
+        rows[-1] += " ..."
+    for k, row in enumerate(rows):
+        draw.text((xy[0], xy[1] + k * (size + 4)), row, fill=FG, font=fnt)
+
+
 def legend(draw, xy, items):
     """items [(name, rgb)] as coloured squares with names, one per line, from xy."""
     x, y = xy
@@ -206,7 +225,7 @@ def curves(path, log, threshold, title):
     W, ph = 620, 230
     img = Image.new("RGB", (W + 200, 60 + len(panels) * (ph + 90)), "white")
     d = ImageDraw.Draw(img)
-    d.text((20, 18), title, fill=FG, font=font(16))
+    title_text(d, (20, 10), title, img.width - 40)
     ep = log["epoch"]
     # half an epoch of air, so the first and last points are off the frame
     xlim = (min(ep) - 0.5, max(ep) + 0.5)
@@ -247,7 +266,7 @@ def routing(path, routers, threshold, title):
     W, ph = 620, 200
     img = Image.new("RGB", (W + 200, 60 + len(routers) * (ph + 90)), "white")
     d = ImageDraw.Draw(img)
-    d.text((20, 18), title, fill=FG, font=font(16))
+    title_text(d, (20, 10), title, img.width - 40)
     for p, (name, r) in enumerate(routers.items()):
         box = (100, 80 + p * (ph + 90), W, 80 + p * (ph + 90) + ph)
         ep = r["epoch"]
@@ -288,8 +307,8 @@ def heterogeneity(path, het, title):
     pw = 560                                                            # one panel's width
     img = Image.new("RGB", (60 + len(panels) * (pw + 60), 680), "white")
     d = ImageDraw.Draw(img)
-    d.text((20, 14), title, fill=FG, font=font(16))
-    d.text((20, 38), f"mean gain {het['mean_gain']:+.2f} AP over {len(pl)} labels; green: this model better on "
+    title_text(d, (20, 4), title, img.width - 40, lines=2)
+    d.text((20, 46), f"mean gain {het['mean_gain']:+.2f} AP over {len(pl)} labels; green: this model better on "
            "the label, red: worse", fill=FG, font=font(13))
     gains = np.array([v["gain"] for v in pl.values()])
     # Symmetric about 0, so that a gain and a loss of the same size look the same size; one y scale for both.

@@ -173,10 +173,12 @@ def test_analysis_pictures_and_numbers(two_runs, capsys):
         assert im.format == "PNG" and im.width > 300
 
 
-def test_heterogeneity_between_two_checkpoints(two_runs):
+def test_heterogeneity_between_two_checkpoints(two_runs, capsys):
     out = two_runs / "compare"
     a = evaluate.main(["--checkpoint", str(two_runs / "dynamic" / "best.pt"), "--analysis", str(out),
                        "--compare-to", str(two_runs / "static" / "best.pt")])
+    # What the two runs differ in, said and in the picture's title: the gate, nothing else (same code).
+    assert "the runs differ in gate dynamic vs static" in capsys.readouterr().out
     b = evaluate.main(["--checkpoint", str(two_runs / "static" / "best.pt")])
     with Image.open(out / "heterogeneity.png") as im:
         im.verify()

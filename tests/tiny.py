@@ -20,3 +20,20 @@ def have(path: str) -> bool:
 # The quickest head for a test about the loop and its files, not the model: the linear head where
 # baselines.py is, DR-MoE in a fork without it.
 FAST = ["--model", "linear"] if have("baselines.py") else []
+
+# What the docs say of each part a fork may delete: a link, a command or a flag that names one of these is about
+# that part, and a fork without it skips it (tests/test_docs.py).
+PART_WORDS = {
+    "baselines.py": ("baselines", "--model q2l", "--model hsq", "--model mlgcn", "--model linear", "--gcn-", "--word-vectors"),
+    "mlvpt.py": ("mlvpt", "--prompts-per-group", "--adapter-dim"),
+    "backbone_moe.py": ("backbone_moe", "--backbone-moe", "--backbone-experts", "--backbone-top-k", "--backbone-capacity",
+                        "--backbone-renorm", "--backbone-router-noise", "--backbone-balance"),
+    "divdr.py": ("divdr", "--divdr"),
+    "studies": ("studies",),
+    "results": ("results/",),
+}
+
+
+def names_a_deleted_part(text: str) -> bool:
+    """Whether a link, a command or a test name is about a part this copy does not have."""
+    return any(w in text for part, words in PART_WORDS.items() if not have(part) for w in words)
