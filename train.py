@@ -588,11 +588,10 @@ class Interrupted(RuntimeError):
 def interrupted_message(tcfg: TrainConfig, made: bool) -> str:
     """What an interrupted run leaves and what to run. With no epoch finished nothing is worth keeping: the
     files this start wrote go, and the folder too if this start made it, so the same command starts afresh."""
-    log = os.path.join(tcfg.out_dir, "log.jsonl")
-    done = sum(1 for _ in open(log)) if os.path.isfile(log) else 0
-    if os.path.isfile(os.path.join(tcfg.out_dir, "last.pt")):
-        return (f"interrupted: {tcfg.out_dir}/last.pt holds epoch {done} of {tcfg.epochs}; rerun the same command "
-                "with --resume to continue from there")
+    last = os.path.join(tcfg.out_dir, "last.pt")
+    if os.path.isfile(last):   # the epoch it holds (the log may be one ahead: a kill between the two writes)
+        return (f"interrupted: {last} holds epoch {load_file(last)['epoch'] + 1} of {tcfg.epochs}; rerun the same "
+                "command with --resume to continue from there")
     if made and distributed.is_main():
         for f in ("log.jsonl", "config.json"):
             if os.path.isfile(os.path.join(tcfg.out_dir, f)):

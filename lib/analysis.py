@@ -23,8 +23,9 @@ Two heterogeneity scores, because the papers do not define the word (each is tes
   every kind of scene, alone or with anything (a person), scores high.
 - visual (visual_heterogeneity), from the pooled image features g[b] (what the dynamic gate reads):
       het_vis(l) = sum_d Var(g[b, d] : l in b) / sum_d Var(g[b, d] : all b)
-  the share of the whole split's feature variance still left among the label's own images: lower when
-  its images look alike, near 1 when they are as varied as the data. (On the synthetic benchmark g[b]
+  the label's own images' feature variance relative to the whole split's: lower when its images look alike,
+  near 1 when they are as varied as the data, above 1 when they are more varied than the split (a ratio, not
+  a share: a label whose images sit at the far ends of the feature space can exceed 1). (On the synthetic benchmark g[b]
   mostly encodes the scene around the objects, so the scores sit between about 0.6 and 0.95, not near 0:
   a red square appears in every kind of scene.) This is the variation an input-conditioned gate can route on and a static
   gate cannot. It is averaged over the two compared models' features, so that neither model's own

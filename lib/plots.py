@@ -212,6 +212,10 @@ def shared_vs_task(path, stats, classes, title):
     d.text((left + width + 60, top + 60), "outlined: task-specific", fill=FG, font=font(12))
     d.text((left + width + 60, top + 76), "(images that contain", fill=MUTED, font=font(11))
     d.text((left + width + 60, top + 90), "the label; no bar: none)", fill=MUTED, font=font(11))
+    # The heatmap shows each expert apart; a bar here sums the S shared ones, so it sits higher than any cell.
+    d.text((left + width + 60, top + 112), "a bar sums the S shared", fill=MUTED, font=font(11))
+    d.text((left + width + 60, top + 126), "experts' weights; the heat-", fill=MUTED, font=font(11))
+    d.text((left + width + 60, top + 140), "map shows each one apart", fill=MUTED, font=font(11))
     img.save(path)
 
 
@@ -303,7 +307,7 @@ def heterogeneity(path, het, title):
     panels = [("heterogeneity", het, fixed.get("context"), "context heterogeneity (entropy of co-occurrence, 0..1)")]
     if np.isfinite([v["visual_heterogeneity"] for v in pl.values()]).any():
         panels.append(("visual_heterogeneity", het["visual"], fixed.get("visual"),
-                       "visual heterogeneity (feature variance share)"))
+                       "visual heterogeneity (the label's feature variance / the split's; >1: more varied)"))
     pw = 560                                                            # one panel's width
     img = Image.new("RGB", (60 + len(panels) * (pw + 60), 680), "white")
     d = ImageDraw.Draw(img)

@@ -148,7 +148,7 @@ def test_help_is_grouped_with_preset_values(capsys):
 
 def test_resume_with_other_epochs_is_refused(tmp_path, capsys):
     out = str(tmp_path / "r")
-    train.main([*TINY, "--epochs", "1", *FAST, "--out-dir", out])
+    train.main([*TINY, "--epochs", "1", *FAST, "--keep-last", "--out-dir", out])
     capsys.readouterr()                                    # the first run's progress bars
     with pytest.raises(SystemExit) as e:
         train.main([*TINY, "--epochs", "3", *FAST, "--out-dir", out, "--resume"])

@@ -74,7 +74,8 @@ def run(tmp_path, name, *extra):
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers):
     # With a loader worker too: its augmentation RNG must also continue as in the uninterrupted run.
     # 3 epochs: the resumed run must also carry the random streams through its own validation passes.
-    out_a, metrics_a = run(tmp_path, "straight", "--epochs", "3", "--num-workers", str(workers))
+    # --keep-last: the finished runs' last.pt are compared below (a finished run drops it by default).
+    out_a, metrics_a = run(tmp_path, "straight", "--epochs", "3", "--keep-last", "--num-workers", str(workers))
 
     # Simulate a kill during epoch 2's checkpointing: its log line is written, its last.pt is not.
     real_save = train.save_checkpoint
@@ -83,8 +84,8 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers):
             raise KeyboardInterrupt
         real_save(path, state)
     monkeypatch.setattr(train, "save_checkpoint", die_before_second_save)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "killed", "--epochs", "3", "--num-workers", str(workers))
+    with pytest.raises(train.Interrupted, match="last.pt holds epoch 1 of 3"):   # epoch 2 was logged, not saved
+        run(tmp_path, "killed", "--epochs", "3", "--keep-last", "--num-workers", str(workers))
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     out_b = str(tmp_path / "killed")
     assert torch.load(os.path.join(out_b, "last.pt"), weights_only=True)["epoch"] == 0
@@ -103,7 +104,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers):
     assert [r["epoch"] for r in log_b] == [1, 2, 3]                       # one row per epoch: no repeat, none lost
     # The same command over a finished run, and --resume of it, change nothing and give its metrics back.
     files = {f: open(os.path.join(out_a, f), "rb").read() for f in ("best.pt", "last.pt", "metrics.json", "log.jsonl")}
-    assert run(tmp_path, "straight", "--epochs", "3", "--num-workers", str(workers))[1] == metrics_a
+    assert run(tmp_path, "straight", "--epochs", "3", "--keep-last", "--num-workers", str(workers))[1] == metrics_a
     assert train.main(["--out-dir", out_a, "--resume"]) == metrics_a
     assert all(open(os.path.join(out_a, f), "rb").read() == b for f, b in files.items())
 
@@ -163,7 +164,7 @@ def test_init_seed_moves_the_weights_only(tmp_path):
         seen = []
         for init in ("0", "1"):
             first_batch.clear()
-            with pytest.raises(KeyboardInterrupt):
+            with pytest.raises(train.Interrupted):
                 train.main(TINY + ["--epochs", "1", "--init-seed", init, "--seed", "5", "--out-dir", str(tmp_path / init)])
             seen.append(first_batch[0])
     finally:
