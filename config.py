@@ -7,7 +7,8 @@ The run's configuration: what to train on, how long, with which settings, on whi
                            and the papers' GPU setting for VOC 2007 and COCO 2014
     parse_args             argv -> (TrainConfig, ModelConfig): one --flag per field of both dataclasses
     pick_device            cuda, then mps, then cpu
-    amp_dtype_for          the mixed-precision dtype: bf16 where the GPU has it, else fp16; none on CPU/MPS
+    amp_dtype_for          --amp -> the autocast dtype: auto is bf16 where the GPU has it, else fp16, and fp32 on
+                           CPU/MPS; bf16 and fp16 run on any device (on the CPU: to check the GPU's code path)
 
 Resolution order, later wins: the dataclass default < the dataset's preset (PRESETS) < the model's
 settings (zoo.preset: each model's file says them; some follow the backbone's channels) < what you pass. train.py prints
@@ -90,7 +91,10 @@ class TrainConfig:
                                   "training")
     # Where and how fast the run runs (SYSTEM below keeps these out of the run folder's name).
     device: str = config_field("auto", "auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu", "system")
-    amp: bool = config_field(True, "mixed precision where the device supports it (bf16, else fp16); fp32 on CPU", "system")
+    amp: str = config_field("auto", "mixed precision: auto (bf16 where the GPU has it, else fp16; fp32 on CPU and MPS) | "
+                                    "bf16 | fp16 (with a GradScaler) | off (fp32; --no-amp). bf16 and fp16 run on the "
+                                    "CPU too, through the same autocast code path as on a GPU: for checking that path, "
+                                    "not for speed (on most CPUs they are not faster)", "system")
     channels_last: bool = config_field(True, "channels_last memory format for the backbone (faster convs)", "system")
     compile: bool = config_field(False, "torch.compile the model (CUDA on Linux only; see studies/bench.py for its effect)", "system")
     sync_bn: bool = config_field(False, "torchrun: SyncBatchNorm, batch statistics over all GPUs (small per-GPU batches)", "system")
@@ -313,7 +317,7 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
     if not tcfg.dataset.startswith("synthetic") and synthetic_only:
         error(f"--{synthetic_only[0].replace('_', '-')} applies to the synthetic benchmark only (its splits are "
               f"drawn, yours are read from files); use --limit N on --dataset {tcfg.dataset}")
-    for cfg, name, options in ((tcfg, "loss", LOSSES), (tcfg, "budget", tuple(BUDGETS)),
+    for cfg, name, options in ((tcfg, "loss", LOSSES), (tcfg, "budget", tuple(BUDGETS)), (tcfg, "amp", AMP_MODES),
                                (tcfg, "difficult", ("positive", "ignore")),
                                (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS)):
         if getattr(cfg, name) not in options:
@@ -348,6 +352,7 @@ def parse_args(argv=None):
     add_config_args(parser, TrainConfig, groups, skip=("resume",))
     groups["system"].add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                                   help=TrainConfig.__dataclass_fields__["resume"].metadata["help"] + " [bare flag: auto]")
+    groups["system"].add_argument("--no-amp", dest="amp", action="store_const", const="off", help="the same as --amp off")
     add_config_args(parser, ModelConfig, groups, skip=("num_labels", "image_size"))
     groups["system"].add_argument("--describe", action="store_true", default=None,
                                   help="build the model for the dataset's labels, print parameters and GFLOPs, "
@@ -436,9 +441,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def amp_dtype_for(device: torch.device, enabled: bool):
-    """bf16 where the GPU supports it (no loss scaling needed), else fp16; None (= fp32) on CPU and MPS."""
-    if not enabled or device.type != "cuda":
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def amp_dtype_for(device: torch.device, amp) -> "torch.dtype | None":
+    """--amp -> the dtype autocast runs in, or None for fp32 (autocast off).
+
+    auto: bf16 where the GPU supports it (no loss scaling needed), else fp16; fp32 on CPU and MPS, where the
+    low-precision kernels are rarely faster. bf16 / fp16: those, on any device: torch.autocast("cpu") runs the
+    very code path a GPU runs (the same autocast line, the gates kept in fp32, fp16's GradScaler), so a CPU can
+    check it. A checkpoint from before this choice holds True (auto) or False (off)."""
+    amp = {True: "auto", False: "off"}.get(amp, amp)
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
-    # fp16's 5-bit exponent underflows small gradients (hence the GradScaler); bf16 has fp32's 8 bits.
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "auto":
+        # fp16's 5-bit exponent underflows small gradients (hence the GradScaler); bf16 has fp32's 8 bits.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]

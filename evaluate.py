@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import amp_dtype_for, check_device, pick_device
+from config import AMP_MODES, amp_dtype_for, check_device, pick_device
 from data import load_image
 import zoo
 from lib import analysis, predictions
@@ -80,7 +80,7 @@ def predict(model, loader, device, amp_dtype=None, memory_format=torch.channels_
     return out
 
 
-def score_split(path: str, split, data_root, device, ckpt=None):
+def score_split(path: str, split, data_root, device, ckpt=None, amp=None):
     """A checkpoint's model over a dataset split -> (predict's output with the features, ckpt, dataset, split
     name, the model).
 
@@ -97,7 +97,7 @@ def score_split(path: str, split, data_root, device, ckpt=None):
     # no shuffle: the rows keep the dataset's order, so targets, gates and features line up with ds.ids
     # (--compare-to relies on it to pair two runs' images)
     loader = torch.utils.data.DataLoader(ds, batch_size=tcfg["batch_size"], num_workers=tcfg["num_workers"])
-    pred = predict(model, loader, device, amp_dtype_for(device, tcfg["amp"]), fmt, features=True)
+    pred = predict(model, loader, device, amp_dtype_for(device, tcfg["amp"] if amp is None else amp), fmt, features=True)
     bad = ~np.isfinite(pred["scores"]).all(1)
     if bad.any():   # NaN weights (a diverged run) give NaN scores: name the file, not a bare ValueError
         raise ValueError(f"--checkpoint {path}: the model gives non-finite scores on {int(bad.sum())} of {len(bad)} "
@@ -119,6 +119,8 @@ def main(argv=None):
                    help="with --image/--images: per-label thresholds that maximised F1 on the validation "
                         "split in training (saved in best.pt) instead of --threshold")
     p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
+    p.add_argument("--amp", default=None, choices=AMP_MODES,
+                   help="the precision to score in [default: the run's own --amp]; off scores in fp32")
     p.add_argument("--json", default=None, help="where to write the metrics [default: next to the checkpoint]")
     p.add_argument("--analysis", default=None, metavar="DIR",
                    help="also draw the gate pictures and training curves into DIR, with analysis.json (lib/analysis.py)")
@@ -194,7 +196,7 @@ def main(argv=None):
     # ---- a labelled split: every metric, the per-label table, the gate and routing statistics
     try:
         pred, ckpt, ds, args.split, model = score_split(args.checkpoint, args.split, args.data_root, device,
-                                                        loaded[args.checkpoint])
+                                                        loaded[args.checkpoint], args.amp)
     except ValueError as e:   # non-finite scores, or a model this copy cannot build: one line naming the checkpoint
         sys.exit(f"error: {e}")
     scores, targets, feats = pred["scores"], pred["targets"], pred["features"]

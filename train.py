@@ -280,8 +280,15 @@ def pick_runtime(tcfg: TrainConfig, ddp_device, world: int, say):
         # for minutes before the first step, which short CPU runs never win back (studies/bench.py --compile on
         # measures it); on MPS its support is partial. The flag is ignored there rather than half-working.
         say(f"note: --compile is used on CUDA under Linux only; ignored on {device.type} ({sys.platform})")
-    say(f"device: {device}" + (f" x {world} processes" if world > 1 else "") + f", precision: {amp_dtype or torch.float32}")
+    say(f"device: {device}" + (f" x {world} processes" if world > 1 else "") + f", precision: {precision(amp_dtype)}"
+        + (f" (--amp {tcfg.amp} on the {device.type}: checks the GPU's mixed-precision path, not faster)"
+           if amp_dtype is not None and device.type != "cuda" else ""))
     return device, amp_dtype, use_compile
+
+
+def precision(amp_dtype) -> str:
+    """"bfloat16", "float16" or "float32": what the forward pass runs in (metrics.json, the start line)."""
+    return str(amp_dtype or torch.float32).replace("torch.", "")
 
 
 def build_data(tcfg: TrainConfig, main_proc: bool):
@@ -514,7 +521,7 @@ def final_test(run, tcfg: TrainConfig, mcfg: ModelConfig, ds: dict, loaders: dic
                     "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "activated_parameters": zoo.activated_parameters(model), **peak_memory(run.device),
                     "best_epoch_chosen_on": tcfg.val_split, "chosen_on_test_split": tcfg.val_split == tcfg.test_split,
-                    "split": tcfg.test_split, "world_size": run.world,
+                    "split": tcfg.test_split, "world_size": run.world, "precision": precision(run.amp_dtype),
                     "train_minutes_this_session": (time.time() - run_start) / 60,
                     # what the run was, in full: a table built from metrics.json files shows each row's recipe,
                     # and the code and machine that made it (lib/rundir.provenance)
@@ -634,10 +641,10 @@ def main(argv=None):
     # Per-rank seeds: dropout and flips differ between ranks (else every rank would augment alike). The
     # weights still start equal everywhere, because DDP copies rank 0's to all ranks when it wraps the model.
     seed_everything(tcfg.seed + rank)
-    device, amp_dtype, use_compile = pick_runtime(tcfg, ddp_device, world, say)
 
-    # ---- data: every split read and checked, then the loaders
+    # ---- data: every split read and checked (a missing file is the first thing said), then the loaders
     ds, labels = build_data(tcfg, main_proc)
+    device, amp_dtype, use_compile = pick_runtime(tcfg, ddp_device, world, say)
     mcfg.num_labels = len(ds["train"].classes)   # L comes from the data, so one config serves any dataset
     mcfg.image_size = tcfg.image_size   # a ViT's position embeddings are made for this grid (backbones.py)
     zoo.resolve(mcfg, labels, say)   # fields a system fixes from the training labels (a number of label groups)
