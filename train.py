@@ -215,8 +215,17 @@ def describe_only(tcfg: TrainConfig, mcfg: ModelConfig):
         print(f"(--describe builds with random weights: same size as --weights {mcfg.weights}, no download)")
         mcfg.weights = "none"
     print("model config:", json.dumps(asdict(mcfg)))
-    model = build_model(mcfg)   # prints the parameter count
-    gflops = flops_per_image(model, tcfg.image_size) / 1e9
+    try:
+        # On the meta device: sizes and FLOPs with no weight allocated or initialised (ResNet-101 at 448 px in
+        # about a second). A layer whose work depends on the data (sparse experts' dispatch) cannot run there:
+        # that model is built for real.
+        with torch.device("meta"):
+            model = build_model(mcfg, verbose=False)
+            gflops = flops_per_image(model, tcfg.image_size, device="meta") / 1e9
+    except (NotImplementedError, RuntimeError):
+        model = build_model(mcfg, verbose=False)
+        gflops = flops_per_image(model, tcfg.image_size) / 1e9
+    print(zoo.describe(model, mcfg))
     sparse = (" (activated: a sparse layer runs k of its N experts per token)"
               if zoo.activated_parameters(model) < sum(p.numel() for p in model.parameters()) else "")
     print(f"{gflops:.2f} GFLOPs per image at {tcfg.image_size} px ({mcfg.num_labels} labels){sparse}")

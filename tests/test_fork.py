@@ -44,6 +44,11 @@ def run(cwd, *args):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def start(cwd, *args):
+    """The same, started and left running: several at once."""
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.skipif(shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")),
                     reason="the copy lists the project's files with git")
 def test_a_dr_moe_fork_without_every_system_trains_and_evaluates(tmp_path):
@@ -55,25 +60,27 @@ def test_a_dr_moe_fork_without_every_system_trains_and_evaluates(tmp_path):
     assert json.load(open(os.path.join(out, "metrics.json")))["model"] == "drmoe"
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert {"load", "entropy", "dead"} <= set(log[-1]["routers"]["gate"]) and os.path.isfile(os.path.join(out, "routing.png"))
-    p = run(fork, "evaluate.py", "--checkpoint", os.path.join(out, "best.pt"))
-    assert p.returncode == 0 and "mAP" in p.stdout, p.stderr[-3000:]
-    p = run(fork, "train.py", "--model", "mlvpt")
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and "mlvpt.py" in lines[0] and "Traceback" not in p.stderr, p.stderr
-    # The remaining tests all import: none of them needs a deleted file.
-    p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=fork,
-                       capture_output=True, text=True, timeout=300)
-    last = p.stdout.strip().splitlines()[-1]
-    assert p.returncode == 0 and "tests collected" in last and "error" not in last, p.stdout[-3000:]
+    # Three independent checks at once (two cores; each pays torch's import): evaluate the checkpoint, refuse
+    # --model mlvpt in one line, and collect the remaining tests (none imports a deleted file).
+    procs = [start(fork, "evaluate.py", "--checkpoint", os.path.join(out, "best.pt")), start(fork, "train.py", "--model", "mlvpt"),
+             start(fork, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider")]
+    (ev_out, ev_err), (_, ml_err), (col_out, _) = (p.communicate(timeout=300) for p in procs)
+    assert procs[0].returncode == 0 and "mAP" in ev_out, ev_err[-3000:]
+    lines = ml_err.strip().splitlines()
+    assert procs[1].returncode == 2 and len(lines) == 1 and "mlvpt.py" in lines[0] and "Traceback" not in ml_err, ml_err
+    last = col_out.strip().splitlines()[-1]
+    assert procs[2].returncode == 0 and "tests collected" in last and "error" not in last, col_out[-3000:]
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")),
                     reason="the copy lists the project's files with git")
-@pytest.mark.parametrize("gone", SYSTEM_FILES)
-def test_without_any_one_system_dr_moe_still_builds(tmp_path, gone):
-    fork = copy_of(str(tmp_path / "fork"), (gone, "studies/", "results/", "tests/"))
-    p = run(fork, "train.py", "--describe")
-    assert p.returncode == 0 and "drmoe:" in p.stdout, p.stderr[-3000:]
+def test_without_any_one_system_dr_moe_still_builds(tmp_path):
+    """Four copies, each without one system file, each building and describing DR-MoE (run at once)."""
+    procs = {gone: start(copy_of(str(tmp_path / gone), (gone, "studies/", "results/", "tests/")), "train.py", "--describe")
+             for gone in SYSTEM_FILES}
+    for gone, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and "drmoe:" in out, (gone, err[-3000:])
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")),
