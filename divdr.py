@@ -270,8 +270,10 @@ class DivDR:
     def measure(self, pred: dict, dataset, every_epoch: bool) -> dict:
         """The structure measures on one split (evaluate.predict's output) -> {"routing": ...}, or {} when
         there is nothing to measure (per epoch only while training the term)."""
+        if every_epoch and not self.trains:   # per epoch only while the term trains: k-means is not free
+            return {}
         sig, rows = stored_signature(pred["routing"], pred["kinds"])
-        if sig is None or (every_epoch and not self.trains):
+        if sig is None:
             return {}
         # The reference partition is read here, after training's step: never by the model or a loss.
         return {"routing": split_structure(sig, rows, dataset, pred["targets"], self.k)}
