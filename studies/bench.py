@@ -294,7 +294,7 @@ def main(argv=None):
     p.add_argument("--extra", default="", help="more train.py flags, e.g. --extra='--feature-layer layer4'")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) | cuda | mps | cpu")
     p.add_argument("--amp", nargs="+", default=None, choices=list(ON_OFF),
-                   help="mixed precision off/on [CUDA: off on; elsewhere fp32 only, as train.py]")
+                   help="mixed precision off/on (on = train.py's --amp auto) [CUDA: off on; elsewhere fp32 only, as auto]")
     p.add_argument("--channels-last", nargs="+", default=["on", "off"], choices=list(ON_OFF), help="[on off]")
     p.add_argument("--compile", nargs="+", default=None, choices=list(ON_OFF),
                    help="torch.compile off/on [CUDA: off on; CPU: off, as train.py ignores it there]")
@@ -322,10 +322,11 @@ def main(argv=None):
     records = []
 
     if "step" in args.only:
-        # Every combination of the requested switches; on the CPU AMP collapses to fp32 (as in train.py).
+        # Every combination of the requested switches; on the CPU --amp auto is fp32 (as in train.py).
         settings = [(a, c, k) for a in amps for c in (ON_OFF[v] for v in args.channels_last) for k in compiles]
         if not cuda and any(a for a, _, _ in settings):
-            print("note: AMP is CUDA-only in train.py (fp32 elsewhere); measuring fp32")
+            print("note: train.py's --amp auto is fp32 off a GPU; measuring fp32 (--amp bf16|fp16 runs the GPU's path "
+                  "on the CPU, to check it, not for speed: docs/speed.md)")
             # the set drops the duplicates that AMP's collapse made; reverse: channels_last on first, as its default
             settings = sorted({(False, c, k) for _, c, k in settings}, reverse=True)
         steps = []
