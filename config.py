@@ -166,8 +166,9 @@ BUDGETS = {
 # The --help sections: the core's, with each system's own sections (its fields' third config_field argument)
 # before "training".
 GROUPS = tuple(dict.fromkeys(["data", "model", "mixture of experts"] + [f.metadata.get("group", "model") for f in
-                                                                         fields(ModelConfig)] + ["training", "system"]))
-GROUPS = tuple(g for g in GROUPS if g not in ("training", "system")) + ("training", "system")
+                                                                         fields(ModelConfig)
+                                                                         if f.metadata.get("group") not in ("training", "system")]
+                             + ["training", "system"]))
 # Flags that change where or how fast a run runs, not what it learns: left out of the default run folder's name.
 # collapse_threshold and dead_share are here too: they only decide what train.py reports, never what it trains.
 # The data root and the weights file do change what is learned: they are named (by a hash of the full path).

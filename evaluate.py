@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import AMP_MODES, amp_dtype_for, check_device, pick_device
+from config import AMP_MODES, SYSTEM, amp_dtype_for, check_device, pick_device
 from data import load_image
 import zoo
 from lib import analysis, predictions
@@ -264,11 +264,6 @@ def run_name(ckpt) -> str:
     return f"{cfg.model} gate={cfg.gate} S={cfg.shared_experts} T={cfg.task_experts}"
 
 
-# Settings that change where or how a run ran, not what it learned: left out of what_differs.
-NOT_LEARNED = {"out_dir", "resume", "device", "num_workers", "amp", "compile", "channels_last", "sync_bn", "keep_last",
-               "collapse_threshold", "dead_share", "download", "data_root"}
-
-
 def what_differs(ckpt, other, most: int = 4) -> str:
     """What two runs differ in, for a title: the code (the source hash each was trained with), then the settings
     that differ, "name a vs b", at most `most` of them; "nothing recorded" when both say the same."""
@@ -278,8 +273,9 @@ def what_differs(ckpt, other, most: int = 4) -> str:
         parts.append(f"code {str(a.get('source_hash', '?'))[:6]} vs {str(b.get('source_hash', '?'))[:6]}")
     for key in ("model_config", "train_config"):
         x, y = ckpt[key], other[key]
+        # config.SYSTEM: the settings that change where or how a run ran, not what it learned
         parts += [f"{k} {x.get(k)} vs {y.get(k)}" for k in sorted(set(x) | set(y))
-                  if k not in NOT_LEARNED and x.get(k) != y.get(k)]
+                  if k not in SYSTEM and x.get(k) != y.get(k)]
     shown = parts[:most] + ([f"{len(parts) - most} more"] if len(parts) > most else [])
     return ", ".join(shown) or "nothing recorded (the same code and settings: another seed's noise only)"
 

@@ -14,8 +14,8 @@ in one file.
 The loop: AdamW + one-cycle learning rate, binary cross-entropy over the L labels (or the asymmetric loss,
 --loss asl; entries marked -1 are ignored; losses.py) plus the losses the model adds (its routers' balance
 losses, already weighted), gradient clipping, an exponential moving average (EMA) of the weights evaluated
-beside the raw weights, mixed precision through one code path (bf16 where the GPU has it, else fp16 with a
-GradScaler; fp32 on CPU). After every epoch: validation mAP, one log line, a JSONL record with every router's
+beside the raw weights, mixed precision through one code path (--amp: auto is bf16 where the GPU has it, else
+fp16 with a GradScaler, and fp32 on CPU; bf16 or fp16 by name on any device, the CPU included). After every epoch: validation mAP, one log line, a JSONL record with every router's
 health (lib/routing.py), `last.pt` and (if better) `best.pt`, written atomically. At the end the best
 checkpoint is evaluated on the test split and written to `<out-dir>/metrics.json`, and routing.png drawn.
 
@@ -179,8 +179,8 @@ def ema_decay_at(tcfg: TrainConfig, step: int) -> float:
 
 def fit_ema(tcfg: TrainConfig, steps: int, say):
     """A constant EMA decay d averages over about 1/(1 - d) steps. The photo presets' 0.9997 (Q2L's) is a
-    3,333-step memory, which a short run on a small dataset never leaves: MIML's 440 steps kept most of the
-    initial weights in the average, and its EMA scored far below the raw weights every epoch. So on a dataset
+    3,333-step memory, which a short run on a small dataset never leaves: a run of a few hundred steps keeps
+    most of the initial weights in the average, and its EMA scores far below the raw weights. So on a dataset
     of files the memory is capped at a tenth of the run, d <= 1 - 10 / steps (this project's rule; Q2L's COCO
     recipe, 80 epochs of 641 steps, sits at about a fifteenth). The warm-up rule (--ema-warmup, the synthetic
     preset) and runs long enough are left as they are."""
@@ -597,6 +597,14 @@ def train_epochs(run, tcfg, mcfg, ds, train_loader, eval_loaders, order, given, 
         distributed.barrier()   # best.pt is on disk before any rank may read it
 
 
+def one_line(e: Exception) -> str:
+    """A setup error's message in one line. Raised inside a DataLoader worker (a corrupt image), it arrives
+    wrapped in the worker's traceback, whose last line reads "lib.owndata.DatasetError: ...": that line, without
+    the internal class name."""
+    msg = str(e).strip()
+    return re.sub(r"^[\w.]+(Error|Unavailable): ", "", msg.splitlines()[-1]) if "Original Traceback" in msg else msg
+
+
 class Interrupted(RuntimeError):
     """Ctrl-C during the epochs: the message says what is on disk and what to run next."""
 
@@ -699,7 +707,7 @@ def main(argv=None):
         f"batch {tcfg.batch_size}, lr {tcfg.lr:g}; every setting in its config.json)")
 
     # ---- the epochs: train, validate on val, log, checkpoint
-    run_start, epoch = time.time(), start_epoch
+    run_start = time.time()
     try:
         train_epochs(run, tcfg, mcfg, ds, train_loader, eval_loaders, order, given, start_epoch, best_map, step,
                      log_path, code, say)
@@ -709,11 +717,11 @@ def main(argv=None):
         raise Interrupted(interrupted_message(tcfg, made)) from None
     except DatasetError as e:   # a file that breaks mid-run (an image that cannot be read): what is kept, what to run
         done = os.path.isfile(os.path.join(tcfg.out_dir, "last.pt"))
-        msg = re.sub(r"^[\w.]+(Error|Unavailable): ", "", str(e).strip().splitlines()[-1])
-        raise DatasetError(msg + ("; after fixing it, the same command with --resume keeps the finished epochs (and "
-                                  "only tests, if they are all done)" if done else "")) from None
-    if main_proc and not tcfg.keep_last:   # a finished run needs best.pt only (--keep-last keeps last.pt)
-        os.remove(os.path.join(tcfg.out_dir, "last.pt"))
+        raise DatasetError(one_line(e) + ("; after fixing it, the same command with --resume keeps the finished "
+                                          "epochs (with every epoch done, it only tests)" if done else "")) from None
+    last = os.path.join(tcfg.out_dir, "last.pt")
+    if main_proc and not tcfg.keep_last and os.path.isfile(last):   # a finished run needs best.pt only (--keep-last)
+        os.remove(last)
     say(summary(tcfg, metrics, (time.time() - run_start) / 60))
     distributed.cleanup()
     return metrics
@@ -725,10 +733,7 @@ if __name__ == "__main__":
     except (WeightsUnavailable, DatasetError, FileNotFoundError) as e:
         # A setup problem the user can fix: the message, not a traceback. An error raised inside a
         # DataLoader worker (a corrupt image) arrives wrapped with the worker's traceback: keep its last line.
-        # The worker's line reads "lib.owndata.DatasetError: ...": the message alone, no internal class name.
-        msg = str(e).strip()
-        sys.exit("error: " + (re.sub(r"^[\w.]+(Error|Unavailable): ", "", msg.splitlines()[-1])
-                              if "Original Traceback" in msg else msg))
+        sys.exit("error: " + one_line(e))
     except Diverged as e:
         sys.exit(f"error: {e}")
     except Interrupted as e:
