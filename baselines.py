@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbones import BackboneConfig, WeightsUnavailable, backbone_from_config
-from data import label_cooccurrence
+from lib.spectral import label_cooccurrence
 from lib.flags import config_field
 from lib.routing import collect
 from model import DRMoE

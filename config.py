@@ -308,6 +308,7 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
         (mcfg, "task_experts", lambda v: v >= 0, "an integer >= 0"),
         (mcfg, "expert_hidden", lambda v: v >= 1, "an integer >= 1"),
         (mcfg, "gate_temperature", lambda v: v > 0, "a number > 0"),
+        (mcfg, "label_groups", lambda v: v >= 0, "an integer >= 0 (0 = one group per label)"),
         (mcfg, "aux_loss_coef", lambda v: v >= 0, "a number >= 0"),
     ]
     for cfg, name, ok, allowed in ranges:
@@ -320,9 +321,12 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
               f"drawn, yours are read from files); use --limit N on --dataset {tcfg.dataset}")
     for cfg, name, options in ((tcfg, "loss", LOSSES), (tcfg, "budget", tuple(BUDGETS)), (tcfg, "amp", AMP_MODES),
                                (tcfg, "difficult", ("positive", "ignore")),
-                               (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS)):
+                               (tcfg, "empty_images", ("keep", "drop")), (mcfg, "gate", GATE_KINDS),
+                               (mcfg, "group_by", ("cooccurrence", "index"))):
         if getattr(cfg, name) not in options:
             error(f"--{name.replace('_', '-')} must be one of {options}, got {getattr(cfg, name)!r}")
+    if mcfg.group_decoding and not mcfg.label_groups:
+        error("--group-decoding needs --label-groups K: the number of group queries to decode")
     experts = mcfg.shared_experts + mcfg.task_experts
     if zoo.gated(mcfg) and experts < 1:
         error("--shared-experts plus --task-experts must be >= 1 for a mixture (or --moe-layers 0 for none)")

@@ -9,8 +9,8 @@ build_dataset(name, split, root, image_size, augment, seed, limit, ...).
   the standard library's json (no pycocotools); the 80 classes in category-id order.
 - csv, cocojson: your own data, a CSV per split or COCO-style json (readers in lib/owndata.py).
 
-label_cooccurrence counts which labels appear together in a split's targets: ML-GCN's label graph and
-ML-VPT's label groups are both built from it, and `--stats` prints it.
+label_cooccurrence (lib/spectral.py, imported here) counts which labels appear together in a split's targets:
+ML-GCN's label graph and the label groups of ML-VPT and DR-MoE are built from it, and `--stats` prints it.
 
 Every dataset returns ds[i] = (image float32 (3, S, S) normalised with ImageNet mean/std, target
 float32 (L,)) with 1 = present, 0 = absent, -1 = ignore (VOC's difficult; every metric skips it), and
@@ -37,6 +37,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from lib.distributed import is_main
+from lib.spectral import label_cooccurrence  # noqa: F401  (data.label_cooccurrence: counts of label pairs)
 from lib.owndata import OWN_SPLITS, DatasetError, check_images, holdout, own_source, read_coco_json, read_own
 from lib.synthetic import (CLASSES, LABEL_GROUPS, SCENES, SOURCE_CLASSES, SOURCE_SEED, SPLIT_SIZES, SPLITS, labels_from_objects,
                        render_synthetic, source_labels_from_objects)
@@ -381,20 +382,6 @@ def preview(ds, path, rows=4, cols=8, zoom=3):
             draw.text((x + 2, y + side + 2 + k * line), name, fill="black", font=font)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     grid.save(path)
-
-
-def label_cooccurrence(targets):
-    """targets (N, L) in {1, 0, -1} -> (counts (L, L) int64, zero diagonal; nums (L,) int64).
-
-    counts[i, j] = images where labels i and j are both present, nums[i] = images where i is present
-    (ML-GCN's adj_file "adj" and "nums"). Only entries equal to 1 count: a difficult or ignored label
-    (-1) is not evidence that the object is there.
-    """
-    pos = (torch.as_tensor(np.asarray(targets)) == 1).long()              # (N, L)
-    counts = pos.T @ pos                                                  # (L, N) @ (N, L) -> (L, L)
-    nums = counts.diagonal().clone()                                      # (L,) the diagonal is N_i
-    counts.fill_diagonal_(0)
-    return counts.numpy(), nums.numpy()
 
 
 def print_stats(ds):

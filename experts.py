@@ -71,33 +71,55 @@ class Experts(nn.Module):
             for p, fan_in in [(w1, self.dim), (b1, self.dim), (w2, self.hidden), (b2, self.hidden)]:
                 nn.init.uniform_(p, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h (B, L, D) -> every expert's output (B, L, E, D), shared experts first."""
+    def forward(self, h: torch.Tensor, group: torch.Tensor = None) -> torch.Tensor:
+        """h (B, L, D) -> every expert's output (B, L, E, D), shared experts first.
+
+        group (L,) long, optional: label l uses the T task-specific experts of group[l] (num_labels then
+        counts the K groups, model.py --label-groups); None: label l owns its own (K = L).
+        """
         outs = []
         if self.shared:
             # Every shared expert sees every label's feature: one einsum broadcasts over labels.
             z = torch.einsum("bld,sdh->blsh", h, self.shared_w1) + self.shared_b1      # (B, L, S, H)
             z = self.dropout(F.gelu(z))
             outs.append(torch.einsum("blsh,shd->blsd", z, self.shared_w2) + self.shared_b2)  # (B, L, S, D)
-        if self.task:
+        if self.task and group is None:
             # Label l's feature meets only label l's experts: l is a shared index, not a summed one.
             z = torch.einsum("bld,ltdh->blth", h, self.task_w1) + self.task_b1         # (B, L, T, H)
             z = self.dropout(F.gelu(z))
             outs.append(torch.einsum("blth,lthd->bltd", z, self.task_w2) + self.task_b2)    # (B, L, T, D)
+        elif self.task:
+            outs.append(self.grouped(h, group))                                         # (B, L, T, D)
         return torch.cat(outs, dim=2)                                                   # (B, L, E, D)
 
-    def forward_loop(self, h: torch.Tensor) -> torch.Tensor:
+    def grouped(self, h: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """Task-specific experts shared within label groups: h (B, L, D), group (L,) -> (B, L, T, D).
+
+        The labels are sorted by group and each group's experts run on its members in one einsum. Gathering
+        the weights per label (task_w1[group], (L, T, D, H)) would be one einsum too, but it builds exactly
+        the per-label tensor grouping exists to avoid: at L = 10,000 that is 2.6 GB per weight matrix.
+        """
+        order = torch.argsort(group, stable=True)                                       # (L,) labels by group
+        sizes = torch.bincount(group, minlength=self.num_labels).tolist()               # (K,) labels per group
+        outs = []
+        for k, x in enumerate(h[:, order].split(sizes, dim=1)):                         # x (B, n_k, D): group k's labels
+            z = torch.einsum("bnd,tdh->bnth", x, self.task_w1[k]) + self.task_b1[k]     # (B, n_k, T, H)
+            z = self.dropout(F.gelu(z))
+            outs.append(torch.einsum("bnth,thd->bntd", z, self.task_w2[k]) + self.task_b2[k])   # (B, n_k, T, D)
+        return torch.cat(outs, dim=1)[:, torch.argsort(order)]                          # (B, L, T, D) in label order
+
+    def forward_loop(self, h: torch.Tensor, group: torch.Tensor = None) -> torch.Tensor:
         """The definition, one label and one expert at a time: what forward() computes in four einsums.
 
         This is the naive implementation the docstring above describes (S + T small MLPs per label, a
         Python loop); tests/test_moe.py checks forward() against it and studies/bench.py times both.
-        h (B, L, D) -> (B, L, E, D).
+        h (B, L, D), group (L,) or None -> (B, L, E, D).
         """
         per_label = []
-        for l in range(self.num_labels):
-            x = h[:, l]                                                                 # (B, D)
+        for l in range(h.shape[1]):
+            x, o = h[:, l], (l if group is None else int(group[l]))                     # (B, D), the owner of l's experts
             mine = ([(self.shared_w1[s], self.shared_b1[s], self.shared_w2[s], self.shared_b2[s]) for s in range(self.shared)]
-                    + [(self.task_w1[l, t], self.task_b1[l, t], self.task_w2[l, t], self.task_b2[l, t]) for t in range(self.task)])
+                    + [(self.task_w1[o, t], self.task_b1[o, t], self.task_w2[o, t], self.task_b2[o, t]) for t in range(self.task)])
             # E_e(x) = W2 GELU(W1 x + b1) + b2; the stored W1 is (D, H), F.linear wants (out, in) = (H, D).
             per_label.append(torch.stack([F.linear(self.dropout(F.gelu(F.linear(x, w1.T, b1))), w2.T, b2)
                                           for w1, b1, w2, b2 in mine], dim=1))          # (B, E, D)

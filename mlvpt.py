@@ -12,7 +12,7 @@ equation could be read here; where a step below says "official" it was checked i
 1. Label groups (label_groups). The official repository ships its groups as precomputed JSON files and no
    grouping code (data/aux_data/<set>/<set>_coocurrence5_0.json for CO, <set>_cluster5_0.json for DC), so
    this follows the paper's equation as we read it, and is checked against those files. From the training labels
-   (positives only; data.label_cooccurrence): S_ij = images with labels i and j, A_ij = S_ij / N_i
+   (positives only; lib/spectral.label_cooccurrence): S_ij = images with labels i and j, A_ij = S_ij / N_i
    (= P(j | i)), the tau-th root with tau = 2 (--mlvpt-tau), symmetrised:
        M+ = (A^(1/tau) + (A^(1/tau))^T) / 2        correlative (CO) affinity: labels that appear together
        M- = 1 - M+                                 discriminative (DC) affinity: labels that exclude each other
@@ -76,9 +76,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbones import BackboneConfig, ViTMap, backbone_from_config
-from data import label_cooccurrence
+from lib import spectral
 from lib.flags import config_field
-from lib.kmeans import kmeans
+from lib.spectral import calinski_harabasz, label_cooccurrence, pick_k, spectral_embedding, spectral_groups
 from lib.routing import collect, route
 
 BRANCHES = ("co", "dc")
@@ -106,7 +106,7 @@ class MLVPTConfig(BackboneConfig):
 
 
 def cooccurrence(targets):
-    """targets (N, L) in {1, 0, -1} -> (counts (L, L), nums (L,)) as data.label_cooccurrence; a pair
+    """targets (N, L) in {1, 0, -1} -> (counts (L, L), nums (L,)) as lib/spectral.label_cooccurrence; a pair
     (counts, nums) passes through: the grouping needs only these, and some datasets publish just them
     (ML-GCN's adj files for VOC and COCO; tests/voc2007_trainval_cooccurrence.txt)."""
     return targets if isinstance(targets, tuple) else label_cooccurrence(targets)
@@ -114,70 +114,8 @@ def cooccurrence(targets):
 
 def affinities(targets, tau: float = 2.0):
     """targets (N, L) in {1, 0, -1}, or (counts, nums) -> (M+ (L, L), M- (L, L)) float64, zero diagonals
-    (docstring, step 1)."""
-    counts, nums = cooccurrence(targets)
-    A = counts / np.maximum(nums, 1)[:, None]                              # (L, L) P(j | i); 0 for unseen i
-    R = A ** (1.0 / tau)                                                   # tau-th root
-    plus = (R + R.T) / 2
-    minus = 1.0 - plus
-    np.fill_diagonal(plus, 0.0)
-    np.fill_diagonal(minus, 0.0)
-    return plus, minus
-
-
-def spectral_embedding(M: np.ndarray, k: int) -> np.ndarray:
-    """Affinity (L, L) -> the k eigenvectors of its normalised Laplacian with the smallest eigenvalues, row i
-    divided by sqrt(d_i) (L, k): scikit-learn's spectral_embedding(M, norm_laplacian=True, drop_first=False),
-    what its SpectralClustering(affinity="precomputed") clusters (docstring, step 1)."""
-    d = M.sum(1)
-    dd = np.sqrt(np.where(d > 0, d, 1.0))                                  # an isolated label: degree 0 -> 1
-    lap = np.eye(len(M)) - M / dd[:, None] / dd[None, :]                   # I - D^-1/2 M D^-1/2
-    _, vecs = np.linalg.eigh(lap)                                          # ascending eigenvalues
-    return vecs[:, :k] / dd[:, None]                                       # (L, k), scaled by D^-1/2
-
-
-def calinski_harabasz(X: np.ndarray, assign: np.ndarray) -> float:
-    """(between-cluster dispersion / (k - 1)) / (within-cluster dispersion / (n - k)) (Calinski & Harabasz
-    1974; scikit-learn's calinski_harabasz_score). Higher = tighter, better separated clusters."""
-    n, labels = len(X), np.unique(assign)
-    k, mean = len(labels), X.mean(0)
-    if k < 2 or k >= n:
-        return 0.0
-    between = sum((assign == j).sum() * ((X[assign == j].mean(0) - mean) ** 2).sum() for j in labels)
-    within = sum(((X[assign == j] - X[assign == j].mean(0)) ** 2).sum() for j in labels)
-    return float(between * (n - k) / (within * (k - 1))) if within > 0 else float("inf")
-
-
-def no_empty_groups(assign: np.ndarray, X: np.ndarray, k: int) -> np.ndarray:
-    """k-means can leave a cluster empty; move into each empty one the label farthest from its own centre,
-    taken from the largest group (never emptying a group). assign (L,) -> (L,) with all k groups used."""
-    assign = assign.copy()
-    for j in range(k):
-        if (assign == j).any():
-            continue
-        big = np.bincount(assign, minlength=k).argmax()
-        members = np.flatnonzero(assign == big)
-        far = members[((X[members] - X[members].mean(0)) ** 2).sum(1).argmax()]
-        assign[far] = j
-    return assign
-
-
-def spectral_groups(M: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """Affinity (L, L), k -> group index per label (L,), every group non-empty."""
-    U = spectral_embedding(M, k)
-    # 1,000 restarts: on the DC affinity k-means has many local optima, and the official groups are the
-    # lowest-inertia one (docstring, step 1); with 20-80 labels that is well under a second.
-    _, assign = kmeans(U, k, seed=seed, restarts=1000)
-    return no_empty_groups(assign, U, k)
-
-
-def pick_k(M: np.ndarray, seed: int = 0, ks=range(2, 11)) -> int:
-    """The k of spectral_groups with the best Calinski-Harabasz score on its own spectral embedding."""
-    ks = [k for k in ks if k < len(M)]
-    if not ks:   # two labels or fewer: nothing to choose between
-        return max(1, min(2, len(M)))
-    scores = [calinski_harabasz(spectral_embedding(M, k), spectral_groups(M, k, seed)) for k in ks]
-    return ks[int(np.argmax(scores))]
+    (docstring, step 1; computed in lib/spectral.py, which DR-MoE's label groups use too)."""
+    return spectral.affinities(*cooccurrence(targets), tau)
 
 
 def label_groups(targets, k: int, kind: str, seed: int = 0, tau: float = 2.0):

@@ -49,14 +49,17 @@ plus whatever routers inside the backbone left (lib/routing.collect: none for a 
 
 This file holds DR-MoE alone and imports only its parts; zoo.py builds it (and every other model) by name.
 """
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from backbones import BackboneConfig, backbone_from_config
 from experts import Experts
 from gating import Gate, expert_names
+from lib import spectral
 from lib.flags import config_field
 from lib.routing import collect, route
 
@@ -79,6 +82,14 @@ class DRMoEConfig(BackboneConfig):
     expert_hidden: int = config_field(256, "H, hidden width of each expert", "mixture of experts")
     top_k: int = config_field(0, "0 = dense routing; k > 0 keeps each row's k largest gate logits", "mixture of experts")
     gate_temperature: float = config_field(1.0, "tau in softmax(gate logits / tau)", "mixture of experts")
+    label_groups: int = config_field(0, "K: task-specific experts per label group instead of per label, so they grow "
+                                        "with K, not L (0 = per label; K = L is the same model)", "label groups")
+    group_by: str = config_field("cooccurrence", "how labels fall into the K groups: cooccurrence (spectral "
+                                 "clustering of the training labels, as ML-VPT's CO groups) | index (ML-Decoder's: "
+                                 "label l in group l // ceil(L/K))", "label groups")
+    group_decoding: bool = config_field(False, "decode K group queries, not L label queries, and expand them to the "
+                                               "L labels with ML-Decoder's group-wise classifier (needs --label-groups)",
+                                        "label groups")
     aux_loss_coef: float = config_field(0.0, "weight of every router's load-balancing loss: the gate's (gating.py), "
                                              "and any router a system adds (0 = off)", "mixture of experts")
 
@@ -145,16 +156,19 @@ class MoELayer(nn.Module):
 
     routes = True   # lib/routing.routes: this module routes (a method that trains routing may take it)
 
-    def __init__(self, cfg: DRMoEConfig):
+    def __init__(self, cfg: DRMoEConfig, rows: int, owners: int):
+        """rows: the features it mixes (L labels, or K groups with group decoding); owners: how many own
+        task-specific experts (rows, or K groups whose labels share theirs)."""
         super().__init__()
-        L, D = cfg.num_labels, cfg.dim
-        self.experts = Experts(L, D, cfg.expert_hidden, cfg.shared_experts, cfg.task_experts, cfg.dropout)
-        self.gate = Gate(cfg.gate, L, D, self.experts.num_experts, cfg.top_k, cfg.gate_temperature)
+        D = cfg.dim
+        self.experts = Experts(owners, D, cfg.expert_hidden, cfg.shared_experts, cfg.task_experts, cfg.dropout)
+        self.gate = Gate(cfg.gate, rows, D, self.experts.num_experts, cfg.top_k, cfg.gate_temperature)
 
-    def forward(self, h: torch.Tensor, g: torch.Tensor):
-        """h (B, L, D) label features, g (B, D) image feature -> (z (B, L, D), weights (B, L, E) fp32, aux)."""
+    def forward(self, h: torch.Tensor, g: torch.Tensor, group: torch.Tensor = None):
+        """h (B, L, D) label features, g (B, D) image feature, group (L,) each label's owner of task-specific
+        experts (None: its own) -> (z (B, L, D), weights (B, L, E) fp32, aux)."""
         weights, aux_loss = self.gate(h, g)                               # (B, L, E) fp32, scalar
-        expert_out = self.experts(h)                                      # (B, L, E, D)
+        expert_out = self.experts(h, group)                               # (B, L, E, D)
         # The residual keeps the decoder's feature reachable whatever the gate does (an untrained gate
         # mixes experts that are noise); the paper's MoE output is added to it, not substituted for it.
         z = h + torch.einsum("ble,bled->bld", weights.to(expert_out.dtype), expert_out)   # (B, L, D)
@@ -172,17 +186,31 @@ class DRMoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         L, D = cfg.num_labels, cfg.dim
+        K = cfg.label_groups or L                                          # K = L: every label its own group
+        if not 1 <= K <= L:
+            raise ValueError(f"--label-groups {K}: must be between 1 and the {L} labels (0 = one group per label)")
+        if cfg.group_decoding and not cfg.label_groups:
+            raise ValueError("--group-decoding needs --label-groups K: the number of group queries to decode")
+        # Label groups (the docstring's "Label groups"): with K < L the task-specific experts are the groups',
+        # and with group decoding the decoder, the gate and the experts all work on K rows instead of L.
+        self.grouped = K < L
+        rows = K if cfg.group_decoding else L                              # queries decoded, rows the gate mixes
+        owners = K if self.grouped else rows                               # who owns task-specific experts
+        if self.grouped or cfg.group_decoding:
+            # Label l's group: ML-Decoder's by index until prepare() clusters the training labels. A buffer,
+            # so a checkpoint keeps its groups; per-label models have none, so their checkpoints are unchanged.
+            self.register_buffer("label_group", torch.arange(L) // math.ceil(L / K))
         self.backbone, channels = backbone_from_config(cfg)
         # C -> D per location. When C already equals D (Q2L's ResNet-101 at D = 2048) there is nothing to
         # project, and Q2L's official code (without --keep_input_proj) uses no layer here either.
         self.proj = nn.Conv2d(channels, D, kernel_size=1) if channels != D else nn.Identity()
         self.encoder = nn.ModuleList(EncoderLayer(D, cfg.heads, cfg.ff_dim, cfg.dropout)
                                      for _ in range(cfg.enc_layers))
-        self.queries = nn.Parameter(torch.randn(L, D) * 0.02)              # one learnable query per label
+        self.queries = nn.Parameter(torch.randn(rows, D) * 0.02)           # one learnable query per label (or group)
         self.no_weight_decay = ("queries",)   # train.decay_roles: a learned input, not a weight to shrink
         self.decoder = nn.ModuleList(LabelDecoderLayer(D, cfg.heads, cfg.ff_dim, cfg.dropout, cfg.decoder_self_attn)
                                      for _ in range(cfg.layers))
-        self.moe = nn.ModuleList(MoELayer(cfg) for _ in range(cfg.moe_layers))
+        self.moe = nn.ModuleList(MoELayer(cfg, rows, owners) for _ in range(cfg.moe_layers))
         # Per-label classifier: label l has its own weight vector W_l (D,) and bias c_l, not one shared Linear.
         self.cls_weight = nn.Parameter(torch.empty(L, D).uniform_(-D ** -0.5, D ** -0.5))
         self.cls_bias = nn.Parameter(torch.zeros(L))
@@ -200,9 +228,16 @@ class DRMoE(nn.Module):
         for layer in self.decoder:
             hq = layer(hq, memory, pos)                                   # (B, L, D)
         weights, aux_loss = None, f.new_zeros((), dtype=torch.float32)
+        # Experts shared within label groups (K < L, L rows): each label's row goes to its group's experts.
+        group = self.label_group if self.grouped and not self.cfg.group_decoding else None
         for layer in self.moe:
-            hq, weights, aux = layer(hq, g)                               # (B, L, D), (B, L, E)
+            hq, weights, aux = layer(hq, g, group)                        # (B, L, D), (B, L, E)
             aux_loss = aux_loss + aux / len(self.moe)                     # mean over layers: same scale for any depth
+        if self.cfg.group_decoding:
+            # ML-Decoder's group-wise classifier, written per label: label l reads its group's decoded feature
+            # with its own weights, logit[b,l] = <W_l, z[b, group(l)]> + c_l (its GroupFC, (K, D, ceil(L/K))).
+            hq = hq[:, self.label_group]                                  # (B, K, D) -> (B, L, D)
+            weights = None if weights is None else weights[:, self.label_group]   # (B, K, E) -> (B, L, E)
         logits = (hq * self.cls_weight).sum(-1) + self.cls_bias           # (B, L)
         # The record (docstring): what routers in the backbone left, then the gate's loss and routing. With
         # several MoE layers the last layer's weights are reported (the one feeding the classifier).
@@ -212,6 +247,24 @@ class DRMoE(nn.Module):
             routing = {"gate": route(weights, names=expert_names(self.cfg.shared_experts, self.cfg.task_experts)),
                        **routing}
         return logits, {"losses": losses, "routing": routing, "image_feature": g.detach()}
+
+    def prepare(self, targets, classes=None, seed: int = 0, verbose: bool = True):
+        """--label-groups K --group-by cooccurrence: the K groups from the training labels (N, L) (zoo.prepare).
+
+        ML-VPT's CO affinity (lib/spectral.py, tau = 2) and its spectral clustering, then the groups numbered
+        by their first label, so that K = L numbers each label's group as the label itself.
+        """
+        if not hasattr(self, "label_group") or self.cfg.group_by != "cooccurrence":
+            return
+        K = self.cfg.label_groups
+        plus, _ = spectral.affinities(*spectral.label_cooccurrence(targets), tau=2.0)   # (L, L) labels that appear together
+        assign = spectral.spectral_groups(plus, K, seed=seed)                  # (L,) group per label, none empty
+        _, first = np.unique(assign, return_index=True)                        # (K,) each group's first label
+        assign = np.argsort(np.argsort(first))[assign]                         # renumbered in that order
+        self.label_group.copy_(torch.as_tensor(assign, dtype=torch.long))
+        if verbose:
+            print(f"label groups: {K} groups of {self.cfg.num_labels} labels by co-occurrence, sizes "
+                  f"{np.bincount(assign, minlength=K).tolist()}")
 
 
 if __name__ == "__main__":

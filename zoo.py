@@ -60,8 +60,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CORE_MODELS = {
     "drmoe": dict(build=lambda cfg, classes: DRMoE(cfg), gated=True,
                   describe=lambda model, cfg: f"gate={cfg.gate}, S={cfg.shared_experts}, T={cfg.task_experts}, "
-                                              f"moe_layers={cfg.moe_layers}"),
+                                              f"moe_layers={cfg.moe_layers}" + label_groups(cfg)),
 }
+
+
+def label_groups(cfg) -> str:
+    """describe()'s words for a label-query model's label groups (model.py): none when per label."""
+    if not cfg.label_groups:
+        return ""
+    return (f", K={cfg.label_groups} label groups by {cfg.group_by}"
+            + (", group decoding" if cfg.group_decoding else ", L label queries"))
 
 
 def systems() -> dict:

@@ -1,9 +1,9 @@
 """
 k-means: Lloyd's algorithm with k-means++ starts, the one clustering routine of the codebase.
 
-Two systems cluster from below: DivDR partitions the images by their routing signatures (divdr.py), and
-ML-VPT groups labels by clustering a spectral embedding of their co-occurrence (mlvpt.py). Both call this
-file, so neither needs the other.
+DivDR partitions the images by their routing signatures (divdr.py), and label groups (ML-VPT's prompt
+groups, DR-MoE's --label-groups) cluster a spectral embedding of the labels' co-occurrence (lib/spectral.py).
+All call this file, so none needs another.
 
     Lloyd (1982): assign every point to its nearest centroid, move every centroid to the mean of its points,
                   repeat until nothing moves.

@@ -17,6 +17,8 @@ design of the experiments, with the calibration behind each choice (the write-up
     sweetspot         MoE inside a vit_tiny pretrained on the source task: placements x experts x k with the
                       linear head, and DR-MoE's head on the dense and the best MoE backbones (backbone_moe.py)
     sweetspot-convnext  the same placements x experts x k in a convnext_mini pretrained on the source task
+    grouping          DR-MoE's task-specific experts per label against per label group (K = 5), and group decoding
+                      (ML-Decoder) against L label queries (model.py)
     mlvpt             transfer from the source task: linear probe, VPT-deep, ML-VPT with CO / DC / both /
                       random groups, full fine-tuning and DR-MoE on the frozen backbone (mlvpt.py)
 
@@ -143,9 +145,16 @@ for _extra, _more in ((" no aux", []), (" aux=0.01", ["--aux-loss-coef", "0.01"]
     ROUTING_BACKBONE["vit_tiny last2 N=8 k=1" + _extra] = VIT + ["--model", "linear", "--backbone-moe", "last2",
                                                                 "--backbone-experts", "8", "--backbone-top-k", "1",
                                                                 *_more]
+# What grouping costs (model.py, "Label groups"): DR-MoE's task-specific experts per label against per group of
+# labels (K = 5 groups from the training labels' co-occurrence, the number ML-VPT's official configs use for
+# VOC and COCO), and the K groups decoded as ML-Decoder does against the L label queries. The reference is the
+# middle row, so that each paired test changes one thing: grouping the experts, then decoding by group.
+GROUPING = {"drmoe": ["--model", "drmoe"],
+            "drmoe K=5": ["--model", "drmoe", "--label-groups", "5"],
+            "drmoe K=5 group decoding": ["--model", "drmoe", "--label-groups", "5", "--group-decoding"]}
 FROM_PRETRAINED = ("mlvpt", "sweetspot", "sweetspot-convnext", "routing-backbone")
 SETS = {"models": (MODELS, "drmoe"), "ablation": (ABLATION, DEFAULT), "balance": (BALANCE, DEFAULT),
         "routing": (ROUTING, "drmoe"), "routing-backbone": (ROUTING_BACKBONE, "vit_tiny last2 N=8 k=1 no aux"),
         "sweetspot": (SWEETSPOT, "vit_tiny dense"), "sweetspot-convnext": (SWEETSPOT_CONVNEXT, "convnext_mini dense"),
-        "mlvpt": (MLVPT_SET, "mlvpt")}
+        "mlvpt": (MLVPT_SET, "mlvpt"), "grouping": (GROUPING, "drmoe K=5")}
 
