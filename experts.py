@@ -18,8 +18,11 @@ Storing each group's weights as one tensor, (S, D, H) for shared and (L, T, D, H
 lets one einsum apply them all at once (the trick lucidrains' mixture-of-experts uses). `forward_loop` is
 that naive loop, kept as the reference: tests/test_moe.py checks the einsum against it, studies/bench.py times both.
 
+Experts per label group (model.py --label-groups K): forward(h, group) gives label l the task-specific experts
+of group[l], so the weights are (K, T, D, H) and grow with K, not L; `grouped` runs one einsum per group.
+
 Shape legend (whole codebase): B batch, L labels, D feature dim, S shared experts,
-T task-specific experts per label, H expert hidden dim, E = S + T experts seen by each label, N tokens of an image's
+T task-specific experts per label, K label groups (model.py), H expert hidden dim, E = S + T experts seen by each label, N tokens of an image's
 map (h*w), I the width of what a gate reads (gating.py). backbone_moe.py keeps its papers' letters and says so.
 
     input  h:       (B, L, D)     one feature per image and label (from the label-query decoder)

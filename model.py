@@ -37,11 +37,28 @@ Choices the papers leave open, made here (each is a config field):
   label queries to attend to; layer3 gives 4x4 = 16 (the synthetic preset uses it). At 448 px, layer4
   (14x14 = 196 tokens) is the papers' setting.
 
+Label groups (--label-groups K; the per-label model is K = 0, and K = L is the same model, output for output).
+The task-specific experts are per label, so DR-MoE's head grows as L: at L = 10,000 it holds 1.3 B parameters
+(docs/speed.md). Two changes make it grow with K instead:
+- experts per label group: label l uses the T task-specific experts of its group G(l); the K groups come
+  from the training labels (prepare(): ML-VPT's CO affinity and spectral clustering, lib/spectral.py), or by
+  index with --group-by index;
+- group decoding (--group-decoding), as ML-Decoder (Ridnik et al., WACV 2023; its code Alibaba-MIIL/ML_Decoder,
+  src_files/ml_decoder/ml_decoder.py): K group queries are decoded instead of L label queries, the gate and
+  the experts work on those K rows, and a group-wise classifier expands them to the labels,
+      logit[b,l] = <W_l, z[b, G(l)]> + c_l                 every label keeps its own W_l (D,) and c_l.
+  ML-Decoder stores the same weights as (K, D, ceil(L/K)) with label l in slot l of the flattened layout,
+  i.e. G(l) = l // ceil(L/K) (--group-by index; tests/test_groups.py checks the two layouts agree). Where this
+  differs from ML-Decoder: its queries are a frozen random embedding and its decoder has no self-attention;
+  here the decoder stays DR-MoE's (learned queries, --decoder-self-attn), and the groups are by co-occurrence
+  by default. ML-Decoder's default is K = 100, capped at L.
+
 Forward returns (logits (B, L), info), the record every model of the codebase returns (zoo.py):
     info["losses"]         {"balance": --aux-loss-coef x the gate's balance loss}, already weighted: train.py
                            adds every entry to the loss and logs it by name, knowing nothing of what it is
     info["routing"]        {"gate": the last MoE layer's routing record (lib/routing.py), probs = w (B, L, E)}:
                            its health is watched every epoch, evaluate.py analyses the gate per label
+                           (with group decoding each label's row is its group's)
     info["image_feature"]  g (B, D), detached: what the gate reads, for the analyses
 plus whatever routers inside the backbone left (lib/routing.collect: none for a plain backbone).
 

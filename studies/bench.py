@@ -45,6 +45,7 @@ JSON records: {"kind": "step", "model", "backbone", "image_size", "labels", "bat
 "loop_ms"} and {"kind": "loader", "image_size", "workers", "img_per_s"}.
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -54,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -275,6 +277,154 @@ def table(rows, cols):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# labels: what every head costs as the label set grows (docs/speed.md, "As the label set grows")
+
+LABEL_SIZES = (20, 80, 1000, 10000)
+# ML-Decoder's number of group queries: 100 when not given (num_of_groups -1), capped at L as its code caps it.
+GROUPS = 100
+# Row -> (model, settings over the coco preset). ML-VPT prompts a ViT: ViT-B/16, its papers' backbone.
+LABEL_ROWS = {"linear": ("linear", {}), "mlgcn": ("mlgcn", {}), "q2l": ("q2l", {}), "drmoe": ("drmoe", {}),
+              "drmoe K=100, L queries": ("drmoe", {"label_groups": GROUPS}),
+              "drmoe K=100, group decoding": ("drmoe", {"label_groups": GROUPS, "group_decoding": True}),
+              "mlvpt": ("mlvpt", {"backbone": "vit_b_16"})}
+GB = 1e9
+
+
+def label_config(model: str, labels: int, **fields):
+    """(TrainConfig, ModelConfig) of `train.py --dataset coco --model M --weights none` with L = labels and the
+    given model fields (K capped at L): what the labels part builds, and what tests/test_groups.py checks."""
+    args = argparse.Namespace(dataset="coco", extra="", backbone=fields.pop("backbone", None), image_size=None,
+                              batch_size=None, labels=labels)
+    tcfg, mcfg = configs(model, args)
+    for k, v in fields.items():
+        setattr(mcfg, k, min(v, labels) if k == "label_groups" else v)
+    return tcfg, mcfg
+
+
+def label_cost(tcfg, mcfg) -> dict:
+    """Parameters (zoo.build_model on the meta device: nothing allocated) and the bytes of the training state:
+    weights and, as train.py keeps them, the EMA copy, the gradients and AdamW's two moments of what trains."""
+    with torch.device("meta"):
+        model = build_model(mcfg, verbose=False)
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ema = n_all if tcfg.ema_decay else 0
+    return {"params": n_all, "trainable": n_train, "state_gb": 4 * (n_all + ema + 3 * n_train) / GB}
+
+
+def label_step(row: str, labels: int, batch: int, steps: int, warmup: int) -> dict:
+    """One training step of a row at L labels, batch `batch`, on this CPU, measured in this process (main runs
+    each in a fresh one): its time, the process's peak resident memory over the interpreter's own, and the
+    bytes autograd saves for the backward pass (each storage once, parameters left out)."""
+    import resource
+    model_name, fields = LABEL_ROWS[row]
+    tcfg, mcfg = label_config(model_name, labels, **dict(fields))
+    tcfg.batch_size = batch
+    base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")   # resident bytes now
+    torch.manual_seed(0)
+    model = build_model(mcfg, verbose=False)
+    set_memory_format(model)
+    ema = copy.deepcopy(model).requires_grad_(False) if tcfg.ema_decay else None
+    run = train.Run(model=model, step_model=model, ema=ema, optimizer=train.build_optimizer(model, tcfg, torch.device("cpu")),
+                    scaler=torch.amp.GradScaler("cpu", enabled=False), hooks=[], device=torch.device("cpu"),
+                    amp_dtype=None, fmt=torch.channels_last, rank=0, world=1)
+    S = tcfg.image_size
+    x = torch.randn(batch, 3, S, S).contiguous(memory_format=torch.channels_last)   # (B, 3, S, S)
+    y = (torch.rand(batch, labels) < 0.15).float()                                  # (B, L)
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):   # every tensor autograd keeps for the backward pass, by its storage
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train.train_step(run, x, y, tcfg, 100)                                      # the first step, counted
+    for _ in range(warmup - 1):
+        train.train_step(run, x, y, tcfg, 100)
+    ms = median_ms({"step": lambda: train.train_step(run, x, y, tcfg, 100)}, torch.device("cpu"), steps)["step"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024                # Linux: kilobytes
+    return {"step_ms": ms, "peak_gb": (peak - base) / GB, "saved_gb_per_image": sum(saved.values()) / batch / GB}
+
+
+def label_saved_on_meta(row: str, labels: int, batch: int = 2) -> float:
+    """The bytes autograd saves per image, counted on the meta device (shapes only): for rows whose training
+    state does not fit this machine. One forward and the loss, each storage once, parameters left out."""
+    model_name, fields = LABEL_ROWS[row]
+    tcfg, mcfg = label_config(model_name, labels, **dict(fields))
+    with torch.device("meta"):
+        model = build_model(mcfg, verbose=False).train()
+        x = torch.zeros(batch, 3, tcfg.image_size, tcfg.image_size)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in params:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+    # The gate turns autocast off around its fp32 block (gating.py), and autocast knows no meta device: there
+    # it is a context that does nothing, which in fp32 is what it does anyway.
+    no_autocast = lambda *a, **k: contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mock.patch.object(torch, "autocast", no_autocast):
+        logits, _ = model(x)
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
+    return sum(saved.values()) / batch / GB
+
+
+def bench_labels(args) -> list:
+    """Every row of LABEL_ROWS at every L: counts on the meta device, one step measured in its own process
+    (python -m studies.bench --label-step ROW L) when its training state fits --max-state-gb, and the
+    projection to batch 32: training state + 32 x the activations saved per image."""
+    rows = []
+    for row in args.label_rows:
+        for L in args.label_sizes:
+            model_name, fields = LABEL_ROWS[row]
+            tcfg, mcfg = label_config(model_name, L, **dict(fields))
+            rec = {"kind": "labels", "row": row, "labels": L, "batch_size": args.label_batch, **label_cost(tcfg, mcfg)}
+            if fields.get("label_groups") and L <= GROUPS:   # K = L: today's DR-MoE (tests/test_groups.py)
+                rec["same_as"] = "drmoe"
+            elif rec["state_gb"] <= args.max_state_gb:
+                cmd = [sys.executable, "-m", "studies.bench", "--label-step", row, str(L), "--batch-size",
+                       str(args.label_batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                if out.returncode:
+                    rec["error"] = (out.stderr.strip().splitlines() or ["?"])[-1]
+                else:
+                    rec.update(json.loads(out.stdout.strip().splitlines()[-1]))
+            else:
+                rec["saved_gb_per_image"] = label_saved_on_meta(row, L)
+                rec["counted_on"] = "meta"
+            if "saved_gb_per_image" in rec:
+                rec["projected_gb_b32"] = rec["state_gb"] + 32 * rec["saved_gb_per_image"]
+            print(f"  {row:<28} L = {L:>6}: {rec['params'] / 1e6:9.1f} M parameters, state {rec['state_gb']:6.2f} GB"
+                  + (f", step {rec['step_ms']:7.0f} ms, peak {rec['peak_gb']:5.2f} GB" if "step_ms" in rec else "")
+                  + (f", batch 32 ~ {rec['projected_gb_b32']:6.1f} GB" if "projected_gb_b32" in rec else "")
+                  + (f" ({rec['error']})" if "error" in rec else ""), flush=True)
+            rows.append(rec)
+    return rows
+
+
+def label_table(rows) -> str:
+    """The markdown table of docs/speed.md: one line per row and L."""
+    fits = lambda r, cap: "-" if "projected_gb_b32" not in r else ("yes" if r["projected_gb_b32"] <= cap else "no")
+    lines = ["| head | L | params (M) | trainable (M) | state GB | step s (B = 2) | peak GB (B = 2) | saved GB / image "
+             "| batch 32 GB (projected) | 24 GB | 80 GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        same = r.get("same_as")
+        step = f"{r['step_ms'] / 1e3:.1f}" if "step_ms" in r else ("= " + same if same else "not run")
+        peak = f"{r['peak_gb']:.2f}" if "peak_gb" in r else "-"
+        saved = (f"{r['saved_gb_per_image']:.3f}" + (" (meta)" if r.get("counted_on") == "meta" else "")
+                 if "saved_gb_per_image" in r else "-")
+        proj = f"{r['projected_gb_b32']:.1f}" if "projected_gb_b32" in r else "-"
+        lines.append(f"| {r['row']} | {r['labels']:,} | {r['params'] / 1e6:.1f} | {r['trainable'] / 1e6:.1f} | "
+                     f"{r['state_gb']:.2f} | {step} | {peak} | {saved} | {proj} | {fits(r, 24)} | {fits(r, 80)} |")
+    return "\n".join(lines)
+
+
 def default_models(backbone) -> list:
     """Every model the backbone can carry: mlvpt prompts a ViT, and train.py refuses it on any other
     backbone (the presets' ResNets), so the default list leaves it out there rather than stop at it."""
@@ -301,8 +451,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
     p.add_argument("--only", nargs="+", default=["step", "experts", "moe", "loader"],
-                   choices=["step", "experts", "moe", "loader", "memory"],
-                   help="which parts [step experts moe loader; memory trains two short runs: ask for it]")
+                   choices=["step", "experts", "moe", "loader", "memory", "labels"],
+                   help="which parts [step experts moe loader; memory trains two short runs and labels measures "
+                        "every head from L = 20 to 10,000 at 448 px: ask for them]")
     p.add_argument("--expert-labels", nargs="+", type=int, default=[20, 80], help="L values for the experts part")
     p.add_argument("--workers", nargs="+", type=int, default=sorted({1, config.WORKERS}),
                    help="DataLoader worker counts for the loader part [1 and train.py's default]")
@@ -311,7 +462,20 @@ def main(argv=None):
     p.add_argument("--data-root", default=None, help="loader part: read this --dataset's real training split")
     p.add_argument("--profile", action="store_true", help="step part: also print torch.profiler's costliest ops")
     p.add_argument("--json", default=None, help="also write all records to this JSON file")
+    p.add_argument("--label-rows", nargs="+", default=list(LABEL_ROWS), choices=list(LABEL_ROWS), metavar="ROW",
+                   help=f"labels part: which heads [{', '.join(LABEL_ROWS)}]")
+    p.add_argument("--label-sizes", nargs="+", type=int, default=list(LABEL_SIZES), help="labels part: the L values")
+    p.add_argument("--label-batch", type=int, default=2, help="labels part: the batch of the measured CPU step [2]")
+    p.add_argument("--max-state-gb", type=float, default=12.0,
+                   help="labels part: measure a step only when the training state fits in this many GB [12: "
+                        "half of this 24 GB machine]; above it the activations are counted on the meta device")
+    p.add_argument("--label-step", nargs=2, default=None, metavar=("ROW", "L"),
+                   help="(internal) measure one step of ROW at L labels in this process and print its JSON")
     args = p.parse_args(argv)
+    if args.label_step:
+        print(json.dumps(label_step(args.label_step[0], int(args.label_step[1]), args.batch_size or 2, args.steps,
+                                    args.warmup)))
+        return None
     args.models = args.models or default_models(args.backbone)
     device = config.pick_device(args.device)
     cuda = device.type == "cuda"
@@ -378,6 +542,12 @@ def main(argv=None):
         print(f"\nloader: {len(ds)} images at {args.loader_size} px, training transform, batch 32\n")
         print(table(ld, [("workers", "workers", "d"), ("img/s", "img_per_s", ".1f")]))
         records += ld
+
+    if "labels" in args.only:
+        print(f"\nlabels: every head as L grows, coco preset (ResNet-101, 448 px; mlvpt: ViT-B/16), one step on this CPU\n")
+        la = bench_labels(args)
+        print("\n" + label_table(la))
+        records += la
 
     if args.json:
         with open(args.json, "w") as fh:
