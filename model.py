@@ -322,3 +322,11 @@ if __name__ == "__main__":
         full, info = model(x)
     print(f"the stages above = model(x): max |difference| = {(full - logits).abs().max():.1e}; "
           f"info holds {sorted(info)}")
+    # Label groups: the 5 labels in K = 2 groups, decoded as 2 group queries and expanded to the labels.
+    grouped = DRMoE(DRMoEConfig(num_labels=5, feature_layer="layer3", image_size=64, label_groups=2,
+                                group_decoding=True)).eval()
+    with torch.no_grad():
+        logits, _ = grouped(x)
+    print(f"--label-groups 2 --group-decoding: queries {tuple(grouped.queries.shape)} (K, D), label -> group "
+          f"{grouped.label_group.tolist()}, task experts {tuple(grouped.moe[0].experts.task_w1.shape)} (K, T, D, H), "
+          f"logits {tuple(logits.shape)} (B, L)")
