@@ -327,6 +327,9 @@ def check_values(tcfg: TrainConfig, mcfg: ModelConfig, error):
             error(f"--{name.replace('_', '-')} must be one of {options}, got {getattr(cfg, name)!r}")
     if mcfg.group_decoding and not mcfg.label_groups:
         error("--group-decoding needs --label-groups K: the number of group queries to decode")
+    if mcfg.label_groups and not mcfg.group_decoding and not zoo.gated(mcfg):
+        error(f"--label-groups groups a mixture's task-specific experts, and --model {mcfg.model} has none here "
+              f"(a label-query model without MoE layers takes --group-decoding to decode K group queries)")
     experts = mcfg.shared_experts + mcfg.task_experts
     if zoo.gated(mcfg) and experts < 1:
         error("--shared-experts plus --task-experts must be >= 1 for a mixture (or --moe-layers 0 for none)")

@@ -102,14 +102,27 @@ class Experts(nn.Module):
         the weights per label (task_w1[group], (L, T, D, H)) would be one einsum too, but it builds exactly
         the per-label tensor grouping exists to avoid: at L = 10,000 that is 2.6 GB per weight matrix.
         """
-        order = torch.argsort(group, stable=True)                                       # (L,) labels by group
-        sizes = torch.bincount(group, minlength=self.num_labels).tolist()               # (K,) labels per group
+        order, sizes = self.split(group)
         outs = []
         for k, x in enumerate(h[:, order].split(sizes, dim=1)):                         # x (B, n_k, D): group k's labels
             z = torch.einsum("bnd,tdh->bnth", x, self.task_w1[k]) + self.task_b1[k]     # (B, n_k, T, H)
             z = self.dropout(F.gelu(z))
             outs.append(torch.einsum("bnth,thd->bntd", z, self.task_w2[k]) + self.task_b2[k])   # (B, n_k, T, D)
         return torch.cat(outs, dim=1)[:, torch.argsort(order)]                          # (B, L, T, D) in label order
+
+    def split(self, group: torch.Tensor):
+        """group (L,) -> (order (L,) the labels sorted by group, sizes: K ints), kept until `group` changes.
+
+        The sizes are Python ints (torch.split needs them), so computing them reads the GPU from the host; cached
+        by the tensor and its in-place version counter (prepare() and load_state_dict() write it in place), that
+        happens once per grouping, not in every step (no host synchronisation inside the step: docs/speed.md).
+        """
+        key = (group.data_ptr(), group._version)
+        if getattr(self, "_split_key", None) != key:
+            order = torch.argsort(group, stable=True)                                   # (L,) labels by group
+            self._split = order, torch.bincount(group, minlength=self.num_labels).tolist()   # (K,) labels per group
+            self._split_key = key
+        return self._split
 
     def forward_loop(self, h: torch.Tensor, group: torch.Tensor = None) -> torch.Tensor:
         """The definition, one label and one expert at a time: what forward() computes in four einsums.

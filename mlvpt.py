@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from backbones import BackboneConfig, ViTMap, backbone_from_config
 from lib import spectral
 from lib.flags import config_field
-from lib.spectral import calinski_harabasz, label_cooccurrence, pick_k, spectral_embedding, spectral_groups
+from lib.spectral import label_cooccurrence, pick_k, spectral_groups
 from lib.routing import collect, route
 
 BRANCHES = ("co", "dc")

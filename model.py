@@ -48,7 +48,8 @@ The task-specific experts are per label, so DR-MoE's head grows as L: at L = 10,
   the experts work on those K rows, and a group-wise classifier expands them to the labels,
       logit[b,l] = <W_l, z[b, G(l)]> + c_l                 every label keeps its own W_l (D,) and c_l.
   ML-Decoder stores the same weights as (K, D, ceil(L/K)) with label l in slot l of the flattened layout,
-  i.e. G(l) = l // ceil(L/K) (--group-by index; tests/test_groups.py checks the two layouts agree). Where this
+  i.e. G(l) = l // ceil(L/K) (--group-by index; tests/test_groups.py checks the two layouts agree; its code
+  writes ceil(L/K) as int(L/K + 0.999)). Where this
   differs from ML-Decoder: its queries are a frozen random embedding and its decoder has no self-attention;
   here the decoder stays DR-MoE's (learned queries, --decoder-self-attn), and the groups are by co-occurrence
   by default. ML-Decoder's default is K = 100, capped at L.
@@ -95,7 +96,7 @@ class DRMoEConfig(BackboneConfig):
     moe_layers: int = config_field(1, "stacked MoE layers after the decoder (0 = none, i.e. Query2Label)", "mixture of experts")
     gate: str = config_field("dynamic", "what the gate reads: static | label (HSQ) | image | dynamic (DR-MoE)", "mixture of experts")
     shared_experts: int = config_field(2, "S, experts shared by all labels", "mixture of experts")
-    task_experts: int = config_field(1, "T, task-specific experts of each label (its own)", "mixture of experts")
+    task_experts: int = config_field(1, "T, task-specific experts of each label (its own; with --label-groups, its group's)", "mixture of experts")
     expert_hidden: int = config_field(256, "H, hidden width of each expert", "mixture of experts")
     top_k: int = config_field(0, "0 = dense routing; k > 0 keeps each row's k largest gate logits", "mixture of experts")
     gate_temperature: float = config_field(1.0, "tau in softmax(gate logits / tau)", "mixture of experts")
@@ -213,6 +214,11 @@ class DRMoE(nn.Module):
         self.grouped = K < L
         rows = K if cfg.group_decoding else L                              # queries decoded, rows the gate mixes
         owners = K if self.grouped else rows                               # who owns task-specific experts
+        if cfg.group_by == "index" and math.ceil(L / K) * (K - 1) >= L:
+            # ML-Decoder's layout puts ceil(L/K) labels in each group, so some K leave the last groups empty
+            # (L = 80, K = 30: 27 groups used): their experts and queries would train on nothing.
+            raise ValueError(f"--group-by index with L = {L}, K = {K} leaves groups empty (ceil(L/K) = "
+                             f"{math.ceil(L / K)} labels each); choose K with ceil(L/K) (K - 1) < L, or --group-by cooccurrence")
         if self.grouped or cfg.group_decoding:
             # Label l's group: ML-Decoder's by index until prepare() clusters the training labels. A buffer,
             # so a checkpoint keeps its groups; per-label models have none, so their checkpoints are unchanged.
@@ -276,7 +282,8 @@ class DRMoE(nn.Module):
         K, L = self.cfg.label_groups, self.cfg.num_labels
         plus, _ = spectral.affinities(*spectral.label_cooccurrence(targets), tau=2.0)   # (L, L) labels that appear together
         # ML-VPT's 1,000 k-means restarts where they cost seconds; above 1,000 labels one restart over (L, K)
-        # takes seconds (about 4 s at L = 10,000, K = 100 on a 2-core CPU), so the best of 10.
+        # takes seconds (about 4 s at L = 10,000, K = 100 on a 2-core CPU), so the best of 10. The embedding
+        # is a dense eigendecomposition of (L, L), O(L^3): minutes at L = 10,000, once, before training.
         assign = spectral.spectral_groups(plus, K, seed=seed, restarts=1000 if L <= 1000 else 10)   # (L,), none empty
         _, first = np.unique(assign, return_index=True)                        # (K,) each group's first label
         assign = np.argsort(np.argsort(first))[assign]                         # renumbered in that order

@@ -1,7 +1,7 @@
 """
 Label groups in DR-MoE (model.py, --label-groups K, --group-by, --group-decoding), each checked against a reference:
 
-- K = L is today's per-label model, output for output (torch.equal), with and without group decoding, and a
+- K = L is the per-label model, output for output (torch.equal), with and without group decoding, and a
   per-label model's checkpoint keys are unchanged (no label_group buffer);
 - the experts shared within groups (Experts.grouped, one einsum per group) equal the per-label loop
   Experts.forward_loop reading each label's group's weights;
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 from experts import Experts
 from lib import spectral
 from model import DRMoE
@@ -39,7 +40,7 @@ X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("decoding", [False, True])
-def test_one_group_per_label_is_todays_model(decoding):
+def test_one_group_per_label_is_the_per_label_model(decoding):
     today, logits = tiny(), tiny()(X)[0]
     same = tiny(label_groups=L, group_decoding=decoding)
     assert torch.equal(same(X)[0], logits)
@@ -60,8 +61,11 @@ def test_grouped_experts_equal_the_per_label_loop():
     out = experts(h, group)
     assert out.shape == (2, L, 4, 8)
     assert torch.allclose(out, experts.forward_loop(h, group), atol=1e-6)
+    group.copy_(torch.tensor([0, 0, 1, 1, 3, 3, 3]))                    # regrouped in place, as prepare() does
+    assert torch.allclose(experts(h, group), experts.forward_loop(h, group), atol=1e-6)
     # Labels of one group meet the same task-specific experts, those of another group different ones:
     # labels 0 (group 2), 2 (group 2) and 1 (group 0) given one feature.
+    group = torch.tensor([2, 0, 2, 1, 0, 0, 2])
     h[:, 1] = h[:, 2] = h[:, 0]
     out = experts(h, group)
     assert torch.allclose(out[:, 0], out[:, 2], atol=1e-6) and not torch.allclose(out[:, 0, 2:], out[:, 1, 2:])
@@ -125,6 +129,11 @@ def test_bad_groups_stop_in_one_line():
         tiny(label_groups=8)
     with pytest.raises(ValueError, match="needs --label-groups"):
         tiny(group_decoding=True)
+    with pytest.raises(ValueError, match="leaves groups empty"):   # 7 labels in groups of ceil(7/5) = 2: 4 used
+        tiny(label_groups=5, group_by="index")
+    for flags in (["--label-groups", "3", "--moe-layers", "0"], ["--group-decoding"]):
+        with pytest.raises(SystemExit):
+            config.parse_args(flags)
 
 
 @pytest.mark.parametrize("name, groups, millions", [("drmoe", 0, 55.03), ("drmoe", 100, 55.03), ("linear", 0, 42.66)])
