@@ -385,7 +385,7 @@ def bench_labels(args) -> list:
             model_name, fields = LABEL_ROWS[row]
             tcfg, mcfg = label_config(model_name, L, **dict(fields))
             rec = {"kind": "labels", "row": row, "labels": L, "batch_size": args.label_batch, **label_cost(tcfg, mcfg)}
-            if fields.get("label_groups") and L <= GROUPS:   # K = L: today's DR-MoE (tests/test_groups.py)
+            if fields.get("label_groups") and L <= GROUPS:   # K = L: DR-MoE itself (tests/test_groups.py)
                 rec["same_as"] = "drmoe"
             elif rec["state_gb"] <= args.max_state_gb:
                 cmd = [sys.executable, "-m", "studies.bench", "--label-step", row, str(L), "--batch-size",
