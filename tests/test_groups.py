@@ -149,3 +149,16 @@ def test_bench_counts_are_build_models_on_meta(name, groups, millions):
     assert bench.label_cost(tcfg, mcfg)["params"] == count
     if millions:
         assert round(count / 1e6, 2) == millions
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_models_run_the_amp_path(dtype):
+    """The GPU's mixed-precision path, on the CPU (docs/speed.md): grouped experts and group decoding train
+    under autocast, the gate's rows stay fp32."""
+    for kw in (dict(label_groups=3), dict(label_groups=3, group_decoding=True)):
+        model = tiny(**kw).train()
+        with torch.autocast("cpu", dtype=dtype):
+            logits, info = model(X)
+        logits.float().sum().backward()
+        assert torch.isfinite(logits).all() and info["routing"]["gate"]["probs"].dtype == torch.float32
+        assert model.moe[0].experts.task_w1.grad is not None and torch.isfinite(model.moe[0].experts.task_w1.grad).all()
