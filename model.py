@@ -49,10 +49,10 @@ The task-specific experts are per label, so DR-MoE's head grows as L: at L = 10,
       logit[b,l] = <W_l, z[b, G(l)]> + c_l                 every label keeps its own W_l (D,) and c_l.
   ML-Decoder stores the same weights as (K, D, ceil(L/K)) with label l in slot l of the flattened layout,
   i.e. G(l) = l // ceil(L/K) (--group-by index; tests/test_groups.py checks the two layouts agree; its code
-  writes ceil(L/K) as int(L/K + 0.999)). Where this
-  differs from ML-Decoder: its queries are a frozen random embedding and its decoder has no self-attention;
-  here the decoder stays DR-MoE's (learned queries, --decoder-self-attn), and the groups are by co-occurrence
-  by default. ML-Decoder's default is K = 100, capped at L.
+  writes ceil(L/K) as int(L/K + 0.999)). Where this differs from ML-Decoder: its queries are a frozen random
+  embedding and its decoder has no self-attention; here the decoder stays DR-MoE's (learned queries,
+  --decoder-self-attn), and the groups are by co-occurrence by default. ML-Decoder's default is K = 100, which
+  its code caps at L; here K > L is refused.
 
 Forward returns (logits (B, L), info), the record every model of the codebase returns (zoo.py):
     info["losses"]         {"balance": --aux-loss-coef x the gate's balance loss}, already weighted: train.py
