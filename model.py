@@ -59,7 +59,8 @@ Forward returns (logits (B, L), info), the record every model of the codebase re
                            adds every entry to the loss and logs it by name, knowing nothing of what it is
     info["routing"]        {"gate": the last MoE layer's routing record (lib/routing.py), probs = w (B, L, E)}:
                            its health is watched every epoch, evaluate.py analyses the gate per label
-                           (with group decoding each label's row is its group's)
+                           (with group decoding each label's row is its group's, so the health record
+                           weighs a group by its labels while the balance loss weighs the K rows alike)
     info["image_feature"]  g (B, D), detached: what the gate reads, for the analyses
 plus whatever routers inside the backbone left (lib/routing.collect: none for a plain backbone).
 
